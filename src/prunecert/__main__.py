@@ -1,0 +1,3 @@
+from prunecert.cli import main
+
+main()
