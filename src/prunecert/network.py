@@ -78,6 +78,11 @@ class AffineOp(Op):
     def bias(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def fan_in(self) -> int:
+        """Most terms summed into one output (bounds floating-point rounding of `linear`)."""
+        return 1
+
 
 class ReLU(Op):
     kind = "relu"
@@ -118,6 +123,10 @@ class Linear(AffineOp):
 
     def tensors(self):
         return {"weight": self.weight, "bias": self._bias}
+
+    @property
+    def fan_in(self) -> int:
+        return int(self.weight.shape[1])
 
 
 class Conv2d(AffineOp):
@@ -160,6 +169,10 @@ class Conv2d(AffineOp):
     def tensors(self):
         return {"weight": self.weight, "bias": self._bias}
 
+    @property
+    def fan_in(self) -> int:
+        return int(self.weight[0].numel())
+
     def config(self):
         return {**super().config(), "stride": list(self.stride), "padding": list(self.padding)}
 
@@ -191,6 +204,10 @@ class AvgPool2d(AffineOp):
         return F.conv2d(x, self._kernel.to(x.dtype), None, self.stride, self.padding, groups=self.in_shape[0])
 
     abs_linear = linear  # non-negative weights
+
+    @property
+    def fan_in(self) -> int:
+        return self.kernel[0] * self.kernel[1]
 
     def backward(self, a):
         oph = self.in_shape[1] - ((self.out_shape[1] - 1) * self.stride[0] - 2 * self.padding[0] + self.kernel[0])
