@@ -31,7 +31,7 @@ Shape = tuple[int, ...]
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(value, dtype=np.float64) if not torch.is_tensor(value) else value)
+    t = value if torch.is_tensor(value) else torch.from_numpy(np.array(value, dtype=np.float64))
     t = t.detach().to(torch.float64).clone()
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()

@@ -1,0 +1,285 @@
+"""ONNX import and export of sequential ReLU networks.
+
+Import walks the graph from its single input along a chain of nodes. Supported: Gemm (transA/transB,
+alpha, beta), MatMul followed by Add, Relu, Conv (group 1, no dilation), Flatten, Reshape (to flat),
+BatchNormalization (folded into the preceding Gemm/Conv, or a `Scale`), AveragePool, and the input
+normalisation benchmark models carry (Sub/Div/Mul/Add by constants, becoming `Scale`). Any other
+operator, a branch, or a non-ReLU activation is refused with the node's name and op_type.
+
+Export writes float32 ONNX with a dynamic batch dimension; `save_difference_onnx` writes one network
+computing f(x) - g(x) so an external verifier can cross-check a certificate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from prunecert.errors import ModelFormatError, UnsupportedLayerError
+from prunecert.fileutil import atomic_path
+from prunecert.network import AvgPool2d, Conv2d, Flatten, Linear, Network, Op, ReLU, Scale
+
+OPSET = 13
+
+
+# ---------------------------------------------------------------------------------------------- import
+class _Graph:
+    """Index of an ONNX graph: constants by name, consumers of each value."""
+
+    def __init__(self, model: onnx.ModelProto, source: str):
+        self.source = source
+        g = model.graph
+        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.nodes = []
+        for node in g.node:
+            if node.op_type == "Constant":
+                self.consts[node.output[0]] = _constant_value(node, source)
+            else:
+                self.nodes.append(node)
+        self.consumers: dict[str, list] = {}
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        inputs = [i for i in g.input if i.name not in self.consts]
+        if len(inputs) != 1:
+            raise ModelFormatError(f"{source}: expected exactly one graph input, found {[i.name for i in inputs]}")
+        self.input = inputs[0]
+        self.outputs = {o.name for o in g.output}
+
+    def const(self, node, idx: int) -> np.ndarray:
+        if idx >= len(node.input) or node.input[idx] not in self.consts:
+            raise UnsupportedLayerError(f"{self.source}: node {node.name!r} ({node.op_type}) needs a constant "
+                                        f"input #{idx}; only sequential networks with constant weights are supported")
+        return self.consts[node.input[idx]].astype(np.float64)
+
+    def next_node(self, value: str):
+        users = self.consumers.get(value, [])
+        if len(users) > 1:
+            raise UnsupportedLayerError(f"{self.source}: value {value!r} feeds {len(users)} nodes "
+                                        f"({', '.join(n.name or n.op_type for n in users)}); only chains are supported")
+        return users[0] if users else None
+
+
+def _constant_value(node, source) -> np.ndarray:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            return np.asarray(helper.get_attribute_value(attr))
+    raise UnsupportedLayerError(f"{source}: Constant node {node.name!r} has no supported value attribute")
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _input_shape(g: _Graph) -> tuple[int, ...]:
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in g.input.type.tensor_type.shape.dim]
+    if not dims:
+        raise ModelFormatError(f"{g.source}: graph input {g.input.name!r} has no shape")
+    shape = dims[1:]  # the first dim is the batch
+    if any(d is None or d <= 0 for d in shape):
+        raise ModelFormatError(f"{g.source}: graph input {g.input.name!r} has unknown non-batch dims {dims}")
+    return tuple(int(d) for d in shape)
+
+
+def load_onnx(path: str | os.PathLike) -> Network:
+    source = str(path)
+    try:
+        model = onnx.load(source)
+    except Exception as exc:  # protobuf raises DecodeError and others on foreign files
+        raise ModelFormatError(f"{source}: not a readable ONNX model ({type(exc).__name__})") from exc
+    if not model.graph.node:
+        raise ModelFormatError(f"{source}: ONNX graph has no nodes")
+    g = _Graph(model, source)
+    in_shape = _input_shape(g)
+    ops: list[Op] = []
+    shape = in_shape
+    value = g.input.name
+    node = g.next_node(value)
+    while node is not None:
+        new_ops, consumed = _convert(g, node, shape, ops)
+        for op in new_ops:
+            ops.append(op)
+            shape = op.out_shape
+        value = consumed.output[0]
+        node = g.next_node(value)
+    if value not in g.outputs:
+        raise ModelFormatError(f"{source}: the node chain ends at {value!r}, which is not a graph output")
+    ops = _merge_scales(ops)
+    return Network(ops, in_shape, 0.0, 1.0, name=Path(source).stem)
+
+
+def _convert(g: _Graph, node, shape, ops: list[Op]):
+    """Translate one node (or a MatMul+Add pair); returns (new ops, last node consumed)."""
+    t, a, name = node.op_type, _attrs(node), f"{g.source} node {node.name or node.op_type!r} ({node.op_type})"
+    if t == "Gemm":
+        w = g.const(node, 1) * a.get("alpha", 1.0)
+        if a.get("transA", 0):
+            raise UnsupportedLayerError(f"{name}: transA=1 is not supported")
+        if not a.get("transB", 0):
+            w = w.T
+        b = g.const(node, 2) * a.get("beta", 1.0) if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0])
+        return _flatten_then(shape, Linear(w, np.broadcast_to(b, (w.shape[0],)), name=name)), node
+    if t == "MatMul":
+        w = g.const(node, 1).T
+        nxt = g.next_node(node.output[0])
+        if nxt is not None and nxt.op_type == "Add" and nxt.input[1] in g.consts:
+            b = np.broadcast_to(g.const(nxt, 1), (w.shape[0],))
+            return _flatten_then(shape, Linear(w, b, name=name)), nxt
+        return _flatten_then(shape, Linear(w, None, name=name)), node
+    if t == "Relu":
+        return [ReLU(shape)], node
+    if t == "Conv":
+        if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise UnsupportedLayerError(f"{name}: grouped or dilated convolutions are not supported")
+        pads = a.get("pads", [0, 0, 0, 0])
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[0] != pads[2] or pads[1] != pads[3]:
+            raise UnsupportedLayerError(f"{name}: only explicit symmetric padding is supported (pads={pads})")
+        b = g.const(node, 2) if len(node.input) > 2 and node.input[2] else None
+        return [Conv2d(g.const(node, 1), b, shape, a.get("strides", [1, 1]), pads[:2], name=name)], node
+    if t in ("Flatten", "Reshape"):
+        if t == "Flatten" and a.get("axis", 1) != 1:
+            raise UnsupportedLayerError(f"{name}: Flatten axis {a['axis']} is not supported (only 1)")
+        if t == "Reshape":
+            target = g.const(node, 1).astype(np.int64).tolist()
+            if len(target) != 2 or target[1] not in (-1, math.prod(shape)):
+                raise UnsupportedLayerError(f"{name}: only a reshape to (batch, -1) is supported, got {target}")
+        return ([Flatten(shape)] if len(shape) > 1 else []), node
+    if t == "BatchNormalization":
+        scale, bias, mean, var = (g.const(node, i) for i in range(1, 5))
+        k = scale / np.sqrt(var + a.get("epsilon", 1e-5))
+        c = bias - k * mean
+        prev = ops[-1] if ops else None
+        if isinstance(prev, Linear):
+            ops.pop()
+            return [Linear(prev.weight.numpy() * k[:, None], prev.bias.numpy() * k + c, name=name)], node
+        if isinstance(prev, Conv2d):
+            ops.pop()
+            return [Conv2d(prev.weight.numpy() * k[:, None, None, None], prev._bias.numpy() * k + c,
+                           prev.in_shape, prev.stride, prev.padding, name=name)], node
+        view = (-1,) + (1,) * (len(shape) - 1)
+        return [Scale(k.reshape(view), c.reshape(view), shape, name=name)], node
+    if t == "AveragePool":
+        pads = a.get("pads", [0, 0, 0, 0])
+        if a.get("ceil_mode", 0) or (any(pads) and not a.get("count_include_pad", 0)) or pads[0] != pads[2] or pads[1] != pads[3]:
+            raise UnsupportedLayerError(f"{name}: only floor-mode, symmetric, pad-inclusive average pooling is supported")
+        return [AvgPool2d(a["kernel_shape"], shape, a.get("strides", a["kernel_shape"]), pads[:2], name=name)], node
+    if t in ("Sub", "Add", "Mul", "Div"):
+        if node.input[0] in g.consts or node.input[1] not in g.consts:
+            raise UnsupportedLayerError(f"{name}: only `x {t} constant` is supported")
+        c = _broadcast_const(g.const(node, 1), shape, name)
+        one, zero = np.ones_like(c), np.zeros_like(c)
+        scale, shift = {"Sub": (one, -c), "Add": (one, c), "Mul": (c, zero), "Div": (1.0 / c, zero)}[t]
+        return [Scale(scale, shift, shape, name=name)], node
+    raise UnsupportedLayerError(f"{name}: unsupported ONNX operator {t} (supported: Gemm, MatMul+Add, Relu, Conv, "
+                                "Flatten, Reshape, BatchNormalization, AveragePool, Sub/Add/Mul/Div by constants)")
+
+
+def _broadcast_const(c: np.ndarray, shape, name) -> np.ndarray:
+    c = np.asarray(c, dtype=np.float64)
+    while c.ndim > len(shape) and c.shape[0] == 1:
+        c = c[0]  # drop a leading batch dim of 1
+    try:
+        np.broadcast_shapes(c.shape, tuple(shape))
+    except ValueError as exc:
+        raise UnsupportedLayerError(f"{name}: constant of shape {c.shape} does not broadcast to {shape}") from exc
+    return c
+
+
+def _flatten_then(shape, op: Linear) -> list[Op]:
+    return [Flatten(shape), op] if len(shape) > 1 else [op]
+
+
+def _merge_scales(ops: list[Op]) -> list[Op]:
+    """Fuse consecutive Scale ops ((x - mean) / std becomes one op)."""
+    out: list[Op] = []
+    for op in ops:
+        if isinstance(op, Scale) and out and isinstance(out[-1], Scale):
+            prev = out.pop()
+            op = Scale(prev.scale * op.scale, prev.shift * op.scale + op.shift, op.in_shape)
+        out.append(op)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- export
+class _Writer:
+    def __init__(self, prefix: str = ""):
+        self.prefix, self.nodes, self.inits, self.n = prefix, [], [], 0
+
+    def name(self, base: str) -> str:
+        self.n += 1
+        return f"{self.prefix}{base}_{self.n}"
+
+    def const(self, base: str, value: np.ndarray) -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _emit(net: Network, w: _Writer, value: str) -> str:
+    for op in net.ops:
+        if isinstance(op, Linear):
+            value = w.node("Gemm", [value, w.const("W", op.weight.numpy()), w.const("b", op.bias.numpy())], transB=1)
+        elif isinstance(op, Conv2d):
+            pads = list(op.padding) * 2
+            value = w.node("Conv", [value, w.const("W", op.weight.numpy()), w.const("b", op._bias.numpy())],
+                           strides=list(op.stride), pads=pads, kernel_shape=list(op.weight.shape[2:]))
+        elif isinstance(op, ReLU):
+            value = w.node("Relu", [value])
+        elif isinstance(op, Flatten):
+            value = w.node("Flatten", [value], axis=1)
+        elif isinstance(op, AvgPool2d):
+            value = w.node("AveragePool", [value], kernel_shape=list(op.kernel), strides=list(op.stride),
+                           pads=list(op.padding) * 2, count_include_pad=1)
+        elif isinstance(op, Scale):
+            value = w.node("Mul", [value, w.const("scale", op.scale.numpy())])
+            value = w.node("Add", [value, w.const("shift", op.shift.numpy())])
+        else:  # pragma: no cover - validate() admits only the kinds above
+            raise UnsupportedLayerError(f"{net.name}: cannot export {op.kind} to ONNX")
+    return value
+
+
+def _model(nodes, inits, in_shape, out_shape, input_name, output_value, doc: str) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *in_shape])
+    y = helper.make_tensor_value_info(output_value, TensorProto.FLOAT, ["batch", *out_shape])
+    graph = helper.make_graph(nodes, "prunecert", [x], [y], inits, doc_string=doc)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="prunecert")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _write(model: onnx.ModelProto, path) -> None:
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def save_onnx(net: Network, path: str | os.PathLike) -> None:
+    """Write `net` as float32 ONNX (input name `input`, dynamic batch). Atomic."""
+    w = _Writer()
+    out = _emit(net, w, "input")
+    _write(_model(w.nodes, w.inits, net.input_shape, net.output_shape, "input", out, net.name), path)
+
+
+def save_difference_onnx(f: Network, g: Network, path: str | os.PathLike) -> None:
+    """One ONNX network computing f(x) - g(x) from a shared input (for external verifiers). Atomic."""
+    if f.input_shape != g.input_shape or f.output_shape != g.output_shape:
+        raise ModelFormatError(f"cannot build f - g: shapes differ (inputs {f.input_shape} vs {g.input_shape}, "
+                               f"outputs {f.output_shape} vs {g.output_shape})")
+    wf, wg = _Writer("f_"), _Writer("g_")
+    out_f, out_g = _emit(f, wf, "input"), _emit(g, wg, "input")
+    diff = helper.make_node("Sub", [out_f, out_g], ["delta"], name="delta")
+    model = _model(wf.nodes + wg.nodes + [diff], wf.inits + wg.inits, f.input_shape, f.output_shape,
+                   "input", "delta", f"{f.name} - {g.name}")
+    _write(model, path)
