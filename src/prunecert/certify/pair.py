@@ -1,0 +1,137 @@
+"""An (original, pruned) pair of networks with identical architecture, neuron by neuron.
+
+Every certification and attack method works on a `Pair`: because both networks have the same ops
+and shapes, Delta_l = a_l^f - a_l^g is defined coordinate-wise for every layer l. A compact pruned
+network (physically fewer neurons) is first *completed* onto the original's shape
+(`prunecert.prune.complete`: removed neurons keep their incoming weights, get zero outgoing weights),
+so pruning, quantisation and fine-tuning are all "how far can g drift from f?".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from prunecert.errors import PairingError
+from prunecert.network import Layer, Network, Op
+
+# attributes (besides kind and shapes) that must agree for two ops to be the same operator
+_STRUCTURAL = ("stride", "padding", "kernel")
+
+
+def _op_signature(op: Op) -> tuple:
+    sig: list = [op.kind, tuple(op.in_shape), tuple(op.out_shape)]
+    for attr in _STRUCTURAL:
+        if hasattr(op, attr):
+            sig.append((attr, tuple(getattr(op, attr))))
+    if hasattr(op, "weight"):
+        sig.append(("weight", tuple(op.weight.shape)))
+    return tuple(sig)
+
+
+def architecture_mismatch(f: Network, g: Network) -> str | None:
+    """Why `f` and `g` cannot be paired op by op, or None if they can. The message names the layer."""
+    if tuple(f.input_shape) != tuple(g.input_shape):
+        return f"input shapes differ: {f.name} {f.input_shape} vs {g.name} {g.input_shape}"
+    lf, lg = f.layers(), g.layers()
+    if len(lf) != len(lg):
+        return f"layer counts differ: {f.name} has {len(lf)} layers, {g.name} has {len(lg)}"
+    for a, b in zip(lf, lg):
+        if len(a.ops) != len(b.ops):
+            return (f"layer {a.index} ({a.name}): {len(a.ops)} ops in {f.name} vs {len(b.ops)} in {g.name} "
+                    f"({[o.kind for o in a.ops]} vs {[o.kind for o in b.ops]})")
+        for j, (oa, ob) in enumerate(zip(a.ops, b.ops)):
+            sa, sb = _op_signature(oa), _op_signature(ob)
+            if sa != sb:
+                differ = [f"{x[0]} {x[1]} vs {y[1]}" for x, y in zip(sa[3:], sb[3:]) if x != y and x[0] == y[0]]
+                detail = f" ({'; '.join(differ)})" if differ and sa[:3] == sb[:3] else ""
+                return (f"layer {a.index} ({a.name}) op {j}: {oa.kind} {oa.in_shape}->{oa.out_shape} in {f.name} "
+                        f"vs {ob.kind} {ob.in_shape}->{ob.out_shape} in {g.name}{detail}")
+    flo, fhi = f.domain()
+    glo, ghi = g.domain()
+    if not (np.array_equal(flo, glo) and np.array_equal(fhi, ghi)):
+        return (f"input domains differ: {f.name} [{flo.min():g}, {fhi.max():g}] vs "
+                f"{g.name} [{glo.min():g}, {ghi.max():g}] (elementwise)")
+    return None
+
+
+@dataclass(eq=False)
+class Pair:
+    """Original `f` and its twin `g` with identical architecture (validated on construction)."""
+
+    f: Network
+    g: Network
+    layers_f: list[Layer] = field(init=False, repr=False)
+    layers_g: list[Layer] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        problem = architecture_mismatch(self.f, self.g)
+        if problem is not None:
+            raise PairingError(f"cannot pair {self.f.name} with {self.g.name}: {problem}")
+        self.layers_f = self.f.layers()
+        self.layers_g = self.g.layers()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.f.input_shape
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers_f)
+
+    @property
+    def n_classes(self) -> int:
+        return int(np.prod(self.f.output_shape))
+
+    def domain(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.f.domain()
+
+    def layer_pairs(self) -> list[tuple[Layer, Layer]]:
+        return list(zip(self.layers_f, self.layers_g))
+
+    # ------------------------------------------------------------------ concrete evaluation
+    def forward_layers(self, x, dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Pre-activations of every layer of f and of g at the batch `x`."""
+        return self.f.forward_layers(x, dtype), self.g.forward_layers(x, dtype)
+
+    def deltas(self, x, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+        """End-to-end deviations a_l^f(x) - a_l^g(x), one (B, *out_shape_l) tensor per layer."""
+        af, ag = self.forward_layers(x, dtype)
+        return [a - b for a, b in zip(af, ag)]
+
+    def local_deltas(self, x, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+        """Local deviations a_l^f(x) - L_l^g(h_{l-1}^f(x)): g's layer l fed with f's layer input."""
+        af = self.f.forward_layers(x, dtype)
+        h = self.f._prepare(x, dtype)
+        out = []
+        for l, lg in enumerate(self.layers_g):
+            out.append(af[l] - lg.forward(h))
+            h = torch.relu(af[l])
+        return out
+
+
+def make_pair(original: Network, pruned: Network) -> Pair:
+    """Pair `original` with `pruned`, completing a compact pruned network onto the original's shape."""
+    problem = architecture_mismatch(original, pruned)
+    if problem is None:
+        return Pair(original, pruned)
+    if "pruning" not in (pruned.metadata or {}):
+        raise PairingError(f"cannot pair {original.name} with {pruned.name}: {problem}; {pruned.name} has no "
+                           f"pruning metadata (kept neuron indices) to map it onto the original's shape")
+    try:
+        from prunecert.prune import complete
+    except ImportError as exc:
+        raise PairingError(f"{pruned.name} is a compact pruned network but completion "
+                           f"(prunecert.prune.complete) is not available: {exc}") from exc
+    try:
+        completed = complete(pruned, original)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # the record comes from an untrusted file
+        raise PairingError(f"cannot complete {pruned.name} onto {original.name}: malformed or inconsistent "
+                           f"pruning record ({type(exc).__name__}: {exc})") from exc
+    problem = architecture_mismatch(original, completed)
+    if problem is not None:
+        raise PairingError(f"completing {pruned.name} onto {original.name} did not give the original's "
+                           f"architecture: {problem}")
+    return Pair(original, completed)

@@ -1,0 +1,357 @@
+"""Input regions to certify over: a box (an L-inf ball clipped to the domain), an L2 ball, the domain.
+
+Every region is a subset of the network's input domain, given in float64. Bound methods see its
+`bounding_box()`; methods that handle L2 balls natively (linear bounds, LP) also get centre and
+radius. Attacks use `project` (stay inside) and `sample` (starting points, refutation search).
+
+Soundness: an L-inf ball [c - eps, c + eps] computed in float64 is rounded one ulp *outward*, so the
+box we certify contains the real-number ball the user asked for, never less.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from prunecert.errors import RegionError
+
+NORMS = ("inf", "2")
+
+
+def _array(value, name: str, shape: tuple[int, ...] | None = None, broadcast: bool = False) -> np.ndarray:
+    """float64 copy of `value`, reshaped to `shape` when the sizes match (or a scalar broadcast to it,
+    if `broadcast`); RegionError otherwise."""
+    a = value.detach().cpu().numpy() if torch.is_tensor(value) else value
+    try:
+        a = np.array(a, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise RegionError(f"{name}: not numeric ({exc})") from exc
+    if shape is not None and a.shape != tuple(shape):
+        if a.size == math.prod(shape):
+            a = a.reshape(shape)
+        elif a.size == 1 and broadcast:
+            a = np.full(shape, float(a.reshape(-1)[0]))
+        else:
+            raise RegionError(f"{name}: shape {a.shape} ({a.size} values) does not match the input shape "
+                              f"{tuple(shape)} ({math.prod(shape)} values)")
+    if not np.isfinite(a).all():
+        idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+        raise RegionError(f"{name}: non-finite value {a[idx]} at index {list(idx)}")
+    return a
+
+
+def _first_violation(mask: np.ndarray) -> list[int]:
+    return [int(i) for i in np.argwhere(mask)[0]]
+
+
+def _check_inside(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndarray, what: str,
+                  point: bool = False) -> None:
+    low, high = ("value", "value") if point else ("lower bound", "upper bound")
+    if (lo < dlo).any():
+        i = _first_violation(lo < dlo)
+        raise RegionError(f"{what}: {low} {lo[tuple(i)]:g} at input {i} is below the domain's "
+                          f"{dlo[tuple(i)]:g}; the region must lie inside the input domain")
+    if (hi > dhi).any():
+        i = _first_violation(hi > dhi)
+        raise RegionError(f"{what}: {high} {hi[tuple(i)]:g} at input {i} is above the domain's "
+                          f"{dhi[tuple(i)]:g}; the region must lie inside the input domain")
+
+
+def _flat(a: np.ndarray) -> list[float]:
+    return [float(v) for v in a.reshape(-1)]
+
+
+def _gen(generator: torch.Generator | int | None) -> torch.Generator:
+    if isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator().manual_seed(0 if generator is None else int(generator))
+
+
+class Region:
+    """Base: a subset of the input box [domain_lo, domain_hi] (float64 arrays of the input shape)."""
+
+    domain_lo: np.ndarray
+    domain_hi: np.ndarray
+    source: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.domain_lo.shape)
+
+    @property
+    def center(self) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _points(self, x) -> torch.Tensor:
+        """`x` as a float64 batch (N, *shape); a single point gets a batch dim."""
+        t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float64)
+        if tuple(t.shape) == self.shape:
+            return t.unsqueeze(0)
+        if t.ndim >= 1 and math.prod(t.shape[1:]) == math.prod(self.shape):
+            return t.reshape(t.shape[0], *self.shape)
+        raise RegionError(f"point of shape {tuple(t.shape)} does not match the region's input shape {self.shape}")
+
+    def contains(self, x, atol: float = 0.0) -> bool:
+        """Whether every point of `x` (one point or a batch) lies in the region (up to `atol`)."""
+        p = self._points(x)
+        lo, hi = (torch.from_numpy(a) for a in self.bounding_box())
+        return bool(((p >= lo - atol) & (p <= hi + atol)).all())
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """A point of the region for each point of the batch `x` (N, *shape); same dtype."""
+        lo, hi = (torch.from_numpy(a).to(x.dtype) for a in self.bounding_box())
+        return torch.maximum(torch.minimum(x, hi), lo)
+
+    def sample(self, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+        """`n` float64 points of the region: a quarter on its boundary (box corners), the rest inside."""
+        gen = _gen(generator)
+        lo, hi = (torch.from_numpy(a) for a in self.bounding_box())
+        n_corner = n // 4
+        u = torch.rand((n, *self.shape), generator=gen, dtype=torch.float64)
+        u = torch.cat([(u[:n_corner] < 0.5).to(torch.float64), u[n_corner:]])
+        return torch.maximum(torch.minimum(lo + (hi - lo) * u, hi), lo)
+
+    def describe(self) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _domain_description(self) -> dict:
+        lo, hi = self.domain_lo, self.domain_hi
+        return {"lower": float(lo.min()), "upper": float(hi.max()),
+                "uniform": bool(lo.min() == lo.max() and hi.min() == hi.max())}
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        extra = f", eps={d['eps']:g}" if "eps" in d else ""
+        return f"{type(self).__name__}(shape={self.shape}{extra}{', source=' + repr(self.source) if self.source else ''})"
+
+
+def _domain_arrays(shape: tuple[int, ...], domain_lo, domain_hi) -> tuple[np.ndarray, np.ndarray]:
+    dlo = _array(domain_lo, "domain lower bound", shape, broadcast=True)
+    dhi = _array(domain_hi, "domain upper bound", shape, broadcast=True)
+    if (dlo > dhi).any():
+        i = _first_violation(dlo > dhi)
+        raise RegionError(f"domain: lower {dlo[tuple(i)]:g} > upper {dhi[tuple(i)]:g} at input {i}")
+    return dlo, dhi
+
+
+def _target_shape(domain_lo) -> tuple[int, ...] | None:
+    """The input shape implied by an array-valued domain bound (None for a scalar)."""
+    if domain_lo is None:
+        return None
+    a = domain_lo.detach().cpu().numpy() if torch.is_tensor(domain_lo) else np.asarray(domain_lo)
+    return tuple(a.shape) if a.ndim else None
+
+
+def _centre(center, domain_lo, domain_hi, source: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    what = f"centre {source}" if source else "centre"
+    c = _array(center, what, _target_shape(domain_lo))
+    dlo, dhi = _domain_arrays(c.shape, domain_lo, domain_hi)
+    _check_inside(c, c, dlo, dhi, what, point=True)
+    return c, dlo, dhi
+
+
+class Box(Region):
+    """The box [lo, hi] inside the domain (default: the box is its own domain).
+
+    Built by `Box.around(center, eps, domain_lo, domain_hi)` it is the L-inf ball clipped to the
+    domain, and remembers `eps` and the centre.
+    """
+
+    def __init__(self, lo, hi, domain_lo=None, domain_hi=None, *, eps: float | None = None, center=None,
+                 source: str | None = None):
+        self.source = source
+        name = f"box {source}" if source else "box"
+        self.lo = _array(lo, f"{name} lower bound", _target_shape(domain_lo))
+        self.hi = _array(hi, f"{name} upper bound", self.lo.shape)
+        if (self.lo > self.hi).any():
+            i = _first_violation(self.lo > self.hi)
+            raise RegionError(f"{name}: lower {self.lo[tuple(i)]:g} > upper {self.hi[tuple(i)]:g} at input {i}")
+        self.domain_lo, self.domain_hi = _domain_arrays(
+            self.lo.shape, self.lo if domain_lo is None else domain_lo, self.hi if domain_hi is None else domain_hi)
+        _check_inside(self.lo, self.hi, self.domain_lo, self.domain_hi, name)
+        self.eps = eps
+        self._center = None if center is None else _array(center, f"{name} centre", self.lo.shape)
+
+    @classmethod
+    def around(cls, center, eps: float, domain_lo, domain_hi, source: str | None = None) -> "Box":
+        """The L-inf ball of radius `eps` around `center`, intersected with the domain box."""
+        eps = _check_radius(eps, "eps")
+        c, dlo, dhi = _centre(center, domain_lo, domain_hi, source)
+        lo = np.maximum(np.nextafter(c - eps, -np.inf), dlo)
+        hi = np.minimum(np.nextafter(c + eps, np.inf), dhi)
+        return cls(lo, hi, dlo, dhi, eps=eps, center=c, source=source)
+
+    @property
+    def center(self) -> np.ndarray:
+        return self._center if self._center is not None else (self.lo + self.hi) / 2
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.lo.copy(), self.hi.copy()
+
+    def describe(self) -> dict:
+        d: dict = {"kind": "box", "shape": list(self.shape), "domain": self._domain_description()}
+        if self.source:
+            d["source"] = self.source
+        if self.eps is not None:
+            d.update(kind="linf_ball", norm="inf", eps=float(self.eps), center=_flat(self.center))
+        else:
+            d.update(lower=_flat(self.lo), upper=_flat(self.hi))
+        return d
+
+
+class L2Ball(Region):
+    """{x : ||x - center||_2 <= radius} intersected with the domain box."""
+
+    def __init__(self, center, radius: float, domain_lo, domain_hi, *, source: str | None = None):
+        self.source = source
+        self.radius = _check_radius(radius, "radius")
+        self._center, self.domain_lo, self.domain_hi = _centre(center, domain_lo, domain_hi, source)
+
+    @property
+    def center(self) -> np.ndarray:
+        return self._center
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+        c, r = self._center, self.radius
+        return (np.maximum(np.nextafter(c - r, -np.inf), self.domain_lo),
+                np.minimum(np.nextafter(c + r, np.inf), self.domain_hi))
+
+    def contains(self, x, atol: float = 0.0) -> bool:
+        p = self._points(x)
+        dist = (p - torch.from_numpy(self._center)).reshape(p.shape[0], -1).norm(dim=1)
+        return bool((dist <= self.radius + atol).all()) and super().contains(p, atol)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Onto the ball, then clipped to the domain: feasible (clipping moves no coordinate away from
+        the centre, which lies in the domain), though not always the nearest point of the intersection.
+        Points are pulled in by a relative 2^-20 so that, after rounding, `contains` holds for them."""
+        c = torch.from_numpy(self._center).to(x.dtype)
+        y = x
+        for _ in range(4):  # c + d is rounded: re-measure and shrink until the computed norm fits
+            d = y - c
+            norm = d.reshape(d.shape[0], -1).norm(dim=1)
+            if not (norm > self.radius).any():
+                break
+            factor = self.radius * (1 - 2.0 ** -20) / norm.clamp_min(torch.finfo(x.dtype).tiny)
+            view = (-1, *([1] * (d.ndim - 1)))
+            y = torch.where((norm > self.radius).view(view), c + d * factor.view(view), y)
+        else:
+            outside = (y - c).reshape(y.shape[0], -1).norm(dim=1) > self.radius
+            y = torch.where(outside.view(-1, *([1] * (y.ndim - 1))), c.expand_as(y), y)
+        lo, hi = torch.from_numpy(self.domain_lo).to(x.dtype), torch.from_numpy(self.domain_hi).to(x.dtype)
+        return torch.maximum(torch.minimum(y, hi), lo)
+
+    def sample(self, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+        """Uniform in the ball (a quarter on the sphere), then clipped to the domain."""
+        gen = _gen(generator)
+        d = math.prod(self.shape)
+        direction = torch.randn((n, d), generator=gen, dtype=torch.float64)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        rad = torch.rand(n, generator=gen, dtype=torch.float64) ** (1.0 / d)
+        rad[: n // 4] = 1.0
+        offset = (direction * rad.unsqueeze(1)).reshape(n, *self.shape) * self.radius
+        return self.project(torch.from_numpy(self._center) + offset)
+
+    def describe(self) -> dict:
+        d = {"kind": "l2_ball", "norm": "2", "shape": list(self.shape), "eps": float(self.radius),
+             "center": _flat(self._center), "domain": self._domain_description()}
+        if self.source:
+            d["source"] = self.source
+        return d
+
+
+class Domain(Region):
+    """The whole input box: the paper's data-independent setting."""
+
+    def __init__(self, lo, hi):
+        self.source = "domain"
+        lo_a = _array(lo, "domain lower bound")
+        self.domain_lo, self.domain_hi = _domain_arrays(lo_a.shape, lo_a, hi)
+
+    @property
+    def center(self) -> np.ndarray:
+        return (self.domain_lo + self.domain_hi) / 2
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.domain_lo.copy(), self.domain_hi.copy()
+
+    def describe(self) -> dict:
+        return {"kind": "domain", "shape": list(self.shape), "domain": self._domain_description()}
+
+
+def _check_radius(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise RegionError(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(v) or v < 0:
+        raise RegionError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------- from CLI options
+def expand_center_specs(specs: Sequence[str]) -> list[str]:
+    """`mnist5k:test:0-9` -> ten specs `mnist5k:test:0` ... `mnist5k:test:9` (inclusive range)."""
+    out = []
+    for spec in specs:
+        head, _, tail = spec.rpartition(":")
+        a, dash, b = tail.partition("-")
+        if head and dash and a.isdigit() and b.isdigit():
+            if int(b) < int(a):
+                raise RegionError(f"centre range {spec!r}: end {b} is before start {a}")
+            out.extend(f"{head}:{i}" for i in range(int(a), int(b) + 1))
+        else:
+            out.append(spec)
+    return out
+
+
+def regions_from_options(input_shape: Sequence[int], domain_lo, domain_hi, *, centers: Sequence[str] = (),
+                         eps: float | None = None, norm: str = "inf", region: str | None = None,
+                         vnnlib: str | Path | None = None) -> list[Region]:
+    """The regions named by the CLI options (`--center/--eps/--norm`, `--region domain`, `--vnnlib`)."""
+    shape = tuple(int(s) for s in input_shape)
+    dlo = np.broadcast_to(np.asarray(domain_lo, dtype=np.float64), shape)
+    dhi = np.broadcast_to(np.asarray(domain_hi, dtype=np.float64), shape)
+    chosen = sum([bool(centers), region is not None, vnnlib is not None])
+    if chosen != 1:
+        raise RegionError("give exactly one region: --center SPEC --eps E, --region domain, or --vnnlib FILE "
+                          f"(got {chosen})")
+    if region is not None:
+        if region != "domain":
+            raise RegionError(f"--region {region!r}: only 'domain' is supported (use --center/--eps for balls)")
+        return [Domain(dlo, dhi)]
+    if vnnlib is not None:
+        from prunecert.io.vnnlib import read_vnnlib_box
+        boxes = read_vnnlib_box(vnnlib, math.prod(shape))
+        if isinstance(boxes, tuple) and len(boxes) == 2 and not isinstance(boxes[0], tuple):
+            boxes = [boxes]
+        return [Box(lo, hi, dlo, dhi, source=f"{vnnlib}" + (f"#{i}" if len(boxes) > 1 else ""))
+                for i, (lo, hi) in enumerate(boxes)]
+    if eps is None:
+        raise RegionError("--center needs --eps (the radius of the ball around the centre)")
+    if norm not in NORMS:
+        raise RegionError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
+    from prunecert.data import parse_point
+    out: list[Region] = []
+    for spec in expand_center_specs(centers):
+        point = parse_point(spec)
+        if norm == "inf":
+            out.append(Box.around(point, eps, dlo, dhi, source=spec))
+        else:
+            out.append(L2Ball(point, eps, dlo, dhi, source=spec))
+    return out
+
+
+def stack_boxes(regions: Sequence[Region]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounding boxes of all regions as float64 tensors (B, *shape)."""
+    boxes = [r.bounding_box() for r in regions]
+    lo = torch.from_numpy(np.stack([b[0] for b in boxes]))
+    hi = torch.from_numpy(np.stack([b[1] for b in boxes]))
+    return lo, hi

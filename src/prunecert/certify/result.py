@@ -1,0 +1,256 @@
+"""What bound methods return (`PairBounds`) and what users get (`CertifyResult`, JSON schema 1).
+
+`PairBounds` is the common currency of every method (naive, diff-interval, diff-linear, LP, MILP,
+BaB): per layer l, float64 tensors of shape (B, *out_shape_l) over a batch of B regions. Methods can
+be combined by `intersect` (both sound, so the intersection is sound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from prunecert.certify.interval import Bounds
+
+SCHEMA = "prunecert.certify/1"
+
+
+def sub_bounds(a: Bounds, b: Bounds) -> Bounds:
+    """Sound bounds of (x - y) for x in a, y in b: one-ulp outward rounding of each difference."""
+    lo = torch.nextafter(a.lower - b.upper, torch.full_like(a.lower, -torch.inf))
+    hi = torch.nextafter(a.upper - b.lower, torch.full_like(a.upper, torch.inf))
+    return Bounds(lo, hi)
+
+
+def meet(a: Bounds, b: Bounds) -> Bounds:
+    """Intersection of two sound bounds on the same quantity."""
+    return Bounds(torch.maximum(a.lower, b.lower), torch.minimum(a.upper, b.upper))
+
+
+@dataclass
+class PairBounds:
+    """Bounds over a batch of B regions, per layer l (the last is the logits).
+
+    - `f[l]`, `g[l]`: each network's pre-activations a_l,
+    - `delta[l]`: end-to-end Delta_l = a_l^f - a_l^g,
+    - `local[l]`: a_l^f(x) - L_l^g(h_{l-1}^f(x)), the error layer l's own weights add (local[0] = delta[0]),
+    - `margin_lower` (optional, (B, C, C)): entry [b, c, j] is a lower bound on *both* f_c - f_j and
+      g_c - g_j over region b (the diagonal is meaningless). Agreement is proved on region b when
+      some c has margin_lower[b, c, j] > 0 for every j != c.
+    """
+
+    f: list[Bounds]
+    g: list[Bounds]
+    delta: list[Bounds]
+    local: list[Bounds]
+    margin_lower: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.delta)
+
+    @property
+    def batch(self) -> int:
+        return int(self.delta[-1].lower.shape[0])
+
+    def intersect(self, other: "PairBounds") -> "PairBounds":
+        """Element-wise intersection with another sound result for the same pair and regions."""
+        if self.margin_lower is None or other.margin_lower is None:
+            margin = self.margin_lower if other.margin_lower is None else other.margin_lower
+        else:
+            margin = torch.maximum(self.margin_lower, other.margin_lower)
+        return PairBounds([meet(a, b) for a, b in zip(self.f, other.f)],
+                          [meet(a, b) for a, b in zip(self.g, other.g)],
+                          [meet(a, b) for a, b in zip(self.delta, other.delta)],
+                          [meet(a, b) for a, b in zip(self.local, other.local)],
+                          margin, {**other.info, **self.info})
+
+    def select(self, index) -> "PairBounds":
+        """The bounds of a subset of the batch (a slice or an index tensor)."""
+        def pick(bs):
+            return [Bounds(b.lower[index], b.upper[index]) for b in bs]
+        margin = None if self.margin_lower is None else self.margin_lower[index]
+        return PairBounds(pick(self.f), pick(self.g), pick(self.delta), pick(self.local), margin, dict(self.info))
+
+    @staticmethod
+    def concat(parts: Sequence["PairBounds"]) -> "PairBounds":
+        """Join results computed on consecutive chunks of the batch."""
+        def cat(attr):
+            return [Bounds(torch.cat([getattr(p, attr)[l].lower for p in parts]),
+                           torch.cat([getattr(p, attr)[l].upper for p in parts]))
+                    for l in range(len(getattr(parts[0], attr)))]
+        margins = [p.margin_lower for p in parts]
+        margin = None if any(m is None for m in margins) else torch.cat(margins)
+        return PairBounds(cat("f"), cat("g"), cat("delta"), cat("local"), margin, dict(parts[0].info))
+
+    def max_abs_logit_deviation(self) -> torch.Tensor:
+        """(B,) upper bound on max_k |Delta_logit_k| over each region."""
+        d = self.delta[-1]
+        mag = torch.maximum(d.upper, -d.lower).reshape(d.upper.shape[0], -1)
+        return mag.max(dim=1).values
+
+    def agreement_margins(self) -> torch.Tensor:
+        """(B, C, C) lower bounds on both f_c - f_j and g_c - g_j (method's own, else interval differences)."""
+        if self.margin_lower is not None:
+            return self.margin_lower
+        return interval_margins(self.f[-1], self.g[-1])
+
+    def proved_agreement(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) bool: argmax f = argmax g = c on the whole region; and that class c (-1 if none)."""
+        m = self.agreement_margins()
+        b, c, _ = m.shape
+        eye = torch.eye(c, dtype=torch.bool).expand(b, c, c)
+        ok = torch.where(eye, torch.ones_like(m, dtype=torch.bool), m > 0).all(dim=2)  # (B, C)
+        proved = ok.any(dim=1)
+        cls = torch.where(proved, ok.to(torch.int64).argmax(dim=1), torch.full((b,), -1, dtype=torch.int64))
+        return proved, cls
+
+
+def interval_margins(f_logits: Bounds, g_logits: Bounds) -> torch.Tensor:
+    """min(lower(f_c) - upper(f_j), lower(g_c) - upper(g_j)), rounded down: (B, C, C)."""
+    def one(b: Bounds) -> torch.Tensor:
+        lo = b.lower.reshape(b.lower.shape[0], -1)
+        hi = b.upper.reshape(b.upper.shape[0], -1)
+        m = lo.unsqueeze(2) - hi.unsqueeze(1)
+        return torch.nextafter(m, torch.full_like(m, -torch.inf))
+    return torch.minimum(one(f_logits), one(g_logits))
+
+
+# ----------------------------------------------------------------------------- user-facing result
+@dataclass
+class LayerResult:
+    """Certified bounds of one layer over every region: arrays (B, *out_shape)."""
+
+    index: int
+    name: str
+    local_lower: np.ndarray
+    local_upper: np.ndarray
+    end_to_end_lower: np.ndarray
+    end_to_end_upper: np.ndarray
+
+    @property
+    def max_abs_end_to_end(self) -> np.ndarray:
+        """(B,) bound on max |Delta_l| over the layer's neurons."""
+        b = self.end_to_end_lower.shape[0]
+        return np.maximum(-self.end_to_end_lower, self.end_to_end_upper).reshape(b, -1).max(axis=1)
+
+    @property
+    def max_abs_local(self) -> np.ndarray:
+        b = self.local_lower.shape[0]
+        return np.maximum(-self.local_lower, self.local_upper).reshape(b, -1).max(axis=1)
+
+
+@dataclass
+class Agreement:
+    """Top-1 agreement on one region: "proved" (class), "refuted" (point, classes) or "unknown"."""
+
+    verdict: str
+    label: int | None = None
+    point: np.ndarray | None = None
+    class_f: int | None = None
+    class_g: int | None = None
+
+    def to_json(self) -> dict:
+        d: dict = {"verdict": self.verdict}
+        if self.label is not None:
+            d["class"] = int(self.label)
+        if self.point is not None:
+            d["point"] = [float(v) for v in self.point.reshape(-1)]
+            d["class_f"], d["class_g"] = int(self.class_f), int(self.class_g)
+        return d
+
+
+@dataclass
+class CertifyResult:
+    """Certified deviation bounds for B regions, with verdicts. `to_json()` is the stable format."""
+
+    method: str
+    regions: list[dict]
+    layers: list[LayerResult]
+    max_abs_logit_deviation: np.ndarray      # (B,) certified upper bound
+    sampled_max_abs_logit_deviation: np.ndarray  # (B,) best value found by the search (a lower bound)
+    sampled_points: list[np.ndarray]           # (B,) input reaching it
+    agreement: list[Agreement]
+    tolerance: float | None
+    seconds: float
+    seed: int = 0
+    bounds: PairBounds | None = field(default=None, repr=False)
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.regions)
+
+    @property
+    def verdicts(self) -> list[str | None]:
+        """Per region against the tolerance: certified / violated / unknown (None without a tolerance)."""
+        if self.tolerance is None:
+            return [None] * self.n_regions
+        out = []
+        for bound, found in zip(self.max_abs_logit_deviation, self.sampled_max_abs_logit_deviation):
+            out.append("certified" if bound <= self.tolerance else
+                       "violated" if found > self.tolerance else "unknown")
+        return out
+
+    @property
+    def verdict(self) -> str | None:
+        """Over all regions: violated if any is, certified if all are, else unknown."""
+        return combine_verdicts(self.verdicts)
+
+    @property
+    def agreement_verdict(self) -> str:
+        vs = [a.verdict for a in self.agreement]
+        return "refuted" if "refuted" in vs else "proved" if all(v == "proved" for v in vs) else "unknown"
+
+    def _overall_agreement(self) -> dict:
+        d: dict = {"verdict": self.agreement_verdict}
+        for b, a in enumerate(self.agreement):
+            if a.verdict == "refuted":  # the first refuted region's point
+                d.update(region=b, point=a.to_json()["point"])
+                break
+        return d
+
+    def to_json(self) -> dict:
+        """The stable JSON document (schema "prunecert.certify/1", see docs/certify.md)."""
+        regions = []
+        verdicts = self.verdicts
+        for b, desc in enumerate(self.regions):
+            entry = {"index": b, "region": desc,
+                     "max_abs_logit_deviation": float(self.max_abs_logit_deviation[b]),
+                     "sampled_max_abs_logit_deviation": float(self.sampled_max_abs_logit_deviation[b]),
+                     "agreement": self.agreement[b].to_json(), "verdict": verdicts[b]}
+            if verdicts[b] == "violated":
+                entry["counterexample"] = [float(v) for v in self.sampled_points[b].reshape(-1)]
+            regions.append(entry)
+        layers = [{"index": L.index, "name": L.name, "shape": list(L.end_to_end_lower.shape[1:]),
+                   "local": {"lower": L.local_lower.tolist(), "upper": L.local_upper.tolist()},
+                   "end_to_end": {"lower": L.end_to_end_lower.tolist(), "upper": L.end_to_end_upper.tolist()},
+                   "max_abs_local": [float(v) for v in L.max_abs_local],
+                   "max_abs_end_to_end": [float(v) for v in L.max_abs_end_to_end]}
+                  for L in self.layers]
+        return {
+            "schema": SCHEMA, "method": self.method, "seed": int(self.seed), "seconds": float(self.seconds),
+            "tolerance": None if self.tolerance is None else float(self.tolerance),
+            "verdict": self.verdict,
+            "max_abs_logit_deviation": float(np.max(self.max_abs_logit_deviation)),
+            "agreement": self._overall_agreement(),
+            "regions": regions, "layers": layers,
+        }
+
+
+def combine_verdicts(verdicts: Sequence[str | None]) -> str | None:
+    if not verdicts or verdicts[0] is None:
+        return None
+    if "violated" in verdicts:
+        return "violated"
+    return "certified" if all(v == "certified" for v in verdicts) else "unknown"
+
+
+def load_schema() -> dict:
+    """The JSON schema of `CertifyResult.to_json()` (certify.schema.json, shipped with the package)."""
+    import json
+    from importlib import resources
+    return json.loads(resources.files("prunecert.certify").joinpath("certify.schema.json").read_text("utf-8"))

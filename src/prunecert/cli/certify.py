@@ -1,0 +1,151 @@
+"""`prunecert certify`: sound deviation bounds between an original and a pruned model over regions.
+
+Exit status: with --tolerance, 0 certified (max |Delta_logit| <= tau on every region), 1 violated (a
+point with |Delta_logit| > tau was found), 2 unknown; without it the verdict is top-1 agreement:
+0 proved, 1 refuted, 2 unknown. 3 is an error (bad input, unpairable models).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+from prunecert.cli import app
+from prunecert.errors import ConfigError, PrunecertError
+
+EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
+
+
+@app.command("certify", epilog="Example: prunecert certify lenet.pt lenet-pruned.pt --center mnist5k:test:0-9 "
+                               "--eps 0.02 --tolerance 0.5 --json certify.json")
+def certify_command(
+    original: Path = typer.Argument(..., help="The original model file (.pt, .onnx, .nnet)."),
+    pruned: Path = typer.Argument(..., help="The pruned (or quantised / fine-tuned) model file."),
+    center: Optional[List[str]] = typer.Option(None, "--center", help="Region centre: dataset:split:index, a range "
+                                               "dataset:split:A-B (inclusive), or a .npy file; repeatable."),
+    eps: Optional[float] = typer.Option(None, help="Radius of the ball around each centre."),
+    norm: str = typer.Option("inf", help="Ball norm: inf (a box) or 2."),
+    region: Optional[str] = typer.Option(None, help="'domain': the whole input box (data-independent)."),
+    vnnlib: Optional[Path] = typer.Option(None, help="A VNN-LIB file whose input box is the region."),
+    method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, lp, milp or bab."),
+    tolerance: Optional[float] = typer.Option(None, help="Tolerance tau on max |Delta_logit| for the verdict."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON (schema prunecert.certify/1)."),
+    export_onnx: Optional[Path] = typer.Option(None, "--export-onnx", help="Write f - g as ONNX plus one VNN-LIB "
+                                               "property |Delta_k| <= tau per region and logit into this folder."),
+    time_limit: Optional[float] = typer.Option(None, help="Seconds per solver call (lp, milp, bab)."),
+    samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
+    batch_size: int = typer.Option(32, help="Regions bounded at once."),
+    seed: int = typer.Option(0, help="Seed of the counterexample search."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
+
+    Example: prunecert certify lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 --tolerance 0.5
+    """
+    try:
+        code = _run(original, pruned, center or [], eps, norm, region, vnnlib, method, tolerance, json_out,
+                    export_onnx, time_limit, samples, batch_size, seed, quiet)
+    except PrunecertError as exc:
+        from prunecert.cli import fail
+        fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
+         time_limit, samples, batch_size, seed, quiet) -> int:
+    from prunecert.certify import certify, make_pair
+    from prunecert.certify.regions import regions_from_options
+    from prunecert.io import load_model
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    pair = make_pair(load_model(original), load_model(pruned))
+    lo, hi = pair.domain()
+    regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
+                                   region=region, vnnlib=vnnlib)
+    if export_onnx is not None and norm != "inf" and not region and not vnnlib:
+        raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
+    result = certify(pair, None, regions, method=method, tolerance=tolerance, time_limit=time_limit,
+                     progress=not quiet, seed=seed, samples=samples, batch_size=batch_size)
+    if export_onnx is not None:
+        export_interop(pair, regions, result, export_onnx)
+    if json_out is not None:
+        from prunecert.fileutil import atomic_write_text
+        atomic_write_text(json_out, json.dumps(result.to_json(), separators=(",", ":")) + "\n")
+    _print(result)
+    verdict = result.verdict if tolerance is not None else result.agreement_verdict
+    return EXIT[verdict]
+
+
+def export_interop(pair, regions, result, folder: Path) -> list[Path]:
+    """f - g as one ONNX file and a VNN-LIB property per (region, logit): |Delta_k| <= tau on its box.
+
+    tau is the tolerance when given, else the region's certified bound (so an external verifier can
+    re-check our bound). Files are built in a temporary folder and moved into place at the end, so an
+    error leaves no partial export.
+    """
+    try:
+        from prunecert.io.onnx_io import save_difference_onnx
+        from prunecert.io.vnnlib import write_deviation_property
+    except ImportError as exc:
+        raise ConfigError(f"--export-onnx needs prunecert.io.onnx_io and prunecert.io.vnnlib ({exc})") from exc
+    folder = Path(folder)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _export(pair, regions, result, folder, save_difference_onnx, write_deviation_property)
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _export(pair, regions, result, folder: Path, save_difference_onnx, write_deviation_property) -> list[Path]:
+    n_out = pair.n_classes
+    written = []
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
+        tmp = Path(tmp)
+        save_difference_onnx(pair.f, pair.g, tmp / "difference.onnx")
+        rows = []
+        for b, r in enumerate(regions):
+            lo, hi = (a.reshape(-1) for a in r.bounding_box())
+            tau = result.tolerance if result.tolerance is not None else float(result.max_abs_logit_deviation[b])
+            for k in range(n_out):
+                name = f"region{b}_logit{k}.vnnlib"
+                write_deviation_property(tmp / name, lo, hi, k, tau, n_outputs=n_out)
+                rows.append(f"difference.onnx,{name},60")
+        (tmp / "instances.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        for item in sorted(tmp.iterdir()):
+            target = folder / item.name
+            shutil.move(str(item), str(target))
+            written.append(target)
+    return written
+
+
+def _print(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"certified deviation bounds ({result.method}), {result.n_regions} region(s), "
+                        f"{result.seconds:.2f} s")
+    for col in ("layer", "max |local|", "max |end-to-end|"):
+        table.add_column(col, justify="right" if col != "layer" else "left")
+    for layer in result.layers:
+        table.add_row(layer.name, f"{np.max(layer.max_abs_local):.4g}", f"{np.max(layer.max_abs_end_to_end):.4g}")
+    console.print(table)
+    found = float(np.max(result.sampled_max_abs_logit_deviation))
+    console.print(f"max |Delta_logit|: certified <= {float(np.max(result.max_abs_logit_deviation)):.6g}, "
+                  f"sampled >= {found:.6g}")
+    counts = {v: sum(a.verdict == v for a in result.agreement) for v in ("proved", "refuted", "unknown")}
+    console.print(f"top-1 agreement: {result.agreement_verdict} "
+                  f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
+    if result.tolerance is not None:
+        console.print(f"verdict (tolerance {result.tolerance:g}): {result.verdict}")
