@@ -7,7 +7,11 @@ output); then per layer the weight rows (one line per output neuron) followed by
 Semantics: the network sees (x - mean_i) / range_i and its raw output y is reported as
 y * range_out + mean_out. On import both normalisations are folded into the first and last Linear
 layers (exact in real arithmetic; float64 rounding ~1e-15), and [min, max] becomes the input domain.
-Export writes means 0 and ranges 1 (the weights already include any normalisation).
+(NNet readers clip inputs to [min, max]; inside the domain that clipping is the identity.)
+
+Export writes means 0 and ranges 1: the weights already include any normalisation. A first layer of
+the form [Scale] [Flatten] Linear (e.g. the input normalisation of an ONNX model) is folded into that
+Linear, since NNet holds nothing but fully connected layers.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from prunecert.errors import ModelFormatError, UnsupportedLayerError
+from prunecert.errors import ModelFormatError, PrunecertError, UnsupportedLayerError
 from prunecert.fileutil import atomic_write_text
-from prunecert.network import Linear, Network, mlp
+from prunecert.network import Flatten, Linear, Network, Scale, mlp
 
 
 def _numbers(line: str, path, what: str) -> list[float]:
@@ -57,6 +61,8 @@ def load_nnet(path: str | os.PathLike) -> Network:
     need = sum(sizes[i + 1] * 2 for i in range(n_layers))
     if len(rows) < need:
         raise ModelFormatError(f"{path}: truncated NNet file: expected {need} weight/bias lines, found {len(rows)}")
+    if len(rows) > need:
+        raise ModelFormatError(f"{path}: {len(rows) - need} unexpected lines after the last bias (layer sizes {sizes})")
     weights, biases, pos = [], [], 0
     for i in range(n_layers):
         w = np.array([_numbers(rows[pos + r], path, f"layer {i} weight") for r in range(sizes[i + 1])], dtype=object)
@@ -75,28 +81,54 @@ def load_nnet(path: str | os.PathLike) -> Network:
     weights[0] = weights[0] / r
     weights[-1] = weights[-1] * ranges[-1]
     biases[-1] = biases[-1] * ranges[-1] + means[-1]
-    if np.any(mins > maxs):
-        raise ModelFormatError(f"{path}: an input minimum exceeds its maximum")
-    return mlp(weights, biases, mins, maxs, name=path.stem)
+    if not (np.all(np.isfinite(mins)) and np.all(np.isfinite(maxs))) or np.any(mins > maxs):
+        bad = int(np.flatnonzero(~np.isfinite(mins) | ~np.isfinite(maxs) | (mins > maxs))[0])
+        raise ModelFormatError(f"{path}: input {bad} has an invalid domain [{mins[bad]}, {maxs[bad]}]")
+    try:
+        return mlp(weights, biases, mins, maxs, name=path.stem)
+    except PrunecertError as exc:  # NaN weights, ...: name the file, not just the layer
+        raise ModelFormatError(f"{path}: {exc}") from exc
 
 
 def save_nnet(net: Network, path: str | os.PathLike) -> None:
-    """Write a fully connected network (atomic); means 0 and ranges 1."""
-    layers = net.layers()
-    linears = []
-    for layer in layers:
+    """Write a fully connected network (atomic); means 0 and ranges 1 (see the module docstring)."""
+    linears = [_first_linear(net)]
+    for layer in net.layers()[1:]:
         if len(layer.ops) != 1 or not isinstance(layer.ops[0], Linear):
-            kinds = [op.kind for op in layer.ops]
-            raise UnsupportedLayerError(f"{net.name}: layer {layer.index} ({'+'.join(kinds)}) cannot be written as "
-                                        "NNet, which holds fully connected layers only")
+            raise _not_fc(net, layer)
         linears.append(layer.ops[0])
     sizes = [net.n_inputs] + [op.out_shape[0] for op in linears]
     lo, hi = (a.reshape(-1) for a in net.domain())
     fmt = lambda v: ",".join(repr(float(x)) for x in v) + ","  # noqa: E731 - repr keeps full precision
     out = [f"// {net.name} written by prunecert",
-           f"{len(linears)},{sizes[0]},{sizes[-1]},{max(sizes)},", fmt(sizes).replace(".0,", ","), "0,",
+           f"{len(linears)},{sizes[0]},{sizes[-1]},{max(sizes)},", ",".join(map(str, sizes)) + ",", "0,",
            fmt(lo), fmt(hi), fmt(np.zeros(sizes[0] + 1)), fmt(np.ones(sizes[0] + 1))]
     for op in linears:
         out.extend(fmt(row) for row in op.weight.numpy())
         out.extend(f"{float(b)!r}," for b in op.bias.numpy())
     atomic_write_text(path, "\n".join(out) + "\n")
+
+
+def _first_linear(net: Network) -> Linear:
+    """The first layer as one Linear over the flattened input, folding a leading Scale and Flatten."""
+    layer = net.layers()[0]
+    scale, shift = np.ones(net.n_inputs), np.zeros(net.n_inputs)  # over the flattened input (C order)
+    for op in layer.ops[:-1]:
+        if isinstance(op, Scale):
+            s, t = (np.broadcast_to(v.numpy(), op.in_shape).reshape(-1) for v in (op.scale, op.shift))
+            scale, shift = scale * s, shift * s + t
+        elif not isinstance(op, Flatten):
+            raise _not_fc(net, layer)
+    last = layer.ops[-1]
+    if not isinstance(last, Linear):
+        raise _not_fc(net, layer)
+    if len(layer.ops) == 1:
+        return last
+    w = last.weight.numpy()
+    return Linear(w * scale[None, :], last.bias.numpy() + w @ shift, name=f"{net.name} layer 0")
+
+
+def _not_fc(net: Network, layer) -> UnsupportedLayerError:
+    kinds = "+".join(op.kind for op in layer.ops)
+    return UnsupportedLayerError(f"{net.name}: layer {layer.index} ({kinds}) cannot be written as NNet, which holds "
+                                 "fully connected layers only")

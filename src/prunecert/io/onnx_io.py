@@ -82,13 +82,14 @@ def _input_shape(g: _Graph) -> tuple[int, ...]:
     dims = [d.dim_value if d.HasField("dim_value") else None for d in g.input.type.tensor_type.shape.dim]
     if not dims:
         raise ModelFormatError(f"{g.source}: graph input {g.input.name!r} has no shape")
-    shape = dims[1:]  # the first dim is the batch
+    shape = dims[1:] if len(dims) > 1 else dims  # the first dim is the batch, unless the input is a vector
     if any(d is None or d <= 0 for d in shape):
         raise ModelFormatError(f"{g.source}: graph input {g.input.name!r} has unknown non-batch dims {dims}")
     return tuple(int(d) for d in shape)
 
 
-def load_onnx(path: str | os.PathLike) -> Network:
+def load_onnx(path: str | os.PathLike, lo=0.0, hi=1.0) -> Network:
+    """Import a sequential ReLU network; ONNX carries no input domain, so it is [lo, hi] (default [0, 1])."""
     source = str(path)
     try:
         model = onnx.load(source)
@@ -109,37 +110,55 @@ def load_onnx(path: str | os.PathLike) -> Network:
             shape = op.out_shape
         value = consumed.output[0]
         node = g.next_node(value)
+    if len(g.outputs) != 1:
+        raise ModelFormatError(f"{source}: expected exactly one graph output, found {sorted(g.outputs)}")
     if value not in g.outputs:
         raise ModelFormatError(f"{source}: the node chain ends at {value!r}, which is not a graph output")
     ops = _merge_scales(ops)
-    return Network(ops, in_shape, 0.0, 1.0, name=Path(source).stem)
+    return Network(ops, in_shape, lo, hi, name=Path(source).stem)
 
 
 def _convert(g: _Graph, node, shape, ops: list[Op]):
     """Translate one node (or a MatMul+Add pair); returns (new ops, last node consumed)."""
     t, a, name = node.op_type, _attrs(node), f"{g.source} node {node.name or node.op_type!r} ({node.op_type})"
     if t == "Gemm":
-        w = g.const(node, 1) * a.get("alpha", 1.0)
         if a.get("transA", 0):
-            raise UnsupportedLayerError(f"{name}: transA=1 is not supported")
+            raise UnsupportedLayerError(f"{name}: transA=1 is not supported (the chained value must be A)")
+        w = g.const(node, 1) * a.get("alpha", 1.0)
         if not a.get("transB", 0):
             w = w.T
-        b = g.const(node, 2) * a.get("beta", 1.0) if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0])
-        return _flatten_then(shape, Linear(w, np.broadcast_to(b, (w.shape[0],)), name=name)), node
+        b = _vector(g.const(node, 2) * a.get("beta", 1.0), w.shape[0], name) \
+            if len(node.input) > 2 and node.input[2] else None
+        return _flatten_then(shape, Linear(w, b, name=name)), node
     if t == "MatMul":
-        w = g.const(node, 1).T
+        if node.input[0] in g.consts:
+            raise UnsupportedLayerError(f"{name}: only `x @ W` is supported, not `W @ x`")
+        w = g.const(node, 1)
+        if w.ndim != 2 or (len(shape) > 1 and math.prod(shape[:-1]) != 1) or shape[-1] != w.shape[0]:
+            raise UnsupportedLayerError(f"{name}: MatMul of input shape {shape} by weight {w.shape} is not a "
+                                        "fully connected layer")
+        w = w.T
         nxt = g.next_node(node.output[0])
-        if nxt is not None and nxt.op_type == "Add" and nxt.input[1] in g.consts:
-            b = np.broadcast_to(g.const(nxt, 1), (w.shape[0],))
-            return _flatten_then(shape, Linear(w, b, name=name)), nxt
+        if nxt is not None and nxt.op_type == "Add":
+            other = [v for v in nxt.input if v != node.output[0]]
+            if len(other) == 1 and other[0] in g.consts:
+                b = _vector(g.consts[other[0]].astype(np.float64), w.shape[0], f"{name} + {nxt.name!r} (Add)")
+                return _flatten_then(shape, Linear(w, b, name=name)), nxt
         return _flatten_then(shape, Linear(w, None, name=name)), node
+    if t in ("Identity", "Dropout"):
+        if t == "Dropout" and len(node.input) > 2 and node.input[2] and \
+                np.any(g.consts.get(node.input[2], np.array(True))):
+            raise UnsupportedLayerError(f"{name}: Dropout in training mode is not deterministic")
+        return [], node
     if t == "Relu":
         return [ReLU(shape)], node
     if t == "Conv":
         if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1, 1])):
             raise UnsupportedLayerError(f"{name}: grouped or dilated convolutions are not supported")
         pads = a.get("pads", [0, 0, 0, 0])
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[0] != pads[2] or pads[1] != pads[3]:
+        if _auto_pad(a) == "VALID":
+            pads = [0, 0, 0, 0]
+        elif _auto_pad(a) != "NOTSET" or pads[0] != pads[2] or pads[1] != pads[3]:
             raise UnsupportedLayerError(f"{name}: only explicit symmetric padding is supported (pads={pads})")
         b = g.const(node, 2) if len(node.input) > 2 and node.input[2] else None
         return [Conv2d(g.const(node, 1), b, shape, a.get("strides", [1, 1]), pads[:2], name=name)], node
@@ -167,18 +186,41 @@ def _convert(g: _Graph, node, shape, ops: list[Op]):
         return [Scale(k.reshape(view), c.reshape(view), shape, name=name)], node
     if t == "AveragePool":
         pads = a.get("pads", [0, 0, 0, 0])
+        if _auto_pad(a) != "NOTSET" or any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise UnsupportedLayerError(f"{name}: auto_pad {_auto_pad(a)} / dilations are not supported for pooling")
         if a.get("ceil_mode", 0) or (any(pads) and not a.get("count_include_pad", 0)) or pads[0] != pads[2] or pads[1] != pads[3]:
             raise UnsupportedLayerError(f"{name}: only floor-mode, symmetric, pad-inclusive average pooling is supported")
         return [AvgPool2d(a["kernel_shape"], shape, a.get("strides", a["kernel_shape"]), pads[:2], name=name)], node
     if t in ("Sub", "Add", "Mul", "Div"):
-        if node.input[0] in g.consts or node.input[1] not in g.consts:
-            raise UnsupportedLayerError(f"{name}: only `x {t} constant` is supported")
-        c = _broadcast_const(g.const(node, 1), shape, name)
+        x_first = node.input[1] in g.consts and node.input[0] not in g.consts
+        if not x_first and not (node.input[0] in g.consts and node.input[1] not in g.consts and t != "Div"):
+            raise UnsupportedLayerError(f"{name}: only `x {t} constant`"
+                                        + ("" if t == "Div" else f" or `constant {t} x`") + " is supported")
+        c = _broadcast_const(g.const(node, 1 if x_first else 0), shape, name)
         one, zero = np.ones_like(c), np.zeros_like(c)
-        scale, shift = {"Sub": (one, -c), "Add": (one, c), "Mul": (c, zero), "Div": (1.0 / c, zero)}[t]
+        if t == "Sub":
+            scale, shift = (one, -c) if x_first else (-one, c)
+        else:
+            scale, shift = {"Add": (one, c), "Mul": (c, zero), "Div": (1.0 / c, zero)}[t]
         return [Scale(scale, shift, shape, name=name)], node
     raise UnsupportedLayerError(f"{name}: unsupported ONNX operator {t} (supported: Gemm, MatMul+Add, Relu, Conv, "
-                                "Flatten, Reshape, BatchNormalization, AveragePool, Sub/Add/Mul/Div by constants)")
+                                "Flatten, Reshape, BatchNormalization, AveragePool, Sub/Add/Mul/Div by constants, "
+                                "Identity, Dropout)")
+
+
+def _auto_pad(a: dict) -> str:
+    v = a.get("auto_pad", "NOTSET")
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _vector(c: np.ndarray, n: int, name: str) -> np.ndarray:
+    """A bias given as a scalar, (n,) or (1, n) constant, as a vector of length n."""
+    c = np.asarray(c, dtype=np.float64)
+    if c.size == n:
+        return c.reshape(n)
+    if c.size == 1:
+        return np.full(n, float(c.reshape(())))
+    raise UnsupportedLayerError(f"{name}: bias of shape {c.shape} does not fit {n} outputs")
 
 
 def _broadcast_const(c: np.ndarray, shape, name) -> np.ndarray:

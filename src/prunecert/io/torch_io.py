@@ -11,6 +11,9 @@ accept only state_dicts. Their architecture comes from `arch`:
   {"type": "avgpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "out_features": 10},
   {"type": "batchnorm"}]}` — one entry per nn.Sequential index, in order;
 - `None`: inferred when the state_dict is a plain chain of 2-D Linear weights (ReLU between).
+
+A training checkpoint `{"state_dict": {...}, ...}` (or `"model_state_dict"`) is unwrapped. Keys are
+matched by name and the module is filled in float64, so the IR holds the file's exact values.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunecert.errors import ModelFormatError, UnsupportedLayerError
+from prunecert.errors import ModelFormatError, PrunecertError, UnsupportedLayerError
 from prunecert.network import AvgPool2d, Conv2d, Flatten, Linear, Network, Op, ReLU, Scale
 
 _IGNORED = (nn.Identity, nn.Dropout)
@@ -134,11 +137,16 @@ def network_to_module(net: Network) -> nn.Sequential:
 
 
 def network_from_state_dict(obj, arch: str | None, source: str) -> Network:
-    """Build a Network from a bare nn.Sequential state_dict plus `arch` (see module docstring)."""
+    """Build a Network from a bare nn.Sequential state_dict plus `arch` (see module docstring).
+
+    The module is built and filled in float64, so the IR holds the file's own values (BatchNorm
+    folding included) with no float32 round trip; keys are matched by name, never by position.
+    """
+    obj = _unwrap_checkpoint(obj)
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ModelFormatError(f"{source}: neither a prunecert model file nor a state_dict of tensors")
     spec = _arch_spec(obj, arch, source)
-    module = _module_from_spec(spec, source)
+    module = _module_from_spec(spec, source).double()
     expected = module.state_dict()
     missing = sorted(set(expected) - set(obj))
     extra = sorted(set(obj) - set(expected))
@@ -149,26 +157,22 @@ def network_from_state_dict(obj, arch: str | None, source: str) -> Network:
         if tuple(obj[key].shape) != tuple(value.shape):
             raise ModelFormatError(f"{source}: key {key} has shape {tuple(obj[key].shape)}, "
                                    f"the architecture expects {tuple(value.shape)}")
-    module.load_state_dict({k: v.float() for k, v in obj.items()})
-    # build the IR from the float64 tensors themselves, not the float32 module copy
-    net = network_from_module(module, spec["input_shape"], spec.get("input_lo", 0.0), spec.get("input_hi", 1.0),
-                              name=Path(source).stem)
-    return _with_float64_weights(net, module, obj)
+    module.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in obj.items()})
+    try:
+        return network_from_module(module, spec["input_shape"], spec.get("input_lo", 0.0), spec.get("input_hi", 1.0),
+                                   name=Path(source).stem)
+    except PrunecertError as exc:  # NaN weights, bad shapes: name the file, not just its stem
+        raise type(exc)(f"{source}: {exc}") from exc
 
 
-def _with_float64_weights(net: Network, module: nn.Module, sd: dict) -> Network:
-    """Replace float32-rounded Linear/Conv weights by the file's own values where no BN was folded."""
-    has_bn = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for _, m in _flat_modules(module))
-    if has_bn:
-        return net
-    weighted = [k[: -len(".weight")] for k in sd if k.endswith(".weight")]
-    ops = [op for op in net.ops if isinstance(op, (Linear, Conv2d))]
-    for prefix, op in zip(weighted, ops):
-        op.weight = sd[f"{prefix}.weight"].detach().double().clone()
-        if f"{prefix}.bias" in sd:
-            op._bias = sd[f"{prefix}.bias"].detach().double().clone()
-    net.validate()
-    return net
+def _unwrap_checkpoint(obj):
+    """Training checkpoints often nest the weights: {"state_dict": {...}, "epoch": 3, ...}."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(torch.is_tensor(v) for v in inner.values()):
+                return inner
+    return obj
 
 
 def _arch_spec(sd: dict, arch: str | None, source: str) -> dict:
@@ -219,7 +223,7 @@ def _module_from_spec(spec: dict, source: str) -> nn.Sequential:
     shape = list(spec["input_shape"])
     mods: list[nn.Module] = []
     for i, layer in enumerate(spec["layers"]):
-        kind = layer.get("type")
+        kind = layer.get("type") if isinstance(layer, dict) else None
         try:
             if kind == "linear":
                 n_in = int(np.prod(shape))
@@ -243,7 +247,7 @@ def _module_from_spec(spec: dict, source: str) -> nn.Sequential:
                 mods.append(nn.BatchNorm1d(shape[0]) if len(shape) == 1 else nn.BatchNorm2d(shape[0]))
             else:
                 raise UnsupportedLayerError(f"{source}: architecture layer {i} has unsupported type {kind!r}")
-        except (KeyError, RuntimeError, TypeError) as exc:
+        except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
             raise ModelFormatError(f"{source}: architecture layer {i} ({kind}) is invalid for input shape "
                                    f"{shape}: {exc}") from exc
     seq = nn.Sequential(*mods)
