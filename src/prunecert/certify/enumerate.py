@@ -1,0 +1,108 @@
+"""Ground truth for tiny pairs: the maximum over every joint activation pattern of f and g.
+
+Fix which ReLUs of f and g are on: both networks become affine in x, so the objective is affine
+and the set of inputs with that pattern is a polytope (sign constraints on the pre-activations).
+One LP per pattern (scipy's HiGHS) gives the pattern's maximum; the largest over all patterns is the
+true maximum over the box. Patterns are enumerated layer by layer and an infeasible partial pattern
+prunes its whole subtree; neurons whose interval bounds are one-signed are fixed. Exponential: for
+tests on networks with a handful of neurons only. It shares no code with `formulation.py`, so it
+checks the MILP rather than repeating it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+
+from prunecert.certify.formulation import op_matrix
+from prunecert.certify.interval import interval_bounds
+from prunecert.certify.pair import Pair
+from prunecert.errors import ConfigError
+from prunecert.network import Flatten
+
+MAX_LPS = 200_000
+
+
+@dataclass
+class EnumResult:
+    value: float            # the best pattern LP's optimum (solver arithmetic)
+    x: np.ndarray | None    # its maximiser
+    lps: int                # LPs solved
+
+
+def _layer_affine(layer, A: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Push the affine map x -> A x + c (the layer input) through the layer's ops."""
+    for op in layer.ops:
+        if isinstance(op, Flatten):
+            continue
+        M = op_matrix(op).toarray()
+        A, c = M @ A, M @ c + op.bias.reshape(-1).numpy()
+    return A, c
+
+
+def enumerate_max(pair: Pair, lo, hi, objective: tuple[int, np.ndarray, np.ndarray],
+                  max_lps: int = MAX_LPS) -> EnumResult:
+    """max of cf . a_layer^f(x) + cg . a_layer^g(x) over the box [lo, hi], over all patterns."""
+    layer, cf, cg = objective
+    layer %= pair.n_layers
+    lo = np.asarray(lo, dtype=np.float64).reshape(-1)
+    hi = np.asarray(hi, dtype=np.float64).reshape(-1)
+    n = len(lo)
+    with torch.no_grad():
+        ib = {s: interval_bounds(net, torch.as_tensor(lo).reshape(pair.input_shape),
+                                 torch.as_tensor(hi).reshape(pair.input_shape))
+              for s, net in (("f", pair.f), ("g", pair.g))}
+    best = EnumResult(-np.inf, None, 0)
+    cf = np.asarray(cf, dtype=np.float64).reshape(-1)
+    cg = np.asarray(cg, dtype=np.float64).reshape(-1)
+
+    def solve(G: np.ndarray, h: np.ndarray, obj: np.ndarray | None):
+        best.lps += 1
+        if best.lps > max_lps:
+            raise ConfigError(f"enumerate_max: more than {max_lps} LPs; the pair is too large for enumeration")
+        c = np.zeros(n) if obj is None else -obj
+        res = linprog(c, A_ub=G if len(G) else None, b_ub=h if len(h) else None, bounds=list(zip(lo, hi)),
+                      method="highs")
+        return res if res.status == 0 else None
+
+    def recurse(l: int, maps: dict, G: np.ndarray, h: np.ndarray) -> None:
+        new = {}
+        for s, layers in (("f", pair.layers_f), ("g", pair.layers_g)):
+            new[s] = _layer_affine(layers[l], *maps[s])
+        if l == layer:
+            (Af, bf), (Ag, bg) = new["f"], new["g"]
+            obj = cf @ Af + cg @ Ag
+            const = float(cf @ bf + cg @ bg)
+            res = solve(G, h, obj)
+            if res is not None and -res.fun + const > best.value:
+                best.value, best.x = -res.fun + const, res.x.copy()
+            return
+        rows = []  # (side, neuron) whose sign is free
+        fixed = {}
+        for s in ("f", "g"):
+            b_lo = ib[s][l].lower.reshape(-1).numpy()
+            b_hi = ib[s][l].upper.reshape(-1).numpy()
+            fixed[s] = np.where(b_lo >= 0, 1.0, 0.0)
+            rows += [(s, i) for i in np.flatnonzero((b_lo < 0) & (b_hi > 0))]
+        for signs in itertools.product((0.0, 1.0), repeat=len(rows)):
+            on = {s: fixed[s].copy() for s in ("f", "g")}
+            G2, h2 = [G], [h]
+            for (s, i), on_i in zip(rows, signs):
+                on[s][i] = on_i
+                A, c = new[s][0][i], new[s][1][i]
+                # on: A x + c >= 0  ->  -A x <= c ; off: A x + c <= 0
+                G2.append((-A if on_i else A)[None])
+                h2.append(np.array([c if on_i else -c]))
+            G3, h3 = np.concatenate(G2), np.concatenate(h2)
+            if rows and solve(G3, h3, None) is None:
+                continue
+            maps2 = {s: (on[s][:, None] * new[s][0], on[s] * new[s][1]) for s in ("f", "g")}
+            recurse(l + 1, maps2, G3, h3)
+
+    ident = (np.eye(n), np.zeros(n))
+    recurse(0, {"f": ident, "g": ident}, np.zeros((0, n)), np.zeros(0))
+    return best

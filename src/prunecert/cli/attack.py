@@ -1,0 +1,140 @@
+"""`prunecert attack`: search a region for inputs where the pruned model deviates most from the original.
+
+Exit status: 0 done (without --tolerance) or a saved counterexample reproduced (--replay); with
+--tolerance, 1 if the value found exceeds it (violated: a counterexample), 2 if not (unknown: an
+attack cannot prove the bound); --replay exits 1 if the saved value does not reproduce. 3 is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from prunecert.cli import app
+from prunecert.errors import ConfigError, PrunecertError
+
+EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
+           "--objective max-logit-deviation --method auto --budget-seconds 10 --out cex/")
+
+
+@app.command("attack", epilog=f"Example: {EXAMPLE}   Replay: prunecert attack --replay cex/x.npz lenet.pt "
+                              f"lenet-pruned.pt")
+def attack_command(
+    original: Path = typer.Argument(..., help="The original model file (.pt, .onnx, .nnet)."),
+    pruned: Path = typer.Argument(..., help="The pruned (or quantised / fine-tuned) model file."),
+    center: Optional[List[str]] = typer.Option(None, "--center", help="Region centre: dataset:split:index, a range "
+                                               "dataset:split:A-B (inclusive), or a .npy file; repeatable."),
+    eps: Optional[float] = typer.Option(None, help="Radius of the ball around each centre (> 0)."),
+    norm: str = typer.Option("inf", help="Ball norm: inf (a box) or 2."),
+    region: Optional[str] = typer.Option(None, help="'domain': the whole input box."),
+    vnnlib: Optional[Path] = typer.Option(None, help="A VNN-LIB file whose input box is the region."),
+    objective: str = typer.Option("max-logit-deviation", help="max-logit-deviation, disagreement, evasive[:c] "
+                                  "or layer:L:neuron:K[:min]."),
+    method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
+    budget_seconds: float = typer.Option(10.0, "--budget-seconds", help="Time budget per region (seconds)."),
+    seed: int = typer.Option(0, help="Seed of every random choice (starts, samples)."),
+    restarts: Optional[int] = typer.Option(None, help="Restarts per sub-objective (gradient methods) or LP walks."),
+    tolerance: Optional[float] = typer.Option(None, help="Exit 1 if the value found exceeds this, else 2."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for x.npz, PNGs and result.json."),
+    replay_path: Optional[Path] = typer.Option(None, "--replay", help="Re-evaluate a saved x.npz instead."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """Find inputs in a region maximising how far PRUNED deviates from ORIGINAL; save counterexamples.
+
+    Objectives: max |f - g| over the logits, one neuron of any layer (Delta_L[K], or -Delta with :min),
+    top-1 disagreement (g's best wrong margin against f's class at the centre), or DIVA's evasive
+    objective softmax(f)_y - c softmax(g)_y. Every reported value is a float64 re-evaluation at x.
+
+    Example: prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 --out cex/
+    """
+    try:
+        if replay_path is not None:
+            code = _replay(replay_path, original, pruned)
+        else:
+            code = _run(original, pruned, center or [], eps, norm, region, vnnlib, objective, method,
+                        budget_seconds, seed, restarts, tolerance, out, quiet)
+    except PrunecertError as exc:
+        from prunecert.cli import fail
+        fail(str(exc))
+        return
+    raise typer.Exit(code)
+
+
+def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method, budget, seed, restarts,
+         tolerance, out, quiet) -> int:
+    from prunecert.adversarial import attack_many, parse_objective, save_counterexample
+    from prunecert.certify.pair import make_pair
+    from prunecert.certify.regions import regions_from_options
+    from prunecert.io import load_model, weights_sha256
+
+    parse_objective(objective)  # a malformed spec fails before any model is loaded
+    if eps is not None and centers and not eps > 0:
+        raise ConfigError(f"--eps must be > 0 for an attack (a region of zero volume has nothing to search), "
+                          f"got {eps}")
+    net_f, net_g = load_model(original), load_model(pruned)
+    pair = make_pair(net_f, net_g)
+    lo, hi = pair.domain()
+    regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm, region=region,
+                                   vnnlib=vnnlib)
+    results = attack_many(pair, None, regions, objective, method, budget, seed, restarts, progress=not quiet)
+    if out is not None:
+        hashes = (weights_sha256(net_f), weights_sha256(net_g))
+        extra = {"models": {"original": {"path": str(original), "sha256": hashes[0]},
+                            "pruned": {"path": str(pruned), "sha256": hashes[1]}}}
+        if len(results) == 1:
+            save_counterexample(results[0], pair, regions[0], out, hashes, extra)
+        else:
+            _save_many(results, pair, regions, out, hashes, extra)
+    _print(results, out)
+    if tolerance is None:
+        return 0
+    return 1 if max(r.value for r in results) > tolerance else 2
+
+
+def _save_many(results, pair, regions, out: Path, hashes, extra) -> None:
+    """One sub-folder per region, and a summary result.json naming the best one."""
+    from prunecert.adversarial import save_counterexample
+    from prunecert.fileutil import atomic_write_text
+
+    docs = []
+    for i, (res, reg) in enumerate(zip(results, regions)):
+        doc = save_counterexample(res, pair, reg, out / f"region{i}", hashes, extra)
+        docs.append({**doc, "x_path": f"region{i}/x.npz"})
+    best = max(range(len(docs)), key=lambda i: docs[i]["value"])
+    summary = {**{k: docs[best][k] for k in ("schema", "objective", "method", "value", "x_path", "trace",
+                                             "seconds", "seed", "models")},
+               "best_region": best, "regions": docs}
+    atomic_write_text(out / "result.json", json.dumps(summary, indent=1) + "\n")
+
+
+def _print(results, out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"attack: {results[0].objective} by {results[0].method}")
+    for col in ("region", "value", "sub-objective", "class f", "class g", "max |Delta_logit|", "seconds"):
+        table.add_column(col, justify="left" if col in ("region", "sub-objective") else "right")
+    for i, r in enumerate(results):
+        name = r.region.get("source", r.region.get("kind", str(i)))
+        table.add_row(str(name), f"{r.value:.6g}", r.sub_objective, str(r.class_f),
+                      str(r.class_g) + (" (disagree)" if r.disagreement else ""), f"{r.logit_deviation:.4g}",
+                      f"{r.seconds:.2f}" + (" (budget hit)" if r.truncated else ""))
+    console.print(table)
+    if out is not None:
+        console.print(f"saved to {out}/ (x.npz, result.json)")
+
+
+def _replay(path: Path, original: Path, pruned: Path) -> int:
+    from prunecert.adversarial import replay
+    from prunecert.io import load_model
+
+    r = replay(path, load_model(original), load_model(pruned))
+    typer.echo(f"{r.path}: {r.objective} = {r.value!r} (saved {r.saved_value!r}); argmax f = {r.class_f}, "
+               f"argmax g = {r.class_g}; inside region: {'yes' if r.inside else 'NO'}; "
+               f"models match the saved hashes: {'yes' if r.models_match else 'NO'}")
+    typer.echo("reproduced" if r.reproduced else "NOT reproduced")
+    return 0 if r.reproduced else 1
