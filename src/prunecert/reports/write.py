@@ -1,0 +1,79 @@
+"""Writing a report folder: report.json (validated), report.html and report.md, all or nothing.
+
+Everything is rendered in memory first, then written to temporary files beside the targets, and only
+when all of them are complete are they renamed into place: an error or a crash while rendering or
+writing leaves the previous report untouched (and no temporary files behind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prunecert.errors import PrunecertError
+from prunecert.fileutil import atomic_path
+from prunecert.reports.model import Audit
+from prunecert.reports.schema import validate
+
+FILES = {"json": "report.json", "html": "report.html", "md": "report.md"}
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Create `out_dir` if needed and prove a file can be created in it (before any long work starts)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PrunecertError(f"output folder {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PrunecertError(f"output folder {out} is not writable: {exc.strerror or exc}") from exc
+    return out
+
+
+def _file_mode() -> int:
+    """0666 minus the process umask: the mode an ordinary open() would give."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def render_all(audit: Audit, formats: tuple[str, ...] = ("json", "html", "md")) -> dict[str, str]:
+    """{format: text} for the requested formats; report.json is schema-validated here."""
+    unknown = [f for f in formats if f not in FILES]
+    if unknown:
+        raise PrunecertError(f"unknown report format(s) {unknown}; valid: {', '.join(FILES)}")
+    doc = audit.to_json()
+    validate(doc, "report.json")
+    texts = {"json": json.dumps(doc, indent=1, allow_nan=False) + "\n"}
+    if "html" in formats:
+        from prunecert.reports.render_html import render_html
+        texts["html"] = render_html(audit)
+    if "md" in formats:
+        from prunecert.reports.render_md import render_markdown
+        texts["md"] = render_markdown(audit)
+    return {f: texts[f] for f in formats}
+
+
+def write_report(audit: Audit, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("json", "html", "md")
+                 ) -> list[Path]:
+    """Render `audit` and write the requested files into `out_dir` atomically as a set; returns the paths."""
+    texts = render_all(audit, formats)
+    out = check_writable(out_dir)
+    targets = [out / FILES[f] for f in formats]
+    mode = _file_mode()
+    with contextlib.ExitStack() as stack:
+        # every temp file is complete before the first rename; on error each context removes its temp
+        for fmt_name, target in zip(formats, targets):
+            tmp = stack.enter_context(atomic_path(target))
+            os.chmod(tmp, mode)  # temp files are created 0600; a report is an ordinary readable file
+            with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(texts[fmt_name])
+                fh.flush()
+                os.fsync(fh.fileno())
+    return targets
