@@ -29,6 +29,7 @@ from prunecert.certify.formulation import ZERO, Encoding, RegionBounds, build_en
 from prunecert.certify.interval import interval_bounds
 from prunecert.certify.pair import Pair
 from prunecert.errors import ConfigError
+from prunecert.solvers import silence_highs_banner
 
 
 def interval_region_bounds(pair: Pair, lo: np.ndarray, hi: np.ndarray) -> RegionBounds:
@@ -60,6 +61,7 @@ class PairLP:
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
         lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
         lp.sense_ = highspy.ObjSense.kMaximize
+        silence_highs_banner()
         self.highs = highspy.Highs()
         self.highs.silent()
         self.highs.setOptionValue("random_seed", 0)

@@ -40,6 +40,9 @@ def fail(message: str) -> None:
 
 def main() -> None:
     """Console entry point: turn PrunecertError into a one-line message."""
+    from prunecert.solvers import silence_highs_banner
+
+    silence_highs_banner()  # keep stdout clean (--json-only output must stay parseable)
     try:
         app()
     except PrunecertError as exc:
