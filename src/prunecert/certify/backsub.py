@@ -1,0 +1,259 @@
+"""CROWN-style back-substitution through one network or through a pair (f, Delta), with sound rounding.
+
+A *form* is a batch of R linear functions of one level's variables, per region:
+lam_f . v^f + lam_d . Delta v + bias (+ err, the accumulated rounding bound). Starting from rows over
+a layer's pre-activations, `Engine` walks it down to the input: through each affine op by its
+transpose (`op.backward`, so conv nets never build dense matrices) and through each hidden ReLU by
+the relaxations of `relax.py`. The pair recurrence is
+
+    Delta y = (A^f - A^g) x^f + A^g Delta x + (b^f - b^g),   y^f = A^f x^f + b^f,
+
+so lam_f . y^f + lam_d . Delta y = (A^fT lam_f + D^T lam_d) . x^f + (A^gT lam_d) . Delta x + const.
+At the network input Delta x = 0 exactly. `concretise` then maximises the final form over a box (and
+an L2 ball), so every row yields a sound *upper* bound; lower bounds are upper bounds of negated rows.
+
+Rounding (docs/theory.md, "Differential linear bounds"): each computed coefficient differs from the
+exact transpose/relaxation of the previous (computed) one by at most gamma_k times a magnitude we
+evaluate alongside (|lam| . (|A| |x|max + |b|) for an op); those bounds accumulate in `err`, biases
+are accumulated with upward rounding, and the final concretisation adds its own gamma_n margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from prunecert.certify.interval import Bounds
+from prunecert.certify.naive import centre_radius
+from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, dot, relax_delta, relax_side
+from prunecert.certify.rounding import gamma, margin
+from prunecert.errors import PairingError
+from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
+
+
+SPARSE_FRACTION = 0.5   # below this share of used columns, multiply only by the used rows of W
+
+
+def backward_terms(op: AffineOp) -> int:
+    """Most products summed into one entry of `op.backward` (the transpose's fan-in)."""
+    if isinstance(op, Linear):
+        return int(op.weight.shape[0])
+    if isinstance(op, Conv2d):
+        return int(op.weight.shape[0] * op.weight.shape[2] * op.weight.shape[3])
+    if isinstance(op, AvgPool2d):
+        return op.kernel[0] * op.kernel[1]
+    if isinstance(op, (Flatten, Scale)):
+        return 1
+    raise PairingError(f"back-substitution does not support op kind {op.kind!r}")
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """One ulp toward +inf: covers the rounding of the operation that produced `x`."""
+    return torch.nextafter(x, torch.full_like(x, torch.inf))
+
+
+@dataclass
+class Form:
+    """R linear functions per region: lam_f . v^f + lam_d . Delta v + bias, exact up to err.
+
+    `bias` and `err` have shape (Bl, R); Bl is 1 until a per-region relaxation enters the form.
+    """
+
+    lam_f: torch.Tensor | None    # (Bl, R, *shape)
+    lam_d: torch.Tensor | None
+    bias: torch.Tensor
+    err: torch.Tensor
+
+    @staticmethod
+    def rows_of(lam_f: torch.Tensor | None, lam_d: torch.Tensor | None = None) -> "Form":
+        lam = lam_f if lam_f is not None else lam_d
+        zero = torch.zeros(lam.shape[:2], dtype=lam.dtype)
+        return Form(lam_f, lam_d, zero, zero.clone())
+
+    @property
+    def rows(self) -> int:
+        return int(self.bias.shape[1])
+
+
+@dataclass
+class OpCtx:
+    """One affine op of the walked network, optionally paired with g's op and the difference op.
+
+    `mag` >= |A| |x|max + |b| over the op's input bounds; `dmag` >= |D| |x^f|max + |A^g| |Delta x|max + |b^f - b^g|.
+    """
+
+    op: AffineOp
+    mag: torch.Tensor
+    dop: AffineOp | None = None
+    opg: AffineOp | None = None
+    dmag: torch.Tensor | None = None
+    dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
+
+    @property
+    def count(self) -> int:
+        """Rounding-term count for one backward step (transposes, bias dot product, combinations)."""
+        t = backward_terms(self.op) + (backward_terms(self.dop) if self.dop is not None else 0)
+        t += backward_terms(self.opg) if self.opg is not None else 0
+        return 2 * (t + math.prod(self.op.out_shape)) + 16
+
+
+def _backward(op: AffineOp, lam: torch.Tensor) -> torch.Tensor:
+    """op.backward on (Bl, R, *out) coefficients. For a Linear whose coefficient columns are mostly
+    zero in every row (a completed pruned twin: removed neurons have zero outgoing weights), only the
+    used columns enter the product: the same terms, so the same rounding bound."""
+    b, r = lam.shape[:2]
+    flat = lam.reshape(b * r, *lam.shape[2:])
+    if isinstance(op, Linear) and flat.shape[0] > 1:
+        used = flat.ne(0).any(dim=0)
+        k = int(used.sum())
+        if k < SPARSE_FRACTION * flat.shape[1]:
+            return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
+    return op.backward(flat).reshape(b, r, *op.in_shape)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class Engine:
+    """Back-substitution through the layers of one network (`ctx`, `side`), or of the pair when
+    `delta` (the Delta relaxations per hidden layer) is given. Tensors of any float dtype; only
+    `exact=True` (float64) results are sound, the others serve the slope optimisation."""
+
+    def __init__(self, ctx: list[list[OpCtx]], side: list[SideRelax], delta: list[DeltaRelax] | None = None,
+                 exact: bool = True):
+        self.ctx, self.side, self.delta, self.exact = ctx, side, delta, exact
+
+    # ------------------------------------------------------------------ steps
+    def through_layer(self, l: int, form: Form, ctx: list[OpCtx] | None = None) -> Form:
+        """From the layer's pre-activation level to its input level, op by op."""
+        for c in reversed(ctx if ctx is not None else self.ctx[l]):
+            form = self.through_op(c, form)
+        return form
+
+    def through_op(self, c: OpCtx, form: Form) -> Form:
+        lf, ld = form.lam_f, form.lam_d
+        if isinstance(c.op, Flatten) and c.dop is None:   # a reshape: exact, no bias
+            return Form(None if lf is None else _backward(c.op, lf),
+                        None if ld is None or c.dx_zero else _backward(c.op, ld), form.bias, form.err)
+        new_f = _backward(c.op, lf) if lf is not None else None
+        new_d = None
+        bias, mag = form.bias, torch.zeros_like(form.err)
+        if lf is not None:
+            bias = self._acc(bias, dot(lf, c.op.bias))
+            if self.exact:
+                mag = mag + dot(lf.abs(), c.mag)
+        if ld is not None:
+            if c.dop is not None:
+                new_f = _add(new_f, _backward(c.dop, ld))
+                bias = self._acc(bias, dot(ld, c.dop.bias))
+            new_d = None if c.dx_zero else _backward(c.opg, ld)
+            if self.exact:
+                mag = mag + dot(ld.abs(), c.dmag)
+        err = up(form.err + margin(mag, c.count)) if self.exact else form.err
+        return Form(new_f, new_d, bias, err)
+
+    def _acc(self, bias: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        """bias + term, rounded upward when exact (the term's own error is in the magnitudes)."""
+        return up(bias + term) if self.exact else bias + term
+
+    def relax(self, l: int, form: Form, params: DeltaParams | None = None) -> Form:
+        """Through the ReLU of hidden layer l: from h_l-level coefficients to a_l-level ones."""
+        p = params or DeltaParams()
+        lf, ld = form.lam_f, form.lam_d
+        mu_f = mu_d = None
+        bias, mag = form.bias, torch.zeros_like(form.err)
+        if lf is not None:
+            mu_f, b, m = relax_side(self.side[l], lf, p.alpha_f, self.exact)
+            bias = self._acc(bias, b)
+            mag = mag if m is None else mag + m
+        if ld is not None:
+            assert self.delta is not None
+            m_f, mu_d, b, m = relax_delta(self.delta[l], ld, p, self.exact)
+            mu_f = _add(mu_f, m_f)
+            bias = self._acc(bias, b)
+            mag = mag if m is None else mag + m
+        err = form.err
+        if self.exact:
+            n = math.prod(self.side[l].s.shape[1:])
+            err = up(err + margin(mag, 2 * n + 16))
+        return Form(mu_f, mu_d, bias, err)
+
+    def below(self, form: Form, l: int, params: list[DeltaParams] | None = None) -> Form:
+        """A form over layer l's *input* (h_{l-1}; Delta h_{l-1}) walked down to the network input."""
+        for k in range(l - 1, -1, -1):
+            form = self.relax(k, form, params[k] if params else None)
+            form = self.through_layer(k, form)
+        form.lam_d = None   # Delta x = 0 at the network input
+        return form
+
+    def from_layer(self, l: int, form: Form, params: list[DeltaParams] | None = None) -> Form:
+        """A form over layer l's pre-activations walked down to the network input."""
+        return self.below(self.through_layer(l, form), l, params)
+
+
+# ----------------------------------------------------------------------------- concretisation
+@dataclass
+class Region:
+    """A batch of regions prepared for concretisation: boxes in centre/radius form, optional L2 balls."""
+
+    lo: torch.Tensor                      # (B, *input_shape)
+    hi: torch.Tensor
+    l2: tuple[torch.Tensor, torch.Tensor] | None = None   # centres (B, *input_shape), radii (B,)
+
+    def __post_init__(self):
+        self.c, self.r = centre_radius(Bounds(self.lo, self.hi))
+        self.rc = torch.stack([self.r.flatten(1), self.c.abs().flatten(1) + self.r.flatten(1)], dim=2)  # (B, n, 2)
+
+    @property
+    def batch(self) -> int:
+        return int(self.lo.shape[0])
+
+    def to(self, dtype: torch.dtype) -> "Region":
+        l2 = None if self.l2 is None else (self.l2[0].to(dtype), self.l2[1].to(dtype))
+        return Region(self.lo.to(dtype), self.hi.to(dtype), l2)
+
+
+def _dot2(absl: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
+    """(Bl, R, *s) against (B, n, k) -> (B, R, k) in one pass over `absl`."""
+    flat = absl.flatten(2)
+    if flat.shape[0] == 1:
+        b, n, k = rc.shape
+        return (flat[0] @ rc.permute(1, 0, 2).reshape(n, b * k)).reshape(-1, b, k).permute(1, 0, 2)
+    return torch.bmm(flat, rc)
+
+
+def concretise(form: Form, region: Region, exact: bool = True) -> torch.Tensor:
+    """(B, R) upper bounds of the form's rows over each region (box, and L2 ball when given).
+
+    With `exact`, each is sound for the exact real value of every row at every point of the region.
+    """
+    lam, bias, err = form.lam_f, form.bias, form.err
+    if lam is None:
+        total = (bias + err).expand(region.batch, form.rows)
+        return up(total) if exact else total
+    n = math.prod(lam.shape[2:])
+    absl = lam.abs()
+    rc = _dot2(absl, region.rc)           # (B, R, 2): |lam| . r and |lam| . (|c| + r)
+    out = dot(lam, region.c) + rc[..., 0] + bias + err
+    if exact:
+        mag = rc[..., 1] + bias.abs() + err
+        out = up(out + margin(mag, n + 4))
+    if region.l2 is not None:
+        centre, radius = region.l2
+        radius = radius.reshape(-1, 1)
+        norm = lam.flatten(2).norm(dim=2)
+        if exact:   # sqrt(sum lam^2) is computed to a relative gamma_{n+2}; round it up
+            norm = norm * (1.0 + gamma(n + 4)) * (1.0 + 4 * 2.0 ** -53)
+        ball = dot(lam, centre) + radius * norm + bias + err
+        if exact:
+            mag = dot(absl, centre.abs()) + radius * norm + bias.abs() + err
+            ball = up(ball + margin(mag, n + 4))
+        out = torch.minimum(out, ball)
+    return out

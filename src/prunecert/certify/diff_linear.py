@@ -1,0 +1,291 @@
+"""Differential linear bounds (the default method): NeuroDiff-style symbolic Delta over CROWN.
+
+Layer by layer, for every region of the batch:
+1. ReluDiff intervals from the previous layer's final bounds (`diff_interval.diff_step`): a cheap
+   floor, the neurons worth back-substituting, and the op-input magnitudes the rounding margins need;
+2. CROWN back-substitution (`backsub.Engine`) of +-e_i over a^f_l through f and over a^g_l through g
+   (hidden layers: only the neurons still unstable in that region);
+3. the differential back-substitution of +-e_i over Delta a_l through the pair (Delta h relaxed by
+   `relax.DeltaRelax`), and of the local deviation (L^f_l - L^g_l) h^f_{l-1} through f;
+4. intersect everything, plus a^f - a^g and the refinements a^g = a^f - Delta, a^f = a^g + Delta;
+   these bounds define the next layer's relaxations.
+Then, for the logits: alpha-CROWN-style optimisation of the Delta rows' relaxation parameters
+(`alpha.optimise_rows`), and agreement margins f_c - f_j, g_c - g_j back-substituted through each
+network for the class c predicted at each region's centre. The result is finally intersected with
+an independent `diff_interval_bounds` run, so it is never looser than diff-interval (or naive).
+Derivations and the rounding argument: docs/theory.md, "Differential linear bounds".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunecert.certify.alpha import optimise_rows
+from prunecert.certify.backsub import Engine, Form, OpCtx, Region, concretise
+from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
+from prunecert.certify.interval import Bounds
+from prunecert.certify.naive import MAX_MARGIN_CLASSES, as_batch, margins_from_inputs
+from prunecert.certify.pair import Pair
+from prunecert.certify.relax import DeltaRelax, SideRelax
+from prunecert.certify.result import PairBounds, meet, sub_bounds
+from prunecert.errors import ConfigError, RegionError
+from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
+
+ROW_BUDGET = 2 ** 22   # elements of one (batch x rows x width) coefficient tensor per chunk
+
+L2 = tuple[torch.Tensor, torch.Tensor]
+
+
+def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
+    """The difference op, or None when f's and g's ops are bit-for-bit identical (Delta y = A Delta x)."""
+    dop = difference_op(opf, opg)
+    if dop is None:
+        return None
+    parts = {Linear: ("weight", "_bias"), Conv2d: ("weight", "_bias"), Scale: ("scale", "shift")}[type(dop)]
+    return None if all(not getattr(dop, k).any() for k in parts) else dop
+
+
+def _amax(b: Bounds | None) -> torch.Tensor | None:
+    return None if b is None else torch.maximum(b.lower.abs(), b.upper.abs())
+
+
+def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
+    """Interval (ReluDiff) pass through a layer's op pairs: the bounds entering each op, and the outputs.
+
+    dx None means Delta = 0 structurally (the network input, or identical ops applied to it).
+    """
+    inputs = []
+    for opf, opg, dop in ops:
+        inputs.append((xf, xg, dx))
+        zero = dx is None and dop is None
+        xf, xg, dx = diff_step(opf, opg, dop, xf, xg, dx)
+        dx = None if zero else dx
+    if dx is None:
+        dx = Bounds(torch.zeros_like(xf.lower), torch.zeros_like(xf.lower))
+    return inputs, (xf, xg, dx)
+
+
+def _box_exact(ops, region: Region) -> tuple[bool, bool]:
+    """Whether intervals are already exact on layer 0 over a box, for a^f/a^g and for Delta: true when
+    every op before the last maps boxes to boxes (Flatten, Scale) -- and, for Delta, is the same in f and g."""
+    if region.l2 is not None:
+        return False, False
+    head = ops[:-1]
+    nets = all(isinstance(opf, (Flatten, Scale)) for opf, _, _ in head)
+    return nets, nets and all(dop is None for _, _, dop in head)
+
+
+def _contexts(ops, inputs) -> tuple[list[OpCtx], list[OpCtx]]:
+    """Op contexts for walking f (paired with g and the difference ops) and for walking g alone."""
+    cf, cg = [], []
+    for (opf, opg, dop), (xf, xg, dx) in zip(ops, inputs):
+        mf, mg, md = _amax(xf), _amax(xg), _amax(dx)
+        dmag = opf.bias.new_zeros(()) if dop is None else dop.abs_linear(mf) + dop.bias.abs()
+        if md is not None:
+            dmag = dmag + opg.abs_linear(md)
+        cf.append(OpCtx(opf, opf.abs_linear(mf) + opf.bias.abs(), dop, opg, dmag.expand(mf.shape[0], *opf.out_shape),
+                        dx_zero=dx is None))
+        cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs()))
+    return cf, cg
+
+
+def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
+    if l2 is None:
+        return None
+    try:
+        centre, radius = l2
+    except (TypeError, ValueError) as exc:
+        raise RegionError(f"l2 must be a (centres, radii) pair, got {type(l2).__name__}") from exc
+    centre = torch.as_tensor(centre, dtype=torch.float64)
+    if centre.numel() != batch * math.prod(pair.input_shape):
+        raise RegionError(f"l2 centres of shape {tuple(centre.shape)} do not match {batch} regions of input "
+                          f"shape {pair.input_shape}")
+    centre = centre.reshape(batch, *pair.input_shape)
+    radius = torch.as_tensor(radius, dtype=torch.float64).reshape(-1)
+    if radius.shape[0] != batch or not torch.isfinite(radius).all() or (radius < 0).any():
+        raise RegionError(f"l2 radii must be {batch} finite values >= 0, got {radius.tolist()[:8]}")
+    if not torch.isfinite(centre).all():
+        raise RegionError("l2 centres contain a non-finite value")
+    return centre, radius
+
+
+def _identity_rows(n: int, shape, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
+    """Rows start..stop-1 of [+I; -I] (2n rows over a tensor of `shape`), as (1, R, *shape)."""
+    idx = torch.arange(start, stop)
+    rows = torch.zeros(stop - start, n, dtype=dtype)
+    rows[torch.arange(stop - start), idx % n] = torch.where(idx < n, 1.0, -1.0).to(dtype)
+    return rows.reshape(1, stop - start, *shape)
+
+
+def _selected_rows(idx: torch.Tensor, valid: torch.Tensor, n: int, shape, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop-1 of [+e_idx; -e_idx] per region (idx, valid: (B, m)), as (B, R, *shape)."""
+    b, m = idx.shape
+    k = torch.arange(start, stop)
+    rows = torch.zeros(b, stop - start, n, dtype=torch.float64)
+    sign = torch.where(k < m, 1.0, -1.0).to(torch.float64) * valid[:, k % m].to(torch.float64)
+    rows.scatter_(2, idx[:, k % m].unsqueeze(2), sign.unsqueeze(2))
+    return rows.reshape(b, stop - start, *shape)
+
+
+class _Bounder:
+    """Per-call state: the engines over the layers processed so far, the regions, the chunk size."""
+
+    def __init__(self, pair: Pair, region: Region, ops):
+        self.pair, self.region, self.ops = pair, region, ops
+        self.ctx_f: list[list[OpCtx]] = []
+        self.ctx_g: list[list[OpCtx]] = []
+        self.side_f: list[SideRelax] = []
+        self.side_g: list[SideRelax] = []
+        self.delta: list[DeltaRelax] = []
+        self.f = Engine(self.ctx_f, self.side_f)
+        self.g = Engine(self.ctx_g, self.side_g)
+        self.d = Engine(self.ctx_f, self.side_f, self.delta)
+        widths = [math.prod(pair.input_shape)] + [math.prod(op.out_shape) for op in pair.f.ops]
+        self.chunk = max(1, ROW_BUDGET // (region.batch * max(widths)))
+
+    def bounds(self, l: int, walk, select: torch.Tensor | None = None) -> Bounds | None:
+        """Bounds on the rows +-e_i of layer l, where walk(rows) returns the form at the input.
+
+        `select` (B, n) bool limits the rows to the chosen neurons of each region; the others get
+        infinite bounds (to be intersected with cheaper ones). None if nothing is selected.
+        """
+        shape = self.pair.layers_f[l].out_shape
+        n, b = math.prod(shape), self.region.batch
+        if select is not None:
+            select = select.reshape(b, n)
+            if bool(select.all()):
+                select = None
+            elif not bool(select.any()):
+                return None
+        if select is None:
+            m, rows_of = n, lambda a, z: _identity_rows(n, shape, a, z)
+        else:
+            counts = select.sum(1)
+            m = int(counts.max())
+            idx = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :m]
+            valid = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
+            rows_of = lambda a, z: _selected_rows(idx, valid, n, shape, a, z)  # noqa: E731
+        ups = [concretise(walk(rows_of(a, min(2 * m, a + self.chunk))), self.region)
+               for a in range(0, 2 * m, self.chunk)]
+        u = torch.cat(ups, dim=1)
+        upper, lower = u[:, :m], -u[:, m:]
+        if select is not None:
+            inf = torch.full((b, n), torch.inf, dtype=u.dtype)
+            upper = inf.clone().scatter_(1, idx, torch.where(valid, upper, torch.inf))
+            lower = (-inf).scatter_(1, idx, torch.where(valid, lower, -torch.inf))
+        return Bounds(lower.reshape(b, *shape), upper.reshape(b, *shape))
+
+    def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
+              hidden: bool) -> list[Bounds | None]:
+        """Back-substituted bounds of layer l: a^f, a^g (only the unstable neurons of hidden layers),
+        Delta and the local deviation (only where the cheap `cheap` bounds leave room)."""
+        af, ag, d, loc = cheap
+        nets_exact, delta_exact = _box_exact(self.ops[0], self.region) if l == 0 else (False, False)
+        f = g = dd = None
+        if not nets_exact:
+            f = self.bounds(l, lambda r: self.f.from_layer(l, Form.rows_of(r)), _unstable(af) if hidden else None)
+            g = self.bounds(l, lambda r: self.g.from_layer(l, Form.rows_of(r)), _unstable(ag) if hidden else None)
+        if not delta_exact:
+            dd = self.bounds(l, lambda r: self.d.from_layer(l, Form.rows_of(None, r)), d.upper > d.lower)
+        lb = None
+        if local_ctx is not None:
+            def walk_local(r):
+                form = self.d.through_layer(l, Form.rows_of(None, r), local_ctx)
+                form.lam_d = None    # g's layer l is fed with f's input: Delta h_{l-1} := 0
+                return self.f.below(form, l)
+            lb = self.bounds(l, walk_local, loc.upper > loc.lower)
+        return [f, g, dd, lb]
+
+
+def _unstable(b: Bounds) -> torch.Tensor:
+    return (b.lower < 0) & (b.upper > 0)
+
+
+def _meet(a: Bounds, b: Bounds | None) -> Bounds:
+    return a if b is None else meet(a, b)
+
+
+def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None
+                       ) -> PairBounds:
+    """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
+
+    `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
+    radii (B,)); each region is then the box intersected with its ball. `optimize`: tune the Delta
+    relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
+    result is never looser than without).
+    """
+    if iterations < 0:
+        raise ConfigError(f"iterations must be >= 0, got {iterations}")
+    lo, hi = as_batch(pair, lo, hi)
+    region = Region(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
+    st = _Bounder(pair, region, ops)
+    hf = hg = Bounds(lo, hi)
+    dh: Bounds | None = None
+    f_b, g_b, d_b, loc_b = [], [], [], []
+    last_inputs = None
+    for l in range(pair.n_layers):
+        inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
+        cf, cg = _contexts(ops[l], inputs)
+        st.ctx_f.append(cf)
+        st.ctx_g.append(cg)
+        local_ctx, loc = None, None
+        if l > 0:
+            linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
+            local_ctx = _contexts(ops[l], linputs)[0]
+        hidden = l < pair.n_layers - 1
+        cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
+        af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))
+        loc = d if l == 0 else _meet(loc, cloc)
+        f_b.append(af), g_b.append(ag), d_b.append(d), loc_b.append(loc)
+        last_inputs = inputs[-1]
+        if hidden:
+            sf, sg = SideRelax.of(af), SideRelax.of(ag)
+            st.side_f.append(sf)
+            st.side_g.append(sg)
+            st.delta.append(DeltaRelax.of(af, ag, d, sf, sg))
+            dh = relu_delta(af, ag, d)
+            hf, hg = af.relu(), ag.relu()
+    info = {"method": "diff-linear", "optimized": False}
+    if optimize and iterations > 0 and pair.n_layers > 1:
+        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations)
+        d_b[-1] = meet(d_b[-1], opt)
+        d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
+        info["optimized"] = True
+    margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
+    # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
+    return PairBounds(f_b, g_b, d_b, loc_b, margins, info).intersect(diff_interval_bounds(pair, lo, hi))
+
+
+def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:
+    """Use Delta = a^f - a^g among the three bounds (each step rounded outward)."""
+    d = meet(d, sub_bounds(af, ag))
+    ag = meet(ag, sub_bounds(af, d))
+    af = meet(af, Bounds(torch.nextafter(ag.lower + d.lower, torch.full_like(ag.lower, -torch.inf)),
+                         torch.nextafter(ag.upper + d.upper, torch.full_like(ag.upper, torch.inf))))
+    return af, ag, d
+
+
+def _margins(pair: Pair, st: _Bounder, logits_f: Bounds, logits_g: Bounds, last_inputs) -> torch.Tensor:
+    """(B, C, C) lower bounds on both f_c - f_j and g_c - g_j: interval margins from the last op's input
+    bounds everywhere, and back-substituted ones for the class c predicted at each region's centre."""
+    xf, xg, _ = last_inputs
+    base = margins_from_inputs(pair, xf, xg, logits_f, logits_g)
+    c = pair.n_classes
+    if c > MAX_MARGIN_CLASSES:
+        return base
+    reg = st.region
+    b = reg.batch
+    with torch.no_grad():
+        pred = pair.f.forward((reg.lo + reg.hi) / 2).reshape(b, -1).argmax(dim=1)
+    rows = torch.eye(c, dtype=torch.float64).unsqueeze(0) - torch.eye(c, dtype=torch.float64)[pred].unsqueeze(1)
+    rows = rows.reshape(b, c, *pair.layers_f[-1].out_shape)   # row j: -(e_c - e_j); its upper bound = -margin
+    last = pair.n_layers - 1
+    lf = -concretise(st.f.from_layer(last, Form.rows_of(rows)), reg)
+    lg = -concretise(st.g.from_layer(last, Form.rows_of(rows)), reg)
+    best = torch.minimum(lf, lg)
+    idx = torch.arange(b)
+    base[idx, pred] = torch.maximum(base[idx, pred], best)
+    return base

@@ -1,0 +1,213 @@
+"""Linear relaxations of relu(a) and of the ReLU difference relu(a^f) - relu(a^g), per hidden layer.
+
+Back-substitution (`backsub.py`) replaces every hidden ReLU output by a linear function of its
+pre-activation, chosen by the sign of its coefficient: an upper line where the coefficient is
+positive, a lower line where it is negative. Everything here is *valid in exact arithmetic for the
+floating-point numbers it returns*: slopes are any floats in [0, 1], intercepts are rounded upward
+(`docs/theory.md`, "Differential linear bounds"), so no rounding of the lines can cut off a point.
+
+For one network (CROWN, Zhang et al. 2018): relu(a) <= s a + t (the chord over [l, u]) and
+relu(a) >= alpha a for any alpha in [0, 1] (alpha-CROWN optimises alpha).
+
+For the difference Delta h = relu(a^f) - relu(a^g), as a function of (a^f, Delta a) with
+a^g = a^f - Delta a (NeuroDiff, Paulsen et al. ASE 2020), two families, mixed by theta in [0, 1]:
+- *separate*: Delta h <= U_f(a^f) - alpha_g a^g and Delta h >= alpha_f a^f - U_g(a^g), exact when both
+  sides are stable, and containing ReluDiff's "f active: Delta h <= Delta" (alpha_g = 1) and
+  "g active: Delta h >= Delta" (alpha_f = 1);
+- *chord*: relu is monotone and 1-Lipschitz, so min(0, Delta a) <= Delta h <= max(0, Delta a), and the
+  chords of max(0, .) / min(0, .) over [l_Delta, u_Delta] bound those; exact zero when Delta a = 0.
+theta is kept on a 2^-30 grid so that 1 - theta is exact and the mix is a true convex combination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunecert.certify.interval import Bounds
+from prunecert.certify.rounding import TINY, UNIT_ROUNDOFF
+
+THETA_GRID = 2.0 ** 30
+
+
+def round_up_nonneg(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound of the exact value of a non-negative quantity computed with <= 2 roundings."""
+    return x * (1.0 + 4 * UNIT_ROUNDOFF) + TINY
+
+
+def upper_line(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t) with relu(a) <= s a + t for every real a in [lower, upper]; s in [0, 1], t >= 0.
+
+    Active (lower >= 0): (1, 0); inactive (upper <= 0): (0, 0); unstable: the chord, whose intercept
+    t >= max(-s l, (1 - s) u) makes the line lie above relu at both ends, hence (relu being convex)
+    on the whole interval, for the float s actually used.
+    """
+    unstable = (lower < 0) & (upper > 0)
+    active = lower >= 0
+    den = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    s = torch.where(unstable, (upper / den).clamp(0.0, 1.0), active.to(upper.dtype))
+    t = torch.maximum(-s * lower, (1.0 - s) * upper)
+    t = torch.where(unstable, round_up_nonneg(t), torch.zeros_like(t))
+    return s, t
+
+
+def default_alpha(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The lower slope CROWN picks (1 if the active part dominates, else 0); 1/0 on stable neurons."""
+    return (upper > -lower).to(upper.dtype)
+
+
+def quantise_theta(theta: torch.Tensor) -> torch.Tensor:
+    """theta clamped to [0, 1] on a 2^-30 grid, so that 1 - theta is computed exactly."""
+    return torch.round(theta.clamp(0.0, 1.0) * THETA_GRID) / THETA_GRID
+
+
+@dataclass
+class SideRelax:
+    """The relaxation of relu(a) for one network's hidden layer: tensors (B, *shape)."""
+
+    s: torch.Tensor          # upper slope
+    t: torch.Tensor          # upper intercept
+    alpha: torch.Tensor      # default lower slope (forced to 1 / 0 where stable)
+    unstable: torch.Tensor   # bool: where alpha is free
+    amax: torch.Tensor       # max |a| over the bounds (for rounding margins)
+
+    @staticmethod
+    def of(b: Bounds) -> "SideRelax":
+        s, t = upper_line(b.lower, b.upper)
+        return SideRelax(s, t, default_alpha(b.lower, b.upper), (b.lower < 0) & (b.upper > 0),
+                         torch.maximum(b.lower.abs(), b.upper.abs()))
+
+    def to(self, dtype: torch.dtype) -> "SideRelax":
+        return SideRelax(self.s.to(dtype), self.t.to(dtype), self.alpha.to(dtype), self.unstable, self.amax.to(dtype))
+
+
+@dataclass
+class DeltaRelax:
+    """The relaxation of Delta h = relu(a^f) - relu(a^g) in terms of (a^f, Delta a): tensors (B, *shape)."""
+
+    f: SideRelax
+    g: SideRelax
+    sd: torch.Tensor         # chord of max(0, Delta): Delta h <= sd Delta + td
+    td: torch.Tensor
+    sl: torch.Tensor         # chord of min(0, Delta): Delta h >= sl Delta - tl
+    tl: torch.Tensor
+    dmax: torch.Tensor       # max |Delta a|
+    theta_up: torch.Tensor   # default weights of the separate family
+    theta_lo: torch.Tensor
+    both_stable: torch.Tensor
+
+    @staticmethod
+    def of(af: Bounds, ag: Bounds, d: Bounds, f: SideRelax | None = None, g: SideRelax | None = None
+           ) -> "DeltaRelax":
+        f, g = f or SideRelax.of(af), g or SideRelax.of(ag)
+        sd, td = upper_line(d.lower, d.upper)
+        sl, tl = upper_line(-d.upper, -d.lower)  # min(0, D) = -relu(-D) >= -(sl (-D) + tl)
+        dmax = torch.maximum(d.lower.abs(), d.upper.abs())
+        both_stable = ~(f.unstable | g.unstable)
+        # default theta: the family whose line is lower (upper side) / higher (lower side) at the centre
+        cf, cd = (af.lower + af.upper) / 2, (d.lower + d.upper) / 2
+        sep_up = (f.s - g.alpha) * cf + g.alpha * cd + f.t
+        sep_lo = (f.alpha - g.s) * cf + g.s * cd - g.t
+        theta_up = torch.where(both_stable | (sep_up < sd * cd + td), 1.0, 0.0).to(cf.dtype)
+        theta_lo = torch.where(both_stable | (sep_lo > sl * cd - tl), 1.0, 0.0).to(cf.dtype)
+        return DeltaRelax(f, g, sd, td, sl, tl, dmax, theta_up, theta_lo, both_stable)
+
+    def to(self, dtype: torch.dtype) -> "DeltaRelax":
+        return DeltaRelax(self.f.to(dtype), self.g.to(dtype), self.sd.to(dtype), self.td.to(dtype), self.sl.to(dtype),
+                          self.tl.to(dtype), self.dmax.to(dtype), self.theta_up.to(dtype), self.theta_lo.to(dtype),
+                          self.both_stable)
+
+
+@dataclass
+class DeltaParams:
+    """Free relaxation parameters for one hidden layer (None: the defaults). Shapes (B, R, *shape)."""
+
+    alpha_f: torch.Tensor | None = None      # lower slope of relu(a^f) in the f-part
+    theta_up: torch.Tensor | None = None     # upper Delta line: weight of the separate family
+    alpha_g_up: torch.Tensor | None = None   # ... its lower slope of relu(a^g)
+    theta_lo: torch.Tensor | None = None     # lower Delta line: weight of the separate family
+    alpha_f_lo: torch.Tensor | None = None   # ... its lower slope of relu(a^f)
+
+    FIELDS = ("alpha_f", "theta_up", "alpha_g_up", "theta_lo", "alpha_f_lo")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, k) for k in self.FIELDS if getattr(self, k) is not None]
+
+
+def _r(x: torch.Tensor) -> torch.Tensor:
+    """(B, *shape) -> (B, 1, *shape): broadcast over the rows of a coefficient tensor."""
+    return x.unsqueeze(1)
+
+
+def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum over the trailing dims of lam (Bl, R, *s) * v -> (B or Bl, R).
+
+    `v` is (B, *s) or (*s) (shared by all rows), or (B|1, R, *s) (one vector per row).
+    """
+    flat = lam.flatten(2)
+    if v.dim() == lam.dim():                            # per-row vectors
+        return (lam * v.to(lam.dtype)).flatten(2).sum(-1)
+    if v.dim() == lam.dim() - 2:                        # no batch dim
+        return flat @ v.reshape(-1).to(lam.dtype)
+    vb = v.reshape(v.shape[0], -1).to(lam.dtype)
+    if flat.shape[0] == 1:
+        return (flat[0] @ vb.T).T
+    return torch.bmm(flat, vb.unsqueeze(2)).squeeze(2)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Drop the broadcast row dim of a per-neuron tensor (B, 1, *s) -> (B, *s), keep real row dims."""
+    return x.squeeze(1) if x.shape[1] == 1 else x
+
+
+def _split(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lam = pos + neg with pos >= 0 >= neg, exactly (one of the two is 0 in each entry)."""
+    pos = lam.clamp_min(0.0)
+    return pos, lam - pos
+
+
+def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, exact: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Upper-bound lam . relu(a) by mu . a + bias: returns mu (B, R, *shape), bias (B, R), and (if
+    `exact`) the magnitude sum_i |lam_i| (|slope_i| amax_i + |intercept_i|) that bounds the rounding."""
+    lower = _r(side.alpha) if alpha is None else torch.where(_r(side.unstable), alpha.clamp(0.0, 1.0), _r(side.alpha))
+    pos, neg = _split(lam)
+    mu = pos * _r(side.s) + neg * lower
+    bias = dot(pos, side.t)
+    mag = None
+    if exact:
+        mag = dot(pos, side.s * side.amax + side.t) - dot(neg, _rows(lower * _r(side.amax)))
+    return mu, bias, mag
+
+
+def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Upper-bound lam . Delta h by mu_f . a^f + mu_d . Delta a + bias; also the rounding magnitude.
+
+    Upper line (where lam >= 0): th (U_f(a^f) - alpha_g a^g) + (1 - th) (sd Delta + td);
+    lower line (lam < 0): th (alpha_f a^f - U_g(a^g)) + (1 - th) (sl Delta - tl); a^g = a^f - Delta.
+    """
+    f, g = rel.f, rel.g
+    th_u = _r(rel.theta_up) if p.theta_up is None else _theta(rel, p.theta_up, exact)
+    th_l = _r(rel.theta_lo) if p.theta_lo is None else _theta(rel, p.theta_lo, exact)
+    ag = _r(g.alpha) if p.alpha_g_up is None else torch.where(_r(g.unstable), p.alpha_g_up.clamp(0, 1), _r(g.alpha))
+    af = _r(f.alpha) if p.alpha_f_lo is None else torch.where(_r(f.unstable), p.alpha_f_lo.clamp(0, 1), _r(f.alpha))
+    fs, ft, gs, gt = _r(f.s), _r(f.t), _r(g.s), _r(g.t)
+    wu, wl = 1.0 - th_u, 1.0 - th_l   # exact: theta sits on a 2^-30 grid
+    pos, neg = _split(lam)
+    mu_f = pos * (th_u * (fs - ag)) + neg * (th_l * (af - gs))
+    mu_d = pos * (th_u * ag + wu * _r(rel.sd)) + neg * (th_l * gs + wl * _r(rel.sl))
+    bias = dot(pos, _rows(th_u * ft + wu * _r(rel.td))) - dot(neg, _rows(th_l * gt + wl * _r(rel.tl)))
+    mag = None
+    if exact:
+        amax, dmax = _r(f.amax), _r(rel.dmax)
+        size_u = th_u * ((fs + ag) * amax + ag * dmax + ft) + wu * (_r(rel.sd) * dmax + _r(rel.td))
+        size_l = th_l * ((af + gs) * amax + gs * dmax + gt) + wl * (_r(rel.sl) * dmax + _r(rel.tl))
+        mag = dot(pos, _rows(size_u)) - dot(neg, _rows(size_l))
+    return mu_f, mu_d, bias, mag
+
+
+def _theta(rel: DeltaRelax, theta: torch.Tensor, exact: bool) -> torch.Tensor:
+    theta = quantise_theta(theta) if exact else theta.clamp(0.0, 1.0)
+    return torch.where(_r(rel.both_stable), torch.ones_like(theta), theta)
