@@ -122,7 +122,7 @@ def _tiny(draw):
 @given(_tiny())
 def test_logit_bounds_contain_the_exhaustive_enumeration_optimum(case):
     """enumerate_max solves one LP per joint activation pattern: the true extremes of Delta_logit."""
-    from prunecert.certify.enumerate import enumerate_max
+    from prunecert.certify.exhaustive import enumerate_max
     pair, lo, hi = case
     b = diff_linear_bounds(pair, lo, hi)
     for k in range(2):

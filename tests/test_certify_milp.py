@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pairs import random_box, random_pair, sample_deltas, sample_points
-from prunecert.certify.enumerate import enumerate_max
+from prunecert.certify.exhaustive import enumerate_max
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import PairMILP, milp_bounds
 from prunecert.certify.regions import Box, L2Ball
