@@ -61,7 +61,7 @@ def _fin(a: np.ndarray) -> np.ndarray:
 class HighsModel:
     """One HiGHS model of an encoding, re-solved (warm) for many objectives and bound changes."""
 
-    def __init__(self, enc: Encoding, integer: bool = False, threads: int | None = None):
+    def __init__(self, enc: Encoding, integer: bool = False):
         self.enc = enc
         self.col_lo, self.col_hi = enc.col_lo.copy(), enc.col_hi.copy()
         self.row_lo, self.row_hi = enc.row_lo.copy(), enc.row_hi.copy()
@@ -81,8 +81,6 @@ class HighsModel:
             # presolve and the sub-MIP heuristics (RINS/RENS) spent 30-50 s presolving the dense
             # input layer of LeNet-300-100 encodings; without them the same MILPs close in seconds
             opts.update(presolve="off", mip_heuristic_run_rins=False, mip_heuristic_run_rens=False)
-        if threads is not None:
-            opts["threads"] = int(threads)
         for k, v in opts.items():
             self.h.setOptionValue(k, v)
         csc = enc.A.tocsc()

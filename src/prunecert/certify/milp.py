@@ -85,7 +85,7 @@ class PairMILP:
     """
 
     def __init__(self, pair: Pair, region=None, pre_bounds: PairBounds | RegionBounds | None = None, *,
-                 lo=None, hi=None, tighten: bool = True, threads: int | None = None):
+                 lo=None, hi=None, tighten: bool = True):
         self.pair = pair
         if region is not None:
             lo, hi = _region_box(pair, region)
@@ -100,7 +100,7 @@ class PairMILP:
         else:
             self.bounds = pre_bounds
         self.enc: Encoding = build_encoding(pair, self.lo, self.hi, self.bounds, milp=True)
-        self.model = HighsModel(self.enc, integer=True, threads=threads)
+        self.model = HighsModel(self.enc, integer=True)
         self._lp: HighsModel | None = None
         self.unsound_events = 0
 
@@ -203,13 +203,13 @@ def _delta_objective(pair: Pair, layer: int, k: int, sign: float) -> LinearObjec
 
 
 def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, layers: set[int], deadline: float,
-                max_abs_only: bool = False, threads: int | None = None) -> tuple[RegionBounds, dict]:
+                max_abs_only: bool = False) -> tuple[RegionBounds, dict]:
     """Exact bounds on Delta of `layers` for one box (LP-tightened `rb` in, exact-where-solved out).
 
     Coordinates are solved largest LP bound first, each with the time left. `max_abs_only`: skip a
     coordinate whose sound bound cannot beat the best reached |Delta| (enough for max |Delta_logit|).
     """
-    milp = PairMILP(pair, None, rb, lo=lo, hi=hi, tighten=False, threads=threads)
+    milp = PairMILP(pair, None, rb, lo=lo, hi=hi, tighten=False)
     rb = rb.copy()
     jobs = []
     for l in sorted(layers):
@@ -244,8 +244,8 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
 
 
 def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local: bool = True,
-                max_abs_only: bool = False, tighten_time_limit: float | None = None, progress: bool = False,
-                threads: int | None = None) -> PairBounds:
+                max_abs_only: bool = False, tighten_time_limit: float | None = None,
+                progress: bool = False) -> PairBounds:
     """Exact (MILP) bounds on Delta of the logits (and `layers`) for a batch of boxes.
 
     `time_limit` (seconds per region) bounds the MILP solves; the LP tightening pass before them has
@@ -267,7 +267,7 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
         deadline = None if tighten_time_limit is None else time.perf_counter() + float(tighten_time_limit)
         res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True, deadline=deadline)
         rb, info = milp_region(pair, lo_b, hi_b, res.bounds, wanted, time.perf_counter() + float(time_limit),
-                               max_abs_only, threads)
+                               max_abs_only)
         res.bounds = rb
         results.append(res)
         infos.append(info)

@@ -1,0 +1,248 @@
+"""Branch-and-bound: tighten max |Delta_logit| to a target, anytime and sound.
+
+The quantity is M = max_k |Delta_k|, the largest of the 2K objectives +-Delta_k. Two branchings:
+
+- ReLU splits (this module; networks with many inputs). Start from the LP pass
+  (`lp.refine_region`: tightened neuron bounds, LP bounds on every logit). A leaf is an objective
+  plus forced neuron phases (on: a >= 0, h = a; off: a <= 0, h = 0); its bound is the rigorous dual
+  bound of the triangle-relaxation LP under those splits. Splits are only bound changes, so one
+  HiGHS model is re-solved warm. The leaf with the largest bound is split on the unstable neuron
+  most violated at its LP optimum (h - relu(a), the BaBSR idea without the dual weighting).
+- Input splits (`bab_input.py`; networks with few inputs): bisect the box, bound leaves in batches.
+
+Anytime: the sound bound is the max over open *and* closed leaves, whenever the search stops. Leaves
+whose bound cannot beat the best reached value are closed. Reached values come from LP optima and
+leaf centres (forward passes), random samples and, when installed, an APGD attack. Stop reasons:
+"gap" (bound within `rel_gap` of the reached value), "certified" (bound <= tolerance), "violated"
+(reached > tolerance), "time", "exhausted". Derivations: docs/theory.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
+from prunecert.certify.highs import HighsModel
+from prunecert.certify.bab_input import input_bab, stop_reason
+from prunecert.certify.lp import RegionLP, as_batch, initial_bounds, refine_region, to_pair_bounds, unit
+from prunecert.certify.pair import Pair
+from prunecert.certify.result import PairBounds
+from prunecert.errors import ConfigError
+
+LP_SHARE = 0.5          # of the time budget for the LP tightening pass before branching
+ATTACK_SHARE = 0.1      # of the time budget for an attack (lower bounds), when available
+EXACT_GAP = 1e-9
+INPUT_SPLIT_MAX = 16    # "auto" branching bisects the input box up to this many inputs        # a leaf whose relaxation is this close to the ReLUs at its optimum is exact
+
+
+@dataclass(order=True)
+class _Leaf:
+    key: float
+    seq: int
+    upper: float = field(compare=False)
+    obj: int = field(compare=False)
+    splits: tuple = field(compare=False)
+    branch: int | None = field(compare=False)   # neuron index to split next (None: leaf is exact)
+
+
+class _Tree:
+    """The leaves of one region's search, over the objectives +-Delta_k of the logits."""
+
+    def __init__(self, pair: Pair, enc: Encoding, objectives: list[tuple[int, float]]):
+        self.pair, self.enc, self.objectives = pair, enc, objectives
+        self.model = HighsModel(enc)
+        self.heap: list[_Leaf] = []
+        self.closed = np.full(len(objectives), -np.inf)   # max bound of closed leaves, per objective
+        self.seq = itertools.count()
+        self.reached, self.point = -np.inf, None
+        self.nodes = 0
+        self.c = [unit(enc, enc.af[-1][k], enc.ag[-1][k]) * s for k, s in objectives]
+
+    def see(self, x: np.ndarray) -> None:
+        """Record max |Delta_logit| at input x (a reached value: a lower bound on M)."""
+        with torch.no_grad():
+            d = self.pair.deltas(torch.as_tensor(x).reshape(1, *self.pair.input_shape))[-1]
+        v = float(d.abs().max())
+        if v > self.reached:
+            self.reached, self.point = v, np.asarray(x).reshape(self.pair.input_shape).copy()
+
+    def _apply(self, splits, undo: bool = False) -> None:
+        enc, m = self.enc, self.model
+        for n, on in splits:
+            nr = enc.neurons[n]
+            if undo:
+                m.set_col_bounds([nr.a, nr.h], enc.col_lo[[nr.a, nr.h]], enc.col_hi[[nr.a, nr.h]])
+                m.set_row_bounds(nr.lower_row, enc.row_lo[nr.lower_row], enc.row_hi[nr.lower_row])
+            elif on:   # a >= 0 and h = a
+                m.set_col_bounds(nr.a, max(enc.col_lo[nr.a], 0.0), max(enc.col_hi[nr.a], 0.0))
+                m.set_row_bounds(nr.lower_row, 0.0, 0.0)
+            else:      # a <= 0 and h = 0
+                m.set_col_bounds(nr.a, min(enc.col_lo[nr.a], 0.0), min(enc.col_hi[nr.a], 0.0))
+                m.set_col_bounds(nr.h, 0.0, 0.0)
+
+    def solve(self, obj: int, splits: tuple) -> None:
+        """Bound one leaf and queue it (infeasible leaves vanish, proven by a Farkas ray)."""
+        self._apply(splits)
+        try:
+            sol = self.model.maximize_lp(self.c[obj])
+        finally:
+            self._apply(splits, undo=True)
+        self.nodes += 1
+        if sol.bound == -np.inf:
+            return
+        branch = None
+        if sol.v is not None:
+            self.see(np.clip(sol.v[self.enc.x], self.enc.col_lo[self.enc.x], self.enc.col_hi[self.enc.x]))
+            done = {n for n, _ in splits}
+            best = EXACT_GAP
+            for i, nr in enumerate(self.enc.neurons):
+                gap = sol.v[nr.h] - max(sol.v[nr.a], 0.0)
+                if gap > best and i not in done:
+                    best, branch = gap, i
+        if branch is None and sol.v is None:  # no solution to guide us: split the first free neuron
+            free = [i for i in range(len(self.enc.neurons)) if i not in {n for n, _ in splits}]
+            branch = free[0] if free else None
+        leaf = _Leaf(-sol.bound, next(self.seq), sol.bound, obj, splits, branch)
+        if branch is None:
+            self.closed[obj] = max(self.closed[obj], sol.bound)
+        else:
+            heapq.heappush(self.heap, leaf)
+
+    def upper(self) -> float:
+        top = -self.heap[0].key if self.heap else -np.inf
+        return float(max(top, self.closed.max(initial=-np.inf)))
+
+    def per_objective(self) -> np.ndarray:
+        out = self.closed.copy()
+        for leaf in self.heap:
+            out[leaf.obj] = max(out[leaf.obj], leaf.upper)
+        return out
+
+    def step(self) -> None:
+        """Split the leaf with the largest bound (or close it if it cannot beat the reached value)."""
+        leaf = heapq.heappop(self.heap)
+        if leaf.upper <= self.reached:
+            self.closed[leaf.obj] = max(self.closed[leaf.obj], leaf.upper)
+            return
+        for on in (True, False):
+            self.solve(leaf.obj, leaf.splits + ((leaf.branch, on),))
+
+
+def _max_abs(pair: Pair, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return pair.deltas(x)[-1].reshape(len(x), -1).abs().max(1).values
+
+
+def lower_bound(pair: Pair, lo: np.ndarray, hi: np.ndarray, budget: float, seed: int
+                ) -> tuple[float, np.ndarray]:
+    """A reached max |Delta_logit| and its input: centre, random samples, APGD when installed."""
+    gen = torch.Generator().manual_seed(int(seed))
+    lo_t, hi_t = torch.as_tensor(lo), torch.as_tensor(hi)
+    x = torch.cat([((lo_t + hi_t) / 2)[None], lo_t + (hi_t - lo_t) * torch.rand((255, *lo_t.shape), generator=gen,
+                                                                                 dtype=torch.float64)])
+    try:
+        from prunecert.adversarial.api import attack
+        from prunecert.certify.regions import Box
+    except ImportError:
+        attack = None
+    if attack is not None and budget > 0:
+        res = attack(pair, None, Box(lo, hi), "max-logit-deviation", method="apgd", budget_seconds=budget,
+                     seed=seed, progress=False)
+        x = torch.cat([x, torch.as_tensor(np.clip(np.asarray(res.x, dtype=np.float64).reshape(lo.shape), lo, hi))[None]])
+    d = _max_abs(pair, x)
+    best = int(d.argmax())
+    return float(d[best]), x[best].numpy().copy()
+
+
+def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tolerance: float | None,
+               deadline: float, rel_gap: float, seed: int = 0, attack_budget: float = 0.0
+               ) -> tuple[RegionBounds, dict]:
+    """Refine the logits' Delta bounds of one box (from LP-tightened `rb`) by branch-and-bound."""
+    enc = build_encoding(pair, lo, hi, rb)
+    last = pair.n_layers - 1
+    dlo, dhi = rb.delta[last]
+    objectives = [(k, s) for k in range(len(dlo)) for s in (1.0, -1.0) if enc.af[last][k] != enc.ag[last][k]]
+    tree = _Tree(pair, enc, objectives)
+    tree.see(lower_bound(pair, lo, hi, attack_budget, seed)[1])
+    roots = [dhi[k] if s > 0 else -dlo[k] for k, s in objectives]
+    for j in np.argsort(roots)[::-1]:
+        if roots[j] > tree.reached and time.perf_counter() < deadline:
+            tree.solve(int(j), ())
+        else:
+            tree.closed[j] = roots[j]
+    stop = "gap"
+    while tree.heap:
+        stop = stop_reason(tree.upper(), tree.reached, rel_gap, tolerance, deadline)
+        if stop:
+            break
+        tree.step()
+    else:
+        stop = stop_reason(tree.upper(), tree.reached, rel_gap, tolerance, deadline) or "exhausted"
+    bounds = tree.per_objective()
+    rb = rb.copy()
+    dlo, dhi = rb.delta[last]
+    for (k, s), b in zip(objectives, bounds):
+        if s > 0:
+            dhi[k] = min(dhi[k], b)
+        else:
+            dlo[k] = max(dlo[k], -b)
+    up = tree.upper() if objectives else 0.0
+    info = {"nodes": tree.nodes, "open": len(tree.heap), "upper": float(max(up, 0.0)), "reached": tree.reached,
+            "finished": not tree.heap or up <= tree.reached + rel_gap * abs(tree.reached) + 1e-12,
+            "point": tree.point, "branching": "relu", "stop": stop}
+    return rb, info
+
+
+def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: float = 10.0,
+               rel_gap: float = 0.01, seed: int = 0, local: bool = False, time_limit: float | None = None,
+               branching: str = "auto", progress: bool = False) -> PairBounds:
+    """Branch-and-bound bounds on the logits' Delta for a batch of boxes; other layers from LP.
+
+    `time_budget` (or `time_limit`, the name `certify` forwards) is per region, everything included.
+    Stops early when max |Delta_logit| is known within `rel_gap` (relative), or decided against
+    `tolerance`. `branching`: "input" (bisect the box; few inputs), "relu" (split neurons, LP leaves)
+    or "auto" (input when the network has <= INPUT_SPLIT_MAX inputs). `local=True` also bounds local
+    deviations by LP (ReLU branching only; costs time). Per-region details go to `info["bab"]`.
+    """
+    budget = float(time_limit if time_limit is not None else time_budget)
+    if budget <= 0:
+        raise ConfigError(f"bab: time budget must be > 0 seconds, got {budget}")
+    if rel_gap < 0:
+        raise ConfigError(f"bab: rel_gap must be >= 0, got {rel_gap}")
+    if branching not in ("auto", "input", "relu"):
+        raise ConfigError(f"bab: branching must be auto, input or relu, got {branching!r}")
+    if branching == "auto":
+        branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
+    lo, hi = as_batch(pair, lo, hi)
+    init = initial_bounds(pair, lo, hi)
+    results, infos = [], []
+    for b in range(lo.shape[0]):
+        start = time.perf_counter()
+        lo_b, hi_b = lo[b].numpy(), hi[b].numpy()
+        rb = RegionBounds.from_pair_bounds(init, b)
+        if branching == "relu":
+            res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True,
+                                deadline=start + LP_SHARE * budget)
+            res.bounds, info = bab_region(pair, lo_b, hi_b, res.bounds, tolerance, start + budget, rel_gap, seed,
+                                          ATTACK_SHARE * budget)
+        else:
+            reached, point = lower_bound(pair, lo_b, hi_b, ATTACK_SHARE * budget, seed)
+            d_lo, d_hi, info = input_bab(pair, lo_b, hi_b, tolerance, start + budget, rel_gap, reached, point)
+            last = rb.delta[-1]
+            rb.delta[-1] = (np.maximum(last[0], d_lo), np.minimum(last[1], d_hi))
+            res = RegionLP(rb, [None] * pair.n_layers, None, None, 0, True)
+        info["seconds"] = time.perf_counter() - start
+        results.append(res)
+        infos.append(info)
+        if progress:
+            print(f"bab: region {b + 1}/{lo.shape[0]}: {info['nodes']} nodes ({info['branching']} splits), "
+                  f"bound {info['upper']:.6g}, reached {info['reached']:.6g}", flush=True)
+    out = to_pair_bounds(pair, results, init, "bab")
+    out.info["bab"] = infos
+    return out
