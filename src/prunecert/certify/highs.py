@@ -25,6 +25,7 @@ import numpy as np
 
 from prunecert.certify.formulation import Encoding
 from prunecert.certify.rounding import TINY, gamma
+from prunecert.solvers import silence_highs_banner
 
 INF = highspy.kHighsInf
 
@@ -68,6 +69,7 @@ class HighsModel:
         self.At = enc.A.T.tocsr()
         self.absAt = abs(self.At)
         self._col_nnz = np.diff(enc.A.tocsc().indptr)
+        silence_highs_banner()
         self.h = highspy.Highs()
         self.h.silent()
         opts = {"primal_feasibility_tolerance": PRIMAL_TOL, "dual_feasibility_tolerance": DUAL_TOL,
