@@ -24,13 +24,7 @@ from prunecert.errors import ConfigError, RegionError
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: extra torch threads only cost synchronisation on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _within(inner: Bounds, outer: Bounds, what: str) -> None:

@@ -23,13 +23,7 @@ from prunecert.errors import ConfigError, RegionError
 FWD = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: extra torch threads only cost synchronisation on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _contains(bounds, sampled, what):
