@@ -18,7 +18,7 @@ import cvxpy as cp
 import numpy as np
 
 from prunecert.certify.formulation import Encoding
-from prunecert.certify.highs import LPSolution
+from prunecert.certify.highs import LPSolution, dual_terms
 from prunecert.certify.rounding import TINY, UNIT_ROUNDOFF, gamma
 
 MAX_CONE_COLUMNS = 20_000
@@ -85,12 +85,7 @@ class ConeModel:
 
     def safe_bound(self, c: np.ndarray, y: np.ndarray, z: np.ndarray | None = None) -> float:
         """Weak-duality bound with the ball for the x columns (see module docstring)."""
-        y = np.where(np.isfinite(y), y, 0.0)
-        y = np.where((y > 0) & np.isfinite(self.row_hi) | (y < 0) & np.isfinite(self.row_lo), y, 0.0)
-        r = c - self.At @ y
-        row_terms = np.where(y > 0, y * np.where(np.isfinite(self.row_hi), self.row_hi, 0.0),
-                             y * np.where(np.isfinite(self.row_lo), self.row_lo, 0.0))
-        col_terms = np.maximum(r * self.col_lo, r * self.col_hi)
+        y, r, row_terms, col_terms = dual_terms(self, c, y)
         x = self.enc.x
         rx = r[x]
         box_x = float(np.sum(col_terms[x]))

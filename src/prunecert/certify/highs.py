@@ -59,6 +59,23 @@ def _fin(a: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(a), a, np.where(a > 0, INF, -INF))
 
 
+def dual_terms(model, c: np.ndarray, y: np.ndarray):
+    """The weak-duality pieces shared by every LP model's `safe_bound` (box or cone).
+
+    Any row multipliers y give the bound c.v <= sum(row_terms) + sum(col_terms) over
+    {row_lo <= A v <= row_hi, col_lo <= v <= col_hi}: y is cleaned first (NaNs, and signs that point
+    at an infinite row bound, are zeroed) so the bound stays valid whatever the solver returned.
+    Returns (y, r = c - A^T y, row_terms, col_terms); the caller adds its rounding margin.
+    """
+    y = np.where(np.isfinite(y), y, 0.0)
+    y = np.where((y > 0) & np.isfinite(model.row_hi) | (y < 0) & np.isfinite(model.row_lo), y, 0.0)
+    r = c - model.At @ y
+    row_terms = np.where(y > 0, y * np.where(np.isfinite(model.row_hi), model.row_hi, 0.0),
+                         y * np.where(np.isfinite(model.row_lo), model.row_lo, 0.0))
+    col_terms = np.maximum(r * model.col_lo, r * model.col_hi)
+    return y, r, row_terms, col_terms
+
+
 class HighsModel:
     """One HiGHS model of an encoding, re-solved (warm) for many objectives and bound changes."""
 
@@ -136,12 +153,7 @@ class HighsModel:
 
     def safe_bound(self, c: np.ndarray, y: np.ndarray) -> float:
         """Sound upper bound on c.v over {row_lo <= A v <= row_hi, col_lo <= v <= col_hi} from any y."""
-        y = np.where(np.isfinite(y), y, 0.0)
-        y = np.where((y > 0) & np.isfinite(self.row_hi) | (y < 0) & np.isfinite(self.row_lo), y, 0.0)
-        r = c - self.At @ y
-        row_terms = np.where(y > 0, y * np.where(np.isfinite(self.row_hi), self.row_hi, 0.0),
-                             y * np.where(np.isfinite(self.row_lo), self.row_lo, 0.0))
-        col_terms = np.maximum(r * self.col_lo, r * self.col_hi)
+        y, r, row_terms, col_terms = dual_terms(self, c, y)
         mag_x = np.maximum(np.abs(self.col_lo), np.abs(self.col_hi))
         total = float(np.sum(row_terms) + np.sum(col_terms))
         # r_j carries error <= gamma(nnz_j+1) (|c_j| + (|A|^T |y|)_j); the sums add gamma(K) * magnitude
