@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pairs import random_box, random_pair, sample_deltas, sample_points
@@ -75,6 +75,7 @@ def test_milp_margin_objective_equals_enumeration(case):
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["prune", "quantise", "perturb"]))
+@example(302, "perturb")  # HiGHS with presolve off returned a wrong "optimal" here (see certify/highs.py)
 def test_milp_bounds_sandwich(seed, twin):
     """sampled max <= exact value <= MILP upper <= LP upper (and the lower side likewise)."""
     rng = np.random.default_rng(seed)
