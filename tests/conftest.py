@@ -1,7 +1,16 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the hypothesis profile for CI."""
+
+import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI checks the same hypothesis examples on every run (reproducible verdicts); local runs stay random
+# and keep exploring. A failure prints the example (and a blob) to replay it.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture
