@@ -39,6 +39,9 @@ def _twin_weights(rng: np.random.Generator, weights: list[np.ndarray], biases: l
             keep = rng.random(n) < rng.uniform(0.3, 0.9)
             keep[rng.integers(n)] = True
             scale = np.where(keep, rng.uniform(0.7, 1.5, size=n), 0.0)
+            if w2[l + 1].ndim == 2 and w2[l + 1].shape[1] != n:  # conv channels -> flatten (C, H, W) -> dense
+                scale = np.repeat(scale, w2[l + 1].shape[1] // n)
+                n = len(scale)
             shape = [1, n] + [1] * (w2[l + 1].ndim - 2)
             w2[l + 1] = w2[l + 1] * scale.reshape(shape)
     elif twin == "quantise":

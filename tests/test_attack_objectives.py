@@ -89,3 +89,18 @@ def test_unresolved_objective_refuses_to_evaluate(pair):
     af, ag = pair.forward_layers(_x())
     with pytest.raises(ConfigError, match="resolved"):
         obj.values(af, ag)
+
+
+def test_linear_objective_computes_its_coefficients_and_checks_their_length(pair):
+    from prunecert.adversarial.objectives import Objective
+    rng = np.random.default_rng(0)
+    cf, cg = rng.normal(size=5), rng.normal(size=5)
+    obj = Objective.linear(-2, cf, cg).resolve(pair, None)
+    x = _x()
+    af, ag = pair.forward_layers(x)
+    assert obj.layer == 1 and obj.n_sub == 1
+    torch.testing.assert_close(obj.values(af, ag), af[1] @ torch.as_tensor(cf) + ag[1] @ torch.as_tensor(cg))
+    with pytest.raises(ConfigError, match="length 4.*5 outputs"):
+        Objective.linear(1, np.ones(4), np.ones(4)).resolve(pair, None)
+    with pytest.raises(ConfigError, match="layer 7 does not exist"):
+        Objective.linear(7, cf, cg).resolve(pair, None)

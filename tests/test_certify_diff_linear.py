@@ -93,6 +93,25 @@ def test_conv_pair_sound_and_tighter_than_diff_interval(twin):
     assert float(b.delta[-1].width.sum()) < float(di.delta[-1].width.sum())
 
 
+@settings(max_examples=12, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["perturb", "prune", "quantise"]),
+       st.sampled_from([(1, 6, 6), (2, 8, 8), (1, 10, 10), (3, 6, 8)]))
+def test_conv_pairs_of_random_shapes_are_sound_for_every_propagation_method(seed, twin, in_shape):
+    """Random conv pairs (pruned channels included) of several input shapes: naive, diff-interval and
+    diff-linear contain every sampled and gradient-ascended Delta, local and end-to-end."""
+    rng = np.random.default_rng(seed)
+    pair = random_conv_pair(rng, twin=twin, in_shape=in_shape)
+    lo, hi = random_box(rng, in_shape)
+    e2e, local = sample_deltas(pair, lo, hi, 300), sample_deltas(pair, lo, hi, 300, local=True)
+    ascended = extremes(pair, lo, hi, 100, layers=[-1], seed=seed)[-1]
+    for fn in (naive_bounds, diff_interval_bounds, diff_linear_bounds):
+        b = fn(pair, lo, hi)
+        for l in range(pair.n_layers):
+            assert_contains(b.delta[l].lower, b.delta[l].upper, e2e[l], f"{fn.__name__} end-to-end {l}")
+            assert_contains(b.local[l].lower, b.local[l].upper, local[l], f"{fn.__name__} local {l}")
+        assert_contains(b.delta[-1].lower, b.delta[-1].upper, ascended, f"{fn.__name__} ascended logits")
+
+
 def test_conv_pair_over_a_wide_box_is_much_tighter_than_diff_interval():
     rng = np.random.default_rng(9)
     pair = random_conv_pair(rng, twin="perturb")

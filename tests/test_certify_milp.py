@@ -145,3 +145,50 @@ def test_tolerance_margin_is_positive_and_small():
     objective = _delta(pair, 0, 1.0)
     m = milp.tolerance_margin(objective, milp.objective_vector(objective))
     assert 0 < m < 1e-5
+
+
+def _presolve_off_case():
+    """The seed-302 pair on which HiGHS with presolve off reports max Delta_logit[1] = -1.78e-4 as
+    optimal although an input reaches 6.4e-4 (the reason presolve stays on, certify/highs.py)."""
+    rng = np.random.default_rng(302)
+    pair = random_pair(rng, 3, (8, 6), 3, "perturb")
+    lo, hi = random_box(rng, 3)
+    return pair, lo, hi
+
+
+def test_witness_refutes_a_wrong_dual_bound_and_falls_back_to_the_lp_bound():
+    from prunecert.adversarial.witness import milp_witness
+    from prunecert.certify.milp import REFUTED
+    pair, lo, hi = _presolve_off_case()
+    plain = PairMILP(pair, lo=lo, hi=hi)
+    plain.model.h.setOptionValue("presolve", "off")   # reproduce the solver's wrong "optimal"
+    objective = _delta(pair, 1, 1.0)
+    wrong = plain.solve(objective, 30)
+    assert wrong.status == "optimal" and wrong.upper < 0   # the unsound answer without a witness
+    checked = PairMILP(pair, lo=lo, hi=hi, witness=milp_witness(pair)(lo, hi))
+    checked.model.h.setOptionValue("presolve", "off")
+    r = checked.solve(objective, 30)
+    lp = checked.lp_bound(checked.objective_vector(objective))
+    assert r.value > wrong.upper and r.value == pytest.approx(checked.evaluate(objective, r.x), abs=0)
+    assert np.all(r.x >= lo) and np.all(r.x <= hi)
+    assert r.status == REFUTED and r.upper == lp and checked.unsound_events == 1
+
+
+def test_milp_bounds_with_witness_reports_the_refuted_region_as_not_closed(monkeypatch):
+    """A dual bound the witness beats is never reported as exact, and the bound stays sound."""
+    from prunecert.adversarial.witness import milp_witness
+    import prunecert.certify.highs as highs
+    pair, lo, hi = _presolve_off_case()
+    real = highs.HighsModel.maximize_milp
+
+    def lying(self, c, time_limit):   # a solver whose dual bound is far too low
+        sol = real(self, c, time_limit)
+        sol.dual_bound -= 1.0
+        return sol
+    monkeypatch.setattr(highs.HighsModel, "maximize_milp", lying)
+    mb = milp_bounds(pair, lo, hi, time_limit=30, max_abs_only=True, witness=milp_witness(pair))
+    info = mb.info["milp"][0]
+    assert not info["closed"] and info["unsound_events"] >= 1
+    s_min, s_max = sample_deltas(pair, lo, hi, 1500)[-1]
+    d = mb.delta[-1]
+    assert (d.upper[0] >= s_max - FWD).all() and (d.lower[0] <= s_min + FWD).all()

@@ -420,6 +420,8 @@ class Network:
         return outs
 
     def _prepare(self, x, dtype) -> torch.Tensor:
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = x.copy()  # e.g. a memory-mapped or read-only data set: torch wants writable memory
         x = torch.as_tensor(x)
         if not x.is_floating_point():
             x = x.to(torch.float64)

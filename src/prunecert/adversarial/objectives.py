@@ -48,10 +48,24 @@ class Objective:
     _cg: torch.Tensor | None = field(default=None, repr=False, compare=False)
     names: tuple[str, ...] = ()
 
+    @classmethod
+    def linear(cls, layer: int, cf, cg, spec: str = "linear") -> "Objective":
+        """The objective cf . a_layer^f + cg . a_layer^g given as vectors (e.g. one MILP objective)."""
+        as_row = lambda c: torch.as_tensor(np.asarray(c, dtype=np.float64).reshape(1, -1))  # noqa: E731
+        return cls("linear", spec, layer=int(layer), _cf=as_row(cf), _cg=as_row(cg), names=(spec,))
+
     # ------------------------------------------------------------------ binding
     def resolve(self, pair: Pair, center: np.ndarray | torch.Tensor | None, label: int | None = None) -> "Objective":
         """Check indices against `pair`, fix the label (argmax f(centre) unless given), build (Cf, Cg)."""
         n_layers = pair.n_layers
+        if self.kind == "linear":
+            if not -n_layers <= self.layer < n_layers:
+                raise ConfigError(f"objective {self.spec!r}: layer {self.layer} does not exist (0..{n_layers - 1})")
+            size = math.prod(pair.layers_f[self.layer].out_shape)
+            if self._cf.shape[1] != size or self._cg.shape[1] != size:
+                raise ConfigError(f"objective {self.spec!r}: coefficient vectors of length {self._cf.shape[1]}/"
+                                  f"{self._cg.shape[1]}, layer {self.layer % n_layers} has {size} outputs")
+            return replace(self, layer=self.layer % n_layers, resolved=True)
         layer = self.layer
         if self.kind == "neuron":
             if not -n_layers <= layer < n_layers:

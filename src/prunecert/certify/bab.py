@@ -30,7 +30,7 @@ import torch
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.bab_input import input_bab, stop_reason
-from prunecert.certify.lp import RegionLP, as_batch, initial_bounds, refine_region, to_pair_bounds, unit
+from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds, unit
 from prunecert.certify.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
@@ -232,11 +232,16 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: 
             res.bounds, info = bab_region(pair, lo_b, hi_b, res.bounds, tolerance, start + budget, rel_gap, seed,
                                           ATTACK_SHARE * budget)
         else:
+            # the root LP first (cheap on the small nets input splits are for): the leaves' bounds
+            # come from bound propagation, which can end a little above it, so intersect with it
+            res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True,
+                                deadline=start + LP_SHARE * budget)
             reached, point = lower_bound(pair, lo_b, hi_b, ATTACK_SHARE * budget, seed)
             d_lo, d_hi, info = input_bab(pair, lo_b, hi_b, tolerance, start + budget, rel_gap, reached, point)
-            last = rb.delta[-1]
-            rb.delta[-1] = (np.maximum(last[0], d_lo), np.minimum(last[1], d_hi))
-            res = RegionLP(rb, [None] * pair.n_layers, None, None, 0, True)
+            last = res.bounds.delta[-1]
+            res.bounds.delta[-1] = (np.maximum(last[0], d_lo), np.minimum(last[1], d_hi))
+            info["upper"] = float(np.maximum(res.bounds.delta[-1][1], -res.bounds.delta[-1][0]).max())
+            info["finished"] = info["upper"] <= info["reached"] + rel_gap * abs(info["reached"]) + 1e-12
         info["seconds"] = time.perf_counter() - start
         results.append(res)
         infos.append(info)

@@ -9,8 +9,11 @@ Soundness of what we report (docs/theory.md, "LP, MILP and branch-and-bound"):
 - the *value* is the objective re-evaluated by a float64 forward pass at the solver's x (clipped into
   the box): it is reached, so it is a true lower bound of the maximum;
 - the *upper bound* is HiGHS's MIP dual bound plus a margin for its tolerances (`tolerance_margin`),
-  and never more than the LP relaxation's rigorous dual bound. If a reached value ever exceeded it,
-  the rigorous LP bound is used instead and the event is recorded.
+  and never more than the LP relaxation's rigorous dual bound. The dual bound is the one step we
+  cannot re-prove, so it is checked against a *witness*: the solver's own point and, when a `witness`
+  search is given (`prunecert.adversarial.milp_witness`: apgd + LP walk), the best point it reaches.
+  If any reached value exceeds the bound, the rigorous LP bound is used instead, the solve is not
+  counted as exact (status "dual_bound_refuted") and the event is recorded.
 `milp_bounds` reports exact values for the logits (and any layer in `layers`); other layers carry
 the LP bounds of the tightening pass (sound, not exact).
 """
@@ -18,6 +21,7 @@ the LP bounds of the tightening pass (sound, not exact).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +40,9 @@ SAFETY = 10.0  # multiplies the tolerance margin (see PairMILP.tolerance_margin)
 
 # (layer, cf, cg): maximise cf . a_layer^f + cg . a_layer^g (flattened pre-activations)
 LinearObjective = tuple[int, np.ndarray, np.ndarray]
+# a search for inputs reaching more than the solver's point: (objective, solver's x or None) -> (value, x)
+Witness = Callable[[LinearObjective, "np.ndarray | None"], "tuple[float, np.ndarray] | None"]
+REFUTED = "dual_bound_refuted"  # a reached value exceeded HiGHS's dual bound (+ margin): LP bound used
 
 
 @dataclass
@@ -82,11 +89,13 @@ class PairMILP:
 
     `region`: a Box / Domain (or pass `lo`, `hi`). `pre_bounds`: sound bounds to start from (a
     PairBounds of batch 1 or RegionBounds); they are LP-tightened unless `tighten=False`.
+    `witness`: a search run after every solve to check the dual bound (see the module docstring).
     """
 
     def __init__(self, pair: Pair, region=None, pre_bounds: PairBounds | RegionBounds | None = None, *,
-                 lo=None, hi=None, tighten: bool = True):
+                 lo=None, hi=None, tighten: bool = True, witness: Witness | None = None):
         self.pair = pair
+        self.witness = witness
         if region is not None:
             lo, hi = _region_box(pair, region)
         if lo is None or hi is None:
@@ -147,13 +156,21 @@ class PairMILP:
         if sol.v is not None:
             x = np.clip(sol.v[self.enc.x], self.lo.reshape(-1), self.hi.reshape(-1)).reshape(self.pair.input_shape)
             value = self.evaluate(objective, x)
+        if self.witness is not None:
+            found = self.witness(objective, x)
+            if found is not None:
+                wx = np.clip(np.asarray(found[1], dtype=np.float64).reshape(-1), self.lo.reshape(-1),
+                             self.hi.reshape(-1)).reshape(self.pair.input_shape)
+                wv = self.evaluate(objective, wx)   # re-evaluated here: trust no caller's arithmetic
+                if wv > value:
+                    value, x = wv, wx
         lp = self.lp_bound(c)
         margin = 0.0 if sol.rigorous else self.tolerance_margin(objective, c)
-        upper = min(lp, sol.dual_bound + margin)
+        upper, status = min(lp, sol.dual_bound + margin), sol.status
         if value > upper:  # the solver broke its tolerances: keep the rigorous LP bound
             self.unsound_events += 1
-            upper = lp
-        return MaxResult(value, float(upper), x, sol.status, time.perf_counter() - start)
+            upper, status = lp, REFUTED
+        return MaxResult(value, float(upper), x, status, time.perf_counter() - start)
 
     def maximize(self, objective: LinearObjective, time_limit: float = 60.0
                  ) -> tuple[float, np.ndarray | None, str, float]:
@@ -203,13 +220,13 @@ def _delta_objective(pair: Pair, layer: int, k: int, sign: float) -> LinearObjec
 
 
 def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, layers: set[int], deadline: float,
-                max_abs_only: bool = False) -> tuple[RegionBounds, dict]:
+                max_abs_only: bool = False, witness: Witness | None = None) -> tuple[RegionBounds, dict]:
     """Exact bounds on Delta of `layers` for one box (LP-tightened `rb` in, exact-where-solved out).
 
     Coordinates are solved largest LP bound first, each with the time left. `max_abs_only`: skip a
     coordinate whose sound bound cannot beat the best reached |Delta| (enough for max |Delta_logit|).
     """
-    milp = PairMILP(pair, None, rb, lo=lo, hi=hi, tighten=False)
+    milp = PairMILP(pair, None, rb, lo=lo, hi=hi, tighten=False, witness=witness)
     rb = rb.copy()
     jobs = []
     for l in sorted(layers):
@@ -245,13 +262,15 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
 
 def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local: bool = True,
                 max_abs_only: bool = False, tighten_time_limit: float | None = None,
-                progress: bool = False) -> PairBounds:
+                progress: bool = False, witness: Callable[[np.ndarray, np.ndarray], Witness | None] | None = None
+                ) -> PairBounds:
     """Exact (MILP) bounds on Delta of the logits (and `layers`) for a batch of boxes.
 
     `time_limit` (seconds per region) bounds the MILP solves; the LP tightening pass before them has
     its own `tighten_time_limit` (None: no limit; past it, neurons keep their initial bounds).
     Coordinates not closed in time keep sound bounds (dual bound, else LP). Per-region solver
-    details go to `info["milp"]`.
+    details go to `info["milp"]`. `witness(lo, hi)` builds the dual-bound check for one box
+    (e.g. `prunecert.adversarial.milp_witness(pair)`); without it only the solver's point checks it.
     """
     if time_limit is None:
         time_limit = 60.0
@@ -267,7 +286,7 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
         deadline = None if tighten_time_limit is None else time.perf_counter() + float(tighten_time_limit)
         res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True, deadline=deadline)
         rb, info = milp_region(pair, lo_b, hi_b, res.bounds, wanted, time.perf_counter() + float(time_limit),
-                               max_abs_only)
+                               max_abs_only, None if witness is None else witness(lo_b, hi_b))
         res.bounds = rb
         results.append(res)
         infos.append(info)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.region_options import Centers, Eps, Norm, RegionName, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -25,12 +26,11 @@ EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --
 def attack_command(
     original: Path = typer.Argument(..., help="The original model file (.pt, .onnx, .nnet)."),
     pruned: Path = typer.Argument(..., help="The pruned (or quantised / fine-tuned) model file."),
-    center: Optional[List[str]] = typer.Option(None, "--center", help="Region centre: dataset:split:index, a range "
-                                               "dataset:split:A-B (inclusive), or a .npy file; repeatable."),
-    eps: Optional[float] = typer.Option(None, help="Radius of the ball around each centre (> 0)."),
-    norm: str = typer.Option("inf", help="Ball norm: inf (a box) or 2."),
-    region: Optional[str] = typer.Option(None, help="'domain': the whole input box."),
-    vnnlib: Optional[Path] = typer.Option(None, help="A VNN-LIB file whose input box is the region."),
+    center: Centers = None,
+    eps: Eps = None,
+    norm: Norm = "inf",
+    region: RegionName = None,
+    vnnlib: Vnnlib = None,
     objective: str = typer.Option("max-logit-deviation", help="max-logit-deviation, disagreement, evasive[:c] "
                                   "or layer:L:neuron:K[:min]."),
     method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),

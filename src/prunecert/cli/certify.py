@@ -11,12 +11,13 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.region_options import Centers, Eps, Norm, RegionName, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -27,12 +28,11 @@ EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
 def certify_command(
     original: Path = typer.Argument(..., help="The original model file (.pt, .onnx, .nnet)."),
     pruned: Path = typer.Argument(..., help="The pruned (or quantised / fine-tuned) model file."),
-    center: Optional[List[str]] = typer.Option(None, "--center", help="Region centre: dataset:split:index, a range "
-                                               "dataset:split:A-B (inclusive), or a .npy file; repeatable."),
-    eps: Optional[float] = typer.Option(None, help="Radius of the ball around each centre."),
-    norm: str = typer.Option("inf", help="Ball norm: inf (a box) or 2."),
-    region: Optional[str] = typer.Option(None, help="'domain': the whole input box (data-independent)."),
-    vnnlib: Optional[Path] = typer.Option(None, help="A VNN-LIB file whose input box is the region."),
+    center: Centers = None,
+    eps: Eps = None,
+    norm: Norm = "inf",
+    region: RegionName = None,
+    vnnlib: Vnnlib = None,
     method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, lp, milp or bab."),
     tolerance: Optional[float] = typer.Option(None, help="Tolerance tau on max |Delta_logit| for the verdict."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON (schema prunecert.certify/1)."),

@@ -1,0 +1,20 @@
+"""The region options `certify` and `attack` share (one declaration, one help text).
+
+Both commands read them with `certify.regions.regions_from_options`; declaring them once keeps the
+two commands' flags and help identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+Centers = Annotated[Optional[List[str]], typer.Option(
+    "--center", help="Region centre: dataset:split:index, a range dataset:split:A-B (inclusive), or a .npy file; "
+                     "repeatable.")]
+Eps = Annotated[Optional[float], typer.Option(help="Radius of the ball around each centre.")]
+Norm = Annotated[str, typer.Option(help="Ball norm: inf (a box) or 2.")]
+RegionName = Annotated[Optional[str], typer.Option(help="'domain': the whole input box (data-independent).")]
+Vnnlib = Annotated[Optional[Path], typer.Option(help="A VNN-LIB file whose input box is the region.")]
