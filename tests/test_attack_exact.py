@@ -74,3 +74,23 @@ def test_milp_finds_the_planted_disagreement_exactly():
     assert info["closed"] and res.disagreement
     assert res.value == pytest.approx(1.0, abs=1e-6)
     assert info["upper"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_milp_attack_does_not_claim_exactness_for_a_refuted_dual_bound(monkeypatch):
+    """With HiGHS's presolve forced off, the seed-302 pair gets a wrong "optimal" (see
+    certify/highs.py); the attack's witness reaches past it, so the result is not "closed" and its
+    upper bound is the LP's, above the value reached."""
+    import prunecert.certify.highs as highs
+    real_init = highs.HighsModel.__init__
+
+    def presolve_off(self, enc, integer=False):
+        real_init(self, enc, integer)
+        if integer:
+            self.h.setOptionValue("presolve", "off")
+    monkeypatch.setattr(highs.HighsModel, "__init__", presolve_off)
+    rng = np.random.default_rng(302)
+    pair = random_pair(rng, 3, (8, 6), 3, "perturb")
+    lo, hi = random_box(rng, 3)
+    res, info = _exact(pair, Box(lo, hi), "layer:-1:neuron:1")
+    assert not info["closed"]
+    assert res.value > 5e-4 and info["upper"] > res.value   # the wrong "optimum" was -1.78e-4

@@ -165,7 +165,7 @@ def test_witness_refutes_a_wrong_dual_bound_and_falls_back_to_the_lp_bound():
     objective = _delta(pair, 1, 1.0)
     wrong = plain.solve(objective, 30)
     assert wrong.status == "optimal" and wrong.upper < 0   # the unsound answer without a witness
-    checked = PairMILP(pair, lo=lo, hi=hi, witness=milp_witness(pair)(lo, hi))
+    checked = PairMILP(pair, lo=lo, hi=hi, witness=milp_witness(pair))
     checked.model.h.setOptionValue("presolve", "off")
     r = checked.solve(objective, 30)
     lp = checked.lp_bound(checked.objective_vector(objective))

@@ -76,12 +76,14 @@ def milp_search(pair: Pair, objective: Objective, space: SearchSpace, g: int, bu
     cannot beat the best value reached, so max-logit-deviation rarely needs all 2C MILPs. The result's
     `methods["milp"]` holds the sound upper bound on the maximum and whether every needed MILP closed
     (then `value` is the exact maximum, up to the solver's tolerances, which the bound accounts for).
+    Every optimum is checked by the `auto` witness (`witness.py`): a refuted one is not "closed".
     """
+    from prunecert.adversarial.witness import milp_witness
     from prunecert.certify.milp import PairMILP
 
     start = time.perf_counter()
     deadline = start + budget
-    milp = PairMILP(pair, space.regions[g])
+    milp = PairMILP(pair, space.regions[g], witness=milp_witness(pair, seed=fields.get("seed", 0)))
     layer, cf, cg = objective.linear_form()
     subs = [(layer, cf[s].numpy(), cg[s].numpy()) for s in range(len(cf))]
     lp = [milp.lp_bound(milp.objective_vector(o)) for o in subs]

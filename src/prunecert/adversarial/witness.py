@@ -20,7 +20,7 @@ WITNESS_SECONDS = 2.0  # per MILP objective; `auto` usually stops well before on
 
 
 def milp_witness(pair: Pair, budget_seconds: float = WITNESS_SECONDS, seed: int = 0):
-    """A factory (lo, hi) -> witness(objective, x0) for `milp_bounds(..., witness=...)`.
+    """A factory (lo, hi) -> witness(objective, x0) for `PairMILP` / `milp_bounds(..., witness=...)`.
 
     The witness returns (value, x) of the best point `auto` reaches; x0 (the solver's point) is not
     needed, `milp.py` compares against it itself.

@@ -42,6 +42,8 @@ SAFETY = 10.0  # multiplies the tolerance margin (see PairMILP.tolerance_margin)
 LinearObjective = tuple[int, np.ndarray, np.ndarray]
 # a search for inputs reaching more than the solver's point: (objective, solver's x or None) -> (value, x)
 Witness = Callable[[LinearObjective, "np.ndarray | None"], "tuple[float, np.ndarray] | None"]
+# builds the witness of one box (lo, hi); None where there is nothing to search (a single point)
+WitnessFactory = Callable[[np.ndarray, np.ndarray], "Witness | None"]
 REFUTED = "dual_bound_refuted"  # a reached value exceeded HiGHS's dual bound (+ margin): LP bound used
 
 
@@ -89,13 +91,13 @@ class PairMILP:
 
     `region`: a Box / Domain (or pass `lo`, `hi`). `pre_bounds`: sound bounds to start from (a
     PairBounds of batch 1 or RegionBounds); they are LP-tightened unless `tighten=False`.
-    `witness`: a search run after every solve to check the dual bound (see the module docstring).
+    `witness`: builds, for this box, the search run after every solve to check the dual bound (see
+    the module docstring), e.g. `prunecert.adversarial.milp_witness(pair)`.
     """
 
     def __init__(self, pair: Pair, region=None, pre_bounds: PairBounds | RegionBounds | None = None, *,
-                 lo=None, hi=None, tighten: bool = True, witness: Witness | None = None):
+                 lo=None, hi=None, tighten: bool = True, witness: WitnessFactory | None = None):
         self.pair = pair
-        self.witness = witness
         if region is not None:
             lo, hi = _region_box(pair, region)
         if lo is None or hi is None:
@@ -110,6 +112,7 @@ class PairMILP:
             self.bounds = pre_bounds
         self.enc: Encoding = build_encoding(pair, self.lo, self.hi, self.bounds, milp=True)
         self.model = HighsModel(self.enc, integer=True)
+        self.witness: Witness | None = None if witness is None else witness(self.lo, self.hi)
         self._lp: HighsModel | None = None
         self.unsound_events = 0
 
@@ -220,7 +223,7 @@ def _delta_objective(pair: Pair, layer: int, k: int, sign: float) -> LinearObjec
 
 
 def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, layers: set[int], deadline: float,
-                max_abs_only: bool = False, witness: Witness | None = None) -> tuple[RegionBounds, dict]:
+                max_abs_only: bool = False, witness: WitnessFactory | None = None) -> tuple[RegionBounds, dict]:
     """Exact bounds on Delta of `layers` for one box (LP-tightened `rb` in, exact-where-solved out).
 
     Coordinates are solved largest LP bound first, each with the time left. `max_abs_only`: skip a
@@ -262,15 +265,14 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
 
 def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local: bool = True,
                 max_abs_only: bool = False, tighten_time_limit: float | None = None,
-                progress: bool = False, witness: Callable[[np.ndarray, np.ndarray], Witness | None] | None = None
-                ) -> PairBounds:
+                progress: bool = False, witness: WitnessFactory | None = None) -> PairBounds:
     """Exact (MILP) bounds on Delta of the logits (and `layers`) for a batch of boxes.
 
     `time_limit` (seconds per region) bounds the MILP solves; the LP tightening pass before them has
     its own `tighten_time_limit` (None: no limit; past it, neurons keep their initial bounds).
     Coordinates not closed in time keep sound bounds (dual bound, else LP). Per-region solver
-    details go to `info["milp"]`. `witness(lo, hi)` builds the dual-bound check for one box
-    (e.g. `prunecert.adversarial.milp_witness(pair)`); without it only the solver's point checks it.
+    details go to `info["milp"]`. `witness` (e.g. `prunecert.adversarial.milp_witness(pair)`)
+    checks every optimum (see `PairMILP`); without it only the solver's own point does.
     """
     if time_limit is None:
         time_limit = 60.0
@@ -286,7 +288,7 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
         deadline = None if tighten_time_limit is None else time.perf_counter() + float(tighten_time_limit)
         res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True, deadline=deadline)
         rb, info = milp_region(pair, lo_b, hi_b, res.bounds, wanted, time.perf_counter() + float(time_limit),
-                               max_abs_only, None if witness is None else witness(lo_b, hi_b))
+                               max_abs_only, witness)
         res.bounds = rb
         results.append(res)
         infos.append(info)
