@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from pairs import random_pair
 from typer.testing import CliRunner
 
@@ -83,6 +84,8 @@ def test_several_centres_write_one_folder_each(models, tmp_path):
     (["--eps", "0.1", "--objective", "layer:0:neuron:99"], "neuron 99 does not exist"),
     (["--eps", "0.1", "--objective", "wiggle"], "unknown objective"),
     (["--eps", "0.1", "--method", "lp-walk", "--norm", "2"], "L2"),
+    (["--eps", "0.1", "--lowest-margin", "0"], "--lowest-margin must be >= 1"),
+    (["--eps", "0.1", "--lowest-margin", "2"], "k must be between 1 and the number of regions (1)"),
 ])
 def test_bad_input_is_one_line_error_and_no_files(models, tmp_path, extra, match):
     out = tmp_path / "none"
@@ -120,3 +123,23 @@ def test_help_has_an_example():
                                             ((10,), None), ((5, 3), None), ((2, 8, 8), None)])
 def test_image_shape(shape, expected):
     assert image_shape(shape) == expected
+
+
+def test_lowest_margin_attacks_the_least_sure_centres_first(models, tmp_path):
+    from prunecert.adversarial import agreement_margin
+    from prunecert.certify.pair import make_pair
+    pair = make_pair(load_model(models / "f.pt"), load_model(models / "g.pt"))
+    rng = np.random.default_rng(5)
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"c{i}.npy")
+        np.save(files[-1], rng.uniform(0.1, 0.9, 64))
+    margins = agreement_margin(pair, torch.from_numpy(np.stack([np.load(f) for f in files]))).numpy()
+    out = tmp_path / "low"
+    centres = [a for f in files for a in ("--center", f)]
+    res = _run("attack", models / "f.pt", models / "g.pt", *centres, "--eps", "0.02", "--lowest-margin", "2",
+               "--method", "pgd", "--objective", "disagreement", "--out", out, "-q")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "result.json").read_text())
+    picked = [r["region"]["source"] for r in doc["regions"]]
+    assert picked == [str(files[i]) for i in np.argsort(margins, kind="stable")[:2]]

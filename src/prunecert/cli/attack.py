@@ -37,6 +37,9 @@ def attack_command(
     budget_seconds: float = typer.Option(10.0, "--budget-seconds", help="Time budget per region (seconds)."),
     seed: int = typer.Option(0, help="Seed of every random choice (starts, samples)."),
     restarts: Optional[int] = typer.Option(None, help="Restarts per sub-objective (gradient methods) or LP walks."),
+    lowest_margin: Optional[int] = typer.Option(None, "--lowest-margin", help="Attack only the K regions whose "
+                                                "centres have the smallest margin of PRUNED for ORIGINAL's class "
+                                                "(where disagreements cluster), smallest first."),
     tolerance: Optional[float] = typer.Option(None, help="Exit 1 if the value found exceeds this, else 2."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for x.npz, PNGs and result.json."),
     replay_path: Optional[Path] = typer.Option(None, "--replay", help="Re-evaluate a saved x.npz instead."),
@@ -55,7 +58,7 @@ def attack_command(
             code = _replay(replay_path, original, pruned)
         else:
             code = _run(original, pruned, center or [], eps, norm, region, vnnlib, objective, method,
-                        budget_seconds, seed, restarts, tolerance, out, quiet)
+                        budget_seconds, seed, restarts, tolerance, out, quiet, lowest_margin)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -64,7 +67,7 @@ def attack_command(
 
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method, budget, seed, restarts,
-         tolerance, out, quiet) -> int:
+         tolerance, out, quiet, lowest_margin=None) -> int:
     from prunecert.adversarial import attack_many, parse_objective, save_counterexample
     from prunecert.certify.pair import make_pair
     from prunecert.certify.regions import regions_from_options
@@ -74,11 +77,16 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method
     if eps is not None and centers and not eps > 0:
         raise ConfigError(f"--eps must be > 0 for an attack (a region of zero volume has nothing to search), "
                           f"got {eps}")
+    if lowest_margin is not None and lowest_margin < 1:
+        raise ConfigError(f"--lowest-margin must be >= 1 (the number of regions to keep), got {lowest_margin}")
     net_f, net_g = load_model(original), load_model(pruned)
     pair = make_pair(net_f, net_g)
     lo, hi = pair.domain()
     regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm, region=region,
                                    vnnlib=vnnlib)
+    if lowest_margin is not None:
+        from prunecert.adversarial.centres import lowest_margin as pick
+        regions = pick(pair, regions, lowest_margin)
     results = attack_many(pair, None, regions, objective, method, budget, seed, restarts, progress=not quiet)
     if out is not None:
         hashes = (weights_sha256(net_f), weights_sha256(net_g))
