@@ -175,3 +175,32 @@ def test_worst_deviation_search_finds_the_known_maximum():
     c = np.array([[-1.5]])
     got = _worst_deviation(p, c, 2.0, np.random.default_rng(0))
     assert got[0] == pytest.approx(2.0 * 1.5 * 3.0, rel=1e-6)
+
+
+def test_provable_bound_of_the_second_pruned_layer_holds_in_monte_carlo():
+    """Layer 2 is pruned on g as built so far (its rows carry layer 1's re-scaled columns): its
+    recorded eps must bound the deviation for f's rows and for g's rows alike (the union bound over
+    the two point sets), in at least 1 - delta of the repetitions."""
+    rng = np.random.default_rng(1)
+    f = _mlp(rng, [3, 12, 10, 4])
+    w2, b2 = f.ops[2].weight.numpy(), f.ops[2].bias.numpy()
+    delta, reps = 0.1, 100
+    held, ratios = 0, []
+    for seed in range(reps):
+        g = prune(f, "coreset", keep={0: 6, 1: 4}, delta=delta, seed=seed, progress=False)
+        first, second = g.metadata["pruning"]["layers"]
+        assert second["union_point_sets"] == 2
+        kept0, scale0 = np.asarray(first["kept"]), np.asarray(first["scale"])
+        points_f = np.concatenate([w2, b2[:, None]], axis=1)                   # f's layer-2 rows
+        points_g = np.concatenate([w2[:, kept0] * scale0, b2[:, None]], axis=1)  # g's rows before layer 2's cut
+        kept1 = np.asarray(second["kept"])
+        np.testing.assert_allclose(g.ops[2].weight.numpy(), points_g[kept1, :-1], rtol=1e-15)  # same rows as g's
+        c = f.ops[4].weight.numpy() - complete(g, f).ops[4].weight.numpy()     # w_j(i) - u_j(i)
+        eps = np.asarray(second["eps"])
+        worst = np.maximum(_worst_deviation(points_f, c, second["beta_hat"], rng),
+                           _worst_deviation(points_g, c, second["beta_hat"], rng))
+        held += bool(np.all(worst <= eps))
+        ratios.append(float(np.min(eps / np.maximum(worst, 1e-300))))
+    assert held >= (1 - delta) * reps
+    print(f"second layer: bound / worst found: median {np.median(ratios):.1f}x, min {min(ratios):.1f}x")
+    assert 1.0 < np.median(ratios) < 100.0   # the search finds real deviations: the check has teeth
