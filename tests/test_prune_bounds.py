@@ -118,20 +118,20 @@ def test_coreset_needs_fewer_samples_than_uniform_on_skewed_layers():
 
 
 # ----------------------------------------------------------------------------- Monte Carlo
-def _worst_deviation(points: np.ndarray, c: np.ndarray, beta: float, rng: np.random.Generator) -> np.ndarray:
-    """max_j sup_{||z|| <= beta} |sum_i c[j, i] relu(p_i . z)|, searched (a lower bound on the true sup).
+def _signed_sups(points: np.ndarray, c: np.ndarray, beta: float, rng: np.random.Generator) -> np.ndarray:
+    """(J, 2): sup and -inf over ||z|| <= beta of h_j(z) = sum_i c[j, i] relu(p_i . z), searched
+    (lower bounds on the true values; both >= 0 since h_j(0) = 0).
 
-    The map is positively homogeneous in z, so the sup is beta times the sup on the unit sphere:
+    h_j is positively homogeneous in z, so its sup is beta times the sup on the unit sphere:
     1000 random directions, then projected gradient ascent (batched) from the 8 best per sign.
     """
     d = points.shape[1]
     z0 = rng.normal(size=(1000, d))
     z0 /= np.linalg.norm(z0, axis=1, keepdims=True)
-    out = np.zeros(c.shape[0])
+    out = np.zeros((c.shape[0], 2))
     for j in range(c.shape[0]):
         vals = np.maximum(z0 @ points.T, 0) @ c[j]
-        best = np.abs(vals).max()
-        for sign in (1.0, -1.0):
+        for s, sign in enumerate((1.0, -1.0)):
             z = z0[np.argsort(-sign * vals)[:8]].copy()
             val = sign * (np.maximum(z @ points.T, 0) @ c[j])
             for step in 2.0 * 0.8 ** np.arange(50):  # ascent with accept-if-better steps
@@ -142,9 +142,13 @@ def _worst_deviation(points: np.ndarray, c: np.ndarray, beta: float, rng: np.ran
                 val_new = sign * (np.maximum(z_new @ points.T, 0) @ c[j])
                 better = val_new > val
                 z[better], val[better] = z_new[better], val_new[better]
-            best = max(best, np.abs(val).max())
-        out[j] = best * beta
+            out[j, s] = max(float((sign * vals).max()), float(val.max()), 0.0) * beta
     return out
+
+
+def _worst_deviation(points: np.ndarray, c: np.ndarray, beta: float, rng: np.random.Generator) -> np.ndarray:
+    """max_j sup_{||z|| <= beta} |sum_i c[j, i] relu(p_i . z)|, searched (a lower bound on the true sup)."""
+    return _signed_sups(points, c, beta, rng).max(axis=1)
 
 
 @pytest.mark.parametrize("method", ["coreset", "uniform"])
@@ -203,4 +207,40 @@ def test_provable_bound_of_the_second_pruned_layer_holds_in_monte_carlo():
         ratios.append(float(np.min(eps / np.maximum(worst, 1e-300))))
     assert held >= (1 - delta) * reps
     print(f"second layer: bound / worst found: median {np.median(ratios):.1f}x, min {min(ratios):.1f}x")
+    assert 1.0 < np.median(ratios) < 100.0   # the search finds real deviations: the check has teeth
+
+
+def _conv_net(rng, channels: int = 12):
+    """Conv(1->channels, 3x3, pad 1) -> ReLU -> Conv(channels->4, 3x3) -> ReLU -> Flatten -> Linear(->3)."""
+    from prunecert.network import Conv2d, Flatten, Linear, Network, ReLU
+    c1 = Conv2d(rng.normal(size=(channels, 1, 3, 3)) / 3, rng.normal(size=channels) * 0.3, (1, 6, 6), padding=1)
+    c2 = Conv2d(rng.normal(size=(4, channels, 3, 3)) / np.sqrt(9 * channels), rng.normal(size=4) * 0.3,
+                c1.out_shape)
+    flat = Flatten(c2.out_shape)
+    fc = Linear(rng.normal(size=(3, flat.out_shape[0])) / 4, rng.normal(size=3) * 0.3)
+    return Network([c1, ReLU(c1.out_shape), c2, ReLU(c2.out_shape), flat, fc], (1, 6, 6), 0.0, 1.0, name="conv")
+
+
+def test_provable_bound_of_a_conv_layer_holds_in_monte_carlo():
+    """A pruned conv layer read by a conv layer: G_j sums over the kh*kw places r where channel j
+    reads neuron i, each with its own patch z_r in the ball, so sup |G_j - G'_j| is the larger of
+    sum_r sup_r and sum_r (-inf_r) (the patches are independent). The recorded eps must bound it in
+    at least 1 - delta of the repetitions."""
+    from prunecert.prune.surgery import geometry
+    rng = np.random.default_rng(2)
+    f = _conv_net(rng)
+    geo_f = geometry(f, 0)
+    delta, reps = 0.1, 40
+    held, ratios = 0, []
+    for seed in range(reps):
+        g = prune(f, "coreset", keep={0: 5}, delta=delta, seed=seed, progress=False)
+        rec = g.metadata["pruning"]["layers"][0]
+        c = geo_f.coeffs - geometry(complete(g, f), 0).coeffs          # (K, n, R): w_j(i, r) - u_j(i, r)
+        sups = np.stack([_signed_sups(geo_f.points, c[:, :, r], rec["beta_hat"], rng) for r in range(c.shape[2])])
+        worst = sups.sum(axis=0).max(axis=1)                            # (K,)
+        eps = np.asarray(rec["eps"])
+        held += bool(np.all(worst <= eps))
+        ratios.append(float(np.min(eps / np.maximum(worst, 1e-300))))
+    assert held >= (1 - delta) * reps
+    print(f"conv layer: bound / worst found: median {np.median(ratios):.1f}x, min {min(ratios):.1f}x")
     assert 1.0 < np.median(ratios) < 100.0   # the search finds real deviations: the check has teeth
