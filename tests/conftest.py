@@ -3,8 +3,9 @@
 import os
 
 import pytest
-import torch
 from hypothesis import settings
+
+from prunecert import threads
 
 # CI checks the same hypothesis examples on every run (reproducible verdicts); local runs stay random
 # and keep exploring. A failure prints the example (and a blob) to replay it.
@@ -15,8 +16,6 @@ if os.environ.get("CI"):
 
 @pytest.fixture
 def one_torch_thread():
-    """Small tensors: extra torch threads only cost synchronisation on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Small tensors: extra torch threads only cost synchronisation (see prunecert.threads)."""
+    with threads.one_torch_thread():
+        yield

@@ -14,9 +14,8 @@ time budget cut it short (`result.truncated`), in which case how far it got depe
 
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from prunecert.adversarial.space import SearchSpace, is_l2
 from prunecert.certify.pair import Pair, make_pair
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
+from prunecert.threads import one_torch_thread
 
 METHODS = ("auto", "apgd", "pgd", "lp-walk", "milp", "random")
 DEFAULT_RESTARTS = {"pgd": 5, "apgd": 5, "auto": 3, "lp-walk": 6, "random": 0, "milp": 0}
@@ -60,25 +60,9 @@ def attack_many(original: Network | Pair, pruned: Network | None, regions: Seque
 
     `budget_seconds` is per region. Results are in the order of `regions`.
     """
-    with _one_torch_thread():
+    with one_torch_thread():
         return _attack_many(original, pruned, regions, objective, method, budget_seconds, seed, restarts,
                             iterations, label, progress)
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run the search on one torch thread, restoring the setting afterwards.
-
-    A search is thousands of small tensor ops; torch's intra-op pool synchronises more than it gains:
-    measured 10-20x slower with 2 threads than with 1 on a busy 2-core machine (tiny nets), and no
-    faster for LeNet-300-100 batches.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _attack_many(original, pruned, regions, objective, method, budget_seconds, seed, restarts, iterations, label,

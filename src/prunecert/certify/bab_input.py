@@ -11,7 +11,6 @@ does not, and `bab.py` branches on ReLUs instead.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from prunecert.certify.lp import initial_bounds
 from prunecert.certify.pair import Pair
+from prunecert.threads import one_torch_thread
 
 BATCH = 64   # leaves split per step (each gives two children, bounded in one batched call)
 
@@ -57,18 +57,6 @@ def stop_reason(upper: float, reached: float, rel_gap: float, tolerance: float |
     return None
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Leaves of small networks are tiny tensors: extra torch threads only add synchronisation
-    (7x slower with 2 threads on a busy 2-core machine). Restores the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | None, deadline: float,
               rel_gap: float, reached: float, point: np.ndarray | None
               ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -77,7 +65,7 @@ def input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | Non
     Returns per-coordinate (lower, upper) over the whole box (max over all leaves, open or closed)
     and details. `reached`/`point`: the best max |Delta_logit| already known and where.
     """
-    with _one_thread():
+    with one_torch_thread():
         return _input_bab(pair, lo, hi, tolerance, deadline, rel_gap, reached, point)
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.region_options import Centers, Eps, Norm, RegionName, Vnnlib
+from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -24,8 +24,8 @@ EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --
 @app.command("attack", epilog=f"Example: {EXAMPLE}   Replay: prunecert attack --replay cex/x.npz lenet.pt "
                               f"lenet-pruned.pt")
 def attack_command(
-    original: Path = typer.Argument(..., help="The original model file (.pt, .onnx, .nnet)."),
-    pruned: Path = typer.Argument(..., help="The pruned (or quantised / fine-tuned) model file."),
+    original: Original,
+    pruned: Pruned,
     center: Centers = None,
     eps: Eps = None,
     norm: Norm = "inf",

@@ -17,7 +17,7 @@ import numpy as np
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.region_options import Centers, Eps, Norm, RegionName, Vnnlib
+from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -26,8 +26,8 @@ EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
 @app.command("certify", epilog="Example: prunecert certify lenet.pt lenet-pruned.pt --center mnist5k:test:0-9 "
                                "--eps 0.02 --tolerance 0.5 --json certify.json")
 def certify_command(
-    original: Path = typer.Argument(..., help="The original model file (.pt, .onnx, .nnet)."),
-    pruned: Path = typer.Argument(..., help="The pruned (or quantised / fine-tuned) model file."),
+    original: Original,
+    pruned: Pruned,
     center: Centers = None,
     eps: Eps = None,
     norm: Norm = "inf",

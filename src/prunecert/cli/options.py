@@ -1,7 +1,7 @@
-"""The region options `certify` and `attack` share (one declaration, one help text).
+"""The arguments and region options `certify` and `attack` share (one declaration, one help text).
 
-Both commands read them with `certify.regions.regions_from_options`; declaring them once keeps the
-two commands' flags and help identical.
+Both commands take the same two models and read their regions with
+`certify.regions.regions_from_options`; declaring them once keeps their flags and help identical.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
+Original = Annotated[Path, typer.Argument(help="The original model file (.pt, .onnx, .nnet).")]
+Pruned = Annotated[Path, typer.Argument(help="The pruned (or quantised / fine-tuned) model file.")]
 Centers = Annotated[Optional[List[str]], typer.Option(
     "--center", help="Region centre: dataset:split:index, a range dataset:split:A-B (inclusive), or a .npy file; "
                      "repeatable.")]
