@@ -15,6 +15,7 @@ Usage in a test::
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
@@ -236,3 +237,18 @@ def extremes(pair: Pair, lo, hi, n: int = 2000, seed: int = 0, local: bool = Fal
     a = sample_deltas(pair, lo, hi, n, seed, local)
     b = ascend_deltas(pair, lo, hi, seed=seed, local=local, layers=layers)
     return [(torch.minimum(x[0], y[0]), torch.maximum(x[1], y[1])) for x, y in zip(a, b)]
+
+
+def exact_layers(net, x) -> list[list[Fraction]]:
+    """Pre-activations of an MLP in exact rational arithmetic."""
+    h = [Fraction(float(v)) for v in x]
+    out = []
+    for op in net.ops:
+        if op.kind == "relu":
+            h = [max(v, Fraction(0)) for v in h]
+            continue
+        w, b = op.weight.numpy(), op.bias.numpy()
+        h = [sum((Fraction(float(w[r, c])) * h[c] for c in range(len(h))), Fraction(float(b[r])))
+             for r in range(w.shape[0])]
+        out.append(h)
+    return out

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pairs import (assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair,
-                   sample_deltas, sample_points)
+from pairs import (assert_contains, exact_layers, extremes, pairs_and_boxes, random_box, random_conv_pair,
+                   random_pair, sample_deltas, sample_points)
 
 from prunecert.certify.diff_interval import diff_interval_bounds, relu_delta
 from prunecert.certify.interval import Bounds
@@ -114,21 +114,6 @@ def test_small_perturbations_give_much_tighter_bounds_than_naive():
 
 
 # ----------------------------------------------------------------------------- exact arithmetic
-def _exact_layers(net, x) -> list[list[Fraction]]:
-    """Pre-activations of an MLP in exact rational arithmetic."""
-    h = [Fraction(float(v)) for v in x]
-    out = []
-    for op in net.ops:
-        if op.kind == "relu":
-            h = [max(v, Fraction(0)) for v in h]
-            continue
-        w, b = op.weight.numpy(), op.bias.numpy()
-        h = [sum((Fraction(float(w[r, c])) * h[c] for c in range(len(h))), Fraction(float(b[r])))
-             for r in range(w.shape[0])]
-        out.append(h)
-    return out
-
-
 @settings(max_examples=25, deadline=None)
 @given(pairs_and_boxes(max_in=3, max_hidden=6), st.integers(0, 2**31))
 def test_point_boxes_contain_the_exact_rational_deviation(case, seed):
@@ -137,7 +122,7 @@ def test_point_boxes_contain_the_exact_rational_deviation(case, seed):
     x = np.random.default_rng(seed).uniform(lo, hi)
     b = diff_interval_bounds(pair, x, x)
     nb = naive_bounds(pair, x, x)
-    ef, eg = _exact_layers(pair.f, x), _exact_layers(pair.g, x)
+    ef, eg = exact_layers(pair.f, x), exact_layers(pair.g, x)
     for l in range(pair.n_layers):
         for k, (vf, vg) in enumerate(zip(ef[l], eg[l])):
             for bounds in (b, nb):

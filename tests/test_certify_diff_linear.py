@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pairs import (assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair,
-                   sample_deltas, sample_points)
+from pairs import (assert_contains, exact_layers, extremes, pairs_and_boxes, random_box, random_conv_pair,
+                   random_pair, sample_deltas, sample_points)
 
 from prunecert.certify.diff_interval import diff_interval_bounds
 from prunecert.certify.diff_linear import diff_linear_bounds
@@ -163,21 +163,6 @@ def test_against_milp_sound_and_close():
     assert np.median(ratios) < 2.0, ratios
 
 
-def _exact_layers(net, x) -> list[list[Fraction]]:
-    """Pre-activations of an MLP in exact rational arithmetic."""
-    h = [Fraction(float(v)) for v in x]
-    out = []
-    for op in net.ops:
-        if op.kind == "relu":
-            h = [max(v, Fraction(0)) for v in h]
-            continue
-        w, b = op.weight.numpy(), op.bias.numpy()
-        h = [sum((Fraction(float(w[r, c])) * h[c] for c in range(len(h))), Fraction(float(b[r])))
-             for r in range(w.shape[0])]
-        out.append(h)
-    return out
-
-
 @settings(max_examples=20, **SLOW)
 @given(pairs_and_boxes(max_in=3, max_hidden=6), st.integers(0, 2**31))
 def test_point_boxes_contain_the_exact_rational_values(case, seed):
@@ -185,7 +170,7 @@ def test_point_boxes_contain_the_exact_rational_values(case, seed):
     pair, lo, hi = case
     x = np.random.default_rng(seed).uniform(lo, hi)
     b = diff_linear_bounds(pair, x, x)
-    ef, eg = _exact_layers(pair.f, x), _exact_layers(pair.g, x)
+    ef, eg = exact_layers(pair.f, x), exact_layers(pair.g, x)
     for l in range(pair.n_layers):
         for k, (vf, vg) in enumerate(zip(ef[l], eg[l])):
             assert Fraction(float(b.delta[l].lower[0, k])) <= vf - vg <= Fraction(float(b.delta[l].upper[0, k]))

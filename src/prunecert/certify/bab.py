@@ -29,7 +29,7 @@ import torch
 
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
-from prunecert.certify.bab_input import input_bab, stop_reason
+from prunecert.certify.bab_input import input_bab, stop_reason, within_gap
 from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds, unit
 from prunecert.certify.pair import Pair
 from prunecert.certify.result import PairBounds
@@ -194,7 +194,7 @@ def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tol
             dlo[k] = max(dlo[k], -b)
     up = tree.upper() if objectives else 0.0
     info = {"nodes": tree.nodes, "open": len(tree.heap), "upper": float(max(up, 0.0)), "reached": tree.reached,
-            "finished": not tree.heap or up <= tree.reached + rel_gap * abs(tree.reached) + 1e-12,
+            "finished": not tree.heap or within_gap(up, tree.reached, rel_gap),
             "point": tree.point, "branching": "relu", "stop": stop}
     return rb, info
 
@@ -241,7 +241,7 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: 
             last = res.bounds.delta[-1]
             res.bounds.delta[-1] = (np.maximum(last[0], d_lo), np.minimum(last[1], d_hi))
             info["upper"] = float(np.maximum(res.bounds.delta[-1][1], -res.bounds.delta[-1][0]).max())
-            info["finished"] = info["upper"] <= info["reached"] + rel_gap * abs(info["reached"]) + 1e-12
+            info["finished"] = within_gap(info["upper"], info["reached"], rel_gap)
         info["seconds"] = time.perf_counter() - start
         results.append(res)
         infos.append(info)

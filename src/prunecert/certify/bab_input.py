@@ -43,10 +43,15 @@ def _split_dims(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, worst: torch.Ten
     return flat.argmax(1)
 
 
+def within_gap(upper: float, reached: float, rel_gap: float) -> bool:
+    """The bound is within `rel_gap` (relative) of a value reached: the search is done."""
+    return upper <= reached + rel_gap * abs(reached) + 1e-12
+
+
 def stop_reason(upper: float, reached: float, rel_gap: float, tolerance: float | None, deadline: float) -> str | None:
     """Why a search may stop now: "gap" (bound within rel_gap of a reached value), "certified" /
     "violated" (the tolerance is decided), "time"; None to go on."""
-    if upper <= reached + rel_gap * abs(reached) + 1e-12:
+    if within_gap(upper, reached, rel_gap):
         return "gap"
     if tolerance is not None and upper <= tolerance:
         return "certified"
@@ -124,6 +129,6 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | No
     out_hi = torch.maximum(closed_hi, d_hi.max(0).values) if len(d_hi) else closed_hi
     up = float(torch.maximum(out_hi, -out_lo).max())
     info = {"nodes": nodes, "open": int(len(d_lo)), "upper": up, "reached": reached, "steps": steps,
-            "finished": up <= reached + rel_gap * abs(reached) + 1e-12, "point": point,
+            "finished": within_gap(up, reached, rel_gap), "point": point,
             "branching": "input", "stop": stop}
     return out_lo.numpy(), out_hi.numpy(), info

@@ -157,13 +157,12 @@ class PairMILP:
         sol = self.model.maximize_milp(c, time_limit)
         x, value = None, -np.inf
         if sol.v is not None:
-            x = np.clip(sol.v[self.enc.x], self.lo.reshape(-1), self.hi.reshape(-1)).reshape(self.pair.input_shape)
+            x = self._into_box(sol.v[self.enc.x])
             value = self.evaluate(objective, x)
         if self.witness is not None:
             found = self.witness(objective, x)
             if found is not None:
-                wx = np.clip(np.asarray(found[1], dtype=np.float64).reshape(-1), self.lo.reshape(-1),
-                             self.hi.reshape(-1)).reshape(self.pair.input_shape)
+                wx = self._into_box(found[1])
                 wv = self.evaluate(objective, wx)   # re-evaluated here: trust no caller's arithmetic
                 if wv > value:
                     value, x = wv, wx
@@ -174,6 +173,11 @@ class PairMILP:
             self.unsound_events += 1
             upper, status = lp, REFUTED
         return MaxResult(value, float(upper), x, status, time.perf_counter() - start)
+
+    def _into_box(self, v) -> np.ndarray:
+        """A point (solver columns or a witness's x) clipped into the box, in the network's input shape."""
+        flat = np.asarray(v, dtype=np.float64).reshape(-1)
+        return np.clip(flat, self.lo.reshape(-1), self.hi.reshape(-1)).reshape(self.pair.input_shape)
 
     def maximize(self, objective: LinearObjective, time_limit: float = 60.0
                  ) -> tuple[float, np.ndarray | None, str, float]:
