@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EPS, RESULTS, lenet_pair, machine, mnist_boxes  # noqa: E402
 
 from prunecert.adversarial import attack  # noqa: E402
-from prunecert.certify.pair import make_pair  # noqa: E402
+from prunecert.core.completion import make_pair  # noqa: E402
 from prunecert.fileutil import atomic_write_text  # noqa: E402
 
 METHODS = ("random", "pgd", "apgd", "lp-walk", "auto")

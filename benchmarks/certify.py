@@ -37,8 +37,8 @@ from common import EPS, RESULTS, lenet_pair, machine, mnist_boxes  # noqa: E402
 
 from prunecert.adversarial.witness import milp_witness  # noqa: E402
 from prunecert.certify import get_method  # noqa: E402
-from prunecert.certify.pair import make_pair  # noqa: E402
-from prunecert.certify.regions import Domain, stack_boxes  # noqa: E402
+from prunecert.core.completion import make_pair  # noqa: E402
+from prunecert.core.regions import Domain, stack_boxes  # noqa: E402
 from prunecert.fileutil import atomic_write_text  # noqa: E402
 
 BATCHED = ("naive", "diff-interval", "diff-linear")

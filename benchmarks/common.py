@@ -54,7 +54,7 @@ def lenet_pair(progress: bool = True) -> tuple[Network, Network, dict]:
 
 def mnist_boxes(input_shape, domain_lo, domain_hi, n_centres: int, eps: float, start: int = 0) -> list:
     """L-inf boxes of radius eps around mnist5k test images start..start+n_centres-1."""
-    from prunecert.certify.regions import regions_from_options
+    from prunecert.core.region_options import regions_from_options
     return regions_from_options(input_shape, domain_lo, domain_hi,
                                 centers=[f"mnist5k:test:{start}-{start + n_centres - 1}"], eps=eps)
 

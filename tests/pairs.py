@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.network import AvgPool2d, Conv2d, Flatten, Linear, Network, ReLU, Scale, relu_between
 
 TWINS = ("prune", "quantise", "perturb")

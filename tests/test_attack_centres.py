@@ -6,7 +6,7 @@ import torch
 from pairs import random_pair
 
 from prunecert.adversarial import agreement_margin, lowest_margin
-from prunecert.certify.regions import Box
+from prunecert.core.regions import Box
 from prunecert.errors import ConfigError
 
 

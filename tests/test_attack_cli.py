@@ -127,7 +127,7 @@ def test_image_shape(shape, expected):
 
 def test_lowest_margin_attacks_the_least_sure_centres_first(models, tmp_path):
     from prunecert.adversarial import agreement_margin
-    from prunecert.certify.pair import make_pair
+    from prunecert.core.completion import make_pair
     pair = make_pair(load_model(models / "f.pt"), load_model(models / "g.pt"))
     rng = np.random.default_rng(5)
     files = []

@@ -14,7 +14,7 @@ from pairs import pairs_and_boxes, random_box, random_pair
 from test_attack_search import planted_pair
 
 from prunecert.adversarial import attack
-from prunecert.certify.regions import Box, Domain
+from prunecert.core.regions import Box, Domain
 
 METHODS = ("random", "pgd", "apgd", "lp-walk", "auto")
 OBJECTIVES = ("max-logit-deviation", "disagreement", "layer:1:neuron:0:min", "layer:0:neuron:1")

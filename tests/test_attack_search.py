@@ -10,8 +10,8 @@ from pairs import pairs_and_boxes, random_conv_pair, random_pair
 
 from prunecert.adversarial import attack, attack_many, evaluate, parse_objective
 from prunecert.adversarial.lpwalk import PairLP, walk
-from prunecert.certify.pair import Pair
-from prunecert.certify.regions import Box, Domain, L2Ball
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Box, Domain, L2Ball
 from prunecert.errors import ConfigError, PairingError, RegionError
 from prunecert.network import mlp
 

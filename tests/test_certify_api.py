@@ -12,8 +12,8 @@ from pairs import random_conv_pair, random_pair
 
 from prunecert.certify import METHODS, certify, get_method
 from prunecert.certify.naive import naive_bounds
-from prunecert.certify.pair import Pair
-from prunecert.certify.regions import Box, Domain, L2Ball
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Box, Domain, L2Ball
 from prunecert.certify.result import load_schema
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Linear, Network

@@ -12,7 +12,7 @@ from prunecert.certify import certify
 from prunecert.certify.bab import bab_bounds
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import milp_bounds
-from prunecert.certify.regions import Box
+from prunecert.core.regions import Box
 from prunecert.errors import ConfigError
 
 FWD = 1e-12

@@ -14,7 +14,7 @@ from pairs import (assert_contains, exact_layers, extremes, pairs_and_boxes, ran
                    random_pair, sample_deltas, sample_points)
 
 from prunecert.certify.diff_interval import diff_interval_bounds, relu_delta
-from prunecert.certify.interval import Bounds
+from prunecert.core.interval import Bounds
 from prunecert.certify.naive import naive_bounds
 from prunecert.network import Linear
 
@@ -104,7 +104,7 @@ def test_small_perturbations_give_much_tighter_bounds_than_naive():
         ops = [Linear(op.weight + 0.01 * torch.randn(op.weight.shape, dtype=torch.float64,
                                                         generator=torch.Generator().manual_seed(seed)),
                       op.bias) if isinstance(op, Linear) else op for op in f.ops]
-        from prunecert.certify.pair import Pair
+        from prunecert.core.pair import Pair
         from prunecert.network import Network
         pair = Pair(f, Network(ops, f.input_shape, 0.0, 1.0, name="g"))
         lo, hi = np.zeros(4), np.ones(4)

@@ -16,7 +16,7 @@ from pairs import (assert_contains, exact_layers, extremes, pairs_and_boxes, ran
 
 from prunecert.certify.diff_interval import diff_interval_bounds
 from prunecert.certify.diff_linear import diff_linear_bounds
-from prunecert.certify.interval import Bounds
+from prunecert.core.interval import Bounds
 from prunecert.certify.naive import naive_bounds
 from prunecert.certify.relax import DeltaParams, DeltaRelax, quantise_theta, relax_delta, upper_line
 from prunecert.errors import ConfigError, RegionError
@@ -323,7 +323,7 @@ def test_local_equals_end_to_end_when_only_the_last_layer_differs():
     """With identical hidden layers, Delta h = 0 before the logits: the local and end-to-end deviations
     of the logits are the same function of x, and both bounds must reflect it (without optimisation,
     which tunes only the end-to-end rows and so may only tighten those)."""
-    from prunecert.certify.pair import Pair
+    from prunecert.core.pair import Pair
     from prunecert.network import Linear, Network
     rng = np.random.default_rng(17)
     f = random_pair(rng, 4, (10, 8), 3, twin="same").f
@@ -362,7 +362,7 @@ def test_row_chunks_do_not_change_the_result(monkeypatch):
 
 def test_l2_regions_through_certify_on_a_conv_pair():
     from prunecert.certify import certify
-    from prunecert.certify.regions import Box, L2Ball
+    from prunecert.core.regions import Box, L2Ball
     rng = np.random.default_rng(8)
     pair = random_conv_pair(rng, twin="perturb")
     lo, hi = pair.domain()

@@ -16,7 +16,7 @@ from prunecert.certify.formulation import RegionBounds, build_encoding, relu_upp
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.lp import initial_bounds, lp_bounds, unit
 from prunecert.certify.naive import naive_bounds
-from prunecert.certify.regions import L2Ball
+from prunecert.core.regions import L2Ball
 from prunecert.errors import ConfigError, RegionError
 
 # float64 forward passes (the sampled "truth") carry rounding of this order; bounds are on real values

@@ -12,7 +12,7 @@ from pairs import random_box, random_pair, sample_deltas, sample_points
 from prunecert.certify.exhaustive import enumerate_max
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import PairMILP, milp_bounds
-from prunecert.certify.regions import Box, L2Ball
+from prunecert.core.regions import Box, L2Ball
 from prunecert.errors import ConfigError, RegionError
 
 FWD = 1e-12

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from pairs import (assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair,
                    sample_deltas, sample_points)
 
-from prunecert.certify.interval import interval_bounds
+from prunecert.core.interval import interval_bounds
 from prunecert.certify.naive import naive_bounds
 from prunecert.errors import RegionError
 

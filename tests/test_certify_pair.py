@@ -7,7 +7,8 @@ import pytest
 import torch
 from pairs import random_conv_pair, random_pair
 
-from prunecert.certify.pair import Pair, make_pair
+from prunecert.core.completion import make_pair
+from prunecert.core.pair import Pair
 from prunecert.errors import PairingError
 from prunecert.network import Conv2d, Flatten, Linear, Network, ReLU, mlp
 
@@ -106,7 +107,7 @@ def _compact(original: Network, keep: list[int]) -> Network:
 def test_make_pair_completes_a_compact_pruned_network():
     prune = pytest.importorskip("prunecert.prune")
     if not hasattr(prune, "complete"):
-        pytest.skip("prunecert.prune.complete (completion of compact pruned nets) not built yet")
+        pytest.skip("prunecert.core.completion (completion of compact pruned nets) not built yet")
     original = _net([3, 5, 4, 2], seed=2, name="orig")
     compact = _compact(original, [0, 2, 3])
     try:

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunecert.certify.regions import Box, Domain, L2Ball, expand_center_specs, regions_from_options, stack_boxes
+from prunecert.core.region_options import expand_center_specs, regions_from_options
+from prunecert.core.regions import Box, Domain, L2Ball, stack_boxes
 from prunecert.errors import DataError, RegionError
 
 ZERO, ONE = np.zeros(3), np.ones(3)

@@ -11,7 +11,7 @@ from pairs import random_pair
 from typer.testing import CliRunner
 
 from prunecert.certify import certify
-from prunecert.certify.regions import Box
+from prunecert.core.regions import Box
 from prunecert.certify.result import load_schema
 from prunecert.cli import app
 from prunecert.io import save_model

@@ -19,7 +19,7 @@ from prunecert.io import load_model, save_model, weights_sha256  # noqa: E402
 from prunecert.network import Linear, Network, ReLU, mlp  # noqa: E402
 from prunecert.prune import complete, prune  # noqa: E402
 from prunecert.prune.coreset import sensitivities  # noqa: E402
-from prunecert.prune.surgery import geometry  # noqa: E402
+from prunecert.core.surgery import geometry  # noqa: E402
 
 
 def _net(seed=0, sizes=(6, 20, 12, 4)) -> Network:

@@ -22,7 +22,7 @@ from pairs import random_conv_pair  # noqa: E402
 from prunecert.errors import ConfigError  # noqa: E402
 from prunecert.network import mlp  # noqa: E402
 from prunecert.prune import beta_hat, complete, min_sample_size, prune, provable_epsilon  # noqa: E402
-from prunecert.prune.surgery import layer_spans  # noqa: E402
+from prunecert.core.surgery import layer_spans  # noqa: E402
 
 
 def _mlp(rng, sizes, lo=0.0, hi=1.0):
@@ -226,7 +226,7 @@ def test_provable_bound_of_a_conv_layer_holds_in_monte_carlo():
     reads neuron i, each with its own patch z_r in the ball, so sup |G_j - G'_j| is the larger of
     sum_r sup_r and sum_r (-inf_r) (the patches are independent). The recorded eps must bound it in
     at least 1 - delta of the repetitions."""
-    from prunecert.prune.surgery import geometry
+    from prunecert.core.surgery import geometry
     rng = np.random.default_rng(2)
     f = _conv_net(rng)
     geo_f = geometry(f, 0)

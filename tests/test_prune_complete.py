@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunecert.certify.pair import make_pair
+from prunecert.core.completion import make_pair
 from prunecert.errors import PairingError
 from prunecert.network import mlp
 from prunecert.prune import complete, prune

@@ -73,7 +73,7 @@ def check_markdown_matches_json(md: str, doc: dict) -> None:
         assert_close(row[3], r["certified"][-1])
         assert_close(row[4], r["empirical"][-1])
         assert row[5] == r["agreement"] and row[6] == (r["verdict"] or "—")
-    assert f"**" in md and doc["verdict"]["overall"].upper() in md.splitlines()[2]
+    assert "**" in md and doc["verdict"]["overall"].upper() in md.splitlines()[2]
 
 
 def test_markdown_matches_json(tmp_path):

@@ -182,7 +182,7 @@ class _Stages:
 
 
 def _regions(plan: AuditPlan, pair):
-    from prunecert.certify.regions import Box, Domain
+    from prunecert.core.regions import Box, Domain
     lo, hi = pair.domain()
     out = []
     for i in plan.centers:

@@ -25,7 +25,8 @@ from prunecert.adversarial.gradient import SearchState, ascend, random_search, s
 from prunecert.adversarial.objectives import Objective, as_objective
 from prunecert.adversarial.result import AttackResult, best_result
 from prunecert.adversarial.space import SearchSpace, is_l2
-from prunecert.certify.pair import Pair, make_pair
+from prunecert.core.completion import make_pair
+from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
 from prunecert.threads import one_torch_thread

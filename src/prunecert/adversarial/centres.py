@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError
 
 

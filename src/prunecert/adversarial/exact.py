@@ -16,7 +16,7 @@ from prunecert.adversarial.lpwalk import PairLP, walk
 from prunecert.adversarial.objectives import Objective
 from prunecert.adversarial.result import AttackResult, best_result
 from prunecert.adversarial.space import SearchSpace
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 
 
 def _sub_value_fn(pair: Pair, objective: Objective, s: int):

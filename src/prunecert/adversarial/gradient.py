@@ -22,7 +22,7 @@ import torch
 
 from prunecert.adversarial.objectives import BatchObjective, Objective
 from prunecert.adversarial.space import SearchSpace
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 
 
 @dataclass

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from prunecert.certify.formulation import ZERO, Encoding, RegionBounds, build_encoding
-from prunecert.certify.interval import interval_bounds
-from prunecert.certify.pair import Pair
+from prunecert.core.interval import interval_bounds
+from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError
 from prunecert.solvers import silence_highs_banner
 

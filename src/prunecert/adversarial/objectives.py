@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError
 
 KINDS = ("max-logit-deviation", "neuron", "disagreement", "evasive")

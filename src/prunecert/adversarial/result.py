@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from prunecert.adversarial.objectives import Objective
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 
 
 @dataclass

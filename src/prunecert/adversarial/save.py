@@ -16,7 +16,8 @@ import numpy as np
 
 from prunecert.adversarial.objectives import parse_objective
 from prunecert.adversarial.result import AttackResult, evaluate
-from prunecert.certify.pair import Pair, make_pair
+from prunecert.core.completion import make_pair
+from prunecert.core.pair import Pair
 from prunecert.errors import DataError
 from prunecert.fileutil import atomic_write_bytes
 from prunecert.io import weights_sha256

@@ -13,8 +13,8 @@ import numpy as np
 
 from prunecert.adversarial.api import attack
 from prunecert.adversarial.objectives import Objective
-from prunecert.certify.pair import Pair
-from prunecert.certify.regions import Box
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Box
 
 WITNESS_SECONDS = 2.0  # per MILP objective; `auto` usually stops well before on small nets
 

@@ -19,9 +19,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from prunecert.certify.pair import Pair, make_pair
+from prunecert.core.completion import make_pair
+from prunecert.core.pair import Pair
 from prunecert.certify.refute import SearchResult, sample_search
-from prunecert.certify.regions import Box, Domain, L2Ball, Region, stack_boxes
+from prunecert.core.regions import Box, Domain, L2Ball, Region, stack_boxes
 from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network

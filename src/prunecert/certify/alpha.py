@@ -17,7 +17,7 @@ import math
 import torch
 
 from prunecert.certify.backsub import Engine, Form, Region, concretise
-from prunecert.certify.interval import Bounds
+from prunecert.core.interval import Bounds
 from prunecert.certify.relax import DeltaParams
 
 LEARNING_RATE = 0.5

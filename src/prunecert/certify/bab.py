@@ -31,7 +31,7 @@ from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.bab_input import input_bab, stop_reason, within_gap
 from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds, unit
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
 
@@ -148,7 +148,7 @@ def lower_bound(pair: Pair, lo: np.ndarray, hi: np.ndarray, budget: float, seed:
                                                                                  dtype=torch.float64)])
     try:
         from prunecert.adversarial.api import attack
-        from prunecert.certify.regions import Box
+        from prunecert.core.regions import Box
     except ImportError:
         attack = None
     if attack is not None and budget > 0:

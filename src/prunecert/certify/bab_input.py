@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from prunecert.certify.lp import initial_bounds
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.threads import one_torch_thread
 
 BATCH = 64   # leaves split per step (each gives two children, bounded in one batched call)

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecert.certify.interval import Bounds
+from prunecert.core.interval import Bounds
 from prunecert.certify.naive import centre_radius
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, dot, relax_delta, relax_side
-from prunecert.certify.rounding import gamma, margin
+from prunecert.core.rounding import gamma, margin
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from prunecert.certify.formulation import Encoding
 from prunecert.certify.highs import LPSolution, dual_terms
-from prunecert.certify.rounding import TINY, UNIT_ROUNDOFF, gamma
+from prunecert.core.rounding import TINY, UNIT_ROUNDOFF, gamma
 
 MAX_CONE_COLUMNS = 20_000
 

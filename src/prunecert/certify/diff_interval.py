@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from prunecert.certify.interval import Bounds, affine_interval
+from prunecert.core.interval import Bounds, affine_interval
 from prunecert.certify.naive import affine_sum, as_batch, centre_radius, margin_op, naive_bounds, op_bounds
-from prunecert.certify.rounding import UNIT_ROUNDOFF
-from prunecert.certify.pair import Pair
+from prunecert.core.rounding import UNIT_ROUNDOFF
+from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds, interval_margins, meet, sub_bounds
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale

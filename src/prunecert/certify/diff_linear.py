@@ -25,9 +25,9 @@ import torch
 from prunecert.certify.alpha import optimise_rows
 from prunecert.certify.backsub import Engine, Form, OpCtx, Region, concretise
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
-from prunecert.certify.interval import Bounds
+from prunecert.core.interval import Bounds
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, as_batch, margins_from_inputs
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.certify.relax import DeltaRelax, SideRelax
 from prunecert.certify.result import PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError, RegionError

@@ -19,8 +19,8 @@ import torch
 from scipy.optimize import linprog
 
 from prunecert.certify.formulation import op_matrix
-from prunecert.certify.interval import interval_bounds
-from prunecert.certify.pair import Pair
+from prunecert.core.interval import interval_bounds
+from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError
 from prunecert.network import Flatten
 

@@ -26,9 +26,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from prunecert.certify.interval import affine_interval
-from prunecert.certify.pair import Pair
-from prunecert.certify.rounding import UNIT_ROUNDOFF
+from prunecert.core.interval import affine_interval
+from prunecert.core.pair import Pair
+from prunecert.core.rounding import UNIT_ROUNDOFF
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Flatten, Linear
 

@@ -24,7 +24,7 @@ import highspy
 import numpy as np
 
 from prunecert.certify.formulation import Encoding
-from prunecert.certify.rounding import TINY, gamma
+from prunecert.core.rounding import TINY, gamma
 from prunecert.solvers import silence_highs_banner
 
 INF = highspy.kHighsInf

@@ -25,8 +25,8 @@ import torch
 
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
-from prunecert.certify.interval import Bounds
-from prunecert.certify.pair import Pair
+from prunecert.core.interval import Bounds
+from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError, RegionError
 

@@ -30,9 +30,9 @@ import torch
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, op_matrix
 from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, HighsModel
 from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds
-from prunecert.certify.pair import Pair
+from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
-from prunecert.certify.rounding import TINY, gamma
+from prunecert.core.rounding import TINY, gamma
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Flatten
 
@@ -64,7 +64,7 @@ class MaxResult:
 
 
 def _region_box(pair: Pair, region) -> tuple[np.ndarray, np.ndarray]:
-    from prunecert.certify.regions import L2Ball
+    from prunecert.core.regions import L2Ball
     if isinstance(region, L2Ball):
         raise RegionError(f"milp/bab encode boxes only, not the L2 ball {region.describe()}: HiGHS has no cone "
                           f"constraints; use --method lp (Clarabel) or diff-linear for L2 regions")

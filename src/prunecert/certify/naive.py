@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from prunecert.certify.interval import Bounds, affine_interval, interval_bounds, layer_interval
-from prunecert.certify.pair import Pair
+from prunecert.core.interval import Bounds, affine_interval, interval_bounds, layer_interval
+from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds, interval_margins, sub_bounds
-from prunecert.certify.rounding import UNIT_ROUNDOFF, margin, widen
+from prunecert.core.rounding import UNIT_ROUNDOFF, margin, widen
 from prunecert.network import AffineOp, Linear, Network
 
 # (linear map, absolute-value map, bounds on its argument)

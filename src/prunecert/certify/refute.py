@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prunecert.certify.pair import Pair
-from prunecert.certify.regions import Region
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Region
 
 
 @dataclass

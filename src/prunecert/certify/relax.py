@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecert.certify.interval import Bounds
-from prunecert.certify.rounding import TINY, UNIT_ROUNDOFF
+from prunecert.core.interval import Bounds
+from prunecert.core.rounding import TINY, UNIT_ROUNDOFF
 
 THETA_GRID = 2.0 ** 30
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from prunecert.certify.interval import Bounds
+from prunecert.core.interval import Bounds
 
 SCHEMA = "prunecert.certify/1"
 

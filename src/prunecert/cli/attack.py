@@ -69,8 +69,8 @@ def attack_command(
 def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method, budget, seed, restarts,
          tolerance, out, quiet, lowest_margin=None) -> int:
     from prunecert.adversarial import attack_many, parse_objective, save_counterexample
-    from prunecert.certify.pair import make_pair
-    from prunecert.certify.regions import regions_from_options
+    from prunecert.core.completion import make_pair
+    from prunecert.core.region_options import regions_from_options
     from prunecert.io import load_model, weights_sha256
 
     parse_objective(objective)  # a malformed spec fails before any model is loaded

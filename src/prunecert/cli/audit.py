@@ -9,7 +9,6 @@ coresets and audits 10 test points x 2 radii plus the whole domain into reports/
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import sys

@@ -61,7 +61,7 @@ def certify_command(
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
          time_limit, samples, batch_size, seed, quiet) -> int:
     from prunecert.certify import certify, make_pair
-    from prunecert.certify.regions import regions_from_options
+    from prunecert.core.region_options import regions_from_options
     from prunecert.io import load_model
 
     if samples < 1:

@@ -1,7 +1,7 @@
 """The arguments and region options `certify` and `attack` share (one declaration, one help text).
 
 Both commands take the same two models and read their regions with
-`certify.regions.regions_from_options`; declaring them once keeps their flags and help identical.
+`core.region_options.regions_from_options`; declaring them once keeps their flags and help identical.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prunecert.network import Network
 from prunecert.prune.bounds import beta_hat, min_sample_size, provable_epsilon
-from prunecert.prune.complete import complete
+from prunecert.core.completion import complete
 from prunecert.prune.coreset import coreset_layer, coreset_neuron
 from prunecert.prune.driver import prune_network
 from prunecert.prune.importance import CRITERIA

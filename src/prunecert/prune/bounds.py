@@ -25,11 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunecert.certify.interval import Bounds, affine_interval, interval_bounds
-from prunecert.certify.rounding import UNIT_ROUNDOFF, gamma
+from prunecert.core.interval import Bounds, affine_interval, interval_bounds
+from prunecert.core.rounding import UNIT_ROUNDOFF, gamma
 from prunecert.errors import ConfigError
 from prunecert.network import Conv2d, Network
-from prunecert.prune.surgery import layer_spans
+from prunecert.core.surgery import layer_spans
 
 _REL = 1e-12  # relative slack for evaluating the formula itself in float64
 

@@ -15,11 +15,11 @@ import time
 import numpy as np
 
 from prunecert import __version__
-from prunecert.certify.interval import interval_bounds
+from prunecert.core.interval import interval_bounds
 from prunecert.network import Network
 from prunecert.prune.bounds import beta_hat, check_delta
 from prunecert.prune.importance import LayerView, Selection, criterion
-from prunecert.prune.surgery import check_finite, cut_layer, geometry, layer_spans
+from prunecert.core.surgery import check_finite, cut_layer, geometry, layer_spans
 from prunecert.prune.targets import resolve_targets
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from prunecert.errors import ConfigError
 from prunecert.prune.bounds import min_sample_size, provable_epsilon
 from prunecert.prune.coreset import Sample, probabilities, sample_fixed, sample_until, sensitivities
-from prunecert.prune.surgery import LayerGeometry
+from prunecert.core.surgery import LayerGeometry
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 from prunecert.errors import ConfigError
 from prunecert.network import Network
 from prunecert.prune.importance import Target
-from prunecert.prune.surgery import cut_layer, geometry, hidden_layers
+from prunecert.core.surgery import cut_layer, geometry, hidden_layers
 
 
 def _count(value, n: int, where: str) -> int:

@@ -3,7 +3,7 @@
 Every certification and attack method works on a `Pair`: because both networks have the same ops
 and shapes, Delta_l = a_l^f - a_l^g is defined coordinate-wise for every layer l. A compact pruned
 network (physically fewer neurons) is first *completed* onto the original's shape
-(`prunecert.prune.complete`: removed neurons keep their incoming weights, get zero outgoing weights),
+(`prunecert.core.completion`: removed neurons keep their incoming weights, get zero outgoing weights),
 so pruning, quantisation and fine-tuning are all "how far can g drift from f?".
 """
 
@@ -110,28 +110,3 @@ class Pair:
             out.append(af[l] - lg.forward(h))
             h = torch.relu(af[l])
         return out
-
-
-def make_pair(original: Network, pruned: Network) -> Pair:
-    """Pair `original` with `pruned`, completing a compact pruned network onto the original's shape."""
-    problem = architecture_mismatch(original, pruned)
-    if problem is None:
-        return Pair(original, pruned)
-    if "pruning" not in (pruned.metadata or {}):
-        raise PairingError(f"cannot pair {original.name} with {pruned.name}: {problem}; {pruned.name} has no "
-                           f"pruning metadata (kept neuron indices) to map it onto the original's shape")
-    try:
-        from prunecert.prune import complete
-    except ImportError as exc:
-        raise PairingError(f"{pruned.name} is a compact pruned network but completion "
-                           f"(prunecert.prune.complete) is not available: {exc}") from exc
-    try:
-        completed = complete(pruned, original)
-    except (KeyError, IndexError, TypeError, ValueError) as exc:  # the record comes from an untrusted file
-        raise PairingError(f"cannot complete {pruned.name} onto {original.name}: malformed or inconsistent "
-                           f"pruning record ({type(exc).__name__}: {exc})") from exc
-    problem = architecture_mismatch(original, completed)
-    if problem is not None:
-        raise PairingError(f"completing {pruned.name} onto {original.name} did not give the original's "
-                           f"architecture: {problem}")
-    return Pair(original, completed)

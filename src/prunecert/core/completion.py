@@ -14,9 +14,11 @@ import numbers
 
 import torch
 
+from prunecert.core.pair import Pair, architecture_mismatch
+from prunecert.core.surgery import _next_in, cut_layer, layer_spans
 from prunecert.errors import PairingError
+from prunecert.io import weights_sha256
 from prunecert.network import Conv2d, Linear, Network, Op
-from prunecert.prune.surgery import _next_in, cut_layer, layer_spans
 
 
 def _kept_lists(pruned: Network, original: Network) -> dict[int, list[int]]:
@@ -67,8 +69,6 @@ def _neurons(net: Network, op_index: int, layer: int) -> int:
 
 
 def _check_hash(pruned: Network, original: Network) -> None:
-    from prunecert.io import weights_sha256
-
     want = pruned.metadata["pruning"].get("original_weights_sha256")
     if want is not None and want != weights_sha256(original):
         raise PairingError(f"{pruned.name} was pruned from a network with weights sha256 {str(want)[:12]}..., "
@@ -108,8 +108,6 @@ def _widen(op_o: Linear | Conv2d, op_p: Linear | Conv2d, rows: list[int] | None,
 
 def complete(pruned: Network, original: Network) -> Network:
     """The compact `pruned` network on `original`'s architecture, computing the same function."""
-    from prunecert.certify.pair import architecture_mismatch
-
     kept = _kept_lists(pruned, original)
     _check_hash(pruned, original)
     problem = architecture_mismatch(_expected_compact(original, kept), pruned)
@@ -133,3 +131,23 @@ def complete(pruned: Network, original: Network) -> Network:
     meta["completed_from"] = pruned.name
     return Network(ops, original.input_shape, original.input_lo, original.input_hi,
                    name=f"{pruned.name}-completed", metadata=meta)
+
+
+def make_pair(original: Network, pruned: Network) -> Pair:
+    """Pair `original` with `pruned`, completing a compact pruned network onto the original's shape."""
+    problem = architecture_mismatch(original, pruned)
+    if problem is None:
+        return Pair(original, pruned)
+    if "pruning" not in (pruned.metadata or {}):
+        raise PairingError(f"cannot pair {original.name} with {pruned.name}: {problem}; {pruned.name} has no "
+                           f"pruning metadata (kept neuron indices) to map it onto the original's shape")
+    try:
+        completed = complete(pruned, original)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # the record comes from an untrusted file
+        raise PairingError(f"cannot complete {pruned.name} onto {original.name}: malformed or inconsistent "
+                           f"pruning record ({type(exc).__name__}: {exc})") from exc
+    problem = architecture_mismatch(original, completed)
+    if problem is not None:
+        raise PairingError(f"completing {pruned.name} onto {original.name} did not give the original's "
+                           f"architecture: {problem}")
+    return Pair(original, completed)

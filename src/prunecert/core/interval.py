@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecert.certify.rounding import margin, widen
+from prunecert.core.rounding import margin, widen
 from prunecert.network import AffineOp, Layer, Network
 
 
