@@ -117,7 +117,7 @@ def test_lp_walk_ends_at_a_local_maximum():
         layer, cf, cg = obj.linear_form()
         lp = PairLP(pair, lo, hi)
         for s in range(obj.n_sub):
-            def value(x, s=s):
+            def value(x, s=s, obj=obj, pair=pair):
                 return float(obj.sub_values(*pair.forward_layers(torch.as_tensor(x).reshape(1, -1)))[0, s])
             x0 = rng.uniform(lo, hi)
             x, v, trace, n_lp = walk(lp, value, x0, layer, cf[s].numpy(), cg[s].numpy(), deadline=float("inf"))

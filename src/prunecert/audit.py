@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from prunecert.errors import ConfigError, ShapeMismatchError
+from prunecert.adversarial.witness import witness_options
 from prunecert.network import Network
 
 SLACK_REL, SLACK_ABS = 1e-9, 1e-12  # float64 re-evaluation noise allowed between an attack and a bound
@@ -312,7 +313,8 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     regions = _regions(plan, pair)
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
     cert = stages.run(f"certify {len(regions)} regions ({plan.certify_method})", certify, pair, None, regions,
-                      method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples)
+                      method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples,
+                      **witness_options(plan.certify_method, pair, plan.seed))
 
     def attack_stage():
         found = attack_regions(plan, pair, regions, cert)

@@ -38,3 +38,12 @@ def milp_witness(pair: Pair, budget_seconds: float = WITNESS_SECONDS, seed: int 
             return r.value, r.x
         return search
     return for_box
+
+
+def witness_options(method: str, pair: Pair, seed: int = 0) -> dict:
+    """The options a caller of `certify` passes so that `method` checks the solver's word by attack.
+
+    certify sits below adversarial (docs/architecture.md), so it cannot build the witness itself;
+    the CLI and the audit inject it here. Only `milp` rests on a solver's optimality claim.
+    """
+    return {"witness": milp_witness(pair, seed=seed)} if method == "milp" else {}

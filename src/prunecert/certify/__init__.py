@@ -149,11 +149,6 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     fn = get_method(method)
-    if method == "milp" and "witness" not in method_options:
-        # check every MILP optimum with an attack (adversarial/witness.py); imported here because
-        # `adversarial` is built on `certify`
-        from prunecert.adversarial.witness import milp_witness
-        method_options["witness"] = milp_witness(pair, seed=seed)
     kwargs = _method_kwargs(fn, {"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
                                  "progress": progress, **method_options})
     takes_l2 = "l2" in inspect.signature(fn).parameters

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from prunecert.adversarial.witness import witness_options
 from prunecert.cli import app
 from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
@@ -73,7 +74,8 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
     if export_onnx is not None and norm != "inf" and not region and not vnnlib:
         raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
     result = certify(pair, None, regions, method=method, tolerance=tolerance, time_limit=time_limit,
-                     progress=not quiet, seed=seed, samples=samples, batch_size=batch_size)
+                     progress=not quiet, seed=seed, samples=samples, batch_size=batch_size,
+                     **witness_options(method, pair, seed))
     if export_onnx is not None:
         export_interop(pair, regions, result, export_onnx)
     if json_out is not None:
