@@ -76,6 +76,7 @@ def test_milp_margin_objective_equals_enumeration(case):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["prune", "quantise", "perturb"]))
 @example(302, "perturb")  # HiGHS with presolve off returned a wrong "optimal" here (see certify/highs.py)
+@example(369590, "perturb")  # HiGHS (presolve on, seed 0) declared 0.0580 optimal; 0.0652 is reached
 def test_milp_bounds_sandwich(seed, twin):
     """sampled max <= exact value <= MILP upper <= LP upper (and the lower side likewise)."""
     rng = np.random.default_rng(seed)
@@ -156,9 +157,38 @@ def _presolve_off_case():
     return pair, lo, hi
 
 
-def test_witness_refutes_a_wrong_dual_bound_and_falls_back_to_the_lp_bound():
+def test_second_opinion_corrects_a_wrong_optimum():
+    """With presolve off HiGHS's seed-0 run declares a wrong optimum; the seed-1 run does not, and the
+    merged answer keeps the larger (correct) dual bound and the better point."""
+    pair, lo, hi = _presolve_off_case()
+    milp = PairMILP(pair, lo=lo, hi=hi)
+    milp.model.h.setOptionValue("presolve", "off")
+    objective = _delta(pair, 1, 1.0)
+    c = milp.objective_vector(objective)
+    milp.model.set_objective(c)
+    runs = [milp.model._run_milp(seed, 30) for seed in (0, 1)]
+    assert runs[0].status == "optimal" and runs[0].dual_bound < 0 < runs[1].dual_bound   # one opinion is wrong
+    merged = milp.model.maximize_milp(c, 30)
+    assert merged.dual_bound == max(r.dual_bound for r in runs) and merged.status == "optimal"
+    r = milp.solve(objective, 30)
+    assert r.upper >= r.value > 0 and r.value == pytest.approx(milp.evaluate(objective, r.x), abs=0)
+
+
+def test_a_missing_opinion_is_not_called_optimal(monkeypatch):
+    import prunecert.certify.highs as highs
+    pair, lo, hi = _presolve_off_case()
+    milp = PairMILP(pair, lo=lo, hi=hi)
+    clock = iter([0.0, 0.0] + [1e9] * 10)   # deadline, first run (30 s), then no time left
+    monkeypatch.setattr(highs.time, "perf_counter", lambda: next(clock))
+    sol = milp.model.maximize_milp(milp.objective_vector(_delta(pair, 1, 1.0)), 30)
+    assert sol.status == highs.UNCONFIRMED and sol.opinions_missing == len(highs.OPINION_SEEDS) - 1
+
+
+def test_witness_refutes_a_wrong_dual_bound_and_falls_back_to_the_lp_bound(monkeypatch):
+    import prunecert.certify.highs as highs
     from prunecert.adversarial.witness import milp_witness
     from prunecert.certify.milp import REFUTED
+    monkeypatch.setattr(highs, "OPINION_SEEDS", (0,))   # one opinion only: the wrong one
     pair, lo, hi = _presolve_off_case()
     plain = PairMILP(pair, lo=lo, hi=hi)
     plain.model.h.setOptionValue("presolve", "off")   # reproduce the solver's wrong "optimal"

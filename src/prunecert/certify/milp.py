@@ -54,7 +54,7 @@ class MaxResult:
     value: float            # reached at x (float64 forward pass); -inf if no point was found
     upper: float            # sound upper bound on the maximum
     x: np.ndarray | None    # input of the network's shape
-    status: str             # "optimal" | "time_limit" | ...
+    status: str             # "optimal" | "unconfirmed" | "time_limit" | ...
     seconds: float
 
     @property
