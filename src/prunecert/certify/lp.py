@@ -23,31 +23,23 @@ from typing import Callable
 import numpy as np
 import torch
 
+from prunecert.certify.diff_interval import diff_interval_bounds
+from prunecert.certify.diff_linear import diff_linear_bounds
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
+from prunecert.certify.naive import as_batch
 from prunecert.core.interval import Bounds
 from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError, RegionError
 
 
-def as_batch(pair: Pair, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 tensors (B, *input_shape) from one box or a batch of boxes."""
-    from prunecert.certify.naive import as_batch as _as_batch
-    return _as_batch(pair, lo, hi)
-
-
 def initial_bounds(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, l2=None, optimize: bool = True) -> PairBounds:
-    """The tightest cheap sound bounds available: diff-linear if installed, else ReluDiff intervals.
+    """The tightest cheap sound bounds: diff-linear intersected with ReluDiff intervals.
 
     `optimize=False` skips diff-linear's slope optimisation (faster; for many small leaves).
     """
-    from prunecert.certify.diff_interval import diff_interval_bounds
     bounds = diff_interval_bounds(pair, lo, hi)
-    try:
-        from prunecert.certify.diff_linear import diff_linear_bounds
-    except ImportError:
-        return bounds
     kwargs = {"l2": l2} if l2 is not None else {}
     if not optimize:
         kwargs["optimize"] = False

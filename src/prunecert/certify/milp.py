@@ -29,7 +29,8 @@ import torch
 
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, op_matrix
 from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, HighsModel
-from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds
+from prunecert.certify.lp import initial_bounds, refine_region, to_pair_bounds
+from prunecert.certify.naive import as_batch
 from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.core.rounding import TINY, gamma
