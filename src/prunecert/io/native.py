@@ -49,8 +49,12 @@ def network_from_dict(d: dict, source: str = "<dict>") -> Network:
             ops.append(_op_from_config(i, cfg, tensors, source))
         return Network(ops, tuple(d["input_shape"]), d["input_lo"].numpy(), d["input_hi"].numpy(),
                        name=d.get("name", Path(source).stem), metadata=json.loads(d.get("metadata", "{}")))
-    except ModelFormatError:
-        raise
+    except ModelFormatError as exc:
+        if str(exc).startswith(source):
+            raise
+        raise type(exc)(f"{source}: {exc}") from exc
+    except RecursionError:
+        raise ModelFormatError(f"{source}: malformed prunecert model file (JSON nested too deeply)") from None
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{source}: malformed prunecert model file ({type(exc).__name__}: {exc})") from exc
 
