@@ -175,9 +175,12 @@ def test_unwritable_output_folder(tmp_path):
     blocker.write_text("x")
     with pytest.raises(PrunecertError, match="exists and is not a folder"):
         check_writable(blocker)
-    with pytest.raises(PrunecertError, match="not writable"):
+    with pytest.raises(PrunecertError, match="file is not a folder"):
         check_writable(blocker / "sub")
-    assert check_writable(tmp_path / "a" / "b").is_dir()
+    # checking creates nothing (a later failing check must not leave an empty folder); writing does
+    assert not check_writable(tmp_path / "a" / "b").exists()
+    write_report(sample_audit(), tmp_path / "a" / "b", ("json",))
+    assert (tmp_path / "a" / "b" / "report.json").is_file()
 
 
 def test_markdown_without_counterexamples_or_provable():

@@ -40,7 +40,7 @@ for _module in ("models", "prune", "certify", "attack", "audit"):
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with ERROR_EXIT."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(ERROR_EXIT)
 
 
@@ -88,7 +88,8 @@ def _invoke(argv: list[str] | None) -> int:
 
 def one_line(exc: BaseException) -> str:
     """An error message squeezed onto one line (messages may quote multi-line file content)."""
-    return " ".join(str(exc).split())
+    text = " ".join(str(exc).split())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 path must not crash the print
 
 
 def main() -> None:

@@ -14,7 +14,16 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
+from prunecert.cli.options import (
+    Centers,
+    Eps,
+    Norm,
+    Original,
+    Pruned,
+    RegionName,
+    Seed,
+    Vnnlib,
+)
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -35,7 +44,7 @@ def attack_command(
                                   "or layer:L:neuron:K[:min]."),
     method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
     budget_seconds: float = typer.Option(10.0, "--budget-seconds", help="Time budget per region (seconds)."),
-    seed: int = typer.Option(0, help="Seed of every random choice (starts, samples)."),
+    seed: Seed = 0,
     restarts: Optional[int] = typer.Option(None, help="Restarts per sub-objective (gradient methods) or LP walks."),
     lowest_margin: Optional[int] = typer.Option(None, "--lowest-margin", help="Attack only the K regions whose "
                                                 "centres have the smallest margin of PRUNED for ORIGINAL's class "
@@ -71,9 +80,12 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method
     from prunecert.adversarial import attack_many, parse_objective, save_counterexample
     from prunecert.core.completion import make_pair
     from prunecert.core.region_options import regions_from_options
+    from prunecert.fileutil import check_output_dir
     from prunecert.io import load_model, weights_sha256
 
     parse_objective(objective)  # a malformed spec fails before any model is loaded
+    if out is not None:
+        check_output_dir(out, "--out")
     if eps is not None and centers and not eps > 0:
         raise ConfigError(f"--eps must be > 0 for an attack (a region of zero volume has nothing to search), "
                           f"got {eps}")

@@ -17,7 +17,16 @@ import numpy as np
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
+from prunecert.cli.options import (
+    Centers,
+    Eps,
+    Norm,
+    Original,
+    Pruned,
+    RegionName,
+    Seed,
+    Vnnlib,
+)
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -41,7 +50,7 @@ def certify_command(
     time_limit: Optional[float] = typer.Option(None, help="Seconds per solver call (lp, milp, bab)."),
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
     batch_size: int = typer.Option(32, help="Regions bounded at once."),
-    seed: int = typer.Option(0, help="Seed of the counterexample search."),
+    seed: Seed = 0,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
@@ -62,10 +71,15 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
          time_limit, samples, batch_size, seed, quiet) -> int:
     from prunecert.certify import certify, make_pair
     from prunecert.core.region_options import regions_from_options
+    from prunecert.fileutil import check_output_dir, check_output_file
     from prunecert.io import load_model
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
+    if json_out is not None:  # every output is checked before the first write (and before any work)
+        check_output_file(json_out, "--json")
+    if export_onnx is not None:
+        check_output_dir(export_onnx, "--export-onnx")
     pair = make_pair(load_model(original), load_model(pruned))
     lo, hi = pair.domain()
     regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
