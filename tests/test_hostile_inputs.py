@@ -8,7 +8,6 @@ nothing new afterwards (validate everything before the first write).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
