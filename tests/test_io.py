@@ -17,7 +17,6 @@ from prunecert.io.vnnlib import read_vnnlib_box, write_deviation_property
 from prunecert.network import Linear, mlp
 
 
-
 def _random_mlp(seed=0, sizes=(6, 8, 5, 3), lo=0.0, hi=1.0):
     rng = np.random.default_rng(seed)
     ws = [rng.normal(size=(b, a)) for a, b in zip(sizes, sizes[1:])]

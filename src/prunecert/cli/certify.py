@@ -17,16 +17,7 @@ import numpy as np
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import (
-    Centers,
-    Eps,
-    Norm,
-    Original,
-    Pruned,
-    RegionName,
-    Seed,
-    Vnnlib,
-)
+from prunecert.cli.options import Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -51,6 +42,7 @@ def certify_command(
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
     batch_size: int = typer.Option(32, help="Regions bounded at once."),
     seed: Seed = 0,
+    input_domain: InputDomain = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
@@ -59,7 +51,7 @@ def certify_command(
     """
     try:
         code = _run(original, pruned, center or [], eps, norm, region, vnnlib, method, tolerance, json_out,
-                    export_onnx, time_limit, samples, batch_size, seed, quiet)
+                    export_onnx, time_limit, samples, batch_size, seed, quiet, input_domain)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -68,11 +60,11 @@ def certify_command(
 
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
-         time_limit, samples, batch_size, seed, quiet) -> int:
+         time_limit, samples, batch_size, seed, quiet, input_domain=None) -> int:
     from prunecert.certify import certify, make_pair
     from prunecert.core.region_options import regions_from_options
     from prunecert.fileutil import check_output_dir, check_output_file
-    from prunecert.io import load_model
+    from prunecert.io import load_model, parse_input_domain
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
@@ -80,7 +72,8 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
         check_output_file(json_out, "--json")
     if export_onnx is not None:
         check_output_dir(export_onnx, "--export-onnx")
-    pair = make_pair(load_model(original), load_model(pruned))
+    domain = parse_input_domain(input_domain)
+    pair = make_pair(load_model(original, input_domain=domain), load_model(pruned, input_domain=domain))
     lo, hi = pair.domain()
     regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
                                    region=region, vnnlib=vnnlib)

@@ -10,7 +10,7 @@ import numpy as np
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Seed
+from prunecert.cli.options import InputDomain, Seed
 
 
 @app.command()
@@ -46,14 +46,15 @@ def info(
     model: Path = typer.Argument(..., help="Model file (.pt, .onnx, .nnet, or a torch state_dict with --arch)."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a bare torch state_dict: mlp:784-300-100-10 or a JSON file (see prunecert.io.torch_io)."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON instead of tables."),
+    input_domain: InputDomain = None,
 ) -> None:
     """Show a model's layers, size, input domain and metadata (training and pruning records).
 
     Example: prunecert info lenet.pt
     """
-    from prunecert.io import load_model, weights_sha256
+    from prunecert.io import load_model, parse_input_domain, weights_sha256
 
-    net = load_model(model, arch)
+    net = load_model(model, arch, parse_input_domain(input_domain))
     summary = describe_model(net)
     summary["weights_sha256"] = weights_sha256(net)
     if as_json:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Seed
+from prunecert.cli.options import InputDomain, Seed
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("Example: prunecert prune lenet.pt --method coreset --keep 0.1 --seed 0 --out lenet-pruned.pt   "
@@ -60,6 +60,7 @@ def prune_command(
     data: Optional[str] = typer.Option(None, help="Data set for fine-tuning: mnist5k, digits, fashion, idx:DIR, npz:FILE."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune by distillation from the original."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a bare torch state_dict (see prunecert info)."),
+    input_domain: InputDomain = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Prune the hidden neurons of MODEL with data-independent coresets (or a baseline) and save it.
@@ -68,15 +69,17 @@ def prune_command(
     bound beta_hat and the provable bound eps (probability >= 1 - delta).
     """
     try:
-        _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet)
+        _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet,
+             input_domain)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
 
 
-def _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet) -> None:
+def _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet,
+         input_domain=None) -> None:
     from prunecert.fileutil import check_output_file
-    from prunecert.io import load_model, save_model
+    from prunecert.io import load_model, parse_input_domain, save_model
     from prunecert.prune import prune
 
     check_output_file(out, "--out")
@@ -85,7 +88,7 @@ def _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune,
     if fine_tune and not data:
         raise ConfigError("--fine-tune needs --data (e.g. --data mnist5k)")
     keep_value = parse_keep(keep)
-    net = load_model(model, arch)
+    net = load_model(model, arch, parse_input_domain(input_domain))
     pruned = prune(net, method=method, keep=keep_value, compression=compression, epsilon=epsilon, delta=delta,
                    seed=seed, fine_tune=fine_tune, data=data, distill=distill, progress=not quiet)
     _check_pruned_something(pruned.metadata["pruning"], quiet)
