@@ -7,6 +7,7 @@ JSON, the input domain, and free-form metadata (pruning records, provenance) as 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -81,8 +82,12 @@ def _op_from_config(i: int, cfg: dict, tensors: dict, source: str) -> Op:
 
 
 def save_native(net: Network, path: str | os.PathLike) -> None:
+    """Atomic, and byte-for-byte reproducible: saved through a buffer, so the zip's entry names do not
+    carry the (random) temporary file name."""
+    buffer = io.BytesIO()
+    torch.save(network_to_dict(net), buffer)
     with atomic_path(path) as tmp:
-        torch.save(network_to_dict(net), tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_native_dict(obj: dict, path: str) -> Network:
