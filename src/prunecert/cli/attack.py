@@ -137,8 +137,11 @@ def _print(results, out) -> None:
                       str(r.class_g) + (" (disagree)" if r.disagreement else ""), f"{r.logit_deviation:.4g}",
                       f"{r.seconds:.2f}" + (" (budget hit)" if r.truncated else ""))
     console.print(table)
-    if out is not None:
-        console.print(f"saved to {out}/ (x.npz, result.json)")
+    if out is not None and len(results) == 1:
+        console.print(f"saved to {out}/ (x.npz, result.json)", highlight=False)
+    elif out is not None:
+        console.print(f"saved to {out}/: result.json (the summary) and region0/ .. region{len(results) - 1}/ "
+                      "(x.npz, result.json each)", highlight=False)
 
 
 def _replay(path: Path, original: Path, pruned: Path, input_domain: str | None = None) -> int:

@@ -140,17 +140,20 @@ def _print(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from prunecert.reports import fmt
+
     console = Console()
     table = Table(title=f"certified deviation bounds ({result.method}), {result.n_regions} region(s), "
                         f"{result.seconds:.2f} s")
     for col in ("layer", "max |local|", "max |end-to-end|"):
         table.add_column(col, justify="right" if col != "layer" else "left")
     for layer in result.layers:
-        table.add_row(layer.name, f"{np.max(layer.max_abs_local):.4g}", f"{np.max(layer.max_abs_end_to_end):.4g}")
+        table.add_row(layer.name, fmt.num(float(np.max(layer.max_abs_local))),
+                      fmt.num(float(np.max(layer.max_abs_end_to_end))))
     console.print(table)
     found = float(np.max(result.sampled_max_abs_logit_deviation))
-    console.print(f"max |Delta_logit|: certified <= {float(np.max(result.max_abs_logit_deviation)):.6g}, "
-                  f"sampled >= {found:.6g}")
+    console.print(f"max |Delta_logit|: certified <= {fmt.num(float(np.max(result.max_abs_logit_deviation)), 6)}, "
+                  f"sampled >= {fmt.num(found, 6)}")
     counts = {v: sum(a.verdict == v for a in result.agreement) for v in ("proved", "refuted", "unknown")}
     console.print(f"top-1 agreement: {result.agreement_verdict} "
                   f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
