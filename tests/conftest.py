@@ -1,6 +1,7 @@
 """Shared pytest fixtures and the hypothesis profile for CI."""
 
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def write_vnncomp_like(folder: Path, hidden: int = 16, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     sizes = (784, hidden, hidden, 10)
     inits, nodes, value = [], [helper.make_node("Flatten", ["0"], ["7"], axis=1)], "7"
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         inits += [numpy_helper.from_array((rng.normal(size=(b, a)) / np.sqrt(a)).astype(np.float32), f"layers.{2 * i}.weight"),
                   numpy_helper.from_array((0.1 * rng.normal(size=b)).astype(np.float32), f"layers.{2 * i}.bias")]
         nodes.append(helper.make_node("Gemm", [value, f"layers.{2 * i}.weight", f"layers.{2 * i}.bias"], [f"g{i}"],

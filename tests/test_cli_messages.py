@@ -5,6 +5,7 @@ reports a worse "best"."""
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from prunecert.reports import fmt
 
 def _net(seed: int, sizes=(64, 8, 6, 10)):
     rng = np.random.default_rng(seed)
-    return mlp([rng.normal(size=(b, a)) / np.sqrt(a) for a, b in zip(sizes, sizes[1:])],
+    return mlp([rng.normal(size=(b, a)) / np.sqrt(a) for a, b in pairwise(sizes)],
                [0.1 * rng.normal(size=b) for b in sizes[1:]], name=f"net{seed}")
 
 
@@ -51,7 +52,7 @@ def test_certify_prints_no_rounding_margin_or_negative_zero(files, capsys):
 
 
 def test_unrelated_pair_names_the_mismatch(files, capsys):
-    code, out, err = _run(capsys, "certify", files / "other.pt", files / "g.pt", "--region", "domain", "-q")
+    code, _, err = _run(capsys, "certify", files / "other.pt", files / "g.pt", "--region", "domain", "-q")
     assert code == ERROR_EXIT
     assert "was pruned from 'net0'" in err and "not from net1" in err and "not a pair" in err
     assert "out of range" not in err

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,12 +25,12 @@ from prunecert.io import save_model
 from prunecert.network import mlp
 
 SIZES = (64, 8, 6, 10)  # 64 inputs: the `digits` data set's images, so centres can come from it
-TIME_LIMIT_S = 8        # a case that takes longer hangs (the bug was: forever)
+TIME_LIMIT_S = 30       # a case that takes longer hangs (the bug was: forever)
 
 
 def _net(seed: int):
     rng = np.random.default_rng(seed)
-    ws = [rng.normal(size=(b, a)) / np.sqrt(a) for a, b in zip(SIZES, SIZES[1:])]
+    ws = [rng.normal(size=(b, a)) / np.sqrt(a) for a, b in pairwise(SIZES)]
     return mlp(ws, [rng.normal(size=b) * 0.1 for b in SIZES[1:]], name=f"net{seed}")
 
 

@@ -4,6 +4,7 @@ pruned and audited; the domain is recorded; box edges within float32 rounding of
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_normalised_box_needs_and_accepts_input_domain(onnx_pair, tmp_path, caps
     code, out, err = _run(capsys, "certify", onnx_pair / "f.onnx", onnx_pair / "g.onnx", "--vnnlib", prop, "-q")
     assert code == ERROR_EXIT and "-0.5 at input [0] is below the domain's 0.0" in err and "--input-domain" in err
     for domain in ("-1,1", str(onnx_pair / "pair.npy")):
-        code, out, err = _run(capsys, "certify", onnx_pair / "f.onnx", onnx_pair / "g.onnx", "--vnnlib", prop,
+        code, _, err = _run(capsys, "certify", onnx_pair / "f.onnx", onnx_pair / "g.onnx", "--vnnlib", prop,
                               "--input-domain", domain, "--json", tmp_path / "c.json", "-q")
         assert code in (0, 1, 2), err
         region = json.loads((tmp_path / "c.json").read_text())["regions"][0]["region"]
@@ -99,7 +100,7 @@ def test_edges_within_float32_rounding_snap_to_the_domain():
 def test_audit_records_the_input_domain(tmp_path, capsys):
     rng = np.random.default_rng(0)
     sizes = (64, 8, 10)
-    f = mlp([rng.normal(size=(b, a)) / np.sqrt(a) for a, b in zip(sizes, sizes[1:])], [np.zeros(8), np.zeros(10)])
+    f = mlp([rng.normal(size=(b, a)) / np.sqrt(a) for a, b in pairwise(sizes)], [np.zeros(8), np.zeros(10)])
     save_model(f, tmp_path / "f.onnx")
     code, out, err = _run(capsys, "audit", tmp_path / "f.onnx", "--keep", "4", "--data", "digits", "--regions", "1",
                           "--eps", "0.01", "--no-domain", "--attack-budget", "0.05", "--samples", "8",

@@ -5,6 +5,7 @@ coreset-pruned copy, so the test needs no training)."""
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from prunecert.network import mlp
 from prunecert.prune import prune
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def lenet_folder(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("readme")
     rng = np.random.default_rng(0)
     sizes = (784, 300, 100, 10)
-    net = mlp([rng.normal(size=(b, a)) / np.sqrt(a) for a, b in zip(sizes, sizes[1:])],
+    net = mlp([rng.normal(size=(b, a)) / np.sqrt(a) for a, b in pairwise(sizes)],
               [np.zeros(b) for b in sizes[1:]], name="lenet")
     save_model(net, d / "lenet.pt")
     save_model(prune(net, keep=0.1, seed=0, progress=False), d / "lenet-pruned.pt")
