@@ -344,3 +344,25 @@ def test_stale_temp_files_of_killed_runs_are_swept(tmp_path):
     atomic_write_text(tmp_path / "report.json", "{}\n")
     assert not dead.exists() and live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.json", live.name, other.name])
+
+
+def test_warnings_before_an_error_are_dropped_and_kept_after_success(tmp_path, capsys, monkeypatch, models):
+    """A numpy/torch warning on the way to an error must not push the error off its one line."""
+    import warnings
+
+    import prunecert.io
+    from prunecert.errors import ModelFormatError
+
+    real = prunecert.io.load_model
+
+    def noisy(path, *args, **kwargs):
+        warnings.warn("divide by zero encountered in divide", RuntimeWarning, stacklevel=1)
+        if "bad" in str(path):
+            raise ModelFormatError(f"{path}: broken")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(prunecert.io, "load_model", noisy)
+    code, out, err = run_cli(capsys, ["info", tmp_path / "bad.pt"])
+    assert_error_line(code, err, r"bad.pt: broken")
+    code, out, err = run_cli(capsys, ["info", models / "f.pt"])
+    assert code == 0 and "divide by zero" in err

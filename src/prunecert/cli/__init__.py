@@ -56,11 +56,10 @@ def run(argv: list[str] | None = None) -> int:
 
     silence_highs_banner()  # keep stdout clean (--json-only output must stay parseable)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
         code = _invoke(argv)
     if code != ERROR_EXIT:
-        for w in caught:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        for w in caught:  # as Python would have printed them (formatwarning), on stderr
+            sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return code
 
 
