@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -94,21 +95,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_temps(folder: Path, name: str) -> None:
-    """Remove `.NAME.PID.*.tmp` files whose writer (PID) is gone: what a run killed between writing and
-    renaming leaves behind. Files of a live process (another run writing now) are left alone."""
+def sweep_stale_temps(folder: Path, name: str, suffix: str = ".tmp") -> None:
+    """Remove `.NAME.PID.*SUFFIX` files (or folders) whose writer (PID) is gone: what a run killed between
+    writing and renaming leaves behind. Those of a live process (another run writing now) stay."""
     prefix = f".{name}."
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+        if not (entry.name.startswith(prefix) and entry.name.endswith(suffix)):
             continue
         pid = entry.name[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -8,6 +8,7 @@ point with |Delta_logit| > tau was found), 2 unknown; without it the verdict is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,7 +118,10 @@ def export_interop(pair, regions, result, folder: Path) -> list[Path]:
 def _export(pair, regions, result, folder: Path, save_difference_onnx, write_deviation_property) -> list[Path]:
     n_out = pair.n_classes
     written = []
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
+    from prunecert.fileutil import sweep_stale_temps
+
+    sweep_stale_temps(folder, "export", suffix=".d")  # left by a run killed while exporting
+    with tempfile.TemporaryDirectory(prefix=f".export.{os.getpid()}.", suffix=".d", dir=folder) as tmp:
         tmp = Path(tmp)
         save_difference_onnx(pair.f, pair.g, tmp / "difference.onnx")
         rows = []
