@@ -364,7 +364,7 @@ def test_warnings_before_an_error_are_dropped_and_kept_after_success(tmp_path, c
     monkeypatch.setattr(prunecert.io, "load_model", noisy)
     code, out, err = run_cli(capsys, ["info", tmp_path / "bad.pt"])
     assert_error_line(code, err, r"bad.pt: broken")
-    code, out, err = run_cli(capsys, ["info", models / "f.pt"])
+    code, _, err = run_cli(capsys, ["info", models / "f.pt"])
     assert code == 0 and "divide by zero" in err
 
 
@@ -372,7 +372,7 @@ def test_export_of_a_killed_run_is_swept(tmp_path, capsys, models):
     stale = tmp_path / "exp" / ".export.999999999.abc.d"
     stale.mkdir(parents=True)
     (stale / "difference.onnx").write_bytes(b"partial")
-    code, out, err = run_cli(capsys, ["certify", models / "f.pt", models / "g.pt", "--region", "domain",
+    code, _, err = run_cli(capsys, ["certify", models / "f.pt", models / "g.pt", "--region", "domain",
                                       "--export-onnx", tmp_path / "exp", "-q"])
     assert code in (0, 1, 2), err
     assert not stale.exists() and (tmp_path / "exp" / "difference.onnx").is_file()
