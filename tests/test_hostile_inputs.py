@@ -362,7 +362,7 @@ def test_warnings_before_an_error_are_dropped_and_kept_after_success(tmp_path, c
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(prunecert.io, "load_model", noisy)
-    code, out, err = run_cli(capsys, ["info", tmp_path / "bad.pt"])
+    code, _, err = run_cli(capsys, ["info", tmp_path / "bad.pt"])
     assert_error_line(code, err, r"bad.pt: broken")
     code, _, err = run_cli(capsys, ["info", models / "f.pt"])
     assert code == 0 and "divide by zero" in err

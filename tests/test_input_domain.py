@@ -45,7 +45,7 @@ def _run(capsys, *argv):
 
 def test_normalised_box_needs_and_accepts_input_domain(onnx_pair, tmp_path, capsys):
     prop = _vnnlib(tmp_path / "p.vnnlib", [-0.5] * N_IN, [0.25] * N_IN)
-    code, out, err = _run(capsys, "certify", onnx_pair / "f.onnx", onnx_pair / "g.onnx", "--vnnlib", prop, "-q")
+    code, _, err = _run(capsys, "certify", onnx_pair / "f.onnx", onnx_pair / "g.onnx", "--vnnlib", prop, "-q")
     assert code == ERROR_EXIT and "-0.5 at input [0] is below the domain's 0.0" in err and "--input-domain" in err
     for domain in ("-1,1", str(onnx_pair / "pair.npy")):
         code, _, err = _run(capsys, "certify", onnx_pair / "f.onnx", onnx_pair / "g.onnx", "--vnnlib", prop,
