@@ -180,7 +180,7 @@ def test_hidden_layer_tolerance_gates_the_verdict(models, tmp_path):
     (["{f}", "{g}", "--tolerance", "-2"], "tolerance must be a finite number > 0"),
     (["{f}", "{g}"], "--tolerance is required"),
     (["{f}", "{g}", "--tolerance", "1", "--out", "{blocker}"], "exists and is not a folder"),
-    (["{f}", "{g}", "--tolerance", "1", "--out", "{blocker}/sub"], "is not writable"),
+    (["{f}", "{g}", "--tolerance", "1", "--out", "{blocker}/sub"], "blocker is not a folder"),
     (["{f}", "{g}", "--tolerance", "1", "--data", "mnist5k"], "mnist5k has inputs of shape (1, 28, 28)"),
     (["{f}", "{g}", "--tolerance", "1", "--compression", "0.5"], "either a pruned model or pruning options"),
     (["{f}", "--tolerance", "1"], "exactly one pruning target"),

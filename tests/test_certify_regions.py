@@ -53,7 +53,7 @@ def test_box_around_keeps_centre_eps_and_describes_itself():
     (lambda: Box([-0.5, 0.0, 0.0], [0.1, 0.4, 0.3], ZERO, ONE), "below the domain"),
     (lambda: L2Ball(np.full(3, 0.5), -1.0, ZERO, ONE), "radius must be a finite number >= 0"),
     (lambda: L2Ball(np.full(2, 0.5), 1.0, ZERO, ONE), "does not match the input shape"),
-    (lambda: Domain([0.0, 1.0], [1.0, 0.0]), "lower 1 > upper 0 at input [1]"),
+    (lambda: Domain([0.0, 1.0], [1.0, 0.0]), "lower 1.0 > upper 0.0 at input [1]"),
 ])
 def test_invalid_regions_raise_a_region_error_naming_the_problem(make, message):
     with pytest.raises(RegionError, match=None) as info:

@@ -1,6 +1,5 @@
 """Model I/O: every import/export path round-trips; foreign, truncated and unsupported files fail clearly."""
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,9 +15,6 @@ from prunecert.io.onnx_io import save_difference_onnx
 from prunecert.io.torch_io import network_from_module, network_to_module
 from prunecert.io.vnnlib import read_vnnlib_box, write_deviation_property
 from prunecert.network import Linear, mlp
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vnncomp2022-mnist_fc"
-FIXTURE_NET = FIXTURES / "mnist-net_256x2.onnx"
 
 
 def _random_mlp(seed=0, sizes=(6, 8, 5, 3), lo=0.0, hi=1.0):
@@ -101,11 +97,12 @@ def test_onnx_export_import_and_onnxruntime_agree(tmp_path):
         assert np.abs(got - net.forward(x).numpy()).max() < 1e-5
 
 
-def test_real_vnncomp_network_imports_and_matches_onnxruntime():
-    net = load_model(FIXTURE_NET)
-    assert [layer.n_neurons for layer in net.layers()] == [256, 256, 10]
+def test_vnncomp_network_imports_and_matches_onnxruntime(vnncomp):
+    folder, widths = vnncomp
+    net = load_model(folder / "mnist-net_256x2.onnx")
+    assert [layer.n_neurons for layer in net.layers()] == widths
     x = np.random.default_rng(3).random((6, 784, 1)).astype(np.float32)
-    sess = ort.InferenceSession(str(FIXTURE_NET))
+    sess = ort.InferenceSession(str(folder / "mnist-net_256x2.onnx"))
     want = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(6)])
     assert np.abs(want - net.forward(x.astype(np.float64)).numpy()).max() < 1e-5
 
@@ -174,8 +171,8 @@ def test_difference_onnx_computes_f_minus_g(tmp_path):
     assert np.abs(got - (f.forward(x) - g.forward(x)).numpy()).max() < 1e-4
 
 
-def test_vnnlib_fixture_box_and_deviation_property(tmp_path):
-    lo, hi = read_vnnlib_box(FIXTURES / "prop_0_0.03.vnnlib", 784)
+def test_vnnlib_fixture_box_and_deviation_property(tmp_path, vnncomp):
+    lo, hi = read_vnnlib_box(vnncomp[0] / "prop_0_0.03.vnnlib", 784)
     assert lo.shape == (784,) and np.all(lo >= 0) and np.all(hi <= 1) and np.all(hi - lo <= 2 * 0.03 + 1e-7)
     write_deviation_property(tmp_path / "p.vnnlib", lo, hi, 3, 0.25, n_outputs=10)
     text = (tmp_path / "p.vnnlib").read_text()

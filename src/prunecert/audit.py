@@ -62,11 +62,11 @@ class AuditPlan:
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
 
 
-def _load(model: Network | str | os.PathLike) -> tuple[Network, str | None]:
+def _load(model: Network | str | os.PathLike, input_domain=None) -> tuple[Network, str | None]:
+    from prunecert.io import load_model, with_input_domain
     if isinstance(model, Network):
-        return model, None
-    from prunecert.io import load_model
-    return load_model(model), str(model)
+        return with_input_domain(model, input_domain), None
+    return load_model(model, input_domain=input_domain), str(model)
 
 
 def _positive(value, name: str) -> float:
@@ -98,25 +98,27 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                prune_method: str = "coreset", keep=None, compression: float | None = None,
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
                attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
-               progress: bool = True, command: str | None = None, max_panels: int = 6) -> AuditPlan:
+               progress: bool = True, command: str | None = None, max_panels: int = 6,
+               input_domain: tuple | None = None) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
     Give either `pruned` (a model or a file; compact pruned models are completed onto the original) or
     a pruning target (`keep`, `compression` or `epsilon`, with `prune_method`, `delta` and optionally
     `fine_tune` epochs on the data set's training split, which voids the provable bounds).
+    `input_domain` (lo, hi) replaces both models' input box (see `prunecert.io.with_input_domain`).
     """
     from prunecert.adversarial import METHODS as ATTACKS
     from prunecert.certify import get_method, make_pair
     from prunecert.data import load_dataset
 
     t0 = time.perf_counter()
-    original, original_src = _load(original)
+    original, original_src = _load(original, input_domain)
     targets = {k: v for k, v in (("keep", keep), ("compression", compression), ("epsilon", epsilon)) if v is not None}
     pruned_src = None
     if pruned is not None:
         if targets:
             raise ConfigError(f"give either a pruned model or pruning options ({', '.join(targets)}), not both")
-        pruned, pruned_src = _load(pruned)
+        pruned, pruned_src = _load(pruned, input_domain)
         make_pair(original, pruned)  # a PairingError naming the layer, now rather than after training data loads
     elif len(targets) != 1:
         raise ConfigError("no pruned model given: give exactly one pruning target (keep, compression or epsilon)"

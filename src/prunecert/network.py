@@ -31,6 +31,8 @@ Shape = tuple[int, ...]
 
 
 def _as_tensor(value, name: str) -> torch.Tensor:
+    if (torch.is_tensor(value) and value.is_complex()) or (not torch.is_tensor(value) and np.iscomplexobj(value)):
+        raise ModelFormatError(f"{name} holds complex numbers; weights must be real")
     t = value if torch.is_tensor(value) else torch.from_numpy(np.array(value, dtype=np.float64))
     t = t.detach().to(torch.float64).clone()
     if not torch.isfinite(t).all():
@@ -352,14 +354,24 @@ class Network:
                 raise ShapeMismatchError(
                     f"{self.name}: op {i} ({op.kind}) expects input shape {op.in_shape} but receives {shape}")
             shape = op.out_shape
+            if math.prod(shape) == 0:
+                raise ModelFormatError(f"{self.name}: op {i} ({op.kind}) has an empty output of shape {shape}; "
+                                       "every layer needs at least one neuron")
         if isinstance(self.ops[0], ReLU) or isinstance(self.ops[-1], ReLU):
             raise ModelFormatError(f"{self.name}: a network must start and end with an affine op, not a ReLU")
         for i in range(1, len(self.ops)):
             if isinstance(self.ops[i], ReLU) and isinstance(self.ops[i - 1], ReLU):
                 raise ModelFormatError(f"{self.name}: two ReLUs in a row at ops {i - 1}, {i}")
-        lo, hi = self.domain()
-        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo <= hi)):
-            raise ModelFormatError(f"{self.name}: input domain [{self.input_lo}, {self.input_hi}] is not a finite box")
+        try:
+            lo, hi = self.domain()
+        except ValueError as exc:
+            raise ModelFormatError(f"{self.name}: input domain does not fit the input shape {self.input_shape} "
+                                   f"({exc})") from None
+        bad = ~np.isfinite(lo) | ~np.isfinite(hi) | ~(lo <= hi)
+        if bad.any():
+            i = tuple(int(v) for v in np.argwhere(bad)[0])
+            raise ModelFormatError(f"{self.name}: input domain is not a finite box: input {list(i)} has "
+                                   f"[{float(lo[i])!r}, {float(hi[i])!r}] ({int(bad.sum())} inputs bad)")
 
     def layers(self) -> list[Layer]:
         """Group the ops into layers (see module docstring)."""

@@ -14,6 +14,7 @@ time budget cut it short (`result.truncated`), in which case how far it got depe
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -150,17 +151,21 @@ def _finish(pair: Pair, objectives: list[Objective], space: SearchSpace, state: 
 
 
 class _Log:
-    """One line per stage on stderr (rich), silent when `progress` is False."""
+    """One line per stage on stderr (rich), silent when `progress` is False. "best" is the best value found
+    so far by any stage (a later stage, e.g. an LP walk from a weaker start, may find less on its own)."""
 
     def __init__(self, enabled: bool, n_regions: int):
         self.console = Console(stderr=True) if enabled else None
         self.n_regions = n_regions
+        self.best = -math.inf
 
     def stage(self, name: str, state: SearchState | None, start: float, value: float | None = None) -> None:
         if self.console is None:
             return
         if value is None and state is not None:
             value = float(state.value.max())
+        if value is not None:
+            self.best = value = max(self.best, value)
         where = f" over {self.n_regions} regions" if self.n_regions > 1 else ""
         self.console.print(f"[bold]attack[/] {name}{where}: best {value:.6g} "
                            f"({time.perf_counter() - start:.2f} s)", highlight=False)

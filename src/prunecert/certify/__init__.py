@@ -146,6 +146,8 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     pair = _as_pair(original, pruned)
     regions = _check_regions(pair, regions)
     tolerance = _check_tolerance(tolerance)
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
+        raise ConfigError(f"time limit must be a finite number of seconds > 0, got {time_limit!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     fn = get_method(method)

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import typer
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from prunecert.errors import PrunecertError
 
@@ -34,17 +40,57 @@ for _module in ("models", "prune", "certify", "attack", "audit"):
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with ERROR_EXIT."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(ERROR_EXIT)
 
 
-def main() -> None:
-    """Console entry point: turn PrunecertError into a one-line message."""
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default sys.argv[1:]) and return the exit status.
+
+    Usage errors (a misspelt option, a bad value, a missing argument) and PrunecertError become one
+    line on stderr and status 3; 1 and 2 are verdicts, never "click did not understand". Warnings
+    (numpy, torch) raised on the way to an error are dropped, so the error line stands alone; after a
+    successful run they are shown as usual.
+    """
     from prunecert.solvers import silence_highs_banner
 
     silence_highs_banner()  # keep stdout clean (--json-only output must stay parseable)
+    with warnings.catch_warnings(record=True) as caught:
+        code = _invoke(argv)
+    if code != ERROR_EXIT:
+        for w in caught:  # as Python would have printed them (formatwarning), on stderr
+            sys.stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    return code
+
+
+def _invoke(argv: list[str] | None) -> int:
     try:
-        app()
+        result = app(args=argv, prog_name="prunecert", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare `prunecert` or `prunecert CMD`: the help
+        typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        return 0
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "prunecert"
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"error: {message} (see '{where} --help')", err=True)
+        return ERROR_EXIT
     except PrunecertError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(ERROR_EXIT)
+        typer.echo(f"error: {one_line(exc)}", err=True)
+        return ERROR_EXIT
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message squeezed onto one line (messages may quote multi-line file content)."""
+    text = " ".join(str(exc).split())
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 path must not crash the print
+
+
+def main() -> None:
+    """Console entry point (`prunecert`): see `run`."""
+    sys.exit(run())

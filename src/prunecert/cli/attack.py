@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
+from prunecert.cli.options import Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -35,7 +35,7 @@ def attack_command(
                                   "or layer:L:neuron:K[:min]."),
     method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
     budget_seconds: float = typer.Option(10.0, "--budget-seconds", help="Time budget per region (seconds)."),
-    seed: int = typer.Option(0, help="Seed of every random choice (starts, samples)."),
+    seed: Seed = 0,
     restarts: Optional[int] = typer.Option(None, help="Restarts per sub-objective (gradient methods) or LP walks."),
     lowest_margin: Optional[int] = typer.Option(None, "--lowest-margin", help="Attack only the K regions whose "
                                                 "centres have the smallest margin of PRUNED for ORIGINAL's class "
@@ -43,6 +43,7 @@ def attack_command(
     tolerance: Optional[float] = typer.Option(None, help="Exit 1 if the value found exceeds this, else 2."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for x.npz, PNGs and result.json."),
     replay_path: Optional[Path] = typer.Option(None, "--replay", help="Re-evaluate a saved x.npz instead."),
+    input_domain: InputDomain = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Find inputs in a region maximising how far PRUNED deviates from ORIGINAL; save counterexamples.
@@ -55,10 +56,10 @@ def attack_command(
     """
     try:
         if replay_path is not None:
-            code = _replay(replay_path, original, pruned)
+            code = _replay(replay_path, original, pruned, input_domain)
         else:
             code = _run(original, pruned, center or [], eps, norm, region, vnnlib, objective, method,
-                        budget_seconds, seed, restarts, tolerance, out, quiet, lowest_margin)
+                        budget_seconds, seed, restarts, tolerance, out, quiet, lowest_margin, input_domain)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -67,19 +68,23 @@ def attack_command(
 
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method, budget, seed, restarts,
-         tolerance, out, quiet, lowest_margin=None) -> int:
+         tolerance, out, quiet, lowest_margin=None, input_domain=None) -> int:
     from prunecert.adversarial import attack_many, parse_objective, save_counterexample
     from prunecert.core.completion import make_pair
     from prunecert.core.region_options import regions_from_options
-    from prunecert.io import load_model, weights_sha256
+    from prunecert.fileutil import check_output_dir
+    from prunecert.io import load_model, parse_input_domain, weights_sha256
 
     parse_objective(objective)  # a malformed spec fails before any model is loaded
+    if out is not None:
+        check_output_dir(out, "--out")
     if eps is not None and centers and not eps > 0:
         raise ConfigError(f"--eps must be > 0 for an attack (a region of zero volume has nothing to search), "
                           f"got {eps}")
     if lowest_margin is not None and lowest_margin < 1:
         raise ConfigError(f"--lowest-margin must be >= 1 (the number of regions to keep), got {lowest_margin}")
-    net_f, net_g = load_model(original), load_model(pruned)
+    domain = parse_input_domain(input_domain)
+    net_f, net_g = load_model(original, input_domain=domain), load_model(pruned, input_domain=domain)
     pair = make_pair(net_f, net_g)
     lo, hi = pair.domain()
     regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm, region=region,
@@ -132,15 +137,19 @@ def _print(results, out) -> None:
                       str(r.class_g) + (" (disagree)" if r.disagreement else ""), f"{r.logit_deviation:.4g}",
                       f"{r.seconds:.2f}" + (" (budget hit)" if r.truncated else ""))
     console.print(table)
-    if out is not None:
-        console.print(f"saved to {out}/ (x.npz, result.json)")
+    if out is not None and len(results) == 1:
+        console.print(f"saved to {out}/ (x.npz, result.json)", highlight=False)
+    elif out is not None:
+        console.print(f"saved to {out}/: result.json (the summary) and region0/ .. region{len(results) - 1}/ "
+                      "(x.npz, result.json each)", highlight=False)
 
 
-def _replay(path: Path, original: Path, pruned: Path) -> int:
+def _replay(path: Path, original: Path, pruned: Path, input_domain: str | None = None) -> int:
     from prunecert.adversarial import replay
-    from prunecert.io import load_model
+    from prunecert.io import load_model, parse_input_domain
 
-    r = replay(path, load_model(original), load_model(pruned))
+    domain = parse_input_domain(input_domain)
+    r = replay(path, load_model(original, input_domain=domain), load_model(pruned, input_domain=domain))
     typer.echo(f"{r.path}: {r.objective} = {r.value!r} (saved {r.saved_value!r}); argmax f = {r.class_f}, "
                f"argmax g = {r.class_g}; inside region: {'yes' if r.inside else 'NO'}; "
                f"models match the saved hashes: {'yes' if r.models_match else 'NO'}")

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.options import InputDomain, Seed
 from prunecert.errors import ConfigError, PrunecertError
 
 DEMO = {"arch": "lenet300", "data": "mnist5k", "epochs": 10, "compression": 0.9, "points": 10,
@@ -133,6 +134,8 @@ def _canonical(original, pruned, o: dict) -> str:
             if o[k] is not None:
                 parts += [f"--{k}", str(o[k])]
         parts += ["--delta", str(o["delta"])] + (["--fine-tune", str(o["fine_tune"])] if o["fine_tune"] else [])
+    if o.get("input_domain") is not None:
+        parts += ["--input-domain", str(o["input_domain"])]
     parts += ["--data", o["data"], "--regions", str(o["regions"]), "--eps", o["eps"],
               "--domain" if o["domain"] else "--no-domain", "--tolerance", str(o["tolerance"])]
     if o["layer_tolerance"]:
@@ -167,11 +170,12 @@ def audit_command(
     attack_method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
     attack_budget: float = typer.Option(0.5, help="Attack seconds per region and objective."),
     samples: int = typer.Option(256, help="Points certify samples per region (its own counterexample search)."),
-    seed: int = typer.Option(0, help="Seed of the region choice, pruning, sampling and attacks."),
+    seed: Seed = 0,
     out: Optional[Path] = typer.Option(None, help="Report folder (default audit/, or reports/demo with --demo)."),
     save_pruned: Optional[Path] = typer.Option(None, help="Also save the model pruned here to this file."),
     demo: bool = typer.Option(False, "--demo", help="Train/reuse LeNet-300-100 on mnist5k, prune 90 %, audit."),
     json_only: bool = typer.Option(False, "--json-only", help="Write only report.json and print it on stdout."),
+    input_domain: InputDomain = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary; only the exit status."),
 ) -> None:
     """Audit PRUNED against ORIGINAL (or prune ORIGINAL here) and write report.{json,html,md} to --out.
@@ -191,12 +195,13 @@ def audit_command(
 def _run(o: dict) -> int:
     from prunecert.audit import plan_audit, run_audit
     from prunecert.cli.prune import parse_keep
+    from prunecert.fileutil import check_output_file
     from prunecert.reports import check_writable, write_report
 
     progress = not (o["quiet"] or o["json_only"])
     if o["demo"]:
-        if o["original"] is not None or o["pruned"] is not None:
-            raise ConfigError("--demo trains its own model: give no model files with it")
+        if o["original"] is not None or o["pruned"] is not None or o["input_domain"] is not None:
+            raise ConfigError("--demo trains its own model: give no model files (nor --input-domain) with it")
         if o["keep"] is None and o["compression"] is None and o["epsilon"] is None:
             o["compression"] = DEMO["compression"]
         o["regions"] = DEMO["points"] if o["regions"] is None else o["regions"]
@@ -213,9 +218,14 @@ def _run(o: dict) -> int:
     layer_tol = None if not o["layer_tolerance"] else _floats(o["layer_tolerance"], "--layer-tolerance")
     if layer_tol is not None and len(layer_tol) == 1:
         layer_tol = layer_tol[0]
-    check_writable(o["out"])
+    if not _floats(o["eps"], "--eps"):
+        raise ConfigError(f"--eps {o['eps']!r} names no radius; give one or more (e.g. 0.01,0.02), or --regions 0 "
+                          "to audit only the domain")
+    check_writable(o["out"])  # every output is checked before any work, none is created yet
     if o["save_pruned"] is not None and o["pruned"] is not None:
         raise ConfigError("--save-pruned saves a model pruned by the audit; PRUNED was given")
+    if o["save_pruned"] is not None:
+        check_output_file(o["save_pruned"], "--save-pruned")
     with _redirect_stdout("stderr" if o["json_only"] else "null" if o["quiet"] else None):
         plan_kwargs = dict(
             tolerance=o["tolerance"], data=o["data"], points=o["regions"], eps=_floats(o["eps"], "--eps"),
@@ -224,6 +234,9 @@ def _run(o: dict) -> int:
             certify_method=o["certify_method"],
             attack_method=o["attack_method"], attack_budget=o["attack_budget"], samples=o["samples"], seed=o["seed"],
             progress=progress, command=_canonical(o["original"], o["pruned"], o))
+        if o["input_domain"] is not None:
+            from prunecert.io import parse_input_domain
+            plan_kwargs["input_domain"] = parse_input_domain(o["input_domain"])
         if o["demo"]:  # check every option on an untrained stand-in first: errors come before training
             t0 = time.perf_counter()
             plan = plan_audit(_untrained_demo_model(o["data"]), None, **plan_kwargs)

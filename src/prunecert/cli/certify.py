@@ -8,6 +8,7 @@ point with |Delta_logit| > tau was found), 2 unknown; without it the verdict is 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ import typer
 
 from prunecert.adversarial.witness import witness_options
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
+from prunecert.cli.options import Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -42,7 +43,8 @@ def certify_command(
     time_limit: Optional[float] = typer.Option(None, help="Seconds per solver call (lp, milp, bab)."),
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
     batch_size: int = typer.Option(32, help="Regions bounded at once."),
-    seed: int = typer.Option(0, help="Seed of the counterexample search."),
+    seed: Seed = 0,
+    input_domain: InputDomain = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
@@ -51,7 +53,7 @@ def certify_command(
     """
     try:
         code = _run(original, pruned, center or [], eps, norm, region, vnnlib, method, tolerance, json_out,
-                    export_onnx, time_limit, samples, batch_size, seed, quiet)
+                    export_onnx, time_limit, samples, batch_size, seed, quiet, input_domain)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -60,14 +62,20 @@ def certify_command(
 
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
-         time_limit, samples, batch_size, seed, quiet) -> int:
+         time_limit, samples, batch_size, seed, quiet, input_domain=None) -> int:
     from prunecert.certify import certify, make_pair
     from prunecert.core.region_options import regions_from_options
-    from prunecert.io import load_model
+    from prunecert.fileutil import check_output_dir, check_output_file
+    from prunecert.io import load_model, parse_input_domain
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    pair = make_pair(load_model(original), load_model(pruned))
+    if json_out is not None:  # every output is checked before the first write (and before any work)
+        check_output_file(json_out, "--json")
+    if export_onnx is not None:
+        check_output_dir(export_onnx, "--export-onnx")
+    domain = parse_input_domain(input_domain)
+    pair = make_pair(load_model(original, input_domain=domain), load_model(pruned, input_domain=domain))
     lo, hi = pair.domain()
     regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
                                    region=region, vnnlib=vnnlib)
@@ -112,7 +120,10 @@ def export_interop(pair, regions, result, folder: Path) -> list[Path]:
 def _export(pair, regions, result, folder: Path, save_difference_onnx, write_deviation_property) -> list[Path]:
     n_out = pair.n_classes
     written = []
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=folder) as tmp:
+    from prunecert.fileutil import sweep_stale_temps
+
+    sweep_stale_temps(folder, "export", suffix=".d")  # left by a run killed while exporting
+    with tempfile.TemporaryDirectory(prefix=f".export.{os.getpid()}.", suffix=".d", dir=folder) as tmp:
         tmp = Path(tmp)
         save_difference_onnx(pair.f, pair.g, tmp / "difference.onnx")
         rows = []
@@ -135,17 +146,20 @@ def _print(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from prunecert.reports import fmt
+
     console = Console()
     table = Table(title=f"certified deviation bounds ({result.method}), {result.n_regions} region(s), "
                         f"{result.seconds:.2f} s")
     for col in ("layer", "max |local|", "max |end-to-end|"):
         table.add_column(col, justify="right" if col != "layer" else "left")
     for layer in result.layers:
-        table.add_row(layer.name, f"{np.max(layer.max_abs_local):.4g}", f"{np.max(layer.max_abs_end_to_end):.4g}")
+        table.add_row(layer.name, fmt.num(float(np.max(layer.max_abs_local))),
+                      fmt.num(float(np.max(layer.max_abs_end_to_end))))
     console.print(table)
     found = float(np.max(result.sampled_max_abs_logit_deviation))
-    console.print(f"max |Delta_logit|: certified <= {float(np.max(result.max_abs_logit_deviation)):.6g}, "
-                  f"sampled >= {found:.6g}")
+    console.print(f"max |Delta_logit|: certified <= {fmt.num(float(np.max(result.max_abs_logit_deviation)), 6)}, "
+                  f"sampled >= {fmt.num(found, 6)}")
     counts = {v: sum(a.verdict == v for a in result.agreement) for v in ("proved", "refuted", "unknown")}
     console.print(f"top-1 agreement: {result.agreement_verdict} "
                   f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")

@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.options import InputDomain, Seed
 
 
 @app.command()
@@ -17,7 +18,7 @@ def train(
     arch: str = typer.Option("lenet300", help="Architecture: lenet300 (784-300-100-10) or vgg-small (a small CNN)."),
     data: str = typer.Option("mnist5k", help="Data set: mnist5k, digits, fashion, idx:DIR or npz:FILE."),
     epochs: int = typer.Option(20, help="Training epochs."),
-    seed: int = typer.Option(0, help="Seed for initialisation and batch order."),
+    seed: Seed = 0,
     lr: float = typer.Option(1e-3, help="Adam learning rate (cosine-annealed to 0)."),
     batch_size: int = typer.Option(64, help="Mini-batch size."),
     out: Path = typer.Option(..., help="Output model file (.pt native; .onnx and .nnet by suffix)."),
@@ -27,9 +28,11 @@ def train(
 
     Example: prunecert train --arch lenet300 --data mnist5k --epochs 20 --seed 0 --out lenet.pt
     """
+    from prunecert.fileutil import check_output_file
     from prunecert.io import save_model
     from prunecert.train import train_model
 
+    check_output_file(out, "--out")
     net = train_model(arch, data, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, progress=not quiet,
                       name=out.stem)
     save_model(net, out)
@@ -43,14 +46,15 @@ def info(
     model: Path = typer.Argument(..., help="Model file (.pt, .onnx, .nnet, or a torch state_dict with --arch)."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a bare torch state_dict: mlp:784-300-100-10 or a JSON file (see prunecert.io.torch_io)."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON instead of tables."),
+    input_domain: InputDomain = None,
 ) -> None:
     """Show a model's layers, size, input domain and metadata (training and pruning records).
 
     Example: prunecert info lenet.pt
     """
-    from prunecert.io import load_model, weights_sha256
+    from prunecert.io import load_model, parse_input_domain, weights_sha256
 
-    net = load_model(model, arch)
+    net = load_model(model, arch, parse_input_domain(input_domain))
     summary = describe_model(net)
     summary["weights_sha256"] = weights_sha256(net)
     if as_json:

@@ -1,4 +1,4 @@
-"""The arguments and region options `certify` and `attack` share (one declaration, one help text).
+"""The arguments and options several commands share (one declaration, one help text, one valid range).
 
 Both commands take the same two models and read their regions with
 `core.region_options.regions_from_options`; declaring them once keeps their flags and help identical.
@@ -11,6 +11,13 @@ from typing import Annotated, List, Optional
 
 import typer
 
+MAX_SEED = 2**63 - 1  # torch and numpy generators take 64-bit seeds
+
+Seed = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of every random choice (0 .. 2**63-1); "
+                                   "the same seed gives the same results, bit for bit.")]
+InputDomain = Annotated[Optional[str], typer.Option(
+    "--input-domain", help="The models' input box, replacing the file's own (ONNX has none and gets [0, 1]): LO,HI "
+                           "for every input (e.g. -1,1), a .npy of shape (2, *input_shape), or LO.npy,HI.npy.")]
 Original = Annotated[Path, typer.Argument(help="The original model file (.pt, .onnx, .nnet).")]
 Pruned = Annotated[Path, typer.Argument(help="The pruned (or quantised / fine-tuned) model file.")]
 Centers = Annotated[Optional[List[str]], typer.Option(

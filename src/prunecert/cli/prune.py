@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.options import InputDomain, Seed
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("Example: prunecert prune lenet.pt --method coreset --keep 0.1 --seed 0 --out lenet-pruned.pt   "
@@ -54,11 +55,12 @@ def prune_command(
     epsilon: Optional[float] = typer.Option(None, help="Provable bound to meet per layer (absolute, next-layer "
                                             "pre-activation units); coreset/uniform only."),
     delta: float = typer.Option(0.1, help="Failure probability of each layer's provable bound."),
-    seed: int = typer.Option(0, help="Sampling (and fine-tuning) seed."),
+    seed: Seed = 0,
     fine_tune: int = typer.Option(0, "--fine-tune", help="Epochs of fine-tuning after pruning (voids the provable bound)."),
     data: Optional[str] = typer.Option(None, help="Data set for fine-tuning: mnist5k, digits, fashion, idx:DIR, npz:FILE."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune by distillation from the original."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a bare torch state_dict (see prunecert info)."),
+    input_domain: InputDomain = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Prune the hidden neurons of MODEL with data-independent coresets (or a baseline) and save it.
@@ -67,26 +69,47 @@ def prune_command(
     bound beta_hat and the provable bound eps (probability >= 1 - delta).
     """
     try:
-        _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet)
+        _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet,
+             input_domain)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
 
 
-def _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet) -> None:
-    from prunecert.io import load_model, save_model
+def _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet,
+         input_domain=None) -> None:
+    from prunecert.fileutil import check_output_file
+    from prunecert.io import load_model, parse_input_domain, save_model
     from prunecert.prune import prune
 
+    check_output_file(out, "--out")
     if fine_tune < 0:
         raise ConfigError(f"--fine-tune must be >= 0 epochs, got {fine_tune}")
     if fine_tune and not data:
         raise ConfigError("--fine-tune needs --data (e.g. --data mnist5k)")
     keep_value = parse_keep(keep)
-    net = load_model(model, arch)
+    net = load_model(model, arch, parse_input_domain(input_domain))
     pruned = prune(net, method=method, keep=keep_value, compression=compression, epsilon=epsilon, delta=delta,
                    seed=seed, fine_tune=fine_tune, data=data, distill=distill, progress=not quiet)
+    _check_pruned_something(pruned.metadata["pruning"], quiet)
     save_model(pruned, out)
     print_table(pruned.metadata["pruning"], str(out))
+
+
+def _check_pruned_something(rec: dict, quiet: bool) -> None:
+    """Refuse a result that prunes nothing (e.g. an --epsilon so small that m draws hit every neuron), and
+    say which layers were kept whole when only some were."""
+    whole = [r for r in rec["layers"] if r["n_kept"] == r["n_total"]]
+    if not whole or "epsilon" not in (rec.get("target") or {}):  # --keep 1.0 keeps everything on purpose
+        return
+    detail = ", ".join(f"layer {r['index']}: {r['n_kept']}/{r['n_total']}" + (f" after m = {r['m']:,} draws"
+                                                                              if r.get("m") else "") for r in whole)
+    target = f"--epsilon {rec['target']['epsilon']:g} (delta {rec['delta']:g})"
+    if len(whole) == len(rec["layers"]):
+        raise ConfigError(f"{target} keeps every neuron ({detail}): nothing was pruned, no file "
+                          "written; give a larger --epsilon, or --keep / --compression")
+    if not quiet:
+        typer.echo(f"note: {target} keeps these layers whole: {detail}", err=True)
 
 
 def _fmt(v, spec: str = ".4g") -> str:

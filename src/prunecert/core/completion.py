@@ -69,10 +69,14 @@ def _neurons(net: Network, op_index: int, layer: int) -> int:
 
 
 def _check_hash(pruned: Network, original: Network) -> None:
-    want = pruned.metadata["pruning"].get("original_weights_sha256")
+    """Checked first: a pair of unrelated models is named as such, not as an index out of range."""
+    rec = (pruned.metadata or {}).get("pruning")
+    want = rec.get("original_weights_sha256") if isinstance(rec, dict) else None
     if want is not None and want != weights_sha256(original):
-        raise PairingError(f"{pruned.name} was pruned from a network with weights sha256 {str(want)[:12]}..., "
-                           f"not from {original.name} ({weights_sha256(original)[:12]}...)")
+        name = rec.get("original_name")
+        raise PairingError(f"{pruned.name} was pruned from " + (f"{name!r} " if name else "a network ")
+                           + f"(weights sha256 {str(want)[:12]}...), not from {original.name} "
+                           f"({weights_sha256(original)[:12]}...): the two models are not a pair")
 
 
 def _expected_compact(original: Network, kept: dict[int, list[int]]) -> Network:
@@ -108,8 +112,8 @@ def _widen(op_o: Linear | Conv2d, op_p: Linear | Conv2d, rows: list[int] | None,
 
 def complete(pruned: Network, original: Network) -> Network:
     """The compact `pruned` network on `original`'s architecture, computing the same function."""
-    kept = _kept_lists(pruned, original)
     _check_hash(pruned, original)
+    kept = _kept_lists(pruned, original)
     problem = architecture_mismatch(_expected_compact(original, kept), pruned)
     if problem is not None:
         raise PairingError(f"{pruned.name} does not match {original.name} with its recorded kept neurons: {problem}")

@@ -39,7 +39,7 @@ def _array(value, name: str, shape: tuple[int, ...] | None = None, broadcast: bo
                               f"{tuple(shape)} ({math.prod(shape)} values)")
     if not np.isfinite(a).all():
         idx = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
-        raise RegionError(f"{name}: non-finite value {a[idx]} at index {list(idx)}")
+        raise RegionError(f"{name}: non-finite value {float(a[idx])!r} at index {list(idx)}")
     return a
 
 
@@ -52,12 +52,27 @@ def _check_inside(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndarr
     low, high = ("value", "value") if point else ("lower bound", "upper bound")
     if (lo < dlo).any():
         i = _first_violation(lo < dlo)
-        raise RegionError(f"{what}: {low} {lo[tuple(i)]:g} at input {i} is below the domain's "
-                          f"{dlo[tuple(i)]:g}; the region must lie inside the input domain")
+        raise RegionError(f"{what}: {low} {float(lo[tuple(i)])!r} at input {i} is below the domain's "
+                          f"{float(dlo[tuple(i)])!r}; the region must lie inside the input domain (see --input-domain)")
     if (hi > dhi).any():
         i = _first_violation(hi > dhi)
-        raise RegionError(f"{what}: {high} {hi[tuple(i)]:g} at input {i} is above the domain's "
-                          f"{dhi[tuple(i)]:g}; the region must lie inside the input domain")
+        raise RegionError(f"{what}: {high} {float(hi[tuple(i)])!r} at input {i} is above the domain's "
+                          f"{float(dhi[tuple(i)])!r}; the region must lie inside the input domain (see --input-domain)")
+
+
+FLOAT32_SLACK = 2.0 ** -23  # float32's relative rounding step: box edges written by float32 tools
+
+
+def snap_to_domain(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Box edges outside the domain by no more than float32 rounding (FLOAT32_SLACK * max(1, |edge|)) are
+    moved onto the domain's edge: a VNN-LIB bound 1.0000001 written from float32 means the domain's 1.0.
+    Farther edges are left alone for `_check_inside` to refuse. (The box shrinks only by points outside
+    the domain, where the network makes no claim, so certificates stay sound.)"""
+    slack_lo = FLOAT32_SLACK * np.maximum(1.0, np.abs(dlo))
+    slack_hi = FLOAT32_SLACK * np.maximum(1.0, np.abs(dhi))
+    lo = np.where((lo < dlo) & (lo >= dlo - slack_lo), dlo, lo)
+    hi = np.where((hi > dhi) & (hi <= dhi + slack_hi), dhi, hi)
+    return lo, hi
 
 
 def _flat(a: np.ndarray) -> list[float]:
@@ -136,7 +151,7 @@ def _domain_arrays(shape: tuple[int, ...], domain_lo, domain_hi) -> tuple[np.nda
     dhi = _array(domain_hi, "domain upper bound", shape, broadcast=True)
     if (dlo > dhi).any():
         i = _first_violation(dlo > dhi)
-        raise RegionError(f"domain: lower {dlo[tuple(i)]:g} > upper {dhi[tuple(i)]:g} at input {i}")
+        raise RegionError(f"domain: lower {float(dlo[tuple(i)])!r} > upper {float(dhi[tuple(i)])!r} at input {i}")
     return dlo, dhi
 
 
@@ -171,10 +186,14 @@ class Box(Region):
         self.hi = _array(hi, f"{name} upper bound", self.lo.shape)
         if (self.lo > self.hi).any():
             i = _first_violation(self.lo > self.hi)
-            raise RegionError(f"{name}: lower {self.lo[tuple(i)]:g} > upper {self.hi[tuple(i)]:g} at input {i}")
+            raise RegionError(f"{name}: lower {float(self.lo[tuple(i)])!r} > upper {float(self.hi[tuple(i)])!r} at input {i}")
         self.domain_lo, self.domain_hi = _domain_arrays(
             self.lo.shape, self.lo if domain_lo is None else domain_lo, self.hi if domain_hi is None else domain_hi)
-        _check_inside(self.lo, self.hi, self.domain_lo, self.domain_hi, name)
+        lo, hi = snap_to_domain(self.lo, self.hi, self.domain_lo, self.domain_hi)
+        # a box just outside the domain (within the slack) snaps to lo > hi: check the unsnapped side
+        _check_inside(np.where(lo > hi, self.lo, lo), np.where(lo > hi, self.hi, hi), self.domain_lo,
+                      self.domain_hi, name)
+        self.lo, self.hi = lo, hi
         self.eps = eps
         self._center = None if center is None else _array(center, f"{name} centre", self.lo.shape)
 

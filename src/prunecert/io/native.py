@@ -7,6 +7,7 @@ JSON, the input domain, and free-form metadata (pruning records, provenance) as 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -49,8 +50,12 @@ def network_from_dict(d: dict, source: str = "<dict>") -> Network:
             ops.append(_op_from_config(i, cfg, tensors, source))
         return Network(ops, tuple(d["input_shape"]), d["input_lo"].numpy(), d["input_hi"].numpy(),
                        name=d.get("name", Path(source).stem), metadata=json.loads(d.get("metadata", "{}")))
-    except ModelFormatError:
-        raise
+    except ModelFormatError as exc:
+        if str(exc).startswith(source):
+            raise
+        raise type(exc)(f"{source}: {exc}") from exc
+    except RecursionError:
+        raise ModelFormatError(f"{source}: malformed prunecert model file (JSON nested too deeply)") from None
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{source}: malformed prunecert model file ({type(exc).__name__}: {exc})") from exc
 
@@ -77,8 +82,12 @@ def _op_from_config(i: int, cfg: dict, tensors: dict, source: str) -> Op:
 
 
 def save_native(net: Network, path: str | os.PathLike) -> None:
+    """Atomic, and byte-for-byte reproducible: saved through a buffer, so the zip's entry names do not
+    carry the (random) temporary file name."""
+    buffer = io.BytesIO()
+    torch.save(network_to_dict(net), buffer)
     with atomic_path(path) as tmp:
-        torch.save(network_to_dict(net), tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_native_dict(obj: dict, path: str) -> Network:

@@ -16,6 +16,7 @@ Linear, since NNet holds nothing but fully connected layers.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -25,12 +26,24 @@ from prunecert.errors import ModelFormatError, PrunecertError, UnsupportedLayerE
 from prunecert.fileutil import atomic_write_text
 from prunecert.network import Flatten, Linear, Network, Scale, mlp
 
+MAX_WIDTH = 10_000_000  # neurons per layer (and layers): larger numbers are a corrupt header, not a model
+
 
 def _numbers(line: str, path, what: str) -> list[float]:
     try:
         return [float(v) for v in line.replace(",", " ").split()]
     except ValueError as exc:
         raise ModelFormatError(f"{path}: malformed {what} line: {line.strip()[:80]!r}") from exc
+
+
+def _sizes(line: str, path, what: str) -> list[int]:
+    """Whole numbers >= 1 (layer counts and widths): `2.9`, `nan`, `inf`, `0` are refused, not truncated."""
+    values = _numbers(line, path, what)
+    for v in values:
+        if not (math.isfinite(v) and v == int(v) and 1 <= v <= MAX_WIDTH):
+            raise ModelFormatError(f"{path}: {what} line {line.strip()[:80]!r}: {v!r} is not a whole number in "
+                                   f"1..{MAX_WIDTH:,}")
+    return [int(v) for v in values]
 
 
 def load_nnet(path: str | os.PathLike) -> Network:
@@ -41,11 +54,11 @@ def load_nnet(path: str | os.PathLike) -> Network:
         raise ModelFormatError(f"{path}: cannot read NNet file ({exc})") from exc
     if len(lines) < 8:
         raise ModelFormatError(f"{path}: truncated NNet file ({len(lines)} non-comment lines)")
-    head = [int(v) for v in _numbers(lines[0], path, "header")]
+    head = _sizes(lines[0], path, "header")
     if len(head) < 3:
         raise ModelFormatError(f"{path}: header must hold numLayers, inputSize, outputSize")
     n_layers, n_in, n_out = head[:3]
-    sizes = [int(v) for v in _numbers(lines[1], path, "layer sizes")]
+    sizes = _sizes(lines[1], path, "layer sizes")
     if len(sizes) != n_layers + 1 or sizes[0] != n_in or sizes[-1] != n_out:
         raise ModelFormatError(f"{path}: layer sizes {sizes} do not match header (layers={n_layers}, "
                                f"in={n_in}, out={n_out})")

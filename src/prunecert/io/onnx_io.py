@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from prunecert.errors import ModelFormatError, UnsupportedLayerError
+from prunecert.errors import ModelFormatError, PrunecertError, UnsupportedLayerError
 from prunecert.fileutil import atomic_path
 from prunecert.network import AvgPool2d, Conv2d, Flatten, Linear, Network, Op, ReLU, Scale
 
@@ -34,7 +34,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto, source: str):
         self.source = source
         g = model.graph
-        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.consts: dict[str, np.ndarray] = {t.name: _initializer(t, source) for t in g.initializer}
         self.nodes = []
         for node in g.node:
             if node.op_type == "Constant":
@@ -65,10 +65,39 @@ class _Graph:
         return users[0] if users else None
 
 
+_REAL_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT8,
+               TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16,
+               TensorProto.UINT32, TensorProto.UINT64}
+
+
+def _initializer(t: onnx.TensorProto, source: str) -> np.ndarray:
+    """A constant tensor as numpy, after checking its element type and that its data fills its declared shape
+    (a header declaring 100000x100000 over 16 bytes must not reach numpy)."""
+    kind = TensorProto.DataType.Name(t.data_type) if t.data_type in TensorProto.DataType.values() else t.data_type
+    if t.data_type not in _REAL_TYPES:
+        raise ModelFormatError(f"{source}: tensor {t.name!r} has element type {kind}; only real numbers are "
+                               "supported")
+    if any(d < 0 for d in t.dims):
+        raise ModelFormatError(f"{source}: tensor {t.name!r} has a negative dimension {list(t.dims)}")
+    declared = math.prod(t.dims)
+    if t.data_location != TensorProto.EXTERNAL:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        held = len(t.raw_data) // itemsize if t.HasField("raw_data") else max(
+            len(t.float_data), len(t.double_data), len(t.int32_data), len(t.int64_data), len(t.uint64_data))
+        if held != declared:
+            raise ModelFormatError(f"{source}: tensor {t.name!r} declares shape {list(t.dims)} ({declared:,} values) "
+                                   f"but holds {held:,}")
+    try:
+        return numpy_helper.to_array(t, base_dir=str(Path(source).parent))
+    except (ValueError, TypeError, OSError, MemoryError) as exc:
+        raise ModelFormatError(f"{source}: tensor {t.name!r} cannot be read ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from exc
+
+
 def _constant_value(node, source) -> np.ndarray:
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return _initializer(attr.t, source)
         if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
             return np.asarray(helper.get_attribute_value(attr))
     raise UnsupportedLayerError(f"{source}: Constant node {node.name!r} has no supported value attribute")
@@ -103,8 +132,14 @@ def load_onnx(path: str | os.PathLike, lo=0.0, hi=1.0) -> Network:
     shape = in_shape
     value = g.input.name
     node = g.next_node(value)
+    seen: set[int] = set()
     while node is not None:
+        if id(node) in seen:  # a graph is acyclic; following a cycle would never end
+            raise ModelFormatError(f"{source}: the graph has a cycle through node {node.name or node.op_type!r} "
+                                   f"({node.op_type}); only feed-forward chains are supported")
+        seen.add(id(node))
         new_ops, consumed = _convert(g, node, shape, ops)
+        seen.add(id(consumed))
         for op in new_ops:
             ops.append(op)
             shape = op.out_shape
@@ -115,7 +150,10 @@ def load_onnx(path: str | os.PathLike, lo=0.0, hi=1.0) -> Network:
     if value not in g.outputs:
         raise ModelFormatError(f"{source}: the node chain ends at {value!r}, which is not a graph output")
     ops = _merge_scales(ops)
-    return Network(ops, in_shape, lo, hi, name=Path(source).stem)
+    try:
+        return Network(ops, in_shape, lo, hi, name=Path(source).stem)
+    except PrunecertError as exc:  # an empty layer, a bad domain: name the file, not just its stem
+        raise type(exc)(f"{source}: {exc}") from exc
 
 
 def _convert(g: _Graph, node, shape, ops: list[Op]):
@@ -172,7 +210,12 @@ def _convert(g: _Graph, node, shape, ops: list[Op]):
         return ([Flatten(shape)] if len(shape) > 1 else []), node
     if t == "BatchNormalization":
         scale, bias, mean, var = (g.const(node, i) for i in range(1, 5))
-        k = scale / np.sqrt(var + a.get("epsilon", 1e-5))
+        var = var + a.get("epsilon", 1e-5)
+        if np.any(~(var > 0)):
+            i = int(np.flatnonzero(~(var > 0))[0])
+            raise ModelFormatError(f"{name}: variance + epsilon of channel {i} is {float(var.reshape(-1)[i])!r} "
+                                   "(must be > 0)")
+        k = scale / np.sqrt(var)
         c = bias - k * mean
         prev = ops[-1] if ops else None
         if isinstance(prev, Linear):
@@ -190,6 +233,8 @@ def _convert(g: _Graph, node, shape, ops: list[Op]):
             raise UnsupportedLayerError(f"{name}: auto_pad {_auto_pad(a)} / dilations are not supported for pooling")
         if a.get("ceil_mode", 0) or (any(pads) and not a.get("count_include_pad", 0)) or pads[0] != pads[2] or pads[1] != pads[3]:
             raise UnsupportedLayerError(f"{name}: only floor-mode, symmetric, pad-inclusive average pooling is supported")
+        if "kernel_shape" not in a:
+            raise ModelFormatError(f"{name}: AveragePool has no kernel_shape attribute (required by ONNX)")
         return [AvgPool2d(a["kernel_shape"], shape, a.get("strides", a["kernel_shape"]), pads[:2], name=name)], node
     if t in ("Sub", "Add", "Mul", "Div"):
         x_first = node.input[1] in g.consts and node.input[0] not in g.consts
@@ -197,6 +242,9 @@ def _convert(g: _Graph, node, shape, ops: list[Op]):
             raise UnsupportedLayerError(f"{name}: only `x {t} constant`"
                                         + ("" if t == "Div" else f" or `constant {t} x`") + " is supported")
         c = _broadcast_const(g.const(node, 1 if x_first else 0), shape, name)
+        if t == "Div" and np.any(c == 0):
+            raise ModelFormatError(f"{name}: divides by a constant holding zero at index "
+                                   f"{[int(i) for i in np.argwhere(c == 0)[0]]}")
         one, zero = np.ones_like(c), np.zeros_like(c)
         if t == "Sub":
             scale, shift = (one, -c) if x_first else (-one, c)

@@ -146,8 +146,8 @@ def network_from_state_dict(obj, arch: str | None, source: str) -> Network:
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ModelFormatError(f"{source}: neither a prunecert model file nor a state_dict of tensors")
     spec = _arch_spec(obj, arch, source)
-    module = _module_from_spec(spec, source).double()
-    expected = module.state_dict()
+    with torch.device("meta"):  # shapes only: a declared mlp:100000-100000-10 allocates nothing
+        expected = _module_from_spec(spec, source).state_dict()
     missing = sorted(set(expected) - set(obj))
     extra = sorted(set(obj) - set(expected))
     if missing or extra:
@@ -157,6 +157,7 @@ def network_from_state_dict(obj, arch: str | None, source: str) -> Network:
         if tuple(obj[key].shape) != tuple(value.shape):
             raise ModelFormatError(f"{source}: key {key} has shape {tuple(obj[key].shape)}, "
                                    f"the architecture expects {tuple(value.shape)}")
+    module = _module_from_spec(spec, source).double()  # now the file's own tensors bound its size
     module.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in obj.items()})
     try:
         return network_from_module(module, spec["input_shape"], spec.get("input_lo", 0.0), spec.get("input_hi", 1.0),
@@ -183,6 +184,8 @@ def _arch_spec(sd: dict, arch: str | None, source: str) -> dict:
             sizes = [int(s) for s in arch[4:].split("-")]
         except ValueError as exc:
             raise ModelFormatError(f"{source}: bad architecture {arch!r} (expected e.g. mlp:784-300-100-10)") from exc
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ModelFormatError(f"{source}: architecture {arch!r} needs at least two sizes, each >= 1")
         return _mlp_spec(sizes, flatten=any(k.startswith("1.") for k in sd) and "0.weight" not in sd)
     path = Path(arch)
     if not path.is_file():
@@ -225,6 +228,9 @@ def _module_from_spec(spec: dict, source: str) -> nn.Sequential:
     for i, layer in enumerate(spec["layers"]):
         kind = layer.get("type") if isinstance(layer, dict) else None
         try:
+            for key in ("out_features", "out_channels"):
+                if key in layer and int(layer[key]) < 1:
+                    raise ValueError(f"{key} must be >= 1, got {layer[key]!r}")
             if kind == "linear":
                 n_in = int(np.prod(shape))
                 mods.append(nn.Linear(n_in, int(layer["out_features"]), bias=layer.get("bias", True)))

@@ -24,7 +24,9 @@ import numpy as np
 from prunecert.errors import RegionError
 from prunecert.fileutil import atomic_write_text
 
-MAX_BOXES = 10_000
+MAX_BOXES = 10_000   # input boxes a file may describe (after expanding and/or), at every step of the expansion
+MAX_DEPTH = 100      # nesting of parentheses: real properties use 3 or 4 levels
+MAX_BYTES = 256 * 2**20  # file size: a 784-input box is ~75 kB; VNN-COMP's largest properties are a few MB
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _VAR = re.compile(r"([XY])_(\d+)\Z")
 _FLIP = {"<=": ">=", ">=": "<=", "<": ">", ">": "<", "=": "="}
@@ -45,6 +47,9 @@ def read_vnnlib_boxes(path: str | os.PathLike, n_inputs: int) -> list[tuple[np.n
     """Every input box of a VNN-LIB file (one unless its input constraints contain an `or`)."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise RegionError(f"{path}: VNN-LIB file of {path.stat().st_size:,} bytes is larger than the limit "
+                              f"({MAX_BYTES:,})")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise RegionError(f"{path}: cannot read VNN-LIB file ({exc})") from exc
@@ -59,12 +64,22 @@ def read_vnnlib_boxes(path: str | os.PathLike, n_inputs: int) -> list[tuple[np.n
                 raise RegionError(f"{path}: malformed assert {_show(expr)}")
             dnf = _dnf(expr[1], path, n_inputs)
             if dnf is not None:
-                if len(alternatives) * len(dnf) > MAX_BOXES:
-                    raise RegionError(f"{path}: the input region has more than {MAX_BOXES} boxes")
-                alternatives = [a + b for a in alternatives for b in dnf]
+                alternatives = _product(alternatives, dnf, path)
     if alternatives == [[]]:
         raise RegionError(f"{path}: no input constraints (assert (<= X_i c)) found")
     return [_box(bounds, path, n_inputs) for bounds in alternatives]
+
+
+def _too_many(path) -> RegionError:
+    return RegionError(f"{path}: the input region has more than {MAX_BOXES} boxes (the limit of "
+                       "prunecert.io.vnnlib.MAX_BOXES)")
+
+
+def _product(left: list[list[Bound]], right: list[list[Bound]], path) -> list[list[Bound]]:
+    """The conjunction of two disjunctions (every pair of alternatives), refused before it grows too big."""
+    if len(left) * len(right) > MAX_BOXES:
+        raise _too_many(path)
+    return [a + b for a in left for b in right]
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -73,6 +88,8 @@ def _parse(text: str, path) -> list:
     stack: list[list] = [[]]
     for tok in _TOKEN.findall(text):
         if tok == "(":
+            if len(stack) > MAX_DEPTH:
+                raise RegionError(f"{path}: VNN-LIB expressions nested deeper than {MAX_DEPTH} levels")
             stack.append([])
         elif tok == ")":
             if len(stack) == 1:
@@ -131,14 +148,19 @@ def _dnf(expr, path, n_inputs: int) -> list[list[Bound]] | None:
         for part in expr[1:]:
             sub = _dnf(part, path, n_inputs)
             if sub is not None:
-                out = [a + b for a in out for b in sub]
+                out = _product(out, sub, path)
         return out
     if head == "or":
-        subs = [_dnf(part, path, n_inputs) for part in expr[1:]]
-        if any(sub is None for sub in subs):
-            raise RegionError(f"{path}: an `or` with a branch that does not bound the inputs leaves them "
-                              f"unbounded: {_show(expr)}")
-        return [conj for sub in subs for conj in sub]
+        out = []
+        for part in expr[1:]:
+            sub = _dnf(part, path, n_inputs)
+            if sub is None:
+                raise RegionError(f"{path}: an `or` with a branch that does not bound the inputs leaves them "
+                                  f"unbounded: {_show(expr)}")
+            out += sub
+            if len(out) > MAX_BOXES:
+                raise _too_many(path)
+        return out
     if head in _FLIP and len(expr) == 3:
         return [[_bound(expr, path, n_inputs)]]
     raise RegionError(f"{path}: unsupported input constraint {_show(expr)} (expected <=, >=, =, and, or)")

@@ -159,9 +159,19 @@ def min_sample_size(epsilon: float, delta: float, coeffs: np.ndarray, a: np.ndar
     if np.any(room <= 0):
         raise ConfigError(f"epsilon {epsilon:g} is below the float64 rounding floor of this layer "
                           f"({float(const.max()):.3g})")
-    m = max(1, int(math.ceil(float(np.max((amp / room) ** 2)))))
-    while m > 1 and np.max(provable_epsilon(m - 1, delta, coeffs, a, q, union=union)) <= epsilon:
-        m -= 1
-    while np.max(provable_epsilon(m, delta, coeffs, a, q, union=union)) > epsilon:
-        m += 1
-    return m
+    def meets(m: int) -> bool:
+        return bool(np.max(provable_epsilon(m, delta, coeffs, a, q, union=union)) <= epsilon)
+
+    # the bound decreases in m: bisect between a size that fails and one that meets it (the closed-form
+    # guess can be ~1e18 for a tiny epsilon, far too many to step through one at a time)
+    hi = max(1, int(math.ceil(float(np.max((amp / room) ** 2)))))
+    while not meets(hi):
+        hi *= 2
+    lo = 0  # m = 0 never meets a bound
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -20,7 +20,7 @@ import numpy as np
 
 from prunecert.errors import ConfigError
 from prunecert.prune.bounds import min_sample_size, provable_epsilon
-from prunecert.prune.coreset import Sample, probabilities, sample_fixed, sample_until, sensitivities
+from prunecert.prune.coreset import MAX_DRAWS, Sample, probabilities, sample_fixed, sample_until, sensitivities
 from prunecert.core.surgery import LayerGeometry
 
 
@@ -79,6 +79,10 @@ class SamplingCriterion(Criterion):
         n, coeffs = view.geom.n, view.geom.coeffs
         if target.epsilon is not None:
             m = min_sample_size(target.epsilon, view.delta, coeffs, view.a, q, union=view.union)
+            if m > MAX_DRAWS:
+                raise ConfigError(f"epsilon {target.epsilon:g} needs m = {m:,} draws in this layer (more than "
+                                  f"{MAX_DRAWS:,}), which would keep all {n} neurons: give a larger epsilon, or "
+                                  "--keep / --compression")
             sample = sample_fixed(q, m, rng)
         elif target.keep == n:  # keeping every neuron unchanged is exact: no sampling, eps = 0
             return Selection(np.arange(n), np.ones(n), np.zeros(n, dtype=np.int64), q, t, 0, False, np.zeros(view.geom.next_neurons))

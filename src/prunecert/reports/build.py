@@ -49,6 +49,14 @@ def _model_info(net, source: str | None) -> ModelInfo:
                      [layer.n_neurons for layer in net.layers()])
 
 
+def _input_domain(net) -> dict:
+    """The input box every region lies in (and where it came from: the model file or --input-domain)."""
+    lo, hi = net.domain()
+    given = net.metadata.get("input_domain", {}).get("source")
+    return {"lo_min": float(lo.min()), "lo_max": float(lo.max()), "hi_min": float(hi.min()),
+            "hi_max": float(hi.max()), "source": given or "model file"}
+
+
 def _provable(pruned, n_layers: int) -> dict[int, Provable]:
     """Layer l+1 -> the eps that pruning layer l guarantees for it (from the pruning record)."""
     rec = (pruned.metadata or {}).get("pruning") or {}
@@ -272,7 +280,8 @@ def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
               "description": ds.description, "classes": list(ds.classes)},
         settings={"certify_method": plan.certify_method, "attack_method": plan.attack_method,
                   "attack_budget_seconds": plan.attack_budget, "points": len(plan.centers), "eps": plan.eps,
-                  "domain": plan.domain, "center_indices": plan.centers, "samples": plan.samples},
+                  "domain": plan.domain, "center_indices": plan.centers, "samples": plan.samples,
+                  "input_domain": _input_domain(f)},
         metrics=metrics, layers=layers, regions=regions, counterexamples=panels.items,
         timings=[Stage("load models and data", plan.load_seconds)] + [Stage(n, s) for n, s in timings],
         reproducibility=Reproducibility(plan.command, seeds, _versions(), f"{platform.platform()} ({sys.implementation.name})",

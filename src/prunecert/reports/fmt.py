@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 DASH = "—"
+TINY = 1e-300  # below this a bound is nothing but outward rounding (core.rounding.TINY is ~8.9e-308)
 
 
 def num(x: float | int | None, digits: int = 4) -> str:
@@ -16,7 +17,9 @@ def num(x: float | int | None, digits: int = 4) -> str:
     if not math.isfinite(x):
         return "inf" if x > 0 else "-inf" if x < 0 else "nan"
     if x == 0:
-        return "0"
+        return "0"  # also -0.0: a bound printed as "-0" reads like a sign error
+    if abs(x) < TINY:
+        return f"<{TINY:g}" if x > 0 else f">-{TINY:g}"  # only the rounding margin: not 8.9e-308
     return f"{x:.{digits}g}"
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from prunecert.errors import PrunecertError
-from prunecert.fileutil import atomic_path
+from prunecert.fileutil import atomic_path, check_output_dir
 from prunecert.reports.model import Audit
 from prunecert.reports.schema import validate
 
@@ -22,18 +21,11 @@ FILES = {"json": "report.json", "html": "report.html", "md": "report.md"}
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create `out_dir` if needed and prove a file can be created in it (before any long work starts)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PrunecertError(f"output folder {out} exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise PrunecertError(f"output folder {out} is not writable: {exc.strerror or exc}") from exc
-    return out
+    """Prove `out_dir` is, or can become, a folder we can write into (before any long work starts).
+
+    Nothing is created here: a run that fails on a later check must not leave an empty folder behind.
+    """
+    return check_output_dir(out_dir, "output folder")
 
 
 def _file_mode() -> int:
@@ -65,6 +57,10 @@ def write_report(audit: Audit, out_dir: str | os.PathLike, formats: tuple[str, .
     """Render `audit` and write the requested files into `out_dir` atomically as a set; returns the paths."""
     texts = render_all(audit, formats)
     out = check_writable(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrunecertError(f"output folder {out} cannot be created: {exc.strerror or exc}") from exc
     targets = [out / FILES[f] for f in formats]
     mode = _file_mode()
     with contextlib.ExitStack() as stack:
