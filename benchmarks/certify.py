@@ -59,7 +59,7 @@ def _rss_mb() -> float:
 def _run_method(pair, method: str, lo: torch.Tensor, hi: torch.Tensor, options: dict, batched: bool, conn) -> None:
     """In a forked child: run `method` on the boxes, send back bounds, times, solver details, peak RSS."""
     torch.set_num_threads(1)
-    fn = get_method(method)
+    fn = get_method(method).bounds
     rows = []
     parts = [(lo, hi)] if batched else [(lo[i:i + 1], hi[i:i + 1]) for i in range(len(lo))]
     for l, h in parts:

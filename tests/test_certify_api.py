@@ -10,7 +10,7 @@ import pytest
 import torch
 from pairs import random_conv_pair, random_pair
 
-from prunecert.certify import METHODS, certify, get_method
+from prunecert.certify import METHODS, BoundMethod, certify, get_method
 from prunecert.certify.naive import naive_bounds
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Box, Domain, L2Ball
@@ -122,7 +122,7 @@ def test_agreement_proved_on_identical_networks_and_refuted_when_classes_swap():
 
 
 def test_l2_regions_reach_methods_that_take_them(pair, monkeypatch):
-    monkeypatch.setitem(METHODS, "spy", "test_certify_api:spy_bounds")
+    monkeypatch.setitem(METHODS, "spy", BoundMethod("spy", spy_bounds, "records its calls"))
     SPY.clear()
     lo, hi = pair.domain()
     balls = [L2Ball(np.full(4, c), 0.1, lo, hi) for c in (0.3, 0.6)]
@@ -142,7 +142,7 @@ def test_l2_regions_reach_methods_that_take_them(pair, monkeypatch):
 
 
 def test_an_unsound_method_is_caught(pair, monkeypatch):
-    monkeypatch.setitem(METHODS, "broken", "test_certify_api:unsound_bounds")
+    monkeypatch.setitem(METHODS, "broken", BoundMethod("broken", unsound_bounds, "too tight"))
     with pytest.raises(RuntimeError, match="unsound bound"):
         certify(pair, None, _boxes(pair, 1, eps=0.2), method="broken", progress=False)
 
@@ -178,11 +178,19 @@ def test_bad_regions(pair):
         certify(pair, None, [], method="naive", progress=False)
 
 
-def test_missing_method_modules_are_reported_not_crashing(monkeypatch):
-    monkeypatch.setitem(METHODS, "ghost", "prunecert.certify.ghost_method:bounds")
-    with pytest.raises(ConfigError, match="method 'ghost' is not available: module prunecert.certify.ghost_method"):
-        get_method("ghost")
-    assert get_method("naive") is naive_bounds
+def test_registry_rejects_options_a_method_does_not_take(pair):
+    assert get_method("naive").bounds is naive_bounds
+    with pytest.raises(ConfigError, match=r"method 'diff-linear' takes no option 'itertions'; its options: .*iterations"):
+        certify(pair, None, _boxes(pair, 1), method="diff-linear", progress=False, itertions=5)
+    # certify's own arguments reach only the methods that take them (naive has no time limit)
+    assert get_method("naive").arguments({"time_limit": 1.0, "seed": None}, {}) == {}
+    assert get_method("milp").arguments({"time_limit": 1.0, "seed": 3}, {"layers": [0]}) == \
+        {"time_limit": 1.0, "layers": [0]}
+
+
+def test_a_method_must_take_pair_lo_hi():
+    with pytest.raises(TypeError, match=r"must start \(pair, lo, hi\)"):
+        BoundMethod("odd", lambda lo, hi, pair: None, "wrong order")
 
 
 def test_paths_and_compact_models_load(tmp_path, pair):

@@ -3,14 +3,12 @@
 `certify(original, pruned, regions, method=...)` is the one entry point: it pairs the networks
 (`make_pair`), runs a bound method over all regions at once (batched), searches each region for
 counterexamples, and returns a `CertifyResult` (per-layer local and end-to-end bounds, verdicts,
-`to_json()`). Methods share the signature `(pair, lo, hi, ...) -> PairBounds` and are imported
-lazily, so a method whose module is missing or broken does not take the others down.
+`to_json()`). Methods share the signature `(pair, lo, hi, ...) -> PairBounds` and are registered
+in `certify.methods` (unknown options are rejected there).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import os
 import time
@@ -21,42 +19,15 @@ import torch
 
 from prunecert.core.completion import make_pair
 from prunecert.core.pair import Pair
+from prunecert.certify.methods import METHODS, BoundMethod, get_method
 from prunecert.certify.refute import SearchResult, sample_search
 from prunecert.core.regions import Box, Domain, L2Ball, Region, stack_boxes
 from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
 
-__all__ = ["certify", "METHODS", "get_method", "Pair", "make_pair", "Box", "L2Ball", "Domain", "Region",
+__all__ = ["certify", "METHODS", "BoundMethod", "get_method", "Pair", "make_pair", "Box", "L2Ball", "Domain", "Region",
            "PairBounds", "CertifyResult"]
-
-METHODS: dict[str, str] = {
-    "naive": "prunecert.certify.naive:naive_bounds",
-    "diff-interval": "prunecert.certify.diff_interval:diff_interval_bounds",
-    "diff-linear": "prunecert.certify.diff_linear:diff_linear_bounds",
-    "lp": "prunecert.certify.lp:lp_bounds",
-    "milp": "prunecert.certify.milp:milp_bounds",
-    "bab": "prunecert.certify.bab:bab_bounds",
-}
-
-# options certify() forwards to a method only when its signature names them
-_FORWARDED = ("time_limit", "tolerance", "seed", "progress")
-
-
-def get_method(name: str) -> Callable[..., PairBounds]:
-    """The bound function registered as `name` (ConfigError if unknown or not installed)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown certification method {name!r}; valid: {', '.join(METHODS)}")
-    module, attr = METHODS[name].split(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            raise ConfigError(f"method {name!r} is not available: module {module} is missing") from exc
-        raise
-    except AttributeError as exc:
-        raise ConfigError(f"method {name!r} is not available: {module} has no {attr}") from exc
-
 
 def _as_pair(original, pruned) -> Pair:
     if isinstance(original, Pair):
@@ -96,11 +67,6 @@ def _check_tolerance(tolerance: float | None) -> float | None:
     if not math.isfinite(t) or t <= 0:
         raise ConfigError(f"tolerance must be a finite number > 0, got {tolerance!r}")
     return t
-
-
-def _method_kwargs(fn: Callable, options: dict) -> dict:
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in options.items() if k in params and v is not None}
 
 
 def _chunks(regions: list[Region], batch_size: int) -> list[slice]:
@@ -150,10 +116,11 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
         raise ConfigError(f"time limit must be a finite number of seconds > 0, got {time_limit!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    fn = get_method(method)
-    kwargs = _method_kwargs(fn, {"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
-                                 "progress": progress, **method_options})
-    takes_l2 = "l2" in inspect.signature(fn).parameters
+    registered = get_method(method)
+    fn = registered.bounds
+    kwargs = registered.arguments({"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
+                                   "progress": progress}, method_options)
+    takes_l2 = "l2" in registered.options
     lo, hi = stack_boxes(regions)
     lo, hi = lo.reshape(len(regions), *pair.input_shape), hi.reshape(len(regions), *pair.input_shape)
     search = search or sample_search

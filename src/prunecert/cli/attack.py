@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
+from prunecert.cli.options import AttackMethod, Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -33,7 +33,7 @@ def attack_command(
     vnnlib: Vnnlib = None,
     objective: str = typer.Option("max-logit-deviation", help="max-logit-deviation, disagreement, evasive[:c] "
                                   "or layer:L:neuron:K[:min]."),
-    method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
+    method: AttackMethod = "auto",
     budget_seconds: float = typer.Option(10.0, "--budget-seconds", help="Time budget per region (seconds)."),
     seed: Seed = 0,
     restarts: Optional[int] = typer.Option(None, help="Restarts per sub-objective (gradient methods) or LP walks."),

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import InputDomain, Seed
+from prunecert.cli.options import AttackMethod, CertifyMethod, InputDomain, Seed
 from prunecert.errors import ConfigError, PrunecertError
 
 DEMO = {"arch": "lenet300", "data": "mnist5k", "epochs": 10, "compression": 0.9, "points": 10,
@@ -166,8 +166,8 @@ def audit_command(
     tolerance: Optional[float] = typer.Option(None, help="Tolerance on max |Delta logit| (> 0); sets the verdict."),
     layer_tolerance: Optional[str] = typer.Option(None, help="Tolerances for hidden layers too: one value or one "
                                                   "per hidden layer (comma-separated); they then gate the verdict."),
-    certify_method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, lp, milp or bab."),
-    attack_method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
+    certify_method: CertifyMethod = "diff-linear",
+    attack_method: AttackMethod = "auto",
     attack_budget: float = typer.Option(0.5, help="Attack seconds per region and objective."),
     samples: int = typer.Option(256, help="Points certify samples per region (its own counterexample search)."),
     seed: Seed = 0,

@@ -19,7 +19,7 @@ import typer
 
 from prunecert.adversarial.witness import witness_options
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
+from prunecert.cli.options import Centers, CertifyMethod, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -35,7 +35,7 @@ def certify_command(
     norm: Norm = "inf",
     region: RegionName = None,
     vnnlib: Vnnlib = None,
-    method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, lp, milp or bab."),
+    method: CertifyMethod = "diff-linear",
     tolerance: Optional[float] = typer.Option(None, help="Tolerance tau on max |Delta_logit| for the verdict."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON (schema prunecert.certify/1)."),
     export_onnx: Optional[Path] = typer.Option(None, "--export-onnx", help="Write f - g as ONNX plus one VNN-LIB "

@@ -11,6 +11,9 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from prunecert.adversarial import METHODS as ATTACK_METHODS
+from prunecert.certify.methods import methods_help
+
 MAX_SEED = 2**63 - 1  # torch and numpy generators take 64-bit seeds
 
 Seed = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of every random choice (0 .. 2**63-1); "
@@ -27,3 +30,5 @@ Eps = Annotated[Optional[float], typer.Option(help="Radius of the ball around ea
 Norm = Annotated[str, typer.Option(help="Ball norm: inf (a box) or 2.")]
 RegionName = Annotated[Optional[str], typer.Option(help="'domain': the whole input box (data-independent).")]
 Vnnlib = Annotated[Optional[Path], typer.Option(help="A VNN-LIB file whose input box is the region.")]
+CertifyMethod = Annotated[str, typer.Option(help="Bound method. " + methods_help())]
+AttackMethod = Annotated[str, typer.Option(help="Attack method: " + ", ".join(ATTACK_METHODS) + ".")]

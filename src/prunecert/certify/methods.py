@@ -1,0 +1,74 @@
+"""The bound methods in one typed registry: name -> function, its options, and a one-line summary.
+
+Every method has the signature `(pair, lo, hi, **options) -> PairBounds`; its options are the
+keyword parameters after `lo, hi`, read once from the function itself, so the registry and the code
+cannot disagree. `certify` forwards its own arguments (time_limit, tolerance, seed, progress, l2) to
+the methods that take them, and rejects any other option a method does not take, naming the valid
+ones: a misspelt `itertions=500` is an error, never silently ignored. The CLI builds its `--method`
+choices and help from `METHODS`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from prunecert.certify.bab import bab_bounds
+from prunecert.certify.diff_interval import diff_interval_bounds
+from prunecert.certify.diff_linear import diff_linear_bounds
+from prunecert.certify.lp import lp_bounds
+from prunecert.certify.milp import milp_bounds
+from prunecert.certify.naive import naive_bounds
+from prunecert.certify.result import PairBounds
+from prunecert.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    """One registered bound method."""
+
+    name: str
+    bounds: Callable[..., PairBounds]   # (pair, lo, hi, **options) -> PairBounds
+    summary: str                        # one line for --help and docs
+    options: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = list(inspect.signature(self.bounds).parameters.values())
+        if [p.name for p in params[:3]] != ["pair", "lo", "hi"]:
+            raise TypeError(f"bound method {self.name!r}: signature must start (pair, lo, hi), got {params[:3]}")
+        object.__setattr__(self, "options", tuple(p.name for p in params[3:]))
+
+    def arguments(self, common: Mapping[str, object], extra: Mapping[str, object]) -> dict[str, object]:
+        """Keyword arguments for one call: the `common` ones (certify's own) this method takes and are
+        set, plus every `extra` option, each of which it must take (ConfigError otherwise)."""
+        unknown = sorted(set(extra) - set(self.options))
+        if unknown:
+            raise ConfigError(f"method {self.name!r} takes no option {', '.join(map(repr, unknown))}; "
+                              f"its options: {', '.join(self.options) or 'none'}")
+        args = {k: v for k, v in common.items() if k in self.options and v is not None}
+        args.update(extra)
+        return args
+
+
+METHODS: dict[str, BoundMethod] = {m.name: m for m in (
+    BoundMethod("naive", naive_bounds, "intervals for f and g separately, subtracted (the baseline)"),
+    BoundMethod("diff-interval", diff_interval_bounds, "ReluDiff: f, g and Delta propagated together"),
+    BoundMethod("diff-linear", diff_linear_bounds, "symbolic linear bounds on Delta (the default)"),
+    BoundMethod("lp", lp_bounds, "triangle LP of both networks over the shared input, rigorous duals"),
+    BoundMethod("milp", milp_bounds, "exact MILP (small nets); optima cross-checked"),
+    BoundMethod("bab", bab_bounds, "branch and bound to reach --tolerance or the time limit"),
+)}
+
+
+def get_method(name: str) -> BoundMethod:
+    """The method registered as `name` (ConfigError naming the valid ones if unknown)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown certification method {name!r}; valid: {', '.join(METHODS)}") from None
+
+
+def methods_help() -> str:
+    """The --method help text: every method with its summary."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + "."
