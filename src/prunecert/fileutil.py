@@ -13,7 +13,7 @@ from typing import Iterator
 from prunecert.errors import ConfigError, PrunecertError
 
 
-def printable(path: str | os.PathLike) -> str:
+def printable(path: str | os.PathLike[str]) -> str:
     """`path` as text that can always be printed (undecodable bytes shown as escapes)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
@@ -39,7 +39,7 @@ def _check_path(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {text}: {printable(ancestor)} is not writable")
 
 
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
+def check_output_file(path: str | os.PathLike[str], option: str) -> Path:
     """Fail now, before any work, if `path` cannot become a file; creates nothing.
 
     Every command checks all its outputs this way before its first write, so a bad path never leaves
@@ -52,7 +52,7 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
-def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+def check_output_dir(path: str | os.PathLike[str], option: str) -> Path:
     """Fail now, before any work, if `path` cannot be (or become) a folder to write into; creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -62,7 +62,7 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error removed."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -115,17 +115,17 @@ def sweep_stale_temps(folder: Path, name: str, suffix: str = ".tmp") -> None:
                     os.unlink(entry.path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
