@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
 from prunecert.errors import ModelFormatError, ShapeMismatchError, UnsupportedLayerError
 
 Shape = tuple[int, ...]
+# weights as given by a loader: a torch tensor, a numpy array or nested lists
+TensorLike = torch.Tensor | npt.ArrayLike
+# a kernel size, stride or padding: one int for both spatial axes, or one per axis
+IntPair = int | tuple[int, ...] | list[int]
 
 
-def _as_tensor(value, name: str) -> torch.Tensor:
+def _as_tensor(value: TensorLike, name: str) -> torch.Tensor:
     if (torch.is_tensor(value) and value.is_complex()) or (not torch.is_tensor(value) and np.iscomplexobj(value)):
         raise ModelFormatError(f"{name} holds complex numbers; weights must be real")
     t = value if torch.is_tensor(value) else torch.from_numpy(np.array(value, dtype=np.float64))
@@ -55,7 +60,7 @@ class Op:
         """Named parameter tensors (for saving and hashing)."""
         return {}
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         """JSON-able description of everything but the tensors."""
         return {"kind": self.kind, "in_shape": list(self.in_shape)}
 
@@ -99,7 +104,7 @@ class ReLU(Op):
 class Linear(AffineOp):
     kind = "linear"
 
-    def __init__(self, weight, bias=None, name: str = "linear"):
+    def __init__(self, weight: TensorLike, bias: TensorLike | None = None, name: str = "linear"):
         self.weight = _as_tensor(weight, f"{name}.weight")
         if self.weight.ndim != 2:
             raise ShapeMismatchError(f"{name}: weight must be 2-D (out, in), got shape {tuple(self.weight.shape)}")
@@ -114,16 +119,16 @@ class Linear(AffineOp):
     def bias(self) -> torch.Tensor:
         return self._bias
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.to(x.dtype).T
 
-    def abs_linear(self, x):
+    def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.abs().to(x.dtype).T
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return a @ self.weight.to(a.dtype)
 
-    def tensors(self):
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self._bias}
 
     @property
@@ -134,7 +139,8 @@ class Linear(AffineOp):
 class Conv2d(AffineOp):
     kind = "conv2d"
 
-    def __init__(self, weight, bias, in_shape: Sequence[int], stride=1, padding=0, name: str = "conv2d"):
+    def __init__(self, weight: TensorLike, bias: TensorLike | None, in_shape: Sequence[int],
+                 stride: IntPair = 1, padding: IntPair = 0, name: str = "conv2d"):
         self.weight = _as_tensor(weight, f"{name}.weight")
         if self.weight.ndim != 4:
             raise ShapeMismatchError(f"{name}: conv weight must be 4-D (C_out, C_in, kh, kw), got {tuple(self.weight.shape)}")
@@ -155,34 +161,35 @@ class Conv2d(AffineOp):
     def bias(self) -> torch.Tensor:
         return self._bias.view(-1, 1, 1).expand(self.out_shape)
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight.to(x.dtype), None, self.stride, self.padding)
 
-    def abs_linear(self, x):
+    def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight.abs().to(x.dtype), None, self.stride, self.padding)
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         kh, kw = self.weight.shape[2:]
         # output_padding recovers input rows/cols that the forward stride skipped over
         oph = self.in_shape[1] - ((self.out_shape[1] - 1) * self.stride[0] - 2 * self.padding[0] + kh)
         opw = self.in_shape[2] - ((self.out_shape[2] - 1) * self.stride[1] - 2 * self.padding[1] + kw)
         return F.conv_transpose2d(a, self.weight.to(a.dtype), None, self.stride, self.padding, (oph, opw))
 
-    def tensors(self):
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self._bias}
 
     @property
     def fan_in(self) -> int:
         return int(self.weight[0].numel())
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "stride": list(self.stride), "padding": list(self.padding)}
 
 
 class AvgPool2d(AffineOp):
     kind = "avgpool2d"
 
-    def __init__(self, kernel, in_shape: Sequence[int], stride=None, padding=0, name: str = "avgpool2d"):
+    def __init__(self, kernel: IntPair, in_shape: Sequence[int], stride: IntPair | None = None,
+                 padding: IntPair = 0, name: str = "avgpool2d"):
         self.kernel = _pair(kernel)
         self.stride = _pair(stride if stride is not None else kernel)
         self.padding = _pair(padding)
@@ -199,10 +206,10 @@ class AvgPool2d(AffineOp):
         self._kernel = torch.full((c, 1, *self.kernel), 1.0 / (self.kernel[0] * self.kernel[1]), dtype=torch.float64)
 
     @property
-    def bias(self):
+    def bias(self) -> torch.Tensor:
         return torch.zeros(self.out_shape, dtype=torch.float64)
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self._kernel.to(x.dtype), None, self.stride, self.padding, groups=self.in_shape[0])
 
     abs_linear = linear  # non-negative weights
@@ -211,13 +218,13 @@ class AvgPool2d(AffineOp):
     def fan_in(self) -> int:
         return self.kernel[0] * self.kernel[1]
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         oph = self.in_shape[1] - ((self.out_shape[1] - 1) * self.stride[0] - 2 * self.padding[0] + self.kernel[0])
         opw = self.in_shape[2] - ((self.out_shape[2] - 1) * self.stride[1] - 2 * self.padding[1] + self.kernel[1])
         return F.conv_transpose2d(a, self._kernel.to(a.dtype), None, self.stride, self.padding, (oph, opw),
                                   groups=self.in_shape[0])
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return {**super().config(), "kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding)}
 
 
@@ -229,15 +236,15 @@ class Flatten(AffineOp):
         self.out_shape = (math.prod(self.in_shape),)
 
     @property
-    def bias(self):
+    def bias(self) -> torch.Tensor:
         return torch.zeros(self.out_shape, dtype=torch.float64)
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
 
     abs_linear = linear
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return a.reshape(a.shape[0], *self.in_shape)
 
 
@@ -250,7 +257,7 @@ class Scale(AffineOp):
 
     kind = "scale"
 
-    def __init__(self, scale, shift, in_shape: Sequence[int], name: str = "scale"):
+    def __init__(self, scale: TensorLike, shift: TensorLike, in_shape: Sequence[int], name: str = "scale"):
         self.in_shape = self.out_shape = tuple(int(s) for s in in_shape)
         self.scale = _as_tensor(scale, f"{name}.scale")
         self.shift = _as_tensor(shift, f"{name}.shift")
@@ -262,23 +269,23 @@ class Scale(AffineOp):
                                      f"do not broadcast to input shape {self.in_shape}") from exc
 
     @property
-    def bias(self):
+    def bias(self) -> torch.Tensor:
         return self.shift.expand(self.in_shape)
 
-    def linear(self, x):
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.to(x.dtype)
 
-    def abs_linear(self, x):
+    def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.abs().to(x.dtype)
 
-    def backward(self, a):
+    def backward(self, a: torch.Tensor) -> torch.Tensor:
         return a * self.scale.to(a.dtype)
 
-    def tensors(self):
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale, "shift": self.shift}
 
 
-def _pair(v) -> tuple[int, int]:
+def _pair(v: IntPair) -> tuple[int, int]:
     if isinstance(v, (tuple, list)):
         if len(v) != 2:
             raise ShapeMismatchError(f"expected a pair of ints, got {v}")
@@ -332,12 +339,12 @@ class Network:
 
     ops: list[Op]
     input_shape: Shape
-    input_lo: float | np.ndarray = 0.0
-    input_hi: float | np.ndarray = 1.0
+    input_lo: float | npt.NDArray[np.floating[Any]] = 0.0
+    input_hi: float | npt.NDArray[np.floating[Any]] = 1.0
     name: str = "network"
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.input_shape = tuple(int(s) for s in self.input_shape)
         self.validate()
 
@@ -369,19 +376,20 @@ class Network:
                                    f"({exc})") from None
         bad = ~np.isfinite(lo) | ~np.isfinite(hi) | ~(lo <= hi)
         if bad.any():
-            i = tuple(int(v) for v in np.argwhere(bad)[0])
-            raise ModelFormatError(f"{self.name}: input domain is not a finite box: input {list(i)} has "
-                                   f"[{float(lo[i])!r}, {float(hi[i])!r}] ({int(bad.sum())} inputs bad)")
+            at = tuple(int(v) for v in np.argwhere(bad)[0])
+            raise ModelFormatError(f"{self.name}: input domain is not a finite box: input {list(at)} has "
+                                   f"[{float(lo[at])!r}, {float(hi[at])!r}] ({int(bad.sum())} inputs bad)")
 
     def layers(self) -> list[Layer]:
         """Group the ops into layers (see module docstring)."""
-        layers, current = [], []
+        layers: list[Layer] = []
+        current: list[AffineOp] = []
         for op in self.ops:
             if isinstance(op, ReLU):
                 layers.append(Layer(len(layers), "", current, True))
                 current = []
             else:
-                current.append(op)
+                current.append(cast(AffineOp, op))  # validate() admits only AffineOp and ReLU
         layers.append(Layer(len(layers), "", current, False))
         for layer in layers:
             kind = layer.main.kind
@@ -396,7 +404,7 @@ class Network:
     def n_inputs(self) -> int:
         return math.prod(self.input_shape)
 
-    def domain(self) -> tuple[np.ndarray, np.ndarray]:
+    def domain(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """The input box as two float64 arrays of shape `input_shape`."""
         lo = np.broadcast_to(np.asarray(self.input_lo, dtype=np.float64), self.input_shape).copy()
         hi = np.broadcast_to(np.asarray(self.input_hi, dtype=np.float64), self.input_shape).copy()
@@ -416,25 +424,25 @@ class Network:
         return int(total)
 
     # ------------------------------------------------------------------ evaluation
-    def forward(self, x, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def forward(self, x: TensorLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Logits for a batch `x` of shape (B, *input_shape) (numpy or torch)."""
         return self.forward_layers(x, dtype)[-1]
 
-    def forward_layers(self, x, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    def forward_layers(self, x: TensorLike, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
         """Pre-activations a_l of every layer (the last one is the logits)."""
-        x = self._prepare(x, dtype)
+        t = self._prepare(x, dtype)
         outs = []
         for op in self.ops:
             if isinstance(op, ReLU):
-                outs.append(x)
-            x = op.forward(x)
-        outs.append(x)
+                outs.append(t)
+            t = op.forward(t)
+        outs.append(t)
         return outs
 
-    def _prepare(self, x, dtype) -> torch.Tensor:
-        if isinstance(x, np.ndarray) and not x.flags.writeable:
-            x = x.copy()  # e.g. a memory-mapped or read-only data set: torch wants writable memory
-        x = torch.as_tensor(x)
+    def _prepare(self, data: TensorLike, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(data, np.ndarray) and not data.flags.writeable:
+            data = data.copy()  # e.g. a memory-mapped or read-only data set: torch wants writable memory
+        x = torch.as_tensor(data)
         if not x.is_floating_point():
             x = x.to(torch.float64)
         x = x.to(dtype)
@@ -446,7 +454,7 @@ class Network:
                                          f"(batch, {', '.join(map(str, self.input_shape))})")
         return x
 
-    def predict(self, x, batch_size: int = 4096) -> np.ndarray:
+    def predict(self, x: npt.NDArray[Any] | torch.Tensor, batch_size: int = 4096) -> npt.NDArray[np.int64]:
         """Arg-max classes, computed in float32 batches (for accuracy measurements)."""
         preds = []
         with torch.no_grad():
@@ -454,9 +462,9 @@ class Network:
                 preds.append(self.forward(x[i:i + batch_size], torch.float32).argmax(1).numpy())
         return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> list[dict[str, Any]]:
         """One row per layer for `prunecert info`."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for layer in self.layers():
             rows.append({
                 "index": layer.index, "name": layer.name, "ops": [op.kind for op in layer.ops],
@@ -477,7 +485,8 @@ def relu_between(ops: Sequence[AffineOp]) -> list[Op]:
     return out
 
 
-def mlp(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], lo=0.0, hi=1.0, name="mlp") -> Network:
+def mlp(weights: Sequence[TensorLike], biases: Sequence[TensorLike], lo: float | npt.NDArray[np.floating[Any]] = 0.0,
+        hi: float | npt.NDArray[np.floating[Any]] = 1.0, name: str = "mlp") -> Network:
     """A fully connected ReLU network from weight matrices (out, in) and bias vectors."""
     ops = [Linear(w, b, name=f"{name}.fc{i}") for i, (w, b) in enumerate(zip(weights, biases))]
     return Network(relu_between(ops), (ops[0].in_shape[0],), lo, hi, name=name)
