@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from prunecert.core.rounding import margin, widen
-from prunecert.network import AffineOp, Layer, Network
+from prunecert.network import AffineOp, Layer, Network, TensorLike
 
 
 @dataclass
@@ -51,7 +51,7 @@ def layer_interval(layer: Layer, bounds: Bounds) -> Bounds:
     return bounds
 
 
-def interval_bounds(net: Network, lower, upper) -> list[Bounds]:
+def interval_bounds(net: Network, lower: TensorLike, upper: TensorLike) -> list[Bounds]:
     """Pre-activation bounds of every layer (the last is the logits) for inputs in [lower, upper].
 
     `lower`/`upper` have shape (*input_shape) or (B, *input_shape); results keep a batch dim.

@@ -10,19 +10,21 @@ so pruning, quantisation and fine-tuning are all "how far can g drift from f?".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.errors import PairingError
-from prunecert.network import Layer, Network, Op
+from prunecert.network import Layer, Network, Op, TensorLike
 
 # attributes (besides kind and shapes) that must agree for two ops to be the same operator
 _STRUCTURAL = ("stride", "padding", "kernel")
 
 
-def _op_signature(op: Op) -> tuple:
-    sig: list = [op.kind, tuple(op.in_shape), tuple(op.out_shape)]
+def _op_signature(op: Op) -> tuple[Any, ...]:
+    sig: list[Any] = [op.kind, tuple(op.in_shape), tuple(op.out_shape)]
     for attr in _STRUCTURAL:
         if hasattr(op, attr):
             sig.append((attr, tuple(getattr(op, attr))))
@@ -85,23 +87,23 @@ class Pair:
     def n_classes(self) -> int:
         return int(np.prod(self.f.output_shape))
 
-    def domain(self) -> tuple[np.ndarray, np.ndarray]:
+    def domain(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         return self.f.domain()
 
     def layer_pairs(self) -> list[tuple[Layer, Layer]]:
         return list(zip(self.layers_f, self.layers_g))
 
     # ------------------------------------------------------------------ concrete evaluation
-    def forward_layers(self, x, dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward_layers(self, x: TensorLike, dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pre-activations of every layer of f and of g at the batch `x`."""
         return self.f.forward_layers(x, dtype), self.g.forward_layers(x, dtype)
 
-    def deltas(self, x, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    def deltas(self, x: TensorLike, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
         """End-to-end deviations a_l^f(x) - a_l^g(x), one (B, *out_shape_l) tensor per layer."""
         af, ag = self.forward_layers(x, dtype)
         return [a - b for a, b in zip(af, ag)]
 
-    def local_deltas(self, x, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    def local_deltas(self, x: TensorLike, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
         """Local deviations a_l^f(x) - L_l^g(h_{l-1}^f(x)): g's layer l fed with f's layer input."""
         af = self.f.forward_layers(x, dtype)
         h = self.f._prepare(x, dtype)
