@@ -11,6 +11,7 @@ kept indices out of range or unsorted, shapes) is a `PairingError` naming the la
 from __future__ import annotations
 
 import numbers
+from typing import cast
 
 import torch
 
@@ -71,7 +72,9 @@ def _neurons(net: Network, op_index: int, layer: int) -> int:
 def _check_hash(pruned: Network, original: Network) -> None:
     """Checked first: a pair of unrelated models is named as such, not as an index out of range."""
     rec = (pruned.metadata or {}).get("pruning")
-    want = rec.get("original_weights_sha256") if isinstance(rec, dict) else None
+    if not isinstance(rec, dict):
+        return
+    want = rec.get("original_weights_sha256")
     if want is not None and want != weights_sha256(original):
         name = rec.get("original_name")
         raise PairingError(f"{pruned.name} was pruned from " + (f"{name!r} " if name else "a network ")
@@ -126,7 +129,8 @@ def complete(pruned: Network, original: Network) -> Network:
     ops: list[Op] = []
     for i, (op_o, op_p) in enumerate(zip(original.ops, pruned.ops)):
         if isinstance(op_o, (Linear, Conv2d)):
-            ops.append(_widen(op_o, op_p, rows_of.get(i), cols_of.get(i)))
+            # architecture_mismatch above: op_p is the same kind of op as op_o
+            ops.append(_widen(op_o, cast(Linear | Conv2d, op_p), rows_of.get(i), cols_of.get(i)))
         elif op_o.kind == "scale":
             ops.append(op_p)  # same shape in both (never cut): keep the pruned network's values
         else:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.errors import ModelFormatError, UnsupportedLayerError
@@ -39,7 +41,8 @@ class LayerSpan:
 
 def layer_spans(net: Network) -> list[LayerSpan]:
     """Where each layer of `net.layers()` sits in `net.ops`."""
-    spans, start = [], 0
+    spans: list[LayerSpan] = []
+    start = 0
     for i, op in enumerate(net.ops):
         if isinstance(op, ReLU):
             spans.append(LayerSpan(len(spans), start, i, True))
@@ -81,8 +84,8 @@ class LayerGeometry:
     index: int
     name: str
     kind: str              # "linear" or "conv2d"
-    points: np.ndarray     # (n, D + 1)
-    coeffs: np.ndarray     # (K, n, R)
+    points: npt.NDArray[np.float64]     # (n, D + 1)
+    coeffs: npt.NDArray[np.float64]     # (K, n, R)
 
     @property
     def n(self) -> int:
@@ -120,7 +123,7 @@ def geometry(net: Network, index: int) -> LayerGeometry:
     w = op.weight.detach().numpy()
     points = np.concatenate([w.reshape(w.shape[0], -1), op._bias.detach().numpy()[:, None]], axis=1)
     j, _ = _next_in(net, span)
-    nw = net.ops[j].weight.detach().numpy()
+    nw = cast(Linear | Conv2d, net.ops[j]).weight.detach().numpy()  # _next_in: ops[j] is Linear/Conv2d
     n = w.shape[0]
     coeffs = nw.reshape(nw.shape[0], n, -1) if nw.ndim == 2 else nw.reshape(nw.shape[0], nw.shape[1], -1)
     if coeffs.shape[1] != n:  # pragma: no cover - Network.validate guarantees the shapes chain
@@ -129,7 +132,7 @@ def geometry(net: Network, index: int) -> LayerGeometry:
     return LayerGeometry(index, name, op.kind, points.astype(np.float64), coeffs.astype(np.float64))
 
 
-def _replace_out(op: Linear | Conv2d, rows: np.ndarray) -> Linear | Conv2d:
+def _replace_out(op: Linear | Conv2d, rows: npt.NDArray[np.int64]) -> Linear | Conv2d:
     idx = torch.as_tensor(rows, dtype=torch.long)
     if isinstance(op, Linear):
         return Linear(op.weight[idx], op._bias[idx], name="pruned.linear")
@@ -142,7 +145,8 @@ def _reshape_pre(op: Op, shape: tuple[int, ...]) -> Op:
     return Flatten(shape)
 
 
-def _replace_in(op: Linear | Conv2d, shape: tuple[int, ...], n: int, cols: np.ndarray, scale: np.ndarray
+def _replace_in(op: Linear | Conv2d, shape: tuple[int, ...], n: int, cols: npt.NDArray[np.int64],
+                scale: npt.NDArray[np.float64]
                 ) -> Linear | Conv2d:
     idx = torch.as_tensor(cols, dtype=torch.long)
     s = torch.as_tensor(scale, dtype=torch.float64)
@@ -154,7 +158,7 @@ def _replace_in(op: Linear | Conv2d, shape: tuple[int, ...], n: int, cols: np.nd
     return Conv2d(w, op._bias, shape, op.stride, op.padding, name="pruned.conv2d")
 
 
-def cut_layer(net: Network, index: int, kept: np.ndarray, scale: np.ndarray) -> Network:
+def cut_layer(net: Network, index: int, kept: npt.ArrayLike, scale: npt.ArrayLike) -> Network:
     """A copy of `net` whose hidden layer `index` keeps only neurons `kept` (sorted, distinct).
 
     The next layer's input column/channel for kept neuron kept[c] is multiplied by scale[c]
@@ -162,18 +166,19 @@ def cut_layer(net: Network, index: int, kept: np.ndarray, scale: np.ndarray) -> 
     """
     spans = layer_spans(net)
     span = spans[index]
-    kept = np.asarray(kept, dtype=np.int64)
+    rows = np.asarray(kept, dtype=np.int64)
     out = _out_op(net, span)
     n = int(out.weight.shape[0])
     ops = list(net.ops)
-    ops[span.stop - 1] = new_out = _replace_out(out, kept)
+    ops[span.stop - 1] = new_out = _replace_out(out, rows)
     shape = new_out.out_shape
     ops[span.stop] = ReLU(shape)
     j, pre = _next_in(net, span)
     for i in range(spans[index + 1].start, j):
         ops[i] = _reshape_pre(ops[i], shape)
         shape = ops[i].out_shape
-    ops[j] = _replace_in(ops[j], shape, n, kept, np.asarray(scale, dtype=np.float64))
+    nxt = cast(Linear | Conv2d, ops[j])  # _next_in: ops[j] is the next layer's Linear/Conv2d
+    ops[j] = _replace_in(nxt, shape, n, rows, np.asarray(scale, dtype=np.float64))
     return Network(ops, net.input_shape, net.input_lo, net.input_hi, name=net.name,
                    metadata=copy.deepcopy(net.metadata))
 
