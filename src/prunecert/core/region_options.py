@@ -13,6 +13,7 @@ from prunecert.core.regions import NORMS, Box, Domain, L2Ball, Region
 from prunecert.data import load_point, parse_point
 from prunecert.errors import DataError, RegionError
 from prunecert.io.vnnlib import read_vnnlib_box
+from prunecert.network import TensorLike
 
 MAX_CENTRES = 100_000  # regions one command line may name (a range is checked before it is expanded)
 
@@ -45,7 +46,7 @@ def expand_center_specs(specs: Sequence[str]) -> list[str]:
     return out
 
 
-def regions_from_options(input_shape: Sequence[int], domain_lo, domain_hi, *, centers: Sequence[str] = (),
+def regions_from_options(input_shape: Sequence[int], domain_lo: TensorLike, domain_hi: TensorLike, *, centers: Sequence[str] = (),
                          eps: float | None = None, norm: str = "inf", region: str | None = None,
                          vnnlib: str | Path | None = None) -> list[Region]:
     """The regions named by the CLI options (`--center/--eps/--norm`, `--region domain`, `--vnnlib`)."""
@@ -65,9 +66,7 @@ def regions_from_options(input_shape: Sequence[int], domain_lo, domain_hi, *, ce
             raise RegionError(f"--region {region!r}: only 'domain' is supported (use --center/--eps for balls)")
         return [Domain(dlo, dhi)]
     if vnnlib is not None:
-        boxes = read_vnnlib_box(vnnlib, math.prod(shape))
-        if isinstance(boxes, tuple) and len(boxes) == 2 and not isinstance(boxes[0], tuple):
-            boxes = [boxes]
+        boxes = [read_vnnlib_box(vnnlib, math.prod(shape))]  # one (lo, hi) box: a union is refused there
         return [Box(lo, hi, dlo, dhi, source=f"{vnnlib}" + (f"#{i}" if len(boxes) > 1 else ""))
                 for i, (lo, hi) in enumerate(boxes)]
     if eps is None:

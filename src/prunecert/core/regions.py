@@ -11,17 +11,20 @@ box we certify contains the real-number ball the user asked for, never less.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.errors import RegionError
+from prunecert.network import TensorLike
 
 NORMS = ("inf", "2")
+Array = npt.NDArray[np.float64]
 
 
-def _array(value, name: str, shape: tuple[int, ...] | None = None, broadcast: bool = False) -> np.ndarray:
+def _array(value: TensorLike, name: str, shape: tuple[int, ...] | None = None, broadcast: bool = False) -> Array:
     """float64 copy of `value`, reshaped to `shape` when the sizes match (or a scalar broadcast to it,
     if `broadcast`); RegionError otherwise."""
     a = value.detach().cpu().numpy() if torch.is_tensor(value) else value
@@ -43,11 +46,11 @@ def _array(value, name: str, shape: tuple[int, ...] | None = None, broadcast: bo
     return a
 
 
-def _first_violation(mask: np.ndarray) -> list[int]:
+def _first_violation(mask: npt.NDArray[np.bool_]) -> list[int]:
     return [int(i) for i in np.argwhere(mask)[0]]
 
 
-def _check_inside(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndarray, what: str,
+def _check_inside(lo: Array, hi: Array, dlo: Array, dhi: Array, what: str,
                   point: bool = False) -> None:
     low, high = ("value", "value") if point else ("lower bound", "upper bound")
     if (lo < dlo).any():
@@ -63,7 +66,7 @@ def _check_inside(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndarr
 FLOAT32_SLACK = 2.0 ** -23  # float32's relative rounding step: box edges written by float32 tools
 
 
-def snap_to_domain(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def snap_to_domain(lo: Array, hi: Array, dlo: Array, dhi: Array) -> tuple[Array, Array]:
     """Box edges outside the domain by no more than float32 rounding (FLOAT32_SLACK * max(1, |edge|)) are
     moved onto the domain's edge: a VNN-LIB bound 1.0000001 written from float32 means the domain's 1.0.
     Farther edges are left alone for `_check_inside` to refuse. (The box shrinks only by points outside
@@ -75,7 +78,7 @@ def snap_to_domain(lo: np.ndarray, hi: np.ndarray, dlo: np.ndarray, dhi: np.ndar
     return lo, hi
 
 
-def _flat(a: np.ndarray) -> list[float]:
+def _flat(a: Array) -> list[float]:
     return [float(v) for v in a.reshape(-1)]
 
 
@@ -88,8 +91,8 @@ def _gen(generator: torch.Generator | int | None) -> torch.Generator:
 class Region:
     """Base: a subset of the input box [domain_lo, domain_hi] (float64 arrays of the input shape)."""
 
-    domain_lo: np.ndarray
-    domain_hi: np.ndarray
+    domain_lo: Array
+    domain_hi: Array
     source: str | None = None
 
     @property
@@ -97,13 +100,13 @@ class Region:
         return tuple(self.domain_lo.shape)
 
     @property
-    def center(self) -> np.ndarray:  # pragma: no cover - overridden
+    def center(self) -> Array:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - overridden
+    def bounding_box(self) -> tuple[Array, Array]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _points(self, x) -> torch.Tensor:
+    def _points(self, x: TensorLike) -> torch.Tensor:
         """`x` as a float64 batch (N, *shape); a single point gets a batch dim."""
         t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float64)
         if tuple(t.shape) == self.shape:
@@ -112,7 +115,7 @@ class Region:
             return t.reshape(t.shape[0], *self.shape)
         raise RegionError(f"point of shape {tuple(t.shape)} does not match the region's input shape {self.shape}")
 
-    def contains(self, x, atol: float = 0.0) -> bool:
+    def contains(self, x: TensorLike, atol: float = 0.0) -> bool:
         """Whether every point of `x` (one point or a batch) lies in the region (up to `atol`)."""
         p = self._points(x)
         lo, hi = (torch.from_numpy(a) for a in self.bounding_box())
@@ -132,10 +135,10 @@ class Region:
         u = torch.cat([(u[:n_corner] < 0.5).to(torch.float64), u[n_corner:]])
         return torch.maximum(torch.minimum(lo + (hi - lo) * u, hi), lo)
 
-    def describe(self) -> dict:  # pragma: no cover - overridden
+    def describe(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _domain_description(self) -> dict:
+    def _domain_description(self) -> dict[str, Any]:
         lo, hi = self.domain_lo, self.domain_hi
         return {"lower": float(lo.min()), "upper": float(hi.max()),
                 "uniform": bool(lo.min() == lo.max() and hi.min() == hi.max())}
@@ -146,7 +149,7 @@ class Region:
         return f"{type(self).__name__}(shape={self.shape}{extra}{', source=' + repr(self.source) if self.source else ''})"
 
 
-def _domain_arrays(shape: tuple[int, ...], domain_lo, domain_hi) -> tuple[np.ndarray, np.ndarray]:
+def _domain_arrays(shape: tuple[int, ...], domain_lo: TensorLike, domain_hi: TensorLike) -> tuple[Array, Array]:
     dlo = _array(domain_lo, "domain lower bound", shape, broadcast=True)
     dhi = _array(domain_hi, "domain upper bound", shape, broadcast=True)
     if (dlo > dhi).any():
@@ -155,7 +158,7 @@ def _domain_arrays(shape: tuple[int, ...], domain_lo, domain_hi) -> tuple[np.nda
     return dlo, dhi
 
 
-def _target_shape(domain_lo) -> tuple[int, ...] | None:
+def _target_shape(domain_lo: TensorLike | None) -> tuple[int, ...] | None:
     """The input shape implied by an array-valued domain bound (None for a scalar)."""
     if domain_lo is None:
         return None
@@ -163,7 +166,7 @@ def _target_shape(domain_lo) -> tuple[int, ...] | None:
     return tuple(a.shape) if a.ndim else None
 
 
-def _centre(center, domain_lo, domain_hi, source: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _centre(center: TensorLike, domain_lo: TensorLike, domain_hi: TensorLike, source: str | None) -> tuple[Array, Array, Array]:
     what = f"centre {source}" if source else "centre"
     c = _array(center, what, _target_shape(domain_lo))
     dlo, dhi = _domain_arrays(c.shape, domain_lo, domain_hi)
@@ -178,7 +181,8 @@ class Box(Region):
     domain, and remembers `eps` and the centre.
     """
 
-    def __init__(self, lo, hi, domain_lo=None, domain_hi=None, *, eps: float | None = None, center=None,
+    def __init__(self, lo: TensorLike, hi: TensorLike, domain_lo: TensorLike | None = None,
+                 domain_hi: TensorLike | None = None, *, eps: float | None = None, center: TensorLike | None = None,
                  source: str | None = None):
         self.source = source
         name = f"box {source}" if source else "box"
@@ -198,7 +202,7 @@ class Box(Region):
         self._center = None if center is None else _array(center, f"{name} centre", self.lo.shape)
 
     @classmethod
-    def around(cls, center, eps: float, domain_lo, domain_hi, source: str | None = None) -> "Box":
+    def around(cls, center: TensorLike, eps: float, domain_lo: TensorLike, domain_hi: TensorLike, source: str | None = None) -> "Box":
         """The L-inf ball of radius `eps` around `center`, intersected with the domain box."""
         eps = _check_radius(eps, "eps")
         c, dlo, dhi = _centre(center, domain_lo, domain_hi, source)
@@ -207,14 +211,14 @@ class Box(Region):
         return cls(lo, hi, dlo, dhi, eps=eps, center=c, source=source)
 
     @property
-    def center(self) -> np.ndarray:
+    def center(self) -> Array:
         return self._center if self._center is not None else (self.lo + self.hi) / 2
 
-    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+    def bounding_box(self) -> tuple[Array, Array]:
         return self.lo.copy(), self.hi.copy()
 
-    def describe(self) -> dict:
-        d: dict = {"kind": "box", "shape": list(self.shape), "domain": self._domain_description()}
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": "box", "shape": list(self.shape), "domain": self._domain_description()}
         if self.source:
             d["source"] = self.source
         if self.eps is not None:
@@ -227,21 +231,21 @@ class Box(Region):
 class L2Ball(Region):
     """{x : ||x - center||_2 <= radius} intersected with the domain box."""
 
-    def __init__(self, center, radius: float, domain_lo, domain_hi, *, source: str | None = None):
+    def __init__(self, center: TensorLike, radius: float, domain_lo: TensorLike, domain_hi: TensorLike, *, source: str | None = None):
         self.source = source
         self.radius = _check_radius(radius, "radius")
         self._center, self.domain_lo, self.domain_hi = _centre(center, domain_lo, domain_hi, source)
 
     @property
-    def center(self) -> np.ndarray:
+    def center(self) -> Array:
         return self._center
 
-    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+    def bounding_box(self) -> tuple[Array, Array]:
         c, r = self._center, self.radius
         return (np.maximum(np.nextafter(c - r, -np.inf), self.domain_lo),
                 np.minimum(np.nextafter(c + r, np.inf), self.domain_hi))
 
-    def contains(self, x, atol: float = 0.0) -> bool:
+    def contains(self, x: TensorLike, atol: float = 0.0) -> bool:
         p = self._points(x)
         dist = (p - torch.from_numpy(self._center)).reshape(p.shape[0], -1).norm(dim=1)
         return bool((dist <= self.radius + atol).all()) and super().contains(p, atol)
@@ -277,8 +281,8 @@ class L2Ball(Region):
         offset = (direction * rad.unsqueeze(1)).reshape(n, *self.shape) * self.radius
         return self.project(torch.from_numpy(self._center) + offset)
 
-    def describe(self) -> dict:
-        d = {"kind": "l2_ball", "norm": "2", "shape": list(self.shape), "eps": float(self.radius),
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": "l2_ball", "norm": "2", "shape": list(self.shape), "eps": float(self.radius),
              "center": _flat(self._center), "domain": self._domain_description()}
         if self.source:
             d["source"] = self.source
@@ -288,23 +292,23 @@ class L2Ball(Region):
 class Domain(Region):
     """The whole input box: the paper's data-independent setting."""
 
-    def __init__(self, lo, hi):
+    def __init__(self, lo: TensorLike, hi: TensorLike):
         self.source = "domain"
         lo_a = _array(lo, "domain lower bound")
         self.domain_lo, self.domain_hi = _domain_arrays(lo_a.shape, lo_a, hi)
 
     @property
-    def center(self) -> np.ndarray:
+    def center(self) -> Array:
         return (self.domain_lo + self.domain_hi) / 2
 
-    def bounding_box(self) -> tuple[np.ndarray, np.ndarray]:
+    def bounding_box(self) -> tuple[Array, Array]:
         return self.domain_lo.copy(), self.domain_hi.copy()
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"kind": "domain", "shape": list(self.shape), "domain": self._domain_description()}
 
 
-def _check_radius(value, name: str) -> float:
+def _check_radius(value: float, name: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError) as exc:
