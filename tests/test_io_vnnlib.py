@@ -71,6 +71,7 @@ BOX = "(assert (>= X_0 0))(assert (<= X_0 1))(assert (>= X_1 0))(assert (<= X_1 
     (BOX + "(assert (>= X_0 2))", "X_0 has lower bound 2.0 above upper bound 1.0"),
     (BOX + "(assert (or (>= X_0 0.5) (>= Y_0 0)))", "leaves them unbounded"),
     (BOX + "(assert (not (>= X_0 0.5)))", "unsupported input constraint"),
+    (BOX + "(assert ((<= X_0 1)))", "unsupported input constraint"),  # a list where the operator goes
     (BOX + "(assert (<= X_0 1)", "1 unclosed '\\(' \\(truncated file\\?\\)"),
     (BOX + "))", "unbalanced"),
     ("(assert (>= Y_0 0))", "no input constraints"),

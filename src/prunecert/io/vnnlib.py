@@ -34,7 +34,7 @@ _CLOSED = {"<": "<=", ">": ">=", "<=": "<=", ">=": ">=", "=": "="}
 Bound = tuple[int, str, float]  # (input index, "<=" / ">=" / "=", constant)
 
 
-def read_vnnlib_box(path: str | os.PathLike, n_inputs: int) -> tuple[np.ndarray, np.ndarray]:
+def read_vnnlib_box(path: str | os.PathLike[str], n_inputs: int) -> tuple[np.ndarray, np.ndarray]:
     """The input box [lo, hi] (float64 arrays of length n_inputs) a VNN-LIB file asserts."""
     boxes = read_vnnlib_boxes(path, n_inputs)
     if len(boxes) != 1:
@@ -43,7 +43,7 @@ def read_vnnlib_box(path: str | os.PathLike, n_inputs: int) -> tuple[np.ndarray,
     return boxes[0]
 
 
-def read_vnnlib_boxes(path: str | os.PathLike, n_inputs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_vnnlib_boxes(path: str | os.PathLike[str], n_inputs: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every input box of a VNN-LIB file (one unless its input constraints contain an `or`)."""
     path = Path(path)
     try:
@@ -161,7 +161,7 @@ def _dnf(expr, path, n_inputs: int) -> list[list[Bound]] | None:
             if len(out) > MAX_BOXES:
                 raise _too_many(path)
         return out
-    if head in _FLIP and len(expr) == 3:
+    if isinstance(head, str) and head in _FLIP and len(expr) == 3:
         return [[_bound(expr, path, n_inputs)]]
     raise RegionError(f"{path}: unsupported input constraint {_show(expr)} (expected <=, >=, =, and, or)")
 
@@ -199,7 +199,7 @@ def _box(bounds: list[Bound], path, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def write_deviation_property(path: str | os.PathLike, lo, hi, k: int, tau: float, n_outputs: int | None = None) -> None:
+def write_deviation_property(path: str | os.PathLike[str], lo, hi, k: int, tau: float, n_outputs: int | None = None) -> None:
     """A VNN-LIB property for the difference network: inputs in [lo, hi], unsafe if |Y_k| >= tau.
 
     VNN-LIB comparisons are non-strict, so the unsafe region written is Y_k >= tau or Y_k <= -tau;
