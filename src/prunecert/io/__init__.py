@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.errors import ConfigError, ModelFormatError
@@ -18,7 +19,7 @@ from prunecert.network import Network
 
 __all__ = ["load_model", "parse_input_domain", "save_model", "weights_sha256", "with_input_domain"]
 
-Domain = tuple[np.ndarray, np.ndarray]
+Domain = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
 def parse_input_domain(text: str | None) -> Domain | None:
@@ -46,7 +47,7 @@ def parse_input_domain(text: str | None) -> Domain | None:
     return np.asarray(lo), np.asarray(hi)
 
 
-def _npy(path: str) -> np.ndarray:
+def _npy(path: str) -> npt.NDArray[np.float64]:
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -80,7 +81,7 @@ def with_input_domain(net: Network, domain: Domain | None, source: str = "--inpu
     return out
 
 
-def load_model(path: str | os.PathLike, arch: str | None = None, input_domain: Domain | None = None) -> Network:
+def load_model(path: str | os.PathLike[str], arch: str | None = None, input_domain: Domain | None = None) -> Network:
     """Load any supported model file into the IR.
 
     `arch` describes the architecture for a bare torch state_dict (see `prunecert.io.torch_io`);
@@ -110,7 +111,7 @@ def _load(path: Path, arch: str | None) -> Network:
     return network_from_state_dict(obj, arch, source=str(path))
 
 
-def save_model(net: Network, path: str | os.PathLike) -> None:
+def save_model(net: Network, path: str | os.PathLike[str]) -> None:
     """Save by suffix: .onnx, .nnet, anything else as a prunecert torch file. Atomic."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":

@@ -11,6 +11,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ FORMAT = "prunecert-network"
 VERSION = 1
 
 
-def network_to_dict(net: Network) -> dict:
-    ops, tensors = [], {}
+def network_to_dict(net: Network) -> dict[str, Any]:
+    ops: list[dict[str, Any]] = []
+    tensors: dict[str, torch.Tensor] = {}
     for i, op in enumerate(net.ops):
         ops.append(op.config())
         for key, t in op.tensors().items():
@@ -38,7 +40,7 @@ def network_to_dict(net: Network) -> dict:
     }
 
 
-def network_from_dict(d: dict, source: str = "<dict>") -> Network:
+def network_from_dict(d: dict[str, Any], source: str = "<dict>") -> Network:
     try:
         if d.get("format") != FORMAT:
             raise ModelFormatError(f"{source}: not a prunecert model file (format={d.get('format')!r})")
@@ -60,10 +62,10 @@ def network_from_dict(d: dict, source: str = "<dict>") -> Network:
         raise ModelFormatError(f"{source}: malformed prunecert model file ({type(exc).__name__}: {exc})") from exc
 
 
-def _op_from_config(i: int, cfg: dict, tensors: dict, source: str) -> Op:
+def _op_from_config(i: int, cfg: dict[str, Any], tensors: dict[str, Any], source: str) -> Op:
     kind, in_shape, name = cfg["kind"], cfg["in_shape"], f"{source} op {i}"
 
-    def t(key):
+    def t(key: str) -> Any:  # a tensor, if the file is well-formed: the ops check what they get
         return tensors[f"{i}.{key}"]
 
     if kind == "linear":
@@ -81,7 +83,7 @@ def _op_from_config(i: int, cfg: dict, tensors: dict, source: str) -> Op:
     raise UnsupportedLayerError(f"{name}: unknown operator kind {kind!r}")
 
 
-def save_native(net: Network, path: str | os.PathLike) -> None:
+def save_native(net: Network, path: str | os.PathLike[str]) -> None:
     """Atomic, and byte-for-byte reproducible: saved through a buffer, so the zip's entry names do not
     carry the (random) temporary file name."""
     buffer = io.BytesIO()
@@ -90,7 +92,7 @@ def save_native(net: Network, path: str | os.PathLike) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def load_native_dict(obj: dict, path: str) -> Network:
+def load_native_dict(obj: dict[str, Any], path: str) -> Network:
     return network_from_dict(obj, path)
 
 

@@ -18,25 +18,26 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from prunecert.errors import ModelFormatError, PrunecertError, UnsupportedLayerError
 from prunecert.fileutil import atomic_write_text
-from prunecert.network import Flatten, Linear, Network, Scale, mlp
+from prunecert.network import Flatten, Layer, Linear, Network, Scale, mlp
 
 MAX_WIDTH = 10_000_000  # neurons per layer (and layers): larger numbers are a corrupt header, not a model
 
 
-def _numbers(line: str, path, what: str) -> list[float]:
+def _numbers(line: str, path: str | os.PathLike[str], what: str) -> list[float]:
     try:
         return [float(v) for v in line.replace(",", " ").split()]
     except ValueError as exc:
         raise ModelFormatError(f"{path}: malformed {what} line: {line.strip()[:80]!r}") from exc
 
 
-def _sizes(line: str, path, what: str) -> list[int]:
+def _sizes(line: str, path: str | os.PathLike[str], what: str) -> list[int]:
     """Whole numbers >= 1 (layer counts and widths): `2.9`, `nan`, `inf`, `0` are refused, not truncated."""
     values = _numbers(line, path, what)
     for v in values:
@@ -46,7 +47,7 @@ def _sizes(line: str, path, what: str) -> list[int]:
     return [int(v) for v in values]
 
 
-def load_nnet(path: str | os.PathLike) -> Network:
+def load_nnet(path: str | os.PathLike[str]) -> Network:
     path = Path(path)
     try:
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("//")]
@@ -103,7 +104,7 @@ def load_nnet(path: str | os.PathLike) -> Network:
         raise ModelFormatError(f"{path}: {exc}") from exc
 
 
-def save_nnet(net: Network, path: str | os.PathLike) -> None:
+def save_nnet(net: Network, path: str | os.PathLike[str]) -> None:
     """Write a fully connected network (atomic); means 0 and ranges 1 (see the module docstring)."""
     linears = [_first_linear(net)]
     for layer in net.layers()[1:]:
@@ -112,7 +113,10 @@ def save_nnet(net: Network, path: str | os.PathLike) -> None:
         linears.append(layer.ops[0])
     sizes = [net.n_inputs] + [op.out_shape[0] for op in linears]
     lo, hi = (a.reshape(-1) for a in net.domain())
-    fmt = lambda v: ",".join(repr(float(x)) for x in v) + ","  # noqa: E731 - repr keeps full precision
+
+    def fmt(v: Iterable[float]) -> str:
+        return ",".join(repr(float(x)) for x in v) + ","  # repr keeps full precision
+
     out = [f"// {net.name} written by prunecert",
            f"{len(linears)},{sizes[0]},{sizes[-1]},{max(sizes)},", ",".join(map(str, sizes)) + ",", "0,",
            fmt(lo), fmt(hi), fmt(np.zeros(sizes[0] + 1)), fmt(np.ones(sizes[0] + 1))]
@@ -141,7 +145,7 @@ def _first_linear(net: Network) -> Linear:
     return Linear(w * scale[None, :], last.bias.numpy() + w @ shift, name=f"{net.name} layer 0")
 
 
-def _not_fc(net: Network, layer) -> UnsupportedLayerError:
+def _not_fc(net: Network, layer: Layer) -> UnsupportedLayerError:
     kinds = "+".join(op.kind for op in layer.ops)
     return UnsupportedLayerError(f"{net.name}: layer {layer.index} ({kinds}) cannot be written as NNet, which holds "
                                  "fully connected layers only")

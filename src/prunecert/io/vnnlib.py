@@ -18,8 +18,10 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import TypeAlias, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from prunecert.errors import RegionError
 from prunecert.fileutil import atomic_write_text
@@ -32,9 +34,11 @@ _VAR = re.compile(r"([XY])_(\d+)\Z")
 _FLIP = {"<=": ">=", ">=": "<=", "<": ">", ">": "<", "=": "="}
 _CLOSED = {"<": "<=", ">": ">=", "<=": "<=", ">=": ">=", "=": "="}
 Bound = tuple[int, str, float]  # (input index, "<=" / ">=" / "=", constant)
+Expr: TypeAlias = str | list["Expr"]  # an s-expression: a token or a parenthesised list
+Box = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
 
-def read_vnnlib_box(path: str | os.PathLike[str], n_inputs: int) -> tuple[np.ndarray, np.ndarray]:
+def read_vnnlib_box(path: str | os.PathLike[str], n_inputs: int) -> Box:
     """The input box [lo, hi] (float64 arrays of length n_inputs) a VNN-LIB file asserts."""
     boxes = read_vnnlib_boxes(path, n_inputs)
     if len(boxes) != 1:
@@ -43,7 +47,7 @@ def read_vnnlib_box(path: str | os.PathLike[str], n_inputs: int) -> tuple[np.nda
     return boxes[0]
 
 
-def read_vnnlib_boxes(path: str | os.PathLike[str], n_inputs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_vnnlib_boxes(path: str | os.PathLike[str], n_inputs: int) -> list[Box]:
     """Every input box of a VNN-LIB file (one unless its input constraints contain an `or`)."""
     path = Path(path)
     try:
@@ -70,12 +74,12 @@ def read_vnnlib_boxes(path: str | os.PathLike[str], n_inputs: int) -> list[tuple
     return [_box(bounds, path, n_inputs) for bounds in alternatives]
 
 
-def _too_many(path) -> RegionError:
+def _too_many(path: Path) -> RegionError:
     return RegionError(f"{path}: the input region has more than {MAX_BOXES} boxes (the limit of "
                        "prunecert.io.vnnlib.MAX_BOXES)")
 
 
-def _product(left: list[list[Bound]], right: list[list[Bound]], path) -> list[list[Bound]]:
+def _product(left: list[list[Bound]], right: list[list[Bound]], path: Path) -> list[list[Bound]]:
     """The conjunction of two disjunctions (every pair of alternatives), refused before it grows too big."""
     if len(left) * len(right) > MAX_BOXES:
         raise _too_many(path)
@@ -83,9 +87,9 @@ def _product(left: list[list[Bound]], right: list[list[Bound]], path) -> list[li
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-def _parse(text: str, path) -> list:
+def _parse(text: str, path: Path) -> list[Expr]:
     text = re.sub(r";[^\n]*", "", text)  # comments
-    stack: list[list] = [[]]
+    stack: list[list[Expr]] = [[]]
     for tok in _TOKEN.findall(text):
         if tok == "(":
             if len(stack) > MAX_DEPTH:
@@ -103,12 +107,12 @@ def _parse(text: str, path) -> list:
     return stack[0]
 
 
-def _show(expr) -> str:
+def _show(expr: Expr) -> str:
     s = expr if isinstance(expr, str) else "(" + " ".join(_show(e) for e in expr) + ")"
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _check_declaration(expr, path, n_inputs: int) -> None:
+def _check_declaration(expr: list[Expr], path: Path, n_inputs: int) -> None:
     if len(expr) != 3 or not isinstance(expr[1], str):
         raise RegionError(f"{path}: malformed declaration {_show(expr)}")
     m = _VAR.match(expr[1])
@@ -116,7 +120,7 @@ def _check_declaration(expr, path, n_inputs: int) -> None:
         raise RegionError(f"{path}: declares {expr[1]}, but the network has only {n_inputs} inputs")
 
 
-def _number(expr) -> float | None:
+def _number(expr: Expr) -> float | None:
     """A numeric literal: `0.5`, `-0.5`, `(- 0.5)`, or None when `expr` is not one."""
     if isinstance(expr, list):
         if len(expr) == 2 and expr[0] == "-":
@@ -130,13 +134,13 @@ def _number(expr) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _variables(expr) -> set[str]:
+def _variables(expr: Expr) -> set[str]:
     if isinstance(expr, str):
         return {expr} if _VAR.match(expr) else set()
     return set().union(*(_variables(e) for e in expr)) if expr else set()
 
 
-def _dnf(expr, path, n_inputs: int) -> list[list[Bound]] | None:
+def _dnf(expr: Expr, path: Path, n_inputs: int) -> list[list[Bound]] | None:
     """Input constraints of one assertion as a disjunction of conjunctions; None if it has none."""
     if not any(v.startswith("X_") for v in _variables(expr)):
         return None  # output-only: not our concern
@@ -166,8 +170,9 @@ def _dnf(expr, path, n_inputs: int) -> list[list[Bound]] | None:
     raise RegionError(f"{path}: unsupported input constraint {_show(expr)} (expected <=, >=, =, and, or)")
 
 
-def _bound(expr, path, n_inputs: int) -> Bound:
-    op, a, b = expr
+def _bound(expr: list[Expr], path: Path, n_inputs: int) -> Bound:
+    head, a, b = expr
+    op = cast(str, head)  # _dnf checked: the head is a comparison of _FLIP
     for var, const, rel in ((a, b, op), (b, a, _FLIP[op])):
         m = _VAR.match(var) if isinstance(var, str) else None
         value = _number(const)
@@ -179,7 +184,7 @@ def _bound(expr, path, n_inputs: int) -> Bound:
     raise RegionError(f"{path}: {_show(expr)} is not a bound of one input by a constant (not a box)")
 
 
-def _box(bounds: list[Bound], path, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _box(bounds: list[Bound], path: Path, n: int) -> Box:
     lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
     for idx, rel, value in bounds:
         if rel in ("<=", "="):
@@ -199,7 +204,8 @@ def _box(bounds: list[Bound], path, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def write_deviation_property(path: str | os.PathLike[str], lo, hi, k: int, tau: float, n_outputs: int | None = None) -> None:
+def write_deviation_property(path: str | os.PathLike[str], lo: npt.ArrayLike, hi: npt.ArrayLike, k: int, tau: float,
+                             n_outputs: int | None = None) -> None:
     """A VNN-LIB property for the difference network: inputs in [lo, hi], unsafe if |Y_k| >= tau.
 
     VNN-LIB comparisons are non-strict, so the unsafe region written is Y_k >= tau or Y_k <= -tau;
