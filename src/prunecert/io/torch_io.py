@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -35,25 +38,28 @@ _IGNORED = (nn.Identity, nn.Dropout)
 class ScaleModule(nn.Module):
     """x * scale + shift with fixed buffers: the torch twin of the IR's `Scale` op."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
         super().__init__()
         self.register_buffer("scale", scale.to(torch.float32).clone())
         self.register_buffer("shift", shift.to(torch.float32).clone())
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift
 
 
 def _flat_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     if isinstance(module, nn.Sequential):
-        out = []
+        out: list[tuple[str, nn.Module]] = []
         for name, child in module.named_children():
             out.extend(_flat_modules(child, f"{prefix}{name}."))
         return out
     return [(prefix.rstrip("."), module)]
 
 
-def _fold_batchnorm(op: Op | None, bn: nn.Module, shape: tuple[int, ...], where: str) -> Op:
+def _fold_batchnorm(op: Op | None, bn: nn.BatchNorm1d | nn.BatchNorm2d, shape: tuple[int, ...], where: str) -> Op:
     """BN(y) = gamma (y - mean) / sqrt(var + eps) + beta, folded into the affine op before it."""
     if bn.running_mean is None or bn.running_var is None:
         raise UnsupportedLayerError(f"{where}: BatchNorm without running statistics cannot be folded")
@@ -69,10 +75,12 @@ def _fold_batchnorm(op: Op | None, bn: nn.Module, shape: tuple[int, ...], where:
     return Scale(a.view(view), c.view(view), shape, name=where)
 
 
-def network_from_module(module: nn.Module, input_shape, lo=0.0, hi=1.0, name: str = "network") -> Network:
+def network_from_module(module: nn.Module, input_shape: Sequence[int], lo: float | npt.NDArray[np.floating[Any]] = 0.0,
+                        hi: float | npt.NDArray[np.floating[Any]] = 1.0, name: str = "network") -> Network:
     """Convert an (eval-mode semantics) nn.Sequential into the IR; BatchNorm is folded."""
     shape = tuple(int(s) for s in input_shape)
     ops: list[Op] = []
+    op: Op
     for where, m in _flat_modules(module):
         label = f"{name} module {where or '0'} ({type(m).__name__})"
         if isinstance(m, _IGNORED):
@@ -112,6 +120,7 @@ def network_from_module(module: nn.Module, input_shape, lo=0.0, hi=1.0, name: st
 def network_to_module(net: Network) -> nn.Sequential:
     """A float32 nn.Sequential computing the same function (trainable copy)."""
     mods: list[nn.Module] = []
+    m: nn.Module
     for op in net.ops:
         if isinstance(op, Linear):
             m = nn.Linear(op.in_shape[0], op.out_shape[0])
@@ -119,9 +128,9 @@ def network_to_module(net: Network) -> nn.Sequential:
             m.bias.data.copy_(op.bias)
         elif isinstance(op, Conv2d):
             w = op.weight
-            m = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), op.stride, op.padding)
+            m = nn.Conv2d(w.shape[1], w.shape[0], (w.shape[2], w.shape[3]), op.stride, op.padding)
             m.weight.data.copy_(w)
-            m.bias.data.copy_(op._bias)
+            cast(torch.Tensor, m.bias).data.copy_(op._bias)  # built with a bias (the default bias=True)
         elif isinstance(op, ReLU):
             m = nn.ReLU()
         elif isinstance(op, Flatten):
@@ -136,7 +145,7 @@ def network_to_module(net: Network) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def network_from_state_dict(obj, arch: str | None, source: str) -> Network:
+def network_from_state_dict(obj: object, arch: str | None, source: str) -> Network:
     """Build a Network from a bare nn.Sequential state_dict plus `arch` (see module docstring).
 
     The module is built and filled in float64, so the IR holds the file's own values (BatchNorm
@@ -166,7 +175,7 @@ def network_from_state_dict(obj, arch: str | None, source: str) -> Network:
         raise type(exc)(f"{source}: {exc}") from exc
 
 
-def _unwrap_checkpoint(obj):
+def _unwrap_checkpoint(obj: object) -> object:
     """Training checkpoints often nest the weights: {"state_dict": {...}, "epoch": 3, ...}."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict"):
@@ -176,7 +185,7 @@ def _unwrap_checkpoint(obj):
     return obj
 
 
-def _arch_spec(sd: dict, arch: str | None, source: str) -> dict:
+def _arch_spec(sd: dict[str, torch.Tensor], arch: str | None, source: str) -> dict[str, Any]:
     if arch is None:
         return _infer_mlp(sd, source)
     if arch.startswith("mlp:"):
@@ -191,7 +200,7 @@ def _arch_spec(sd: dict, arch: str | None, source: str) -> dict:
     if not path.is_file():
         raise ModelFormatError(f"{source}: architecture {arch!r} is neither 'mlp:N-N-...' nor a JSON file")
     try:
-        spec = json.loads(path.read_text())
+        spec: dict[str, Any] = json.loads(path.read_text())  # not a dict: TypeError below
         spec["input_shape"] = [int(s) for s in spec["input_shape"]]
         spec["layers"] = list(spec["layers"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -199,8 +208,8 @@ def _arch_spec(sd: dict, arch: str | None, source: str) -> dict:
     return spec
 
 
-def _mlp_spec(sizes: list[int], flatten: bool) -> dict:
-    layers: list[dict] = [{"type": "flatten"}] if flatten else []
+def _mlp_spec(sizes: list[int], flatten: bool) -> dict[str, Any]:
+    layers: list[dict[str, Any]] = [{"type": "flatten"}] if flatten else []
     for i, n in enumerate(sizes[1:]):
         if i:
             layers.append({"type": "relu"})
@@ -208,7 +217,7 @@ def _mlp_spec(sizes: list[int], flatten: bool) -> dict:
     return {"input_shape": [sizes[0]], "layers": layers}
 
 
-def _infer_mlp(sd: dict, source: str) -> dict:
+def _infer_mlp(sd: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
     keys = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"(\d+)\.weight", k))})
     weights = [sd[f"{i}.weight"] for i in keys]
     if not weights or any(w.ndim != 2 for w in weights):
@@ -222,9 +231,10 @@ def _infer_mlp(sd: dict, source: str) -> dict:
     return _mlp_spec(sizes, flatten=keys[0] == 1)
 
 
-def _module_from_spec(spec: dict, source: str) -> nn.Sequential:
+def _module_from_spec(spec: dict[str, Any], source: str) -> nn.Sequential:
     shape = list(spec["input_shape"])
     mods: list[nn.Module] = []
+    m: nn.Module
     for i, layer in enumerate(spec["layers"]):
         kind = layer.get("type") if isinstance(layer, dict) else None
         try:
