@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -35,13 +37,13 @@ class _Graph:
         self.source = source
         g = model.graph
         self.consts: dict[str, np.ndarray] = {t.name: _initializer(t, source) for t in g.initializer}
-        self.nodes = []
+        self.nodes: list[onnx.NodeProto] = []
         for node in g.node:
             if node.op_type == "Constant":
                 self.consts[node.output[0]] = _constant_value(node, source)
             else:
                 self.nodes.append(node)
-        self.consumers: dict[str, list] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
@@ -51,13 +53,13 @@ class _Graph:
         self.input = inputs[0]
         self.outputs = {o.name for o in g.output}
 
-    def const(self, node, idx: int) -> np.ndarray:
+    def const(self, node: onnx.NodeProto, idx: int) -> npt.NDArray[np.float64]:
         if idx >= len(node.input) or node.input[idx] not in self.consts:
             raise UnsupportedLayerError(f"{self.source}: node {node.name!r} ({node.op_type}) needs a constant "
                                         f"input #{idx}; only sequential networks with constant weights are supported")
         return self.consts[node.input[idx]].astype(np.float64)
 
-    def next_node(self, value: str):
+    def next_node(self, value: str) -> onnx.NodeProto | None:
         users = self.consumers.get(value, [])
         if len(users) > 1:
             raise UnsupportedLayerError(f"{self.source}: value {value!r} feeds {len(users)} nodes "
@@ -94,7 +96,7 @@ def _initializer(t: onnx.TensorProto, source: str) -> np.ndarray:
                                f"{str(exc)[:200]})") from exc
 
 
-def _constant_value(node, source) -> np.ndarray:
+def _constant_value(node: onnx.NodeProto, source: str) -> np.ndarray:
     for attr in node.attribute:
         if attr.name == "value":
             return _initializer(attr.t, source)
@@ -103,7 +105,7 @@ def _constant_value(node, source) -> np.ndarray:
     raise UnsupportedLayerError(f"{source}: Constant node {node.name!r} has no supported value attribute")
 
 
-def _attrs(node) -> dict:
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -114,10 +116,11 @@ def _input_shape(g: _Graph) -> tuple[int, ...]:
     shape = dims[1:] if len(dims) > 1 else dims  # the first dim is the batch, unless the input is a vector
     if any(d is None or d <= 0 for d in shape):
         raise ModelFormatError(f"{g.source}: graph input {g.input.name!r} has unknown non-batch dims {dims}")
-    return tuple(int(d) for d in shape)
+    return tuple(int(d) for d in shape if d is not None)  # (None was refused just above)
 
 
-def load_onnx(path: str | os.PathLike, lo=0.0, hi=1.0) -> Network:
+def load_onnx(path: str | os.PathLike[str], lo: float | npt.NDArray[np.floating[Any]] = 0.0,
+              hi: float | npt.NDArray[np.floating[Any]] = 1.0) -> Network:
     """Import a sequential ReLU network; ONNX carries no input domain, so it is [lo, hi] (default [0, 1])."""
     source = str(path)
     try:
@@ -156,7 +159,8 @@ def load_onnx(path: str | os.PathLike, lo=0.0, hi=1.0) -> Network:
         raise type(exc)(f"{source}: {exc}") from exc
 
 
-def _convert(g: _Graph, node, shape, ops: list[Op]):
+def _convert(g: _Graph, node: onnx.NodeProto, shape: tuple[int, ...], ops: list[Op]
+             ) -> tuple[list[Op], onnx.NodeProto]:
     """Translate one node (or a MatMul+Add pair); returns (new ops, last node consumed)."""
     t, a, name = node.op_type, _attrs(node), f"{g.source} node {node.name or node.op_type!r} ({node.op_type})"
     if t == "Gemm":
@@ -256,12 +260,12 @@ def _convert(g: _Graph, node, shape, ops: list[Op]):
                                 "Identity, Dropout)")
 
 
-def _auto_pad(a: dict) -> str:
+def _auto_pad(a: dict[str, Any]) -> str:
     v = a.get("auto_pad", "NOTSET")
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _vector(c: np.ndarray, n: int, name: str) -> np.ndarray:
+def _vector(c: np.ndarray, n: int, name: str) -> npt.NDArray[np.float64]:
     """A bias given as a scalar, (n,) or (1, n) constant, as a vector of length n."""
     c = np.asarray(c, dtype=np.float64)
     if c.size == n:
@@ -271,7 +275,7 @@ def _vector(c: np.ndarray, n: int, name: str) -> np.ndarray:
     raise UnsupportedLayerError(f"{name}: bias of shape {c.shape} does not fit {n} outputs")
 
 
-def _broadcast_const(c: np.ndarray, shape, name) -> np.ndarray:
+def _broadcast_const(c: np.ndarray, shape: tuple[int, ...], name: str) -> npt.NDArray[np.float64]:
     c = np.asarray(c, dtype=np.float64)
     while c.ndim > len(shape) and c.shape[0] == 1:
         c = c[0]  # drop a leading batch dim of 1
@@ -282,7 +286,7 @@ def _broadcast_const(c: np.ndarray, shape, name) -> np.ndarray:
     return c
 
 
-def _flatten_then(shape, op: Linear) -> list[Op]:
+def _flatten_then(shape: tuple[int, ...], op: Linear) -> list[Op]:
     return [Flatten(shape), op] if len(shape) > 1 else [op]
 
 
@@ -290,8 +294,9 @@ def _merge_scales(ops: list[Op]) -> list[Op]:
     """Fuse consecutive Scale ops ((x - mean) / std becomes one op)."""
     out: list[Op] = []
     for op in ops:
-        if isinstance(op, Scale) and out and isinstance(out[-1], Scale):
-            prev = out.pop()
+        prev = out[-1] if out else None
+        if isinstance(op, Scale) and isinstance(prev, Scale):
+            out.pop()
             op = Scale(prev.scale * op.scale, prev.shift * op.scale + op.shift, op.in_shape)
         out.append(op)
     return out
@@ -300,7 +305,10 @@ def _merge_scales(ops: list[Op]) -> list[Op]:
 # ---------------------------------------------------------------------------------------------- export
 class _Writer:
     def __init__(self, prefix: str = ""):
-        self.prefix, self.nodes, self.inits, self.n = prefix, [], [], 0
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
 
     def name(self, base: str) -> str:
         self.n += 1
@@ -311,7 +319,7 @@ class _Writer:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 
-    def node(self, op_type: str, inputs: list[str], **attrs) -> str:
+    def node(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
         out = self.name(op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
@@ -340,7 +348,8 @@ def _emit(net: Network, w: _Writer, value: str) -> str:
     return value
 
 
-def _model(nodes, inits, in_shape, out_shape, input_name, output_value, doc: str) -> onnx.ModelProto:
+def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], in_shape: tuple[int, ...],
+           out_shape: tuple[int, ...], input_name: str, output_value: str, doc: str) -> onnx.ModelProto:
     x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", *in_shape])
     y = helper.make_tensor_value_info(output_value, TensorProto.FLOAT, ["batch", *out_shape])
     graph = helper.make_graph(nodes, "prunecert", [x], [y], inits, doc_string=doc)
@@ -350,19 +359,19 @@ def _model(nodes, inits, in_shape, out_shape, input_name, output_value, doc: str
     return model
 
 
-def _write(model: onnx.ModelProto, path) -> None:
+def _write(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
 
 
-def save_onnx(net: Network, path: str | os.PathLike) -> None:
+def save_onnx(net: Network, path: str | os.PathLike[str]) -> None:
     """Write `net` as float32 ONNX (input name `input`, dynamic batch). Atomic."""
     w = _Writer()
     out = _emit(net, w, "input")
     _write(_model(w.nodes, w.inits, net.input_shape, net.output_shape, "input", out, net.name), path)
 
 
-def save_difference_onnx(f: Network, g: Network, path: str | os.PathLike) -> None:
+def save_difference_onnx(f: Network, g: Network, path: str | os.PathLike[str]) -> None:
     """One ONNX network computing f(x) - g(x) from a shared input (for external verifiers). Atomic."""
     if f.input_shape != g.input_shape or f.output_shape != g.output_shape:
         raise ModelFormatError(f"cannot build f - g: shapes differ (inputs {f.input_shape} vs {g.input_shape}, "
