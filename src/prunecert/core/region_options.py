@@ -46,7 +46,8 @@ def expand_center_specs(specs: Sequence[str]) -> list[str]:
     return out
 
 
-def regions_from_options(input_shape: Sequence[int], domain_lo: TensorLike, domain_hi: TensorLike, *, centers: Sequence[str] = (),
+def regions_from_options(input_shape: Sequence[int], domain_lo: TensorLike, domain_hi: TensorLike, *,
+                         centers: Sequence[str] = (),
                          eps: float | None = None, norm: str = "inf", region: str | None = None,
                          vnnlib: str | Path | None = None) -> list[Region]:
     """The regions named by the CLI options (`--center/--eps/--norm`, `--region domain`, `--vnnlib`)."""

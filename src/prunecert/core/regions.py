@@ -166,7 +166,8 @@ def _target_shape(domain_lo: TensorLike | None) -> tuple[int, ...] | None:
     return tuple(a.shape) if a.ndim else None
 
 
-def _centre(center: TensorLike, domain_lo: TensorLike, domain_hi: TensorLike, source: str | None) -> tuple[Array, Array, Array]:
+def _centre(center: TensorLike, domain_lo: TensorLike, domain_hi: TensorLike, source: str | None
+            ) -> tuple[Array, Array, Array]:
     what = f"centre {source}" if source else "centre"
     c = _array(center, what, _target_shape(domain_lo))
     dlo, dhi = _domain_arrays(c.shape, domain_lo, domain_hi)
@@ -202,7 +203,8 @@ class Box(Region):
         self._center = None if center is None else _array(center, f"{name} centre", self.lo.shape)
 
     @classmethod
-    def around(cls, center: TensorLike, eps: float, domain_lo: TensorLike, domain_hi: TensorLike, source: str | None = None) -> "Box":
+    def around(cls, center: TensorLike, eps: float, domain_lo: TensorLike, domain_hi: TensorLike,
+               source: str | None = None) -> "Box":
         """The L-inf ball of radius `eps` around `center`, intersected with the domain box."""
         eps = _check_radius(eps, "eps")
         c, dlo, dhi = _centre(center, domain_lo, domain_hi, source)
@@ -231,7 +233,8 @@ class Box(Region):
 class L2Ball(Region):
     """{x : ||x - center||_2 <= radius} intersected with the domain box."""
 
-    def __init__(self, center: TensorLike, radius: float, domain_lo: TensorLike, domain_hi: TensorLike, *, source: str | None = None):
+    def __init__(self, center: TensorLike, radius: float, domain_lo: TensorLike, domain_hi: TensorLike, *,
+                 source: str | None = None):
         self.source = source
         self.radius = _check_radius(radius, "radius")
         self._center, self.domain_lo, self.domain_hi = _centre(center, domain_lo, domain_hi, source)

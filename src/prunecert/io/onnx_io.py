@@ -36,7 +36,7 @@ class _Graph:
     def __init__(self, model: onnx.ModelProto, source: str):
         self.source = source
         g = model.graph
-        self.consts: dict[str, np.ndarray] = {t.name: _initializer(t, source) for t in g.initializer}
+        self.consts: dict[str, npt.NDArray[Any]] = {t.name: _initializer(t, source) for t in g.initializer}
         self.nodes: list[onnx.NodeProto] = []
         for node in g.node:
             if node.op_type == "Constant":
@@ -72,7 +72,7 @@ _REAL_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, Tenso
                TensorProto.UINT32, TensorProto.UINT64}
 
 
-def _initializer(t: onnx.TensorProto, source: str) -> np.ndarray:
+def _initializer(t: onnx.TensorProto, source: str) -> npt.NDArray[Any]:
     """A constant tensor as numpy, after checking its element type and that its data fills its declared shape
     (a header declaring 100000x100000 over 16 bytes must not reach numpy)."""
     kind = TensorProto.DataType.Name(t.data_type) if t.data_type in TensorProto.DataType.values() else t.data_type
@@ -96,7 +96,7 @@ def _initializer(t: onnx.TensorProto, source: str) -> np.ndarray:
                                f"{str(exc)[:200]})") from exc
 
 
-def _constant_value(node: onnx.NodeProto, source: str) -> np.ndarray:
+def _constant_value(node: onnx.NodeProto, source: str) -> npt.NDArray[Any]:
     for attr in node.attribute:
         if attr.name == "value":
             return _initializer(attr.t, source)
@@ -265,7 +265,7 @@ def _auto_pad(a: dict[str, Any]) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _vector(c: np.ndarray, n: int, name: str) -> npt.NDArray[np.float64]:
+def _vector(c: npt.NDArray[Any], n: int, name: str) -> npt.NDArray[np.float64]:
     """A bias given as a scalar, (n,) or (1, n) constant, as a vector of length n."""
     c = np.asarray(c, dtype=np.float64)
     if c.size == n:
@@ -275,7 +275,7 @@ def _vector(c: np.ndarray, n: int, name: str) -> npt.NDArray[np.float64]:
     raise UnsupportedLayerError(f"{name}: bias of shape {c.shape} does not fit {n} outputs")
 
 
-def _broadcast_const(c: np.ndarray, shape: tuple[int, ...], name: str) -> npt.NDArray[np.float64]:
+def _broadcast_const(c: npt.NDArray[Any], shape: tuple[int, ...], name: str) -> npt.NDArray[np.float64]:
     c = np.asarray(c, dtype=np.float64)
     while c.ndim > len(shape) and c.shape[0] == 1:
         c = c[0]  # drop a leading batch dim of 1
@@ -314,7 +314,7 @@ class _Writer:
         self.n += 1
         return f"{self.prefix}{base}_{self.n}"
 
-    def const(self, base: str, value: np.ndarray) -> str:
+    def const(self, base: str, value: npt.NDArray[Any]) -> str:
         name = self.name(base)
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
