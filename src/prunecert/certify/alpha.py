@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from prunecert.certify.backsub import Engine, Form, Region, concretise
+from prunecert.certify.backsub import Engine, Form, RegionBatch, concretise
 from prunecert.core.interval import Bounds
 from prunecert.certify.relax import DeltaParams
 
@@ -72,7 +72,7 @@ def _search_engine(engine: Engine) -> Engine:
                   [d.to(SEARCH_DTYPE) for d in engine.delta], exact=False)
 
 
-def optimise_rows(engine: Engine, top: int, region: Region, iterations: int) -> Bounds:
+def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int) -> Bounds:
     """Optimised sound bounds on +-e_i of layer `top`'s Delta (the pair engine `engine`)."""
     shape = engine.ctx[top][-1].op.out_shape
     n = math.prod(shape)

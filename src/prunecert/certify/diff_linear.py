@@ -23,17 +23,16 @@ import math
 import torch
 
 from prunecert.certify.alpha import optimise_rows
-from prunecert.certify.backsub import Engine, Form, OpCtx, Region, concretise
+from prunecert.certify.backsub import Engine, Form, OpCtx, RegionBatch, concretise
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
 from prunecert.core.interval import Bounds
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, as_batch, margins_from_inputs
 from prunecert.core.pair import Pair
 from prunecert.certify.relax import DeltaRelax, SideRelax
+from prunecert.certify.rows import FULL_ROWS, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
 from prunecert.certify.result import PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
-
-ROW_BUDGET = 2 ** 22   # elements of one (batch x rows x width) coefficient tensor per chunk
 
 L2 = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,7 +66,7 @@ def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
     return inputs, (xf, xg, dx)
 
 
-def _box_exact(ops, region: Region) -> tuple[bool, bool]:
+def _box_exact(ops, region: RegionBatch) -> tuple[bool, bool]:
     """Whether intervals are already exact on layer 0 over a box, for a^f/a^g and for Delta: true when
     every op before the last maps boxes to boxes (Flatten, Scale) -- and, for Delta, is the same in f and g."""
     if region.l2 is not None:
@@ -111,28 +110,10 @@ def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
     return centre, radius
 
 
-def _identity_rows(n: int, shape, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
-    """Rows start..stop-1 of [+I; -I] (2n rows over a tensor of `shape`), as (1, R, *shape)."""
-    idx = torch.arange(start, stop)
-    rows = torch.zeros(stop - start, n, dtype=dtype)
-    rows[torch.arange(stop - start), idx % n] = torch.where(idx < n, 1.0, -1.0).to(dtype)
-    return rows.reshape(1, stop - start, *shape)
-
-
-def _selected_rows(idx: torch.Tensor, valid: torch.Tensor, n: int, shape, start: int, stop: int) -> torch.Tensor:
-    """Rows start..stop-1 of [+e_idx; -e_idx] per region (idx, valid: (B, m)), as (B, R, *shape)."""
-    b, m = idx.shape
-    k = torch.arange(start, stop)
-    rows = torch.zeros(b, stop - start, n, dtype=torch.float64)
-    sign = torch.where(k < m, 1.0, -1.0).to(torch.float64) * valid[:, k % m].to(torch.float64)
-    rows.scatter_(2, idx[:, k % m].unsqueeze(2), sign.unsqueeze(2))
-    return rows.reshape(b, stop - start, *shape)
-
-
 class _Bounder:
-    """Per-call state: the engines over the layers processed so far, the regions, the chunk size."""
+    """Per-call state: the engines over the layers processed so far, the regions."""
 
-    def __init__(self, pair: Pair, region: Region, ops):
+    def __init__(self, pair: Pair, region: RegionBatch, ops):
         self.pair, self.region, self.ops = pair, region, ops
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
@@ -142,61 +123,60 @@ class _Bounder:
         self.f = Engine(self.ctx_f, self.side_f)
         self.g = Engine(self.ctx_g, self.side_g)
         self.d = Engine(self.ctx_f, self.side_f, self.delta)
-        widths = [math.prod(pair.input_shape)] + [math.prod(op.out_shape) for op in pair.f.ops]
-        self.chunk = max(1, ROW_BUDGET // (region.batch * max(widths)))
 
-    def bounds(self, l: int, walk, select: torch.Tensor | None = None) -> Bounds | None:
-        """Bounds on the rows +-e_i of layer l, where walk(rows) returns the form at the input.
+    def chunk(self, l: int) -> int:
+        """Neurons per chunk for rows started at layer l (2 rows each, three walks side by side)."""
+        down = [opf for k in range(l, -1, -1) for opf, _, _ in reversed(self.ops[k])]
+        return max(1, ROW_BUDGET // (6 * self.region.batch * walk_width(down)))
 
-        `select` (B, n) bool limits the rows to the chosen neurons of each region; the others get
-        infinite bounds (to be intersected with cheaper ones). None if nothing is selected.
-        """
+    def _bounds(self, l: int, walk, mask: torch.Tensor | None) -> Bounds | None:
         shape = self.pair.layers_f[l].out_shape
-        n, b = math.prod(shape), self.region.batch
-        if select is not None:
-            select = select.reshape(b, n)
-            if bool(select.all()):
-                select = None
-            elif not bool(select.any()):
-                return None
-        if select is None:
-            m, rows_of = n, lambda a, z: _identity_rows(n, shape, a, z)
-        else:
-            counts = select.sum(1)
-            m = int(counts.max())
-            idx = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :m]
-            valid = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
-            rows_of = lambda a, z: _selected_rows(idx, valid, n, shape, a, z)  # noqa: E731
-        ups = [concretise(walk(rows_of(a, min(2 * m, a + self.chunk))), self.region)
-               for a in range(0, 2 * m, self.chunk)]
-        u = torch.cat(ups, dim=1)
-        upper, lower = u[:, :m], -u[:, m:]
-        if select is not None:
-            inf = torch.full((b, n), torch.inf, dtype=u.dtype)
-            upper = inf.clone().scatter_(1, idx, torch.where(valid, upper, torch.inf))
-            lower = (-inf).scatter_(1, idx, torch.where(valid, lower, -torch.inf))
-        return Bounds(lower.reshape(b, *shape), upper.reshape(b, *shape))
+        sel = Selection.of(mask, math.prod(shape))
+        if sel is None:
+            return None
+        return _spread(sel, bound_rows(walk, sel, shape, self.region, self.chunk(l)), shape, self.region.batch)
 
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
-        """Back-substituted bounds of layer l: a^f, a^g (only the unstable neurons of hidden layers),
-        Delta and the local deviation (only where the cheap `cheap` bounds leave room)."""
+        """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
+        f - g, Delta and the local deviation. Neurons not bounded get infinite bounds."""
         af, ag, d, loc = cheap
+        shape = self.pair.layers_f[l].out_shape
+        n, b = math.prod(shape), self.region.batch
         nets_exact, delta_exact = _box_exact(self.ops[0], self.region) if l == 0 else (False, False)
-        f = g = dd = None
+        unstable = (_unstable(af) | _unstable(ag)).reshape(b, n)
+        f = g = cd = dd = lb = None
         if not nets_exact:
-            f = self.bounds(l, lambda r: self.f.from_layer(l, Form.rows_of(r)), _unstable(af) if hidden else None)
-            g = self.bounds(l, lambda r: self.g.from_layer(l, Form.rows_of(r)), _unstable(ag) if hidden else None)
+            sel = Selection.of(unstable if hidden else None, n)
+            if sel is not None:
+                walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+                walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+                f, g, cd = (_spread(sel, x, shape, b) for x in
+                            bound_rows_pair(walk_f, walk_g, sel, shape, self.region, self.chunk(l)))
         if not delta_exact:
-            dd = self.bounds(l, lambda r: self.d.from_layer(l, Form.rows_of(None, r)), d.upper > d.lower)
-        lb = None
+            mask = (d.upper > d.lower).reshape(b, n)
+            if hidden and n > FULL_ROWS:
+                mask = mask & (unstable | widest(d, TOP_ROWS))
+            dd = self._bounds(l, lambda lam, lay: self.d.from_layer(l, Form.rows_of(None, lam, lay)), mask)
         if local_ctx is not None:
-            def walk_local(r):
-                form = self.d.through_layer(l, Form.rows_of(None, r), local_ctx)
+            def walk_local(lam, lay):
+                form = self.d.through_layer(l, Form.rows_of(None, lam, lay), local_ctx)
                 form.lam_d = None    # g's layer l is fed with f's input: Delta h_{l-1} := 0
                 return self.f.below(form, l)
-            lb = self.bounds(l, walk_local, loc.upper > loc.lower)
-        return [f, g, dd, lb]
+            mask = (loc.upper > loc.lower).reshape(b, n)
+            if n > FULL_ROWS:
+                mask = mask & widest(loc, TOP_ROWS)
+            lb = self._bounds(l, walk_local, mask)
+        return [f, g, _meet_opt(cd, dd), lb]
+
+
+def _spread(sel: Selection, b: Bounds, shape, batch: int) -> Bounds:
+    return Bounds(sel.spread(b.lower, -torch.inf, batch).reshape(batch, *shape),
+                  sel.spread(b.upper, torch.inf, batch).reshape(batch, *shape))
+
+
+def _meet_opt(a: Bounds | None, b: Bounds | None) -> Bounds | None:
+    return b if a is None else _meet(a, b)
 
 
 def _unstable(b: Bounds) -> torch.Tensor:
@@ -219,7 +199,7 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     lo, hi = as_batch(pair, lo, hi)
-    region = Region(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
     st = _Bounder(pair, region, ops)
     hf = hg = Bounds(lo, hi)
