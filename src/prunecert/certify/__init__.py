@@ -34,6 +34,7 @@ METHODS: dict[str, str] = {
     "naive": "prunecert.certify.naive:naive_bounds",
     "diff-interval": "prunecert.certify.diff_interval:diff_interval_bounds",
     "diff-linear": "prunecert.certify.diff_linear:diff_linear_bounds",
+    "crown-diff": "prunecert.certify.diff_linear:crown_diff_bounds",
     "lp": "prunecert.certify.lp:lp_bounds",
     "milp": "prunecert.certify.milp:milp_bounds",
     "bab": "prunecert.certify.bab:bab_bounds",

@@ -29,7 +29,7 @@ from prunecert.core.interval import Bounds
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, as_batch, margins_from_inputs
 from prunecert.core.pair import Pair
 from prunecert.certify.relax import DeltaRelax, SideRelax
-from prunecert.certify.rows import FULL_ROWS, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
+from prunecert.certify.rows import FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
 from prunecert.certify.result import PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
@@ -113,8 +113,8 @@ def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
 class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
-    def __init__(self, pair: Pair, region: RegionBatch, ops):
-        self.pair, self.region, self.ops = pair, region, ops
+    def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True):
+        self.pair, self.region, self.ops, self.delta_walks = pair, region, ops, delta_walks
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
         self.side_f: list[SideRelax] = []
@@ -124,10 +124,12 @@ class _Bounder:
         self.g = Engine(self.ctx_g, self.side_g)
         self.d = Engine(self.ctx_f, self.side_f, self.delta)
 
+    def _down(self, l: int) -> list:
+        return [opf for k in range(l, -1, -1) for opf, _, _ in reversed(self.ops[k])]
+
     def chunk(self, l: int) -> int:
         """Neurons per chunk for rows started at layer l (2 rows each, three walks side by side)."""
-        down = [opf for k in range(l, -1, -1) for opf, _, _ in reversed(self.ops[k])]
-        return max(1, ROW_BUDGET // (6 * self.region.batch * walk_width(down)))
+        return max(1, ROW_BUDGET // (6 * self.region.batch * walk_width(self._down(l))))
 
     def _bounds(self, l: int, walk, mask: torch.Tensor | None) -> Bounds | None:
         shape = self.pair.layers_f[l].out_shape
@@ -144,19 +146,25 @@ class _Bounder:
         shape = self.pair.layers_f[l].out_shape
         n, b = math.prod(shape), self.region.batch
         nets_exact, delta_exact = _box_exact(self.ops[0], self.region) if l == 0 else (False, False)
-        unstable = (_unstable(af) | _unstable(ag)).reshape(b, n)
         f = g = cd = dd = lb = None
         if not nets_exact:
-            sel = Selection.of(unstable if hidden else None, n)
-            if sel is not None:
-                walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
-                walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            if hidden:     # each network's bounds matter where it is unstable
+                f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
+                g = self._bounds(l, walk_g, _unstable(ag).reshape(b, n))
+            else:          # the logits: every neuron, and CROWN on f - g from the same walks
+                sel = Selection.of(None, n)
                 f, g, cd = (_spread(sel, x, shape, b) for x in
                             bound_rows_pair(walk_f, walk_g, sel, shape, self.region, self.chunk(l)))
+        if not self.delta_walks:
+            return [f, g, cd, None]
+        full = n * walk_width(self._down(l)) <= FULL_COST
         if not delta_exact:
             mask = (d.upper > d.lower).reshape(b, n)
-            if hidden and n > FULL_ROWS:
-                mask = mask & (unstable | widest(d, TOP_ROWS))
+            if hidden and not full:    # a Delta bound matters where f or g is still unstable
+                still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
+                mask = mask & (still.reshape(b, n) | widest(_meet(d, cd), TOP_ROWS))
             dd = self._bounds(l, lambda lam, lay: self.d.from_layer(l, Form.rows_of(None, lam, lay)), mask)
         if local_ctx is not None:
             def walk_local(lam, lay):
@@ -164,7 +172,7 @@ class _Bounder:
                 form.lam_d = None    # g's layer l is fed with f's input: Delta h_{l-1} := 0
                 return self.f.below(form, l)
             mask = (loc.upper > loc.lower).reshape(b, n)
-            if n > FULL_ROWS:
+            if not full:
                 mask = mask & widest(loc, TOP_ROWS)
             lb = self._bounds(l, walk_local, mask)
         return [f, g, _meet_opt(cd, dd), lb]
@@ -194,15 +202,42 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
     radii (B,)); each region is then the box intersected with its ball. `optimize`: tune the Delta
     relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
-    result is never looser than without).
+    result is never looser than without). The result is intersected with `crown_diff_bounds` and
+    `diff_interval_bounds`, so it is never looser than either, neuron by neuron.
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     lo, hi = as_batch(pair, lo, hi)
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    out = _run(pair, region, delta_walks=True, optimize=optimize and iterations > 0, iterations=iterations)
+    out = out.intersect(_run(pair, region, delta_walks=False))
+    # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
+    out = out.intersect(diff_interval_bounds(pair, lo, hi))
+    out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False)}
+    return out
+
+
+def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None) -> PairBounds:
+    """CROWN on the merged difference network x -> f(x) - g(x) (shared input, f and g side by side).
+
+    Its hidden neurons are f's and g's, so its intermediate bounds are each network's own CROWN
+    bounds (intersected with intervals); its output rows e_k - e_k back-substitute through f and g
+    separately and add at the input, where the two halves' terms cancel. Intermediate layers' Delta:
+    the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals.
+    """
+    lo, hi = as_batch(pair, lo, hi)
+    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    out = _run(pair, region, delta_walks=False)
+    out.info = {"method": "crown-diff"}
+    return out
+
+
+def _run(pair: Pair, region: RegionBatch, delta_walks: bool, optimize: bool = False, iterations: int = 0
+         ) -> PairBounds:
+    """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g)."""
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
-    st = _Bounder(pair, region, ops)
-    hf = hg = Bounds(lo, hi)
+    st = _Bounder(pair, region, ops, delta_walks)
+    hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
     last_inputs = None
@@ -228,15 +263,14 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
             st.delta.append(DeltaRelax.of(af, ag, d, sf, sg))
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
-    info = {"method": "diff-linear", "optimized": False}
-    if optimize and iterations > 0 and pair.n_layers > 1:
+    info = {"optimized": False}
+    if optimize and pair.n_layers > 1:
         opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations)
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
     margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
-    # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
-    return PairBounds(f_b, g_b, d_b, loc_b, margins, info).intersect(diff_interval_bounds(pair, lo, hi))
+    return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
 
 
 def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:

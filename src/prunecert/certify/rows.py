@@ -4,8 +4,9 @@ Back-substitution costs a walk per row, so the bounders start rows only where th
 - a^f, a^g of a hidden layer: the neurons unstable in f or in g under the cheap (interval) bounds,
   since a stable neuron's relaxation is exact whatever its bounds (the logits: every neuron);
 - Delta of a hidden layer: the same neurons -- the Delta relaxation of a neuron stable in both f and
-  g is exact too -- plus, in wide layers, the `TOP_ROWS` neurons with the widest cheap Delta bounds,
-  which carry the layer's reported maximum (narrow layers, <= `FULL_ROWS` neurons: every neuron);
+  g (after the a^f, a^g bounds just computed) is exact too -- plus the `TOP_ROWS` neurons with the
+  widest Delta bounds, which carry the layer's reported maximum; layers whose rows are cheap (neurons
+  x widest row <= `FULL_COST`, e.g. all of LeNet-300-100) bound every neuron's Delta and local deviation;
 - CROWN on f - g comes for free from the f and g walks of the same rows: the f-walk of +e_i plus
   the g-walk of -e_i, added at the network input where the two halves' terms cancel.
 Neurons left out keep their (sound) interval bounds.
@@ -25,8 +26,8 @@ from prunecert.core.interval import Bounds
 from prunecert.network import AffineOp, AvgPool2d, Conv2d
 
 ROW_BUDGET = 2 ** 22   # elements of one (regions x rows x width) coefficient tensor per chunk
-FULL_ROWS = 1024       # hidden layers up to this width back-substitute every neuron's Delta bound
-TOP_ROWS = 32          # wider layers: also the neurons with the widest cheap Delta / local bounds
+FULL_COST = 2 ** 18    # layers with neurons x row width up to this bound every neuron's Delta / local bound
+TOP_ROWS = 32          # costlier layers: also the neurons with the widest cheap Delta / local bounds
 
 
 @dataclass
@@ -84,10 +85,9 @@ def unit_rows(idx: torch.Tensor, valid: torch.Tensor, shape) -> tuple[torch.Tens
 def walk_width(ops_down: list[AffineOp]) -> int:
     """Most coefficients one row holds on its way down through `ops_down` (top op first), windows
     growing through convs until they cover their level."""
-    width, window = 0, None
+    width = 0
+    window = (1, 1) if ops_down and len(ops_down[0].out_shape) == 3 else None    # None: dense rows
     for op in ops_down:
-        if window is None and len(op.out_shape) == 3:
-            window = (1, 1)
         if isinstance(op, (Conv2d, AvgPool2d)) and window is not None:
             k = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
             window = ((window[0] - 1) * op.stride[0] + k[0], (window[1] - 1) * op.stride[1] + k[1])

@@ -163,7 +163,7 @@ def audit_command(
     tolerance: Optional[float] = typer.Option(None, help="Tolerance on max |Delta logit| (> 0); sets the verdict."),
     layer_tolerance: Optional[str] = typer.Option(None, help="Tolerances for hidden layers too: one value or one "
                                                   "per hidden layer (comma-separated); they then gate the verdict."),
-    certify_method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, lp, milp or bab."),
+    certify_method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, crown-diff (CROWN on f - g), lp, milp or bab."),
     attack_method: str = typer.Option("auto", help="auto, apgd, pgd, lp-walk, milp or random."),
     attack_budget: float = typer.Option(0.5, help="Attack seconds per region and objective."),
     samples: int = typer.Option(256, help="Points certify samples per region (its own counterexample search)."),

@@ -33,7 +33,7 @@ def certify_command(
     norm: Norm = "inf",
     region: RegionName = None,
     vnnlib: Vnnlib = None,
-    method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, lp, milp or bab."),
+    method: str = typer.Option("diff-linear", help="naive, diff-interval, diff-linear, crown-diff (CROWN on f - g), lp, milp or bab."),
     tolerance: Optional[float] = typer.Option(None, help="Tolerance tau on max |Delta_logit| for the verdict."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON (schema prunecert.certify/1)."),
     export_onnx: Optional[Path] = typer.Option(None, "--export-onnx", help="Write f - g as ONNX plus one VNN-LIB "
