@@ -13,6 +13,7 @@ bound improves by less than 0.1% for 3 steps in a row (on LeNet-300-100 pairs it
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -72,8 +73,10 @@ def _search_engine(engine: Engine) -> Engine:
                   [d.to(SEARCH_DTYPE) for d in engine.delta], exact=False)
 
 
-def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int) -> Bounds:
-    """Optimised sound bounds on +-e_i of layer `top`'s Delta (the pair engine `engine`)."""
+def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None = None
+                  ) -> Bounds:
+    """Optimised sound bounds on +-e_i of layer `top`'s Delta (the pair engine `engine`); the search
+    stops early at `deadline` (perf_counter)."""
     shape = engine.ctx[top][-1].op.out_shape
     n = math.prod(shape)
     b = region.batch
@@ -101,7 +104,7 @@ def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int
             total = float(best.sum())
             stalled = stalled + 1 if previous - total <= MIN_GAIN * abs(total) else 0
             previous = total
-        if stalled >= PATIENCE:
+        if stalled >= PATIENCE or (deadline is not None and time.perf_counter() > deadline):
             break
         grads = torch.autograd.grad(ub.sum(), leaves, allow_unused=True)
         adam.step(grads)

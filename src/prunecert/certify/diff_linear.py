@@ -19,6 +19,7 @@ Derivations and the rounding argument: docs/theory.md, "Differential linear boun
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -113,8 +114,10 @@ def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
 class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
-    def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True):
+    def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True,
+                 deadline: float | None = None):
         self.pair, self.region, self.ops, self.delta_walks = pair, region, ops, delta_walks
+        self.deadline, self.truncated = deadline, False
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
         self.side_f: list[SideRelax] = []
@@ -131,12 +134,20 @@ class _Bounder:
         """Neurons per chunk for rows started at layer l (2 rows each, three walks side by side)."""
         return max(1, ROW_BUDGET // (6 * self.region.batch * walk_width(self._down(l))))
 
+    def stop(self) -> bool:
+        """Past the time limit: the walks not yet done are left out (their neurons keep interval
+        bounds) and the result says it was truncated."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.truncated = True
+        return self.truncated
+
     def _bounds(self, l: int, walk, mask: torch.Tensor | None) -> Bounds | None:
         shape = self.pair.layers_f[l].out_shape
         sel = Selection.of(mask, math.prod(shape))
-        if sel is None:
+        if sel is None or self.stop():
             return None
-        return _spread(sel, bound_rows(walk, sel, shape, self.region, self.chunk(l)), shape, self.region.batch)
+        rows = bound_rows(walk, sel, shape, self.region, self.chunk(l), self.stop)
+        return _spread(sel, rows, shape, self.region.batch)
 
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
@@ -153,7 +164,7 @@ class _Bounder:
             if hidden:     # each network's bounds matter where it is unstable
                 f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
                 g = self._bounds(l, walk_g, _unstable(ag).reshape(b, n))
-            else:          # the logits: every neuron, and CROWN on f - g from the same walks
+            elif not self.stop():   # the logits: every neuron, and CROWN on f - g from the same walks
                 sel = Selection.of(None, n)
                 f, g, cd = (_spread(sel, x, shape, b) for x in
                             bound_rows_pair(walk_f, walk_g, sel, shape, self.region, self.chunk(l)))
@@ -195,48 +206,62 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
     return a if b is None else meet(a, b)
 
 
-def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None
-                       ) -> PairBounds:
+def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None,
+                       time_limit: float | None = None) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
     `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
     radii (B,)); each region is then the box intersected with its ball. `optimize`: tune the Delta
     relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
     result is never looser than without). The result is intersected with `crown_diff_bounds` and
-    `diff_interval_bounds`, so it is never looser than either, neuron by neuron.
+    `diff_interval_bounds`, so it is never looser than either, neuron by neuron. `time_limit`:
+    seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
+    stay) and `info["truncated"]` says so per region.
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     lo, hi = as_batch(pair, lo, hi)
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
-    out = _run(pair, region, delta_walks=True, optimize=optimize and iterations > 0, iterations=iterations)
-    out = out.intersect(_run(pair, region, delta_walks=False))
+    deadline = _deadline(time_limit, region.batch)
+    out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations)
+    crown = _run(pair, region, False, deadline)
+    truncated = out.info["truncated"] or crown.info["truncated"]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
-    out = out.intersect(diff_interval_bounds(pair, lo, hi))
-    out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False)}
+    out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
+    out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
+                "truncated": [truncated] * region.batch}
     return out
 
 
-def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None) -> PairBounds:
+def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None, time_limit: float | None = None) -> PairBounds:
     """CROWN on the merged difference network x -> f(x) - g(x) (shared input, f and g side by side).
 
     Its hidden neurons are f's and g's, so its intermediate bounds are each network's own CROWN
     bounds (intersected with intervals); its output rows e_k - e_k back-substitute through f and g
     separately and add at the input, where the two halves' terms cancel. Intermediate layers' Delta:
     the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals.
+    `time_limit` as for `diff_linear_bounds`.
     """
     lo, hi = as_batch(pair, lo, hi)
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
-    out = _run(pair, region, delta_walks=False)
-    out.info = {"method": "crown-diff"}
+    out = _run(pair, region, False, _deadline(time_limit, region.batch))
+    out.info = {"method": "crown-diff", "truncated": [out.info["truncated"]] * region.batch}
     return out
 
 
-def _run(pair: Pair, region: RegionBatch, delta_walks: bool, optimize: bool = False, iterations: int = 0
-         ) -> PairBounds:
+def _deadline(time_limit: float | None, batch: int) -> float | None:
+    if time_limit is None:
+        return None
+    if not time_limit > 0:
+        raise ConfigError(f"time_limit must be > 0 seconds, got {time_limit}")
+    return time.perf_counter() + float(time_limit) * batch
+
+
+def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
+         iterations: int = 0) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g)."""
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
-    st = _Bounder(pair, region, ops, delta_walks)
+    st = _Bounder(pair, region, ops, delta_walks, deadline)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
@@ -264,12 +289,13 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, optimize: bool = Fa
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
     info = {"optimized": False}
-    if optimize and pair.n_layers > 1:
-        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations)
+    if optimize and pair.n_layers > 1 and not st.stop():
+        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline)
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
     margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
+    info["truncated"] = st.truncated
     return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
 
 
@@ -288,7 +314,7 @@ def _margins(pair: Pair, st: _Bounder, logits_f: Bounds, logits_g: Bounds, last_
     xf, xg, _ = last_inputs
     base = margins_from_inputs(pair, xf, xg, logits_f, logits_g)
     c = pair.n_classes
-    if c > MAX_MARGIN_CLASSES:
+    if c > MAX_MARGIN_CLASSES or st.stop():
         return base
     reg = st.region
     b = reg.batch

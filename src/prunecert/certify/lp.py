@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
+from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable
 from prunecert.certify.highs import HighsModel
 from prunecert.core.interval import Bounds
 from prunecert.core.pair import Pair
@@ -220,6 +220,7 @@ def lp_bounds(pair: Pair, lo, hi, l2=None, tighten: bool = True, layers=None, lo
     default). `time_limit`: seconds per region; past it, remaining quantities keep initial bounds.
     """
     lo, hi = as_batch(pair, lo, hi)
+    check_encodable(pair, "lp", "use diff-linear or crown-diff (they scale to conv nets)")
     init = initial_bounds(pair, lo, hi, l2)
     final = None
     results = []

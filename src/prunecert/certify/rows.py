@@ -100,11 +100,18 @@ def walk_width(ops_down: list[AffineOp]) -> int:
 Walk = Callable[[torch.Tensor, Layout], Form]
 
 
-def bound_rows(walk: Walk, sel: Selection, shape, region: RegionBatch, chunk: int) -> Bounds:
-    """Bounds on the selected neurons of a layer ((B, m) each), walking chunks of `chunk` neurons."""
+def bound_rows(walk: Walk, sel: Selection, shape, region: RegionBatch, chunk: int,
+               stop: Callable[[], bool] = lambda: False) -> Bounds:
+    """Bounds on the selected neurons of a layer ((B, m) each), walking chunks of `chunk` neurons;
+    once `stop()` says so (a time limit), the remaining neurons get infinite bounds."""
     ups, los = [], []
     for a in range(0, sel.m, chunk):
         z = min(sel.m, a + chunk)
+        if stop():
+            inf = torch.full((region.batch, sel.m - a), torch.inf, dtype=torch.float64)
+            ups.append(inf)
+            los.append(-inf)
+            break
         lam, lay = unit_rows(sel.idx[:, a:z], sel.valid[:, a:z], shape)
         u = concretise(walk(lam, lay), region)
         ups.append(u[:, :z - a])
