@@ -361,6 +361,11 @@ def encoding_columns(pair: Pair) -> int:
     return n
 
 
+def encodable(pair: Pair) -> bool:
+    """Whether the pair's LP/MILP encoding can fit in MAX_COLUMNS."""
+    return encoding_columns(pair) <= MAX_COLUMNS
+
+
 def check_encodable(pair: Pair, what: str, advice: str) -> None:
     """Refuse, before any work, a pair whose LP/MILP encoding would exceed MAX_COLUMNS."""
     n = encoding_columns(pair)
