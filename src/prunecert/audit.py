@@ -58,6 +58,7 @@ class AuditPlan:
     sources: dict[str, str | None] = field(default_factory=dict)
     max_panels: int = 6
     load_seconds: float = 0.0         # time plan_audit spent loading models and data
+    certify_budget: float | None = 5.0  # seconds per region for the bound method (None: no limit)
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
 
 
@@ -97,7 +98,8 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                prune_method: str = "coreset", keep=None, compression: float | None = None,
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
                attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
-               progress: bool = True, command: str | None = None, max_panels: int = 6) -> AuditPlan:
+               progress: bool = True, command: str | None = None, max_panels: int = 6,
+               certify_budget: float | None = 5.0) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
     Give either `pruned` (a model or a file; compact pruned models are completed onto the original) or
@@ -132,6 +134,8 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     if attack_method not in ATTACKS:
         raise ConfigError(f"unknown attack method {attack_method!r}; valid: {', '.join(ATTACKS)}")
     budget = _positive(attack_budget, "attack budget (seconds)")
+    if certify_budget is not None:
+        certify_budget = _positive(certify_budget, "certify budget (seconds)")
     if int(samples) < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     dataset = load_dataset(data)
@@ -155,7 +159,8 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     options = {"method": prune_method, **targets, "delta": float(delta), "fine_tune": int(fine_tune)}
     return AuditPlan(original, pruned, options, dataset, str(data), centers, eps, bool(domain), tolerances,
                      certify_method, attack_method, budget, int(samples), int(seed), progress, command,
-                     {"original": original_src, "pruned": pruned_src}, int(max_panels), time.perf_counter() - t0)
+                     {"original": original_src, "pruned": pruned_src}, int(max_panels), time.perf_counter() - t0,
+                     certify_budget=certify_budget)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -312,7 +317,8 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     regions = _regions(plan, pair)
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
     cert = stages.run(f"certify {len(regions)} regions ({plan.certify_method})", certify, pair, None, regions,
-                      method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples)
+                      method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples,
+                      time_limit=plan.certify_budget)
 
     def attack_stage():
         found = attack_regions(plan, pair, regions, cert)
