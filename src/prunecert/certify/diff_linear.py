@@ -115,8 +115,8 @@ class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
     def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True,
-                 deadline: float | None = None):
-        self.pair, self.region, self.ops, self.delta_walks = pair, region, ops, delta_walks
+                 deadline: float | None = None, prior: PairBounds | None = None):
+        self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
         self.deadline, self.truncated = deadline, False
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
@@ -161,7 +161,9 @@ class _Bounder:
         if not nets_exact:
             walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
             walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
-            if hidden:     # each network's bounds matter where it is unstable
+            if hidden and self.prior is not None:
+                f, g = self.prior.f[l], self.prior.g[l]
+            elif hidden:   # each network's bounds matter where it is unstable
                 f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
                 g = self._bounds(l, walk_g, _unstable(ag).reshape(b, n))
             elif not self.stop():   # the logits: every neuron, and CROWN on f - g from the same walks
@@ -223,8 +225,10 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     lo, hi = as_batch(pair, lo, hi)
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     deadline = _deadline(time_limit, region.batch)
-    out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations)
+    # CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
     crown = _run(pair, region, False, deadline)
+    out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
+               prior=crown)
     truncated = out.info["truncated"] or crown.info["truncated"]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
     out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
@@ -258,10 +262,11 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0) -> PairBounds:
-    """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g)."""
+         iterations: int = 0, prior: PairBounds | None = None) -> PairBounds:
+    """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
+    `prior`: bounds of an earlier pass whose hidden-layer a^f, a^g are taken instead of walking again."""
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
-    st = _Bounder(pair, region, ops, delta_walks, deadline)
+    st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
