@@ -98,6 +98,7 @@ def best_attacks(pair, regions, seconds: float) -> list[float]:
 
 
 def run(args) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     rows = []
     load = {"before": open("/proc/loadavg").read().split()[:3]}
     for pair_name, (f, g) in vgg_pairs(args.distilled).items():
@@ -129,7 +130,6 @@ def run(args) -> dict:
                           f" (ratio {rows[-1]['median_ratio']}), {out['peak_rss_mb']:.0f} MB"
                           + (" TRUNCATED" if out["truncated"] else ""), file=sys.stderr, flush=True)
     load["after"] = open("/proc/loadavg").read().split()[:3]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"benchmark": "conv", "args": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine(),
             "load_average": load, "commit": commit, "rows": rows}
 

@@ -106,6 +106,11 @@ class OpCtx:
     dmag: torch.Tensor | None = None
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
 
+    def select(self, idx: slice) -> "OpCtx":
+        """The same op context for a sub-batch of the regions."""
+        return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
+                     self.dx_zero)
+
     @property
     def count(self) -> int:
         """Rounding-term count for one backward step (transposes, bias dot product, combinations)."""
@@ -130,6 +135,11 @@ class Engine:
     def __init__(self, ctx: list[list[OpCtx]], side: list[SideRelax], delta: list[DeltaRelax] | None = None,
                  exact: bool = True):
         self.ctx, self.side, self.delta, self.exact = ctx, side, delta, exact
+
+    def select(self, idx: slice) -> "Engine":
+        """The same walk restricted to a sub-batch of the regions (per-region tensors sliced)."""
+        return Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
+                      None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
 
     # ------------------------------------------------------------------ steps
     def through_layer(self, l: int, form: Form, ctx: list[OpCtx] | None = None) -> Form:
@@ -220,6 +230,10 @@ class RegionBatch:
     @property
     def batch(self) -> int:
         return int(self.lo.shape[0])
+
+    def select(self, idx: slice) -> "RegionBatch":
+        l2 = None if self.l2 is None else (self.l2[0][idx], self.l2[1][idx])
+        return RegionBatch(self.lo[idx], self.hi[idx], l2)
 
     def to(self, dtype: torch.dtype) -> "RegionBatch":
         l2 = None if self.l2 is None else (self.l2[0].to(dtype), self.l2[1].to(dtype))

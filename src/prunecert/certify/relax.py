@@ -79,6 +79,9 @@ class SideRelax:
         return SideRelax(s, t, default_alpha(b.lower, b.upper), (b.lower < 0) & (b.upper > 0),
                          torch.maximum(b.lower.abs(), b.upper.abs()))
 
+    def select(self, idx: slice) -> "SideRelax":
+        return SideRelax(self.s[idx], self.t[idx], self.alpha[idx], self.unstable[idx], self.amax[idx])
+
     def to(self, dtype: torch.dtype) -> "SideRelax":
         return SideRelax(self.s.to(dtype), self.t.to(dtype), self.alpha.to(dtype), self.unstable, self.amax.to(dtype))
 
@@ -113,6 +116,10 @@ class DeltaRelax:
         theta_up = torch.where(both_stable | (sep_up < sd * cd + td), 1.0, 0.0).to(cf.dtype)
         theta_lo = torch.where(both_stable | (sep_lo > sl * cd - tl), 1.0, 0.0).to(cf.dtype)
         return DeltaRelax(f, g, sd, td, sl, tl, dmax, theta_up, theta_lo, both_stable)
+
+    def select(self, idx: slice) -> "DeltaRelax":
+        return DeltaRelax(self.f.select(idx), self.g.select(idx), self.sd[idx], self.td[idx], self.sl[idx],
+                          self.tl[idx], self.dmax[idx], self.theta_up[idx], self.theta_lo[idx], self.both_stable[idx])
 
     def to(self, dtype: torch.dtype) -> "DeltaRelax":
         return DeltaRelax(self.f.to(dtype), self.g.to(dtype), self.sd.to(dtype), self.td.to(dtype), self.sl.to(dtype),
