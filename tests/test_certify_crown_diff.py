@@ -15,6 +15,7 @@ import prunecert.certify.diff_linear as dl
 from prunecert.certify import get_method
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.layout import dense_backward, unit_patches
+from prunecert.network import Conv2d, Scale
 
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -113,3 +114,23 @@ def test_windows_equal_dense_rows(in_shape):
     assert windows >= (3 if in_shape[1] >= 12 else 1)
     got = lam if lay.dense else lay.to_dense(lam)
     torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (31, 29), (17, 20)])
+def test_windows_equal_dense_rows_through_strided_padded_convs(hw):
+    """Stride-2, padding-1 convs (CIFAR-style stems) on odd sizes: windows give the dense coefficients."""
+    rng = np.random.default_rng(2)
+    h, w = hw
+    norm = Scale(rng.uniform(0.5, 2, (3, 1, 1)), rng.normal(size=(3, 1, 1)), (3, h, w))
+    c1 = Conv2d(rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4), (3, h, w), stride=2, padding=1)
+    c2 = Conv2d(rng.normal(size=(5, 4, 3, 3)), rng.normal(size=5), c1.out_shape, stride=2, padding=1)
+    for ops in ([c2, c1, norm], [c1, norm]):
+        shape = ops[0].out_shape
+        n = int(np.prod(shape))
+        lam, lay = unit_patches(torch.arange(n).reshape(1, n), torch.ones(1, n), shape)
+        dense = torch.eye(n, dtype=torch.float64).reshape(1, n, *shape)
+        for op in ops:
+            lam, lay = lay.backward(op, lam)
+            dense = dense_backward(op, dense)
+        got = lam if lay.dense else lay.to_dense(lam)
+        torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-14)
