@@ -59,6 +59,7 @@ class AuditPlan:
     sources: dict[str, str | None] = field(default_factory=dict)
     max_panels: int = 6
     load_seconds: float = 0.0         # time plan_audit spent loading models and data
+    certify_budget: float | None = 5.0  # seconds per region for the bound method (None: no limit)
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
 
 
@@ -99,7 +100,7 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
                attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
                progress: bool = True, command: str | None = None, max_panels: int = 6,
-               input_domain: tuple | None = None) -> AuditPlan:
+               input_domain: tuple | None = None, certify_budget: float | None = 5.0) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
     Give either `pruned` (a model or a file; compact pruned models are completed onto the original) or
@@ -135,6 +136,8 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     if attack_method not in ATTACKS:
         raise ConfigError(f"unknown attack method {attack_method!r}; valid: {', '.join(ATTACKS)}")
     budget = _positive(attack_budget, "attack budget (seconds)")
+    if certify_budget is not None:
+        certify_budget = _positive(certify_budget, "certify budget (seconds)")
     if int(samples) < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     dataset = load_dataset(data)
@@ -158,7 +161,8 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     options = {"method": prune_method, **targets, "delta": float(delta), "fine_tune": int(fine_tune)}
     return AuditPlan(original, pruned, options, dataset, str(data), centers, eps, bool(domain), tolerances,
                      certify_method, attack_method, budget, int(samples), int(seed), progress, command,
-                     {"original": original_src, "pruned": pruned_src}, int(max_panels), time.perf_counter() - t0)
+                     {"original": original_src, "pruned": pruned_src}, int(max_panels), time.perf_counter() - t0,
+                     certify_budget=certify_budget)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -316,7 +320,7 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
     cert = stages.run(f"certify {len(regions)} regions ({plan.certify_method})", certify, pair, None, regions,
                       method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples,
-                      **witness_options(plan.certify_method, pair, plan.seed))
+                      time_limit=plan.certify_budget, **witness_options(plan.certify_method, pair, plan.seed))
 
     def attack_stage():
         found = attack_regions(plan, pair, regions, cert)

@@ -26,6 +26,7 @@ from prunecert.adversarial.gradient import SearchState, ascend, random_search, s
 from prunecert.adversarial.objectives import Objective, as_objective
 from prunecert.adversarial.result import AttackResult, best_result
 from prunecert.adversarial.space import SearchSpace, is_l2
+from prunecert.certify.formulation import check_encodable, encodable
 from prunecert.core.completion import make_pair
 from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError, RegionError
@@ -99,6 +100,9 @@ def _attack_many(original, pruned, regions, objective, method, budget_seconds, s
     if method == "lp-walk" and any(space.l2):
         from prunecert.adversarial.lpwalk import check_box
         check_box(next(r for r in regions if is_l2(r)))
+    fits = encodable(pair)
+    if method in ("lp-walk", "milp") and not fits:
+        check_encodable(pair, f"attack --method {method}", "use --method apgd (gradient attacks scale to any size)")
     log = _Log(progress, len(regions))
     start = time.perf_counter()
     deadline = start + budget * len(regions)
@@ -111,7 +115,8 @@ def _attack_many(original, pruned, regions, objective, method, budget_seconds, s
     if method == "milp":
         from prunecert.adversarial.exact import milp_search
         return [milp_search(pair, objectives[g], space, g, budget, fields, log) for g in range(len(regions))]
-    do_walk = method == "lp-walk" or (method == "auto" and spec.is_linear and not any(space.l2))
+    # auto: LP walks only where the pair's LP fits; otherwise the whole budget goes to APGD
+    do_walk = method == "lp-walk" or (method == "auto" and spec.is_linear and not any(space.l2) and fits)
     state = seed_starts(pair, objectives, space, restarts if method != "lp-walk" else 1, gen,
                         oversample=4 if method != "lp-walk" else 64)
     log.stage("seed", state, start)

@@ -22,7 +22,8 @@ from prunecert.core.pair import Pair
 from prunecert.certify.methods import METHODS, BoundMethod, get_method
 from prunecert.certify.refute import SearchResult, sample_search
 from prunecert.core.regions import Box, Domain, L2Ball, Region, stack_boxes
-from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds
+from prunecert.certify.formulation import check_encodable
+from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds, truncated_regions
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
 
@@ -117,6 +118,8 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     registered = get_method(method)
+    if registered.encodes_pair:
+        check_encodable(pair, f"--method {method}", "use --method diff-linear or crown-diff (they scale to conv nets)")
     fn = registered.bounds
     kwargs = registered.arguments({"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
                                    "progress": progress}, method_options)
@@ -125,12 +128,13 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     lo, hi = lo.reshape(len(regions), *pair.input_shape), hi.reshape(len(regions), *pair.input_shape)
     search = search or sample_search
     gen = torch.Generator().manual_seed(int(seed))
-    chunks, found = [], []
+    chunks, found, truncated = [], [], []
     with _progress(progress) as bar:
         task = bar.add_task(f"certify ({method})", total=len(regions))
         for part in _chunks(regions, batch_size):
             l2 = _l2(regions[part], pair) if takes_l2 else None
             chunks.append(fn(pair, lo[part], hi[part], **kwargs, **({"l2": l2} if l2 is not None else {})))
+            truncated += truncated_regions(chunks[-1].info, part.stop - part.start)
             bar.advance(task, part.stop - part.start)
         task = bar.add_task("counterexample search", total=len(regions))
         for r in regions:
@@ -138,7 +142,9 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
             bar.advance(task)
     bounds = chunks[0] if len(chunks) == 1 else PairBounds.concat(chunks)
     _check_finite(bounds, method)
-    return _result(pair, regions, bounds, found, method, tolerance, seed, time.perf_counter() - start)
+    result = _result(pair, regions, bounds, found, method, tolerance, seed, time.perf_counter() - start)
+    result.truncated = truncated
+    return result
 
 
 def _check_finite(bounds: PairBounds, method: str) -> None:

@@ -13,10 +13,11 @@ bound improves by less than 0.1% for 3 steps in a row (on LeNet-300-100 pairs it
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
-from prunecert.certify.backsub import Engine, Form, Region, concretise
+from prunecert.certify.backsub import Engine, Form, RegionBatch, concretise
 from prunecert.core.interval import Bounds
 from prunecert.certify.relax import DeltaParams
 
@@ -25,6 +26,7 @@ DECAY = 0.9
 PATIENCE = 3          # stop after this many steps that improve the summed bound by < MIN_GAIN (relative)
 MIN_GAIN = 1e-3
 SEARCH_DTYPE = torch.float32
+REGION_BUDGET = 2 ** 20   # elements of one (regions x rows x widest hidden layer) tensor in the search
 
 
 class _Adam:
@@ -72,8 +74,23 @@ def _search_engine(engine: Engine) -> Engine:
                   [d.to(SEARCH_DTYPE) for d in engine.delta], exact=False)
 
 
-def optimise_rows(engine: Engine, top: int, region: Region, iterations: int) -> Bounds:
-    """Optimised sound bounds on +-e_i of layer `top`'s Delta (the pair engine `engine`)."""
+def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None = None
+                  ) -> Bounds:
+    """Optimised sound bounds on +-e_i of layer `top`'s Delta (the pair engine `engine`); the search
+    stops early at `deadline` (perf_counter). Regions are optimised in groups small enough that one
+    (regions x rows x widest hidden layer) tensor stays under REGION_BUDGET elements: the autograd
+    graph holds dozens of them (on the vgg-small pair, 10 regions at once peaked at 3 GB)."""
+    n = math.prod(engine.ctx[top][-1].op.out_shape)
+    widest = max([math.prod(s.s.shape[1:]) for s in engine.side[:top]] + [1])
+    group = max(1, REGION_BUDGET // (2 * n * widest))
+    if region.batch <= group:
+        return _optimise(engine, top, region, iterations, deadline)
+    parts = [_optimise(engine.select(slice(a, a + group)), top, region.select(slice(a, a + group)), iterations,
+                       deadline) for a in range(0, region.batch, group)]
+    return Bounds(torch.cat([p.lower for p in parts]), torch.cat([p.upper for p in parts]))
+
+
+def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None) -> Bounds:
     shape = engine.ctx[top][-1].op.out_shape
     n = math.prod(shape)
     b = region.batch
@@ -101,7 +118,7 @@ def optimise_rows(engine: Engine, top: int, region: Region, iterations: int) -> 
             total = float(best.sum())
             stalled = stalled + 1 if previous - total <= MIN_GAIN * abs(total) else 0
             previous = total
-        if stalled >= PATIENCE:
+        if stalled >= PATIENCE or (deadline is not None and time.perf_counter() > deadline):
             break
         grads = torch.autograd.grad(ub.sum(), leaves, allow_unused=True)
         adam.step(grads)

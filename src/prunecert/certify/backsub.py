@@ -27,13 +27,11 @@ import torch
 
 from prunecert.core.interval import Bounds
 from prunecert.certify.naive import centre_radius
-from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, dot, relax_delta, relax_side
+from prunecert.certify.layout import DENSE, Layout, dense_backward, dot
+from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, relax_delta, relax_side
 from prunecert.core.rounding import gamma, margin
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
-
-
-SPARSE_FRACTION = 0.5   # below this share of used columns, multiply only by the used rows of W
 
 
 def backward_terms(op: AffineOp) -> int:
@@ -59,18 +57,35 @@ class Form:
     """R linear functions per region: lam_f . v^f + lam_d . Delta v + bias, exact up to err.
 
     `bias` and `err` have shape (Bl, R); Bl is 1 until a per-region relaxation enters the form.
+    `layout` says how the coefficients are stored (`layout.py`: dense, or conv-net windows).
     """
 
-    lam_f: torch.Tensor | None    # (Bl, R, *shape)
+    lam_f: torch.Tensor | None    # (Bl, R, *shape) or (Bl, R, C, kh, kw) windows
     lam_d: torch.Tensor | None
     bias: torch.Tensor
     err: torch.Tensor
+    layout: Layout = DENSE
 
     @staticmethod
-    def rows_of(lam_f: torch.Tensor | None, lam_d: torch.Tensor | None = None) -> "Form":
+    def rows_of(lam_f: torch.Tensor | None, lam_d: torch.Tensor | None = None, layout: Layout = DENSE) -> "Form":
         lam = lam_f if lam_f is not None else lam_d
         zero = torch.zeros(lam.shape[:2], dtype=lam.dtype)
-        return Form(lam_f, lam_d, zero, zero.clone())
+        return Form(lam_f, lam_d, zero, zero.clone(), layout)
+
+    def plus(self, other: "Form", region: "RegionBatch") -> "Form":
+        """The sum of two forms over the network input, rows stored alike (CROWN on f - g adds the
+        f-walk of e_i and the g-walk of -e_i there). Each coefficient sum is one rounding: its error,
+        at most u (|lam| + |lam'|) . max|x| over the region, joins `err`."""
+        assert self.lam_d is None and other.lam_d is None
+        size = _abs_rc(self.lam_f.abs() + other.lam_f.abs(), self.layout, region)[..., 1]    # (B, R)
+        err = up(self.err + other.err + margin(size, 1))
+        return Form(self.lam_f + other.lam_f, None, up(self.bias + other.bias), err, self.layout)
+
+    def take(self, rows: torch.Tensor) -> "Form":
+        """The form's rows `rows` (an index over dim 1)."""
+        pick = (lambda t: None if t is None else t[:, rows])  # noqa: E731
+        return Form(pick(self.lam_f), pick(self.lam_d), self.bias[:, rows], self.err[:, rows],
+                    self.layout.take(rows))
 
     @property
     def rows(self) -> int:
@@ -91,26 +106,17 @@ class OpCtx:
     dmag: torch.Tensor | None = None
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
 
+    def select(self, idx: slice) -> "OpCtx":
+        """The same op context for a sub-batch of the regions."""
+        return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
+                     self.dx_zero)
+
     @property
     def count(self) -> int:
         """Rounding-term count for one backward step (transposes, bias dot product, combinations)."""
         t = backward_terms(self.op) + (backward_terms(self.dop) if self.dop is not None else 0)
         t += backward_terms(self.opg) if self.opg is not None else 0
         return 2 * (t + math.prod(self.op.out_shape)) + 16
-
-
-def _backward(op: AffineOp, lam: torch.Tensor) -> torch.Tensor:
-    """op.backward on (Bl, R, *out) coefficients. For a Linear whose coefficient columns are mostly
-    zero in every row (a completed pruned twin: removed neurons have zero outgoing weights), only the
-    used columns enter the product: the same terms, so the same rounding bound."""
-    b, r = lam.shape[:2]
-    flat = lam.reshape(b * r, *lam.shape[2:])
-    if isinstance(op, Linear) and flat.shape[0] > 1:
-        used = flat.ne(0).any(dim=0)
-        k = int(used.sum())
-        if k < SPARSE_FRACTION * flat.shape[1]:
-            return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
-    return op.backward(flat).reshape(b, r, *op.in_shape)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -130,6 +136,11 @@ class Engine:
                  exact: bool = True):
         self.ctx, self.side, self.delta, self.exact = ctx, side, delta, exact
 
+    def select(self, idx: slice) -> "Engine":
+        """The same walk restricted to a sub-batch of the regions (per-region tensors sliced)."""
+        return Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
+                      None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
+
     # ------------------------------------------------------------------ steps
     def through_layer(self, l: int, form: Form, ctx: list[OpCtx] | None = None) -> Form:
         """From the layer's pre-activation level to its input level, op by op."""
@@ -138,26 +149,30 @@ class Engine:
         return form
 
     def through_op(self, c: OpCtx, form: Form) -> Form:
-        lf, ld = form.lam_f, form.lam_d
+        lf, ld, lay = form.lam_f, form.lam_d, form.layout
         if isinstance(c.op, Flatten) and c.dop is None:   # a reshape: exact, no bias
-            return Form(None if lf is None else _backward(c.op, lf),
-                        None if ld is None or c.dx_zero else _backward(c.op, ld), form.bias, form.err)
-        new_f = _backward(c.op, lf) if lf is not None else None
-        new_d = None
+            return Form(None if lf is None else dense_backward(c.op, lf),
+                        None if ld is None or c.dx_zero else dense_backward(c.op, ld), form.bias, form.err, lay)
+        new_lay = lay
+        new_f = new_d = None
+        if lf is not None:
+            new_f, new_lay = lay.backward(c.op, lf)
         bias, mag = form.bias, torch.zeros_like(form.err)
         if lf is not None:
-            bias = self._acc(bias, dot(lf, c.op.bias))
+            bias = self._acc(bias, lay.dot(lf, c.op.bias))
             if self.exact:
-                mag = mag + dot(lf.abs(), c.mag)
+                mag = mag + lay.dot(lf.abs(), c.mag)
         if ld is not None:
             if c.dop is not None:
-                new_f = _add(new_f, _backward(c.dop, ld))
-                bias = self._acc(bias, dot(ld, c.dop.bias))
-            new_d = None if c.dx_zero else _backward(c.opg, ld)
+                t, new_lay = lay.backward(c.dop, ld)
+                new_f = _add(new_f, t)
+                bias = self._acc(bias, lay.dot(ld, c.dop.bias))
+            if not c.dx_zero:
+                new_d, new_lay = lay.backward(c.opg, ld)
             if self.exact:
-                mag = mag + dot(ld.abs(), c.dmag)
+                mag = mag + lay.dot(ld.abs(), c.dmag)
         err = up(form.err + margin(mag, c.count)) if self.exact else form.err
-        return Form(new_f, new_d, bias, err)
+        return Form(new_f, new_d, bias, err, new_lay)
 
     def _acc(self, bias: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         """bias + term, rounded upward when exact (the term's own error is in the magnitudes)."""
@@ -170,12 +185,12 @@ class Engine:
         mu_f = mu_d = None
         bias, mag = form.bias, torch.zeros_like(form.err)
         if lf is not None:
-            mu_f, b, m = relax_side(self.side[l], lf, p.alpha_f, self.exact)
+            mu_f, b, m = relax_side(self.side[l], lf, p.alpha_f, self.exact, form.layout)
             bias = self._acc(bias, b)
             mag = mag if m is None else mag + m
         if ld is not None:
             assert self.delta is not None
-            m_f, mu_d, b, m = relax_delta(self.delta[l], ld, p, self.exact)
+            m_f, mu_d, b, m = relax_delta(self.delta[l], ld, p, self.exact, form.layout)
             mu_f = _add(mu_f, m_f)
             bias = self._acc(bias, b)
             mag = mag if m is None else mag + m
@@ -183,7 +198,7 @@ class Engine:
         if self.exact:
             n = math.prod(self.side[l].s.shape[1:])
             err = up(err + margin(mag, 2 * n + 16))
-        return Form(mu_f, mu_d, bias, err)
+        return Form(mu_f, mu_d, bias, err, form.layout)
 
     def below(self, form: Form, l: int, params: list[DeltaParams] | None = None) -> Form:
         """A form over layer l's *input* (h_{l-1}; Delta h_{l-1}) walked down to the network input."""
@@ -200,8 +215,9 @@ class Engine:
 
 # ----------------------------------------------------------------------------- concretisation
 @dataclass
-class Region:
-    """A batch of regions prepared for concretisation: boxes in centre/radius form, optional L2 balls."""
+class RegionBatch:
+    """A batch of input regions prepared for concretisation: boxes in centre/radius form, optional L2
+    balls (not `core.regions.Region`, the user-facing description of one region)."""
 
     lo: torch.Tensor                      # (B, *input_shape)
     hi: torch.Tensor
@@ -215,9 +231,13 @@ class Region:
     def batch(self) -> int:
         return int(self.lo.shape[0])
 
-    def to(self, dtype: torch.dtype) -> "Region":
+    def select(self, idx: slice) -> "RegionBatch":
+        l2 = None if self.l2 is None else (self.l2[0][idx], self.l2[1][idx])
+        return RegionBatch(self.lo[idx], self.hi[idx], l2)
+
+    def to(self, dtype: torch.dtype) -> "RegionBatch":
         l2 = None if self.l2 is None else (self.l2[0].to(dtype), self.l2[1].to(dtype))
-        return Region(self.lo.to(dtype), self.hi.to(dtype), l2)
+        return RegionBatch(self.lo.to(dtype), self.hi.to(dtype), l2)
 
 
 def _dot2(absl: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
@@ -229,19 +249,27 @@ def _dot2(absl: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, rc)
 
 
-def concretise(form: Form, region: Region, exact: bool = True) -> torch.Tensor:
+def _abs_rc(absl: torch.Tensor, lay: Layout, region: RegionBatch) -> torch.Tensor:
+    """(B, R, 2): |lam| . r and |lam| . (|c| + r) for coefficients |lam| stored as `lay` says."""
+    if lay.dense:
+        return _dot2(absl, region.rc)
+    r = lay.at(region.r)
+    return torch.stack([dot(absl, r), dot(absl, lay.at(region.c.abs()) + r)], dim=-1)
+
+
+def concretise(form: Form, region: RegionBatch, exact: bool = True) -> torch.Tensor:
     """(B, R) upper bounds of the form's rows over each region (box, and L2 ball when given).
 
     With `exact`, each is sound for the exact real value of every row at every point of the region.
     """
-    lam, bias, err = form.lam_f, form.bias, form.err
+    lam, bias, err, lay = form.lam_f, form.bias, form.err, form.layout
     if lam is None:
         total = (bias + err).expand(region.batch, form.rows)
         return up(total) if exact else total
     n = math.prod(lam.shape[2:])
     absl = lam.abs()
-    rc = _dot2(absl, region.rc)           # (B, R, 2): |lam| . r and |lam| . (|c| + r)
-    out = dot(lam, region.c) + rc[..., 0] + bias + err
+    rc = _abs_rc(absl, lay, region)            # (B, R, 2): |lam| . r and |lam| . (|c| + r)
+    out = lay.dot(lam, region.c) + rc[..., 0] + bias + err
     if exact:
         mag = rc[..., 1] + bias.abs() + err
         out = up(out + margin(mag, n + 4))
@@ -251,9 +279,9 @@ def concretise(form: Form, region: Region, exact: bool = True) -> torch.Tensor:
         norm = lam.flatten(2).norm(dim=2)
         if exact:   # sqrt(sum lam^2) is computed to a relative gamma_{n+2}; round it up
             norm = norm * (1.0 + gamma(n + 4)) * (1.0 + 4 * 2.0 ** -53)
-        ball = dot(lam, centre) + radius * norm + bias + err
+        ball = lay.dot(lam, centre) + radius * norm + bias + err
         if exact:
-            mag = dot(absl, centre.abs()) + radius * norm + bias.abs() + err
+            mag = lay.dot(absl, centre.abs()) + radius * norm + bias.abs() + err
             ball = up(ball + margin(mag, n + 4))
         out = torch.minimum(out, ball)
     return out

@@ -19,21 +19,21 @@ Derivations and the rounding argument: docs/theory.md, "Differential linear boun
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from prunecert.certify.alpha import optimise_rows
-from prunecert.certify.backsub import Engine, Form, OpCtx, Region, concretise
+from prunecert.certify.backsub import Engine, Form, OpCtx, RegionBatch, concretise
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
 from prunecert.core.interval import Bounds
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, as_batch, margins_from_inputs
 from prunecert.core.pair import Pair
 from prunecert.certify.relax import DeltaRelax, SideRelax
+from prunecert.certify.rows import FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
 from prunecert.certify.result import PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
-
-ROW_BUDGET = 2 ** 22   # elements of one (batch x rows x width) coefficient tensor per chunk
 
 L2 = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,7 +67,7 @@ def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
     return inputs, (xf, xg, dx)
 
 
-def _box_exact(ops, region: Region) -> tuple[bool, bool]:
+def _box_exact(ops, region: RegionBatch) -> tuple[bool, bool]:
     """Whether intervals are already exact on layer 0 over a box, for a^f/a^g and for Delta: true when
     every op before the last maps boxes to boxes (Flatten, Scale) -- and, for Delta, is the same in f and g."""
     if region.l2 is not None:
@@ -111,29 +111,13 @@ def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
     return centre, radius
 
 
-def _identity_rows(n: int, shape, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
-    """Rows start..stop-1 of [+I; -I] (2n rows over a tensor of `shape`), as (1, R, *shape)."""
-    idx = torch.arange(start, stop)
-    rows = torch.zeros(stop - start, n, dtype=dtype)
-    rows[torch.arange(stop - start), idx % n] = torch.where(idx < n, 1.0, -1.0).to(dtype)
-    return rows.reshape(1, stop - start, *shape)
-
-
-def _selected_rows(idx: torch.Tensor, valid: torch.Tensor, n: int, shape, start: int, stop: int) -> torch.Tensor:
-    """Rows start..stop-1 of [+e_idx; -e_idx] per region (idx, valid: (B, m)), as (B, R, *shape)."""
-    b, m = idx.shape
-    k = torch.arange(start, stop)
-    rows = torch.zeros(b, stop - start, n, dtype=torch.float64)
-    sign = torch.where(k < m, 1.0, -1.0).to(torch.float64) * valid[:, k % m].to(torch.float64)
-    rows.scatter_(2, idx[:, k % m].unsqueeze(2), sign.unsqueeze(2))
-    return rows.reshape(b, stop - start, *shape)
-
-
 class _Bounder:
-    """Per-call state: the engines over the layers processed so far, the regions, the chunk size."""
+    """Per-call state: the engines over the layers processed so far, the regions."""
 
-    def __init__(self, pair: Pair, region: Region, ops):
-        self.pair, self.region, self.ops = pair, region, ops
+    def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True,
+                 deadline: float | None = None, prior: PairBounds | None = None):
+        self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
+        self.deadline, self.truncated = deadline, False
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
         self.side_f: list[SideRelax] = []
@@ -142,61 +126,78 @@ class _Bounder:
         self.f = Engine(self.ctx_f, self.side_f)
         self.g = Engine(self.ctx_g, self.side_g)
         self.d = Engine(self.ctx_f, self.side_f, self.delta)
-        widths = [math.prod(pair.input_shape)] + [math.prod(op.out_shape) for op in pair.f.ops]
-        self.chunk = max(1, ROW_BUDGET // (region.batch * max(widths)))
 
-    def bounds(self, l: int, walk, select: torch.Tensor | None = None) -> Bounds | None:
-        """Bounds on the rows +-e_i of layer l, where walk(rows) returns the form at the input.
+    def _down(self, l: int) -> list:
+        return [opf for k in range(l, -1, -1) for opf, _, _ in reversed(self.ops[k])]
 
-        `select` (B, n) bool limits the rows to the chosen neurons of each region; the others get
-        infinite bounds (to be intersected with cheaper ones). None if nothing is selected.
-        """
+    def chunk(self, l: int) -> int:
+        """Neurons per chunk for rows started at layer l (2 rows each, three walks side by side)."""
+        return max(1, ROW_BUDGET // (6 * self.region.batch * walk_width(self._down(l))))
+
+    def stop(self) -> bool:
+        """Past the time limit: the walks not yet done are left out (their neurons keep interval
+        bounds) and the result says it was truncated."""
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            self.truncated = True
+        return self.truncated
+
+    def _bounds(self, l: int, walk, mask: torch.Tensor | None) -> Bounds | None:
         shape = self.pair.layers_f[l].out_shape
-        n, b = math.prod(shape), self.region.batch
-        if select is not None:
-            select = select.reshape(b, n)
-            if bool(select.all()):
-                select = None
-            elif not bool(select.any()):
-                return None
-        if select is None:
-            m, rows_of = n, lambda a, z: _identity_rows(n, shape, a, z)
-        else:
-            counts = select.sum(1)
-            m = int(counts.max())
-            idx = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :m]
-            valid = torch.arange(m).unsqueeze(0) < counts.unsqueeze(1)
-            rows_of = lambda a, z: _selected_rows(idx, valid, n, shape, a, z)  # noqa: E731
-        ups = [concretise(walk(rows_of(a, min(2 * m, a + self.chunk))), self.region)
-               for a in range(0, 2 * m, self.chunk)]
-        u = torch.cat(ups, dim=1)
-        upper, lower = u[:, :m], -u[:, m:]
-        if select is not None:
-            inf = torch.full((b, n), torch.inf, dtype=u.dtype)
-            upper = inf.clone().scatter_(1, idx, torch.where(valid, upper, torch.inf))
-            lower = (-inf).scatter_(1, idx, torch.where(valid, lower, -torch.inf))
-        return Bounds(lower.reshape(b, *shape), upper.reshape(b, *shape))
+        sel = Selection.of(mask, math.prod(shape))
+        if sel is None or self.stop():
+            return None
+        rows = bound_rows(walk, sel, shape, self.region, self.chunk(l), self.stop)
+        return _spread(sel, rows, shape, self.region.batch)
 
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
-        """Back-substituted bounds of layer l: a^f, a^g (only the unstable neurons of hidden layers),
-        Delta and the local deviation (only where the cheap `cheap` bounds leave room)."""
+        """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
+        f - g, Delta and the local deviation. Neurons not bounded get infinite bounds."""
         af, ag, d, loc = cheap
+        shape = self.pair.layers_f[l].out_shape
+        n, b = math.prod(shape), self.region.batch
         nets_exact, delta_exact = _box_exact(self.ops[0], self.region) if l == 0 else (False, False)
-        f = g = dd = None
+        f = g = cd = dd = lb = None
         if not nets_exact:
-            f = self.bounds(l, lambda r: self.f.from_layer(l, Form.rows_of(r)), _unstable(af) if hidden else None)
-            g = self.bounds(l, lambda r: self.g.from_layer(l, Form.rows_of(r)), _unstable(ag) if hidden else None)
+            walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            if hidden and self.prior is not None:
+                f, g = self.prior.f[l], self.prior.g[l]
+            elif hidden:   # each network's bounds matter where it is unstable
+                f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
+                g = self._bounds(l, walk_g, _unstable(ag).reshape(b, n))
+            elif not self.stop():   # the logits: every neuron, and CROWN on f - g from the same walks
+                sel = Selection.of(None, n)
+                f, g, cd = (_spread(sel, x, shape, b) for x in
+                            bound_rows_pair(walk_f, walk_g, sel, shape, self.region, self.chunk(l)))
+        if not self.delta_walks:
+            return [f, g, cd, None]
+        full = n * walk_width(self._down(l)) <= FULL_COST
         if not delta_exact:
-            dd = self.bounds(l, lambda r: self.d.from_layer(l, Form.rows_of(None, r)), d.upper > d.lower)
-        lb = None
+            mask = (d.upper > d.lower).reshape(b, n)
+            if hidden and not full:    # a Delta bound matters where f or g is still unstable
+                still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
+                mask = mask & (still.reshape(b, n) | widest(_meet(d, cd), TOP_ROWS))
+            dd = self._bounds(l, lambda lam, lay: self.d.from_layer(l, Form.rows_of(None, lam, lay)), mask)
         if local_ctx is not None:
-            def walk_local(r):
-                form = self.d.through_layer(l, Form.rows_of(None, r), local_ctx)
+            def walk_local(lam, lay):
+                form = self.d.through_layer(l, Form.rows_of(None, lam, lay), local_ctx)
                 form.lam_d = None    # g's layer l is fed with f's input: Delta h_{l-1} := 0
                 return self.f.below(form, l)
-            lb = self.bounds(l, walk_local, loc.upper > loc.lower)
-        return [f, g, dd, lb]
+            mask = (loc.upper > loc.lower).reshape(b, n)
+            if not full:
+                mask = mask & widest(loc, TOP_ROWS)
+            lb = self._bounds(l, walk_local, mask)
+        return [f, g, _meet_opt(cd, dd), lb]
+
+
+def _spread(sel: Selection, b: Bounds, shape, batch: int) -> Bounds:
+    return Bounds(sel.spread(b.lower, -torch.inf, batch).reshape(batch, *shape),
+                  sel.spread(b.upper, torch.inf, batch).reshape(batch, *shape))
+
+
+def _meet_opt(a: Bounds | None, b: Bounds | None) -> Bounds | None:
+    return b if a is None else _meet(a, b)
 
 
 def _unstable(b: Bounds) -> torch.Tensor:
@@ -207,22 +208,66 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
     return a if b is None else meet(a, b)
 
 
-def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None
-                       ) -> PairBounds:
+def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None,
+                       time_limit: float | None = None) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
     `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
     radii (B,)); each region is then the box intersected with its ball. `optimize`: tune the Delta
     relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
-    result is never looser than without).
+    result is never looser than without). The result is intersected with `crown_diff_bounds` and
+    `diff_interval_bounds`, so it is never looser than either, neuron by neuron. `time_limit`:
+    seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
+    stay) and `info["truncated"]` says so per region.
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     lo, hi = as_batch(pair, lo, hi)
-    region = Region(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    deadline = _deadline(time_limit, region.batch)
+    # CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
+    crown = _run(pair, region, False, deadline)
+    out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
+               prior=crown)
+    truncated = out.info["truncated"] or crown.info["truncated"]
+    # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
+    out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
+    out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
+                "truncated": [truncated] * region.batch}
+    return out
+
+
+def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None, time_limit: float | None = None) -> PairBounds:
+    """CROWN on the merged difference network x -> f(x) - g(x) (shared input, f and g side by side).
+
+    Its hidden neurons are f's and g's, so its intermediate bounds are each network's own CROWN
+    bounds (intersected with intervals); its output rows e_k - e_k back-substitute through f and g
+    separately and add at the input, where the two halves' terms cancel. Intermediate layers' Delta:
+    the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals.
+    `time_limit` as for `diff_linear_bounds`.
+    """
+    lo, hi = as_batch(pair, lo, hi)
+    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    out = _run(pair, region, False, _deadline(time_limit, region.batch))
+    out.info = {"method": "crown-diff", "truncated": [out.info["truncated"]] * region.batch}
+    return out
+
+
+def _deadline(time_limit: float | None, batch: int) -> float | None:
+    if time_limit is None:
+        return None
+    if not time_limit > 0:
+        raise ConfigError(f"time_limit must be > 0 seconds, got {time_limit}")
+    return time.perf_counter() + float(time_limit) * batch
+
+
+def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
+         iterations: int = 0, prior: PairBounds | None = None) -> PairBounds:
+    """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
+    `prior`: bounds of an earlier pass whose hidden-layer a^f, a^g are taken instead of walking again."""
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
-    st = _Bounder(pair, region, ops)
-    hf = hg = Bounds(lo, hi)
+    st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
+    hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
     last_inputs = None
@@ -248,15 +293,15 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
             st.delta.append(DeltaRelax.of(af, ag, d, sf, sg))
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
-    info = {"method": "diff-linear", "optimized": False}
-    if optimize and iterations > 0 and pair.n_layers > 1:
-        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations)
+    info = {"optimized": False}
+    if optimize and pair.n_layers > 1 and not st.stop():
+        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline)
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
     margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
-    # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
-    return PairBounds(f_b, g_b, d_b, loc_b, margins, info).intersect(diff_interval_bounds(pair, lo, hi))
+    info["truncated"] = st.truncated
+    return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
 
 
 def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:
@@ -274,7 +319,7 @@ def _margins(pair: Pair, st: _Bounder, logits_f: Bounds, logits_g: Bounds, last_
     xf, xg, _ = last_inputs
     base = margins_from_inputs(pair, xf, xg, logits_f, logits_g)
     c = pair.n_classes
-    if c > MAX_MARGIN_CLASSES:
+    if c > MAX_MARGIN_CLASSES or st.stop():
         return base
     reg = st.region
     b = reg.batch

@@ -346,6 +346,34 @@ class _Alias:
     h: int
 
 
+def encoding_columns(pair: Pair) -> int:
+    """A lower bound on the columns `build_encoding` needs: the input, every op output of f, and of
+    g from the first op where g differs from f (before it, g's columns are f's)."""
+    n = math.prod(pair.input_shape)
+    shared = True
+    for lf, lg in pair.layer_pairs():
+        for opf, opg in zip(lf.ops, lg.ops):
+            if isinstance(opf, Flatten):
+                continue
+            width = math.prod(opf.out_shape)
+            shared = shared and all(torch.equal(a, b) for a, b in zip(opf.tensors().values(), opg.tensors().values()))
+            n += width if shared else 2 * width
+    return n
+
+
+def encodable(pair: Pair) -> bool:
+    """Whether the pair's LP/MILP encoding can fit in MAX_COLUMNS."""
+    return encoding_columns(pair) <= MAX_COLUMNS
+
+
+def check_encodable(pair: Pair, what: str, advice: str) -> None:
+    """Refuse, before any work, a pair whose LP/MILP encoding would exceed MAX_COLUMNS."""
+    n = encoding_columns(pair)
+    if n > MAX_COLUMNS:
+        raise ConfigError(f"{what}: the LP/MILP encoding of this pair needs at least {n} columns (limit "
+                          f"{MAX_COLUMNS}); {advice}")
+
+
 def build_encoding(pair: Pair, lo, hi, pre: RegionBounds, milp: bool = False, local: bool = False,
                    delta_cuts: bool = True, upto: int | None = None) -> Encoding:
     """Encode f and g over the box [lo, hi] given sound pre-activation bounds `pre` (one region).

@@ -25,7 +25,7 @@ import torch
 
 from prunecert.certify.diff_interval import diff_interval_bounds
 from prunecert.certify.diff_linear import diff_linear_bounds
-from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
+from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.naive import as_batch
 from prunecert.core.interval import Bounds
@@ -212,6 +212,7 @@ def lp_bounds(pair: Pair, lo, hi, l2=None, tighten: bool = True, layers=None, lo
     default). `time_limit`: seconds per region; past it, remaining quantities keep initial bounds.
     """
     lo, hi = as_batch(pair, lo, hi)
+    check_encodable(pair, "lp", "use diff-linear or crown-diff (they scale to conv nets)")
     init = initial_bounds(pair, lo, hi, l2)
     final = None
     results = []

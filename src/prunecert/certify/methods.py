@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from prunecert.certify.bab import bab_bounds
 from prunecert.certify.diff_interval import diff_interval_bounds
-from prunecert.certify.diff_linear import diff_linear_bounds
+from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import milp_bounds
 from prunecert.certify.naive import naive_bounds
@@ -31,6 +31,7 @@ class BoundMethod:
     name: str
     bounds: Callable[..., PairBounds]   # (pair, lo, hi, **options) -> PairBounds
     summary: str                        # one line for --help and docs
+    encodes_pair: bool = False          # one LP/MILP of the whole pair: refused up front on large nets
     options: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,10 +55,13 @@ class BoundMethod:
 METHODS: dict[str, BoundMethod] = {m.name: m for m in (
     BoundMethod("naive", naive_bounds, "intervals for f and g separately, subtracted (the baseline)"),
     BoundMethod("diff-interval", diff_interval_bounds, "ReluDiff: f, g and Delta propagated together"),
-    BoundMethod("diff-linear", diff_linear_bounds, "symbolic linear bounds on Delta (the default)"),
-    BoundMethod("lp", lp_bounds, "triangle LP of both networks over the shared input, rigorous duals"),
-    BoundMethod("milp", milp_bounds, "exact MILP (small nets); optima cross-checked"),
-    BoundMethod("bab", bab_bounds, "branch and bound to reach --tolerance or the time limit"),
+    BoundMethod("diff-linear", diff_linear_bounds, "symbolic linear bounds on Delta, intersected with crown-diff "
+                "(the default)"),
+    BoundMethod("crown-diff", crown_diff_bounds, "CROWN on the merged difference network f - g"),
+    BoundMethod("lp", lp_bounds, "triangle LP of both networks over the shared input, rigorous duals",
+                encodes_pair=True),
+    BoundMethod("milp", milp_bounds, "exact MILP (small nets); optima cross-checked", encodes_pair=True),
+    BoundMethod("bab", bab_bounds, "branch and bound to reach --tolerance or the time limit", encodes_pair=True),
 )}
 
 

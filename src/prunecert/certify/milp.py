@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, op_matrix
+from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable, op_matrix
 from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, HighsModel
 from prunecert.certify.lp import initial_bounds, refine_region, to_pair_bounds
 from prunecert.certify.naive import as_batch
@@ -284,6 +284,7 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
     if time_limit <= 0:
         raise ConfigError(f"milp: time_limit must be > 0 seconds, got {time_limit}")
     lo, hi = as_batch(pair, lo, hi)
+    check_encodable(pair, "milp", "use diff-linear or crown-diff (they scale to conv nets)")
     init = initial_bounds(pair, lo, hi)
     wanted = {pair.n_layers - 1} | ({int(l) % pair.n_layers for l in layers} if layers is not None else set())
     results, infos = [], []

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunecert.certify.layout import DENSE, Layout, dot
 from prunecert.core.interval import Bounds
 from prunecert.core.rounding import TINY, UNIT_ROUNDOFF
 
@@ -78,6 +79,9 @@ class SideRelax:
         return SideRelax(s, t, default_alpha(b.lower, b.upper), (b.lower < 0) & (b.upper > 0),
                          torch.maximum(b.lower.abs(), b.upper.abs()))
 
+    def select(self, idx: slice) -> "SideRelax":
+        return SideRelax(self.s[idx], self.t[idx], self.alpha[idx], self.unstable[idx], self.amax[idx])
+
     def to(self, dtype: torch.dtype) -> "SideRelax":
         return SideRelax(self.s.to(dtype), self.t.to(dtype), self.alpha.to(dtype), self.unstable, self.amax.to(dtype))
 
@@ -113,6 +117,10 @@ class DeltaRelax:
         theta_lo = torch.where(both_stable | (sep_lo > sl * cd - tl), 1.0, 0.0).to(cf.dtype)
         return DeltaRelax(f, g, sd, td, sl, tl, dmax, theta_up, theta_lo, both_stable)
 
+    def select(self, idx: slice) -> "DeltaRelax":
+        return DeltaRelax(self.f.select(idx), self.g.select(idx), self.sd[idx], self.td[idx], self.sl[idx],
+                          self.tl[idx], self.dmax[idx], self.theta_up[idx], self.theta_lo[idx], self.both_stable[idx])
+
     def to(self, dtype: torch.dtype) -> "DeltaRelax":
         return DeltaRelax(self.f.to(dtype), self.g.to(dtype), self.sd.to(dtype), self.td.to(dtype), self.sl.to(dtype),
                           self.tl.to(dtype), self.dmax.to(dtype), self.theta_up.to(dtype), self.theta_lo.to(dtype),
@@ -140,22 +148,6 @@ def _r(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1)
 
 
-def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sum over the trailing dims of lam (Bl, R, *s) * v -> (B or Bl, R).
-
-    `v` is (B, *s) or (*s) (shared by all rows), or (B|1, R, *s) (one vector per row).
-    """
-    flat = lam.flatten(2)
-    if v.dim() == lam.dim():                            # per-row vectors
-        return (lam * v.to(lam.dtype)).flatten(2).sum(-1)
-    if v.dim() == lam.dim() - 2:                        # no batch dim
-        return flat @ v.reshape(-1).to(lam.dtype)
-    vb = v.reshape(v.shape[0], -1).to(lam.dtype)
-    if flat.shape[0] == 1:
-        return (flat[0] @ vb.T).T
-    return torch.bmm(flat, vb.unsqueeze(2)).squeeze(2)
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """Drop the broadcast row dim of a per-neuron tensor (B, 1, *s) -> (B, *s), keep real row dims."""
     return x.squeeze(1) if x.shape[1] == 1 else x
@@ -167,21 +159,23 @@ def _split(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, lam - pos
 
 
-def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, exact: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, exact: bool = True,
+               lay: Layout = DENSE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Upper-bound lam . relu(a) by mu . a + bias: returns mu (B, R, *shape), bias (B, R), and (if
-    `exact`) the magnitude sum_i |lam_i| (|slope_i| amax_i + |intercept_i|) that bounds the rounding."""
-    lower = _r(side.alpha) if alpha is None else torch.where(_r(side.unstable), alpha.clamp(0.0, 1.0), _r(side.alpha))
+    `exact`) the magnitude sum_i |lam_i| (|slope_i| amax_i + |intercept_i|) that bounds the rounding.
+    `lay`: how the rows are stored (per-neuron tensors are read through `lay.at`)."""
+    at = lay.at
+    lower = at(side.alpha) if alpha is None else torch.where(at(side.unstable), alpha.clamp(0.0, 1.0), at(side.alpha))
     pos, neg = _split(lam)
-    mu = pos * _r(side.s) + neg * lower
-    bias = dot(pos, side.t)
+    mu = pos * at(side.s) + neg * lower
+    bias = lay.dot(pos, side.t)
     mag = None
     if exact:
-        mag = dot(pos, side.s * side.amax + side.t) - dot(neg, _rows(lower * _r(side.amax)))
+        mag = lay.dot(pos, side.s * side.amax + side.t) - dot(neg, _rows(lower * at(side.amax)))
     return mu, bias, mag
 
 
-def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool
+def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool, lay: Layout = DENSE
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Upper-bound lam . Delta h by mu_f . a^f + mu_d . Delta a + bias; also the rounding magnitude.
 
@@ -189,25 +183,26 @@ def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool
     lower line (lam < 0): th (alpha_f a^f - U_g(a^g)) + (1 - th) (sl Delta - tl); a^g = a^f - Delta.
     """
     f, g = rel.f, rel.g
-    th_u = _r(rel.theta_up) if p.theta_up is None else _theta(rel, p.theta_up, exact)
-    th_l = _r(rel.theta_lo) if p.theta_lo is None else _theta(rel, p.theta_lo, exact)
-    ag = _r(g.alpha) if p.alpha_g_up is None else torch.where(_r(g.unstable), p.alpha_g_up.clamp(0, 1), _r(g.alpha))
-    af = _r(f.alpha) if p.alpha_f_lo is None else torch.where(_r(f.unstable), p.alpha_f_lo.clamp(0, 1), _r(f.alpha))
-    fs, ft, gs, gt = _r(f.s), _r(f.t), _r(g.s), _r(g.t)
+    at = lay.at
+    th_u = at(rel.theta_up) if p.theta_up is None else _theta(rel, p.theta_up, exact, at)
+    th_l = at(rel.theta_lo) if p.theta_lo is None else _theta(rel, p.theta_lo, exact, at)
+    ag = at(g.alpha) if p.alpha_g_up is None else torch.where(at(g.unstable), p.alpha_g_up.clamp(0, 1), at(g.alpha))
+    af = at(f.alpha) if p.alpha_f_lo is None else torch.where(at(f.unstable), p.alpha_f_lo.clamp(0, 1), at(f.alpha))
+    fs, ft, gs, gt = at(f.s), at(f.t), at(g.s), at(g.t)
     wu, wl = 1.0 - th_u, 1.0 - th_l   # exact: theta sits on a 2^-30 grid
     pos, neg = _split(lam)
     mu_f = pos * (th_u * (fs - ag)) + neg * (th_l * (af - gs))
-    mu_d = pos * (th_u * ag + wu * _r(rel.sd)) + neg * (th_l * gs + wl * _r(rel.sl))
-    bias = dot(pos, _rows(th_u * ft + wu * _r(rel.td))) - dot(neg, _rows(th_l * gt + wl * _r(rel.tl)))
+    mu_d = pos * (th_u * ag + wu * at(rel.sd)) + neg * (th_l * gs + wl * at(rel.sl))
+    bias = dot(pos, _rows(th_u * ft + wu * at(rel.td))) - dot(neg, _rows(th_l * gt + wl * at(rel.tl)))
     mag = None
     if exact:
-        amax, dmax = _r(f.amax), _r(rel.dmax)
-        size_u = th_u * ((fs + ag) * amax + ag * dmax + ft) + wu * (_r(rel.sd) * dmax + _r(rel.td))
-        size_l = th_l * ((af + gs) * amax + gs * dmax + gt) + wl * (_r(rel.sl) * dmax + _r(rel.tl))
+        amax, dmax = at(f.amax), at(rel.dmax)
+        size_u = th_u * ((fs + ag) * amax + ag * dmax + ft) + wu * (at(rel.sd) * dmax + at(rel.td))
+        size_l = th_l * ((af + gs) * amax + gs * dmax + gt) + wl * (at(rel.sl) * dmax + at(rel.tl))
         mag = dot(pos, _rows(size_u)) - dot(neg, _rows(size_l))
     return mu_f, mu_d, bias, mag
 
 
-def _theta(rel: DeltaRelax, theta: torch.Tensor, exact: bool) -> torch.Tensor:
+def _theta(rel: DeltaRelax, theta: torch.Tensor, exact: bool, at=None) -> torch.Tensor:
     theta = quantise_theta(theta) if exact else theta.clamp(0.0, 1.0)
-    return torch.where(_r(rel.both_stable), torch.ones_like(theta), theta)
+    return torch.where((at or _r)(rel.both_stable), torch.ones_like(theta), theta)

@@ -179,6 +179,7 @@ class CertifyResult:
     seconds: float
     seed: int = 0
     bounds: PairBounds | None = field(default=None, repr=False)
+    truncated: list[bool] = field(default_factory=list)   # per region: a time limit cut the method short
 
     @property
     def n_regions(self) -> int:
@@ -237,8 +238,25 @@ class CertifyResult:
             "verdict": self.verdict,
             "max_abs_logit_deviation": float(np.max(self.max_abs_logit_deviation)),
             "agreement": self._overall_agreement(),
+            "truncated": any(self.truncated),
+            "truncated_regions": [b for b, t in enumerate(self.truncated) if t],
             "regions": regions, "layers": layers,
         }
+
+
+def truncated_regions(info: dict, batch: int) -> list[bool]:
+    """Per region, whether the method that produced `info` stopped early (a time limit): diff-linear
+    and crown-diff say `truncated`, lp says `complete`, milp/bab report per-region details."""
+    if "truncated" in info:
+        return [bool(t) for t in info["truncated"]]
+    if "complete" in info:
+        return [not c for c in info["complete"]]
+    if isinstance(info.get("milp"), list) and len(info["milp"]) == batch:
+        return [bool(d.get("skipped")) or any("time" in str(s).lower() for s in d.get("statuses", []))
+                for d in info["milp"]]
+    if isinstance(info.get("bab"), list) and len(info["bab"]) == batch:
+        return [d.get("stop") == "time" for d in info["bab"]]
+    return [False] * batch
 
 
 def combine_verdicts(verdicts: Sequence[str | None]) -> str | None:

@@ -141,7 +141,7 @@ def _canonical(original, pruned, o: dict) -> str:
     if o["layer_tolerance"]:
         parts += ["--layer-tolerance", o["layer_tolerance"]]
     parts += ["--certify-method", o["certify_method"], "--attack-method", o["attack_method"],
-              "--attack-budget", str(o["attack_budget"]), "--samples", str(o["samples"]), "--seed", str(o["seed"]),
+              "--attack-budget", str(o["attack_budget"]), "--certify-budget", str(o["certify_budget"]), "--samples", str(o["samples"]), "--seed", str(o["seed"]),
               "--out", str(o["out"])]
     return shlex.join(parts)
 
@@ -169,6 +169,7 @@ def audit_command(
     certify_method: CertifyMethod = "diff-linear",
     attack_method: AttackMethod = "auto",
     attack_budget: float = typer.Option(0.5, help="Attack seconds per region and objective."),
+    certify_budget: float = typer.Option(5.0, help="Bound-method seconds per region (past it: sound, looser, noted)."),
     samples: int = typer.Option(256, help="Points certify samples per region (its own counterexample search)."),
     seed: Seed = 0,
     out: Optional[Path] = typer.Option(None, help="Report folder (default audit/, or reports/demo with --demo)."),
@@ -232,7 +233,8 @@ def _run(o: dict) -> int:
             domain=o["domain"], layer_tolerance=layer_tol, prune_method=o["method"], keep=parse_keep(o["keep"]),
             compression=o["compression"], epsilon=o["epsilon"], delta=o["delta"], fine_tune=o["fine_tune"],
             certify_method=o["certify_method"],
-            attack_method=o["attack_method"], attack_budget=o["attack_budget"], samples=o["samples"], seed=o["seed"],
+            attack_method=o["attack_method"], attack_budget=o["attack_budget"], certify_budget=o["certify_budget"],
+            samples=o["samples"], seed=o["seed"],
             progress=progress, command=_canonical(o["original"], o["pruned"], o))
         if o["input_domain"] is not None:
             from prunecert.io import parse_input_domain

@@ -40,7 +40,7 @@ def certify_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON (schema prunecert.certify/1)."),
     export_onnx: Optional[Path] = typer.Option(None, "--export-onnx", help="Write f - g as ONNX plus one VNN-LIB "
                                                "property |Delta_k| <= tau per region and logit into this folder."),
-    time_limit: Optional[float] = typer.Option(None, help="Seconds per solver call (lp, milp, bab)."),
+    time_limit: Optional[float] = typer.Option(None, help="Seconds per region (diff-linear, crown-diff, lp, milp, bab); past it the method stops early and says so."),
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
     batch_size: int = typer.Option(32, help="Regions bounded at once."),
     seed: Seed = 0,
@@ -165,3 +165,8 @@ def _print(result) -> None:
                   f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
     if result.tolerance is not None:
         console.print(f"verdict (tolerance {result.tolerance:g}): {result.verdict}")
+    stopped = [b for b, t in enumerate(result.truncated) if t]
+    if stopped:
+        console.print(f"truncated: the time limit cut {result.method} short on {len(stopped)} region(s) "
+                      f"({', '.join(map(str, stopped[:10]))}{', ...' if len(stopped) > 10 else ''}); "
+                      f"their bounds are sound but looser")

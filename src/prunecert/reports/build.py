@@ -238,6 +238,11 @@ def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
         notes.append(f"{fx.found['truncated']} of {fx.found['attacks']} attacks were cut short by the time budget "
                      f"({plan.attack_budget:g} s per region and objective): their values are machine-dependent "
                      f"lower bounds; a larger --attack-budget may find more")
+    cut = sum(bool(t) for t in fx.cert.truncated)
+    if cut:
+        notes.append(f"the certify time budget ({plan.certify_budget:g} s per region) cut {plan.certify_method} short "
+                     f"on {cut} of {n_r} regions: their certified bounds are sound but looser than the method's "
+                     f"best; a larger --certify-budget may tighten them")
     agreement = _agreement(fx, plan.certify_method)
     regions = [RegionReport(b, "domain" if getattr(r, "eps", None) is None else "linf_ball", _source(r),
                             getattr(r, "eps", None), fx.cert_e2e[b].tolist(), fx.cert_local[b].tolist(),
@@ -281,7 +286,9 @@ def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
         settings={"certify_method": plan.certify_method, "attack_method": plan.attack_method,
                   "attack_budget_seconds": plan.attack_budget, "points": len(plan.centers), "eps": plan.eps,
                   "domain": plan.domain, "center_indices": plan.centers, "samples": plan.samples,
-                  "input_domain": _input_domain(f)},
+                  "input_domain": _input_domain(f),
+                  "certify_budget_seconds": plan.certify_budget,
+                  "certify_truncated_regions": [b for b, t in enumerate(fx.cert.truncated) if t]},
         metrics=metrics, layers=layers, regions=regions, counterexamples=panels.items,
         timings=[Stage("load models and data", plan.load_seconds)] + [Stage(n, s) for n, s in timings],
         reproducibility=Reproducibility(plan.command, seeds, _versions(), f"{platform.platform()} ({sys.implementation.name})",

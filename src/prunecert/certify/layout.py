@@ -1,0 +1,195 @@
+"""How the coefficient rows of a back-substitution are stored: dense, or as local patches of a conv net.
+
+A row started at a neuron of a conv layer depends, after walking down through a few convs, only on a
+small window of each lower level (the neuron's receptive field). `Patches` keeps each row as that
+window, shape (Bl, R, C, kh, kw), plus the window's top-left corner on the level's (H, W) grid per
+row; a transposed conv on the window costs C_out kh kw C_in k^2 per row instead of the level's full
+width (what made diff-linear 900x slower than CROWN on the vgg pair). Window entries that fall
+outside the level (on the conv padding) stand for constant zeros: they are cleared after every
+transposed op, so they never leak into in-range positions, and every per-neuron tensor is read with
+zero padding (`at`). When a window covers the level, the rows turn `Dense`: (Bl, R, *shape), the
+layout of rows started at dense layers. Both layouts compute the same sums term by term (a transposed
+op on a window sums the same products as on the full level), so the rounding bounds of `backsub.py`
+hold unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from prunecert.network import AffineOp, AvgPool2d, Conv2d, Linear, Scale
+
+SPARSE_FRACTION = 0.5   # below this share of used columns, multiply only by the used rows of W
+
+
+def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum over the trailing dims of lam (Bl, R, *s) * v -> (B or Bl, R).
+
+    `v` is (B, *s) or (*s) (shared by all rows), or (B|1, R, *s) (one vector per row).
+    """
+    flat = lam.flatten(2)
+    if v.dim() == lam.dim():                            # per-row vectors
+        return (lam * v.to(lam.dtype)).flatten(2).sum(-1)
+    if v.dim() == lam.dim() - 2:                        # no batch dim
+        return flat @ v.reshape(-1).to(lam.dtype)
+    vb = v.reshape(v.shape[0], -1).to(lam.dtype)
+    if flat.shape[0] == 1:
+        return (flat[0] @ vb.T).T
+    return torch.bmm(flat, vb.unsqueeze(2)).squeeze(2)
+
+
+
+class Dense:
+    """Rows over a whole level: lam (Bl, R, *shape); per-neuron tensors broadcast over the rows."""
+
+    dense = True
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-neuron tensor (B, *shape) as (B, 1, *shape), to broadcast against the rows."""
+        return x.unsqueeze(1)
+
+    def dot(self, lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """sum_i lam_i v_i per row: v is (B, *shape), (*shape) or per row (B|1, R, *shape)."""
+        return dot(lam, v)
+
+    def backward(self, op: AffineOp, lam: torch.Tensor) -> tuple[torch.Tensor, "Dense"]:
+        return dense_backward(op, lam), self
+
+    def width(self, shape) -> int:
+        return math.prod(shape)
+
+    def take(self, rows: torch.Tensor) -> "Dense":
+        return self
+
+
+def dense_backward(op: AffineOp, lam: torch.Tensor) -> torch.Tensor:
+    """op.backward on (Bl, R, *out) coefficients. For a Linear whose coefficient columns are mostly
+    zero in every row (a completed pruned twin: removed neurons have zero outgoing weights), only the
+    used columns enter the product: the same terms, so the same rounding bound."""
+    b, r = lam.shape[:2]
+    flat = lam.reshape(b * r, *lam.shape[2:])
+    if isinstance(op, Linear) and flat.shape[0] > 1:
+        used = flat.ne(0).any(dim=0)
+        k = int(used.sum())
+        if k < SPARSE_FRACTION * flat.shape[1]:
+            return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
+    return op.backward(flat).reshape(b, r, *op.in_shape)
+
+
+class Patches:
+    """Rows as windows (Bl, R, C, kh, kw) of a level of shape (C, H, W); `corner` (Ba, R, 2) holds
+    each row's top-left window position (may be negative: the conv padding)."""
+
+    dense = False
+
+    def __init__(self, corner: torch.Tensor, size: tuple[int, int], shape):
+        self.corner, self.size, self.shape = corner, size, tuple(int(s) for s in shape)
+        self._idx: torch.Tensor | None = None
+        self._pad = 0
+
+    # ------------------------------------------------------------------ reading per-neuron tensors
+    def _index(self) -> tuple[torch.Tensor, int]:
+        """Flat indices (Ba, R, kh*kw) of each row's window in the level zero-padded by `pad`."""
+        if self._idx is None:
+            _, h, w = self.shape
+            kh, kw = self.size
+            cy, cx = self.corner[..., 0], self.corner[..., 1]
+            pad = max(0, int(-cy.min()), int(-cx.min()), int((cy + kh - h).max()), int((cx + kw - w).max()))
+            ys = cy.unsqueeze(-1) + pad + torch.arange(kh).view(1, 1, kh)
+            xs = cx.unsqueeze(-1) + pad + torch.arange(kw).view(1, 1, kw)
+            self._idx = (ys.unsqueeze(-1) * (w + 2 * pad) + xs.unsqueeze(-2)).flatten(2)
+            self._pad = pad
+        return self._idx, self._pad
+
+    def at(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-neuron tensor (B|1, C, H, W) or (C|1, H|1, W|1) read at every row's window:
+        (B|1, R, C, kh, kw), zero outside the level."""
+        if x.dtype == torch.bool:
+            return self.at(x.to(torch.uint8)).bool()
+        idx, pad = self._index()
+        if x.dim() == len(self.shape):
+            x = x.unsqueeze(0)
+        x = x.expand(x.shape[0], *self.shape)
+        flat = F.pad(x, (pad, pad, pad, pad)).flatten(2)           # (Bx, C, N)
+        b = max(flat.shape[0], idx.shape[0])
+        r, k = idx.shape[1], idx.shape[2]
+        c = self.shape[0]
+        src = flat.unsqueeze(1).expand(b, r, c, flat.shape[2])
+        out = torch.gather(src, 3, idx.unsqueeze(2).expand(b, r, c, k))
+        return out.reshape(b, r, c, *self.size)
+
+    def dot(self, lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() == lam.dim():      # already per row
+            return dot(lam, v)
+        return dot(lam, self.at(v))
+
+    def width(self, shape) -> int:
+        return shape[0] * self.size[0] * self.size[1]
+
+    def take(self, rows: torch.Tensor) -> "Patches":
+        return Patches(self.corner[:, rows], self.size, self.shape)
+
+    # ------------------------------------------------------------------ walking down
+    def backward(self, op: AffineOp, lam: torch.Tensor) -> tuple[torch.Tensor, "Dense | Patches"]:
+        """W^T applied to the windows: the new windows on op's input level (dense once they cover it)."""
+        b, r = lam.shape[:2]
+        flat = lam.reshape(b * r, *lam.shape[2:])
+        if isinstance(op, Scale):
+            return lam * self.at(op.scale.to(lam.dtype)), self
+        if isinstance(op, Conv2d):
+            weight, groups = op.weight.to(lam.dtype), 1
+            k = op.weight.shape[2:]
+        elif isinstance(op, AvgPool2d):
+            weight, groups = op._kernel.to(lam.dtype), op.in_shape[0]
+            k = op.kernel
+        else:   # Flatten / Linear never see patches (their outputs are 1-D)
+            raise TypeError(f"patches cannot go through a {op.kind} op")
+        new = F.conv_transpose2d(flat, weight, None, op.stride, 0, groups=groups)
+        corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
+                              self.corner[..., 1] * op.stride[1] - op.padding[1]], dim=-1)
+        size = (int(new.shape[2]), int(new.shape[3]))
+        assert size == ((self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1])
+        nxt = Patches(corner, size, op.in_shape)
+        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside()
+        if size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
+                size[0] * size[1] * 2 >= op.in_shape[1] * op.in_shape[2]:
+            return nxt.to_dense(new), Dense()
+        return new, nxt
+
+    def inside(self) -> torch.Tensor:
+        """(Ba, R, 1, kh, kw) mask of window positions on the level (not on the padding)."""
+        _, h, w = self.shape
+        kh, kw = self.size
+        ys = self.corner[..., 0].unsqueeze(-1) + torch.arange(kh).view(1, 1, kh)
+        xs = self.corner[..., 1].unsqueeze(-1) + torch.arange(kw).view(1, 1, kw)
+        my = (ys >= 0) & (ys < h)
+        mx = (xs >= 0) & (xs < w)
+        return (my.unsqueeze(-1) & mx.unsqueeze(-2)).unsqueeze(2)
+
+    def to_dense(self, lam: torch.Tensor) -> torch.Tensor:
+        """The windows placed on the full level: (Bl, R, C, H, W) (entries off the level dropped)."""
+        idx, pad = self._index()
+        c, h, w = self.shape
+        b, r = max(lam.shape[0], idx.shape[0]), lam.shape[1]
+        k = idx.shape[2]
+        canvas = lam.new_zeros(b, r, c, (h + 2 * pad) * (w + 2 * pad))
+        canvas.scatter_(3, idx.unsqueeze(2).expand(b, r, c, k), lam.expand(b, r, c, *self.size).reshape(b, r, c, k))
+        return canvas.reshape(b, r, c, h + 2 * pad, w + 2 * pad)[..., pad:pad + h, pad:pad + w].contiguous()
+
+
+DENSE = Dense()
+Layout = "Dense | Patches"
+
+
+def unit_patches(neuron: torch.Tensor, sign: torch.Tensor, shape, dtype=torch.float64
+                 ) -> tuple[torch.Tensor, Patches]:
+    """Rows sign * e_neuron over a (C, H, W) level as 1x1 windows: neuron, sign (Ba, R) (sign 0: a
+    padding row)."""
+    c, h, w = shape
+    ch, y, x = neuron // (h * w), (neuron // w) % h, neuron % w
+    lam = torch.zeros(*neuron.shape, c, 1, 1, dtype=dtype)
+    lam.view(*neuron.shape, c).scatter_(-1, ch.unsqueeze(-1), sign.to(dtype).unsqueeze(-1))
+    return lam, Patches(torch.stack([y, x], dim=-1), (1, 1), shape)
