@@ -37,8 +37,8 @@ from prunecert.errors import ConfigError
 
 LP_SHARE = 0.5          # of the time budget for the LP tightening pass before branching
 ATTACK_SHARE = 0.1      # of the time budget for an attack (lower bounds), when available
-EXACT_GAP = 1e-9
-INPUT_SPLIT_MAX = 16    # "auto" branching bisects the input box up to this many inputs        # a leaf whose relaxation is this close to the ReLUs at its optimum is exact
+EXACT_GAP = 1e-9        # a leaf whose relaxation is this close to the ReLUs at its optimum is exact
+INPUT_SPLIT_MAX = 16    # "auto" branching bisects the input box up to this many inputs
 
 
 @dataclass(order=True)
@@ -49,6 +49,37 @@ class _Leaf:
     obj: int = field(compare=False)
     splits: tuple = field(compare=False)
     branch: int | None = field(compare=False)   # neuron index to split next (None: leaf is exact)
+
+
+def apply_splits(enc: Encoding, model: HighsModel, splits, undo: bool = False) -> None:
+    """Force (or, with `undo`, release) neuron phases in an LP model: (neuron index, on) pairs;
+    on: a >= 0 and h = a; off: a <= 0 and h = 0. Only bound changes, so re-solves stay warm."""
+    for n, on in splits:
+        nr = enc.neurons[n]
+        if undo:
+            model.set_col_bounds([nr.a, nr.h], enc.col_lo[[nr.a, nr.h]], enc.col_hi[[nr.a, nr.h]])
+            model.set_row_bounds(nr.lower_row, enc.row_lo[nr.lower_row], enc.row_hi[nr.lower_row])
+        elif on:
+            model.set_col_bounds(nr.a, max(enc.col_lo[nr.a], 0.0), max(enc.col_hi[nr.a], 0.0))
+            model.set_row_bounds(nr.lower_row, 0.0, 0.0)
+        else:
+            model.set_col_bounds(nr.a, min(enc.col_lo[nr.a], 0.0), min(enc.col_hi[nr.a], 0.0))
+            model.set_col_bounds(nr.h, 0.0, 0.0)
+
+
+def pick_branch(enc: Encoding, v: np.ndarray | None, splits) -> int | None:
+    """The unsplit neuron whose relaxation is most violated at the LP optimum v (h - relu(a)); without
+    a solution, the first unsplit neuron; None when the relaxation is exact at v (or all are split)."""
+    done = {n for n, _ in splits}
+    if v is None:
+        free = [i for i in range(len(enc.neurons)) if i not in done]
+        return free[0] if free else None
+    branch, best = None, EXACT_GAP
+    for i, nr in enumerate(enc.neurons):
+        gap = v[nr.h] - max(v[nr.a], 0.0)
+        if gap > best and i not in done:
+            best, branch = gap, i
+    return branch
 
 
 class _Tree:
@@ -73,18 +104,7 @@ class _Tree:
             self.reached, self.point = v, np.asarray(x).reshape(self.pair.input_shape).copy()
 
     def _apply(self, splits, undo: bool = False) -> None:
-        enc, m = self.enc, self.model
-        for n, on in splits:
-            nr = enc.neurons[n]
-            if undo:
-                m.set_col_bounds([nr.a, nr.h], enc.col_lo[[nr.a, nr.h]], enc.col_hi[[nr.a, nr.h]])
-                m.set_row_bounds(nr.lower_row, enc.row_lo[nr.lower_row], enc.row_hi[nr.lower_row])
-            elif on:   # a >= 0 and h = a
-                m.set_col_bounds(nr.a, max(enc.col_lo[nr.a], 0.0), max(enc.col_hi[nr.a], 0.0))
-                m.set_row_bounds(nr.lower_row, 0.0, 0.0)
-            else:      # a <= 0 and h = 0
-                m.set_col_bounds(nr.a, min(enc.col_lo[nr.a], 0.0), min(enc.col_hi[nr.a], 0.0))
-                m.set_col_bounds(nr.h, 0.0, 0.0)
+        apply_splits(self.enc, self.model, splits, undo)
 
     def solve(self, obj: int, splits: tuple) -> None:
         """Bound one leaf and queue it (infeasible leaves vanish, proven by a Farkas ray)."""
@@ -96,18 +116,9 @@ class _Tree:
         self.nodes += 1
         if sol.bound == -np.inf:
             return
-        branch = None
         if sol.v is not None:
             self.see(np.clip(sol.v[self.enc.x], self.enc.col_lo[self.enc.x], self.enc.col_hi[self.enc.x]))
-            done = {n for n, _ in splits}
-            best = EXACT_GAP
-            for i, nr in enumerate(self.enc.neurons):
-                gap = sol.v[nr.h] - max(sol.v[nr.a], 0.0)
-                if gap > best and i not in done:
-                    best, branch = gap, i
-        if branch is None and sol.v is None:  # no solution to guide us: split the first free neuron
-            free = [i for i in range(len(self.enc.neurons)) if i not in {n for n, _ in splits}]
-            branch = free[0] if free else None
+        branch = pick_branch(self.enc, sol.v, splits)
         leaf = _Leaf(-sol.bound, next(self.seq), sol.bound, obj, splits, branch)
         if branch is None:
             self.closed[obj] = max(self.closed[obj], sol.bound)
