@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.bab_input import input_bab, stop_reason, within_gap
-from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds, unit
+from prunecert.certify.lp import RegionLP, as_batch, initial_bounds, refine_region, to_pair_bounds, unit
 from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
@@ -85,8 +86,8 @@ def pick_branch(enc: Encoding, v: np.ndarray | None, splits) -> int | None:
 class _Tree:
     """The leaves of one region's search, over the objectives +-Delta_k of the logits."""
 
-    def __init__(self, pair: Pair, enc: Encoding, objectives: list[tuple[int, float]]):
-        self.pair, self.enc, self.objectives = pair, enc, objectives
+    def __init__(self, pair: Pair, enc: Encoding, objectives: list[tuple[int, float]], cols: list[int]):
+        self.pair, self.enc, self.objectives, self.cols = pair, enc, objectives, cols
         self.model = HighsModel(enc)
         self.heap: list[_Leaf] = []
         self.closed = np.full(len(objectives), -np.inf)   # max bound of closed leaves, per objective
@@ -99,7 +100,7 @@ class _Tree:
         """Record max |Delta_logit| at input x (a reached value: a lower bound on M)."""
         with torch.no_grad():
             d = self.pair.deltas(torch.as_tensor(x).reshape(1, *self.pair.input_shape))[-1]
-        v = float(d.abs().max())
+        v = float(d.reshape(-1)[self.cols].abs().max())
         if v > self.reached:
             self.reached, self.point = v, np.asarray(x).reshape(self.pair.input_shape).copy()
 
@@ -145,42 +146,46 @@ class _Tree:
             self.solve(leaf.obj, leaf.splits + ((leaf.branch, on),))
 
 
-def _max_abs(pair: Pair, x: torch.Tensor) -> torch.Tensor:
+def _max_abs(pair: Pair, x: torch.Tensor, cols: list[int] | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return pair.deltas(x)[-1].reshape(len(x), -1).abs().max(1).values
+        d = pair.deltas(x)[-1].reshape(len(x), -1)
+    return (d if cols is None else d[:, cols]).abs().max(1).values
 
 
-def lower_bound(pair: Pair, lo: np.ndarray, hi: np.ndarray, budget: float, seed: int
-                ) -> tuple[float, np.ndarray]:
-    """A reached max |Delta_logit| and its input: centre, random samples, APGD when installed."""
+# a search for large max |Delta_logit| in a box: (lo, hi, seconds) -> an input, or None
+# (e.g. `prunecert.adversarial.reach_search(pair)`; certify does not import the attacks)
+ReachSearch = Callable[[np.ndarray, np.ndarray, float], "np.ndarray | None"]
+
+
+def lower_bound(pair: Pair, lo: np.ndarray, hi: np.ndarray, budget: float, seed: int,
+                reach: ReachSearch | None = None, cols: list[int] | None = None) -> tuple[float, np.ndarray]:
+    """A reached max |Delta_logit| and its input: centre, random samples, and `reach` when given."""
     gen = torch.Generator().manual_seed(int(seed))
     lo_t, hi_t = torch.as_tensor(lo), torch.as_tensor(hi)
     x = torch.cat([((lo_t + hi_t) / 2)[None], lo_t + (hi_t - lo_t) * torch.rand((255, *lo_t.shape), generator=gen,
                                                                                  dtype=torch.float64)])
-    try:
-        from prunecert.adversarial.api import attack
-        from prunecert.core.regions import Box
-    except ImportError:
-        attack = None
-    if attack is not None and budget > 0:
-        res = attack(pair, None, Box(lo, hi), "max-logit-deviation", method="apgd", budget_seconds=budget,
-                     seed=seed, progress=False)
-        x = torch.cat([x, torch.as_tensor(np.clip(np.asarray(res.x, dtype=np.float64).reshape(lo.shape), lo, hi))[None]])
-    d = _max_abs(pair, x)
+    if reach is not None and budget > 0:
+        found = reach(lo, hi, budget)
+        if found is not None:
+            x = torch.cat([x, torch.as_tensor(np.clip(np.asarray(found, dtype=np.float64).reshape(lo.shape), lo, hi))[None]])
+    d = _max_abs(pair, x, cols)
     best = int(d.argmax())
     return float(d[best]), x[best].numpy().copy()
 
 
 def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tolerance: float | None,
-               deadline: float, rel_gap: float, seed: int = 0, attack_budget: float = 0.0
+               deadline: float, rel_gap: float, seed: int = 0, attack_budget: float = 0.0,
+               reach: ReachSearch | None = None, logits: Sequence[int] | None = None
                ) -> tuple[RegionBounds, dict]:
-    """Refine the logits' Delta bounds of one box (from LP-tightened `rb`) by branch-and-bound."""
+    """Refine the logits' Delta bounds of one box (from LP-tightened `rb`) by branch-and-bound
+    (only the `logits` chosen, when given: their max |Delta_k| is the quantity)."""
     enc = build_encoding(pair, lo, hi, rb)
     last = pair.n_layers - 1
     dlo, dhi = rb.delta[last]
-    objectives = [(k, s) for k in range(len(dlo)) for s in (1.0, -1.0) if enc.af[last][k] != enc.ag[last][k]]
-    tree = _Tree(pair, enc, objectives)
-    tree.see(lower_bound(pair, lo, hi, attack_budget, seed)[1])
+    chosen = list(range(len(dlo))) if logits is None else [int(k) for k in logits]
+    objectives = [(k, s) for k in chosen for s in (1.0, -1.0) if enc.af[last][k] != enc.ag[last][k]]
+    tree = _Tree(pair, enc, objectives, chosen)
+    tree.see(lower_bound(pair, lo, hi, attack_budget, seed, reach, chosen)[1])
     roots = [dhi[k] if s > 0 else -dlo[k] for k, s in objectives]
     for j in np.argsort(roots)[::-1]:
         if roots[j] > tree.reached and time.perf_counter() < deadline:
@@ -212,14 +217,18 @@ def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tol
 
 def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: float = 10.0,
                rel_gap: float = 0.01, seed: int = 0, local: bool = False, time_limit: float | None = None,
-               branching: str = "auto", progress: bool = False) -> PairBounds:
+               branching: str = "auto", progress: bool = False, logits: Sequence[int] | None = None,
+               reach: ReachSearch | None = None) -> PairBounds:
     """Branch-and-bound bounds on the logits' Delta for a batch of boxes; other layers from LP.
 
-    `time_budget` (or `time_limit`, the name `certify` forwards) is per region, everything included.
-    Stops early when max |Delta_logit| is known within `rel_gap` (relative), or decided against
-    `tolerance`. `branching`: "input" (bisect the box; few inputs), "relu" (split neurons, LP leaves)
-    or "auto" (input when the network has <= INPUT_SPLIT_MAX inputs). `local=True` also bounds local
-    deviations by LP (ReLU branching only; costs time). Per-region details go to `info["bab"]`.
+    Starts from the fast bounds (`lp.initial_bounds`: diff-linear intersected with ReluDiff) and is
+    never looser. `time_budget` (or `time_limit`, the name `certify` forwards) is per region,
+    everything included. With a `tolerance` it stops as soon as max |Delta_k| (over `logits`, all
+    by default) is decided against it -- a region the fast bounds already certify costs nothing
+    more; without one, when the maximum is known within `rel_gap` (relative). `branching`: "input"
+    (bisect the box; few inputs), "relu" (split neurons, LP leaves) or "auto" (input when the
+    network has <= INPUT_SPLIT_MAX inputs). `local=True` also bounds local deviations by LP (costs
+    time). `reach`: a search for large deviations (an attack) run first. Details: `info["bab"]`.
     """
     budget = float(time_limit if time_limit is not None else time_budget)
     if budget <= 0:
@@ -232,26 +241,33 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: 
         branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
     lo, hi = as_batch(pair, lo, hi)
     init = initial_bounds(pair, lo, hi)
+    cols = list(range(pair.n_classes)) if logits is None else [int(k) for k in logits]
+    d = init.delta[-1]
+    fast = torch.maximum(d.upper, -d.lower).reshape(lo.shape[0], -1)[:, cols].max(1).values
     results, infos = [], []
     for b in range(lo.shape[0]):
         start = time.perf_counter()
         lo_b, hi_b = lo[b].numpy(), hi[b].numpy()
         rb = RegionBounds.from_pair_bounds(init, b)
-        if branching == "relu":
+        if tolerance is not None and float(fast[b]) <= tolerance:
+            res = RegionLP(rb, [None] * pair.n_layers, None, None, 0, True)
+            info = {"nodes": 0, "open": 0, "upper": float(fast[b]), "reached": 0.0, "finished": True,
+                    "point": None, "branching": "none", "stop": "certified"}
+        elif branching == "relu":
             res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True,
                                 deadline=start + LP_SHARE * budget)
             res.bounds, info = bab_region(pair, lo_b, hi_b, res.bounds, tolerance, start + budget, rel_gap, seed,
-                                          ATTACK_SHARE * budget)
+                                          ATTACK_SHARE * budget, reach, logits)
         else:
             # the root LP first (cheap on the small nets input splits are for): the leaves' bounds
             # come from bound propagation, which can end a little above it, so intersect with it
             res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True,
                                 deadline=start + LP_SHARE * budget)
-            reached, point = lower_bound(pair, lo_b, hi_b, ATTACK_SHARE * budget, seed)
-            d_lo, d_hi, info = input_bab(pair, lo_b, hi_b, tolerance, start + budget, rel_gap, reached, point)
+            reached, point = lower_bound(pair, lo_b, hi_b, ATTACK_SHARE * budget, seed, reach, cols)
+            d_lo, d_hi, info = input_bab(pair, lo_b, hi_b, tolerance, start + budget, rel_gap, reached, point, cols)
             last = res.bounds.delta[-1]
             res.bounds.delta[-1] = (np.maximum(last[0], d_lo), np.minimum(last[1], d_hi))
-            info["upper"] = float(np.maximum(res.bounds.delta[-1][1], -res.bounds.delta[-1][0]).max())
+            info["upper"] = float(np.maximum(res.bounds.delta[-1][1], -res.bounds.delta[-1][0])[cols].max())
             info["finished"] = within_gap(info["upper"], info["reached"], rel_gap)
         info["seconds"] = time.perf_counter() - start
         results.append(res)
