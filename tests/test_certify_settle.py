@@ -104,8 +104,11 @@ def test_an_injected_search_refutes_first():
         calls.append(seconds)
         return point
 
-    s = settle(pair, lo, hi, prop, 10.0, search=search)
-    assert calls and s.stage in ("search",) and np.array_equal(s.point, point)
+    s = settle(pair, lo, hi, prop, 10.0, search=search, samples=0)
+    assert calls and s.stage == "search" and np.array_equal(s.point, point)
+    # a point outside the box is clipped into it before it is replayed
+    s = settle(pair, lo, hi, prop, 10.0, search=lambda *a: np.full(3, 7.0), samples=0)
+    assert s.verdict == "refuted" and np.all(s.point >= lo) and np.all(s.point <= hi)
 
 
 def test_bad_delta_is_refused():

@@ -9,7 +9,8 @@ does no long work, so a bad option fails in seconds; `run_audit` runs the stages
 1. prune     coreset (or another criterion) when no pruned model is given,
 2. measure   accuracy of f and g, top-1 agreement, the largest |Delta_l| on the test set,
 3. certify   local and end-to-end bounds per layer on every region (L-inf boxes around test points
-             at each radius, and the whole input domain), with top-1 agreement,
+             at each radius, and the whole input domain), with top-1 agreement; then (`complete`)
+             the verdicts still open are settled by attack + branch and bound within a budget,
 4. attack    the logits (max |Delta|), top-1 disagreement, and each hidden layer's worst neuron;
              every point found (and certify's samples) is re-evaluated at every layer in float64,
 5. report    verdicts, ratios and counterexample panels (`prunecert.reports.build`).
@@ -57,6 +58,7 @@ class AuditPlan:
     command: str | None = None
     sources: dict[str, str | None] = field(default_factory=dict)
     max_panels: int = 6
+    complete: float | None = None     # seconds per region to settle open top-1 verdicts (None: off)
     load_seconds: float = 0.0         # time plan_audit spent loading models and data
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
 
@@ -97,12 +99,15 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                prune_method: str = "coreset", keep=None, compression: float | None = None,
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
                attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
-               progress: bool = True, command: str | None = None, max_panels: int = 6) -> AuditPlan:
+               progress: bool = True, command: str | None = None, max_panels: int = 6,
+               complete: float | None = 5.0) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
     Give either `pruned` (a model or a file; compact pruned models are completed onto the original) or
     a pruning target (`keep`, `compression` or `epsilon`, with `prune_method`, `delta` and optionally
     `fine_tune` epochs on the data set's training split, which voids the provable bounds).
+    `complete`: seconds per region for the final stage that settles the top-1 verdicts the bounds
+    leave open (attack, then branch and bound); None or 0 turns it off.
     """
     from prunecert.adversarial import METHODS as ATTACKS
     from prunecert.certify import get_method, make_pair
@@ -153,9 +158,11 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     if int(fine_tune) < 0 or (fine_tune and pruned is not None):
         raise ConfigError(f"fine_tune must be >= 0 epochs and needs pruning options, got {fine_tune}")
     options = {"method": prune_method, **targets, "delta": float(delta), "fine_tune": int(fine_tune)}
+    complete = None if not complete else _positive(complete, "complete (seconds per region)")
     return AuditPlan(original, pruned, options, dataset, str(data), centers, eps, bool(domain), tolerances,
                      certify_method, attack_method, budget, int(samples), int(seed), progress, command,
-                     {"original": original_src, "pruned": pruned_src}, int(max_panels), time.perf_counter() - t0)
+                     {"original": original_src, "pruned": pruned_src}, int(max_panels), complete,
+                     time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -296,6 +303,7 @@ def _check_sound(name: str, found: np.ndarray, bound: np.ndarray, method: str, r
 def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prunecert.reports.Audit
     """Run the stages of `plan`; returns the Audit (write it with `prunecert.reports.write_report`) and
     the compact pruned network (pruned here, or the one given)."""
+    from prunecert.adversarial.witness import class_search
     from prunecert.certify import certify, make_pair
     from prunecert.reports.build import Findings, build_audit
     from prunecert.reports.model import Stage
@@ -311,8 +319,11 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     pair = make_pair(plan.original, pruned)
     regions = _regions(plan, pair)
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
-    cert = stages.run(f"certify {len(regions)} regions ({plan.certify_method})", certify, pair, None, regions,
-                      method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples)
+    name = f"certify {len(regions)} regions ({plan.certify_method}"
+    name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
+    cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
+                      seed=plan.seed, samples=plan.samples, complete=plan.complete,
+                      class_search=lambda p: class_search(p, plan.seed))
 
     def attack_stage():
         found = attack_regions(plan, pair, regions, cert)

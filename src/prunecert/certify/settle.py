@@ -4,7 +4,7 @@
 left the question open:
 
 1. the bounds already computed for the region (diff-linear's, or any method's `PairBounds` row);
-2. a counterexample search injected by the caller (`search(lo, hi, prop, seconds) -> x or None`,
+2. the centre and SAMPLES seeded uniform points, then a counterexample search injected by the caller (`search(lo, hi, prop, seconds) -> x or None`,
    e.g. `prunecert.adversarial.class_search`; certify does not import the attacks);
 3. branch and bound until the deadline:
    - input splits on networks with <= INPUT_SPLIT_MAX inputs: the open leaves are bisected in
@@ -34,6 +34,7 @@ from prunecert.threads import one_torch_thread
 INPUT_SPLIT_MAX = 16   # bisect the input on networks with at most this many inputs
 BATCH = 256            # leaves bisected per step (their children are bounded in one call)
 SEARCH_SHARE = 0.2     # of the budget for the injected counterexample search
+SAMPLES = 2048         # uniform points checked before the injected search
 
 # (lo, hi, property, seconds) -> an input refuting the property, or None
 ClassSearch = Callable[[np.ndarray, np.ndarray, ClassProperty, float], "np.ndarray | None"]
@@ -49,11 +50,12 @@ def _refuted(pair: Pair, x: np.ndarray, prop: ClassProperty, stage: str, start: 
 
 def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budget: float,
            bounds: PairBounds | None = None, search: ClassSearch | None = None,
-           branching: str = "auto", milp_witness=None) -> Settled:
+           branching: str = "auto", samples: int = SAMPLES) -> Settled:
     """Decide `prop` on the box [lo, hi] within `budget` seconds (see the module docstring).
 
     `bounds`: sound bounds of this one region (batch 1) to start from; computed when None.
     `branching`: "input", "relu" or "auto" (input on networks with <= INPUT_SPLIT_MAX inputs).
+    `samples`: uniform points checked before the search.
     """
     start = time.perf_counter()
     deadline = start + float(budget)
@@ -63,12 +65,13 @@ def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budg
         bounds = initial_bounds(pair, torch.as_tensor(lo)[None], torch.as_tensor(hi)[None])
     if not bool(open_classes(bounds, prop).any()):
         return Settled("proved", "bounds", seconds=time.perf_counter() - start)
-    centre = (lo + hi) / 2
-    found = _refuted(pair, centre, prop, "search", start)
+    found = _sampled(pair, lo, hi, prop, start, samples)
     if found is not None:
         return found
     if search is not None:
         x = search(lo, hi, prop, SEARCH_SHARE * budget)
+        # a search's point is clipped into the box (and then replayed): a refutation lies in the region
+        x = None if x is None else np.clip(np.asarray(x, dtype=np.float64).reshape(lo.shape), lo, hi)
         found = None if x is None else _refuted(pair, x, prop, "search", start)
         if found is not None:
             return found
@@ -81,6 +84,17 @@ def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budg
         out = relu_settle(pair, lo, hi, prop, deadline, bounds)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _sampled(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, start: float,
+             samples: int) -> Settled | None:
+    """The centre and `samples` seeded uniform points: a cheap first search, batched."""
+    gen = torch.Generator().manual_seed(0)
+    lo_t, hi_t = torch.as_tensor(lo), torch.as_tensor(hi)
+    x = lo_t + (hi_t - lo_t) * torch.rand((samples, *lo.shape), generator=gen, dtype=torch.float64)
+    x = torch.cat([((lo_t + hi_t) / 2)[None], x])
+    bad = violations(pair, x, prop).nonzero().flatten()
+    return None if not len(bad) else _refuted(pair, x[int(bad[0])].numpy(), prop, "search", start)
 
 
 def _split(pair: Pair, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
