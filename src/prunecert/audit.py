@@ -303,7 +303,7 @@ def _check_sound(name: str, found: np.ndarray, bound: np.ndarray, method: str, r
 def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prunecert.reports.Audit
     """Run the stages of `plan`; returns the Audit (write it with `prunecert.reports.write_report`) and
     the compact pruned network (pruned here, or the one given)."""
-    from prunecert.adversarial.witness import class_search
+    from prunecert.adversarial.witness import class_search, milp_witness, reach_search
     from prunecert.certify import certify, make_pair
     from prunecert.reports.build import Findings, build_audit
     from prunecert.reports.model import Stage
@@ -321,9 +321,11 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
     name = f"certify {len(regions)} regions ({plan.certify_method}"
     name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
+    attacks = {"bab": {"reach": reach_search(pair, plan.seed)},
+               "milp": {"witness": milp_witness(pair, seed=plan.seed)}}.get(plan.certify_method, {})
     cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
                       seed=plan.seed, samples=plan.samples, complete=plan.complete,
-                      class_search=lambda p: class_search(p, plan.seed))
+                      class_search=lambda p: class_search(p, plan.seed), **attacks)
 
     def attack_stage():
         found = attack_regions(plan, pair, regions, cert)

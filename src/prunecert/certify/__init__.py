@@ -151,7 +151,9 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     seconds per region to settle the class verdicts still unknown after the bounds (`settle.py`:
     search, then branch and bound); `method="bab"` implies it (`time_limit`, default BAB_SECONDS).
     `class_search(pair)` builds the counterexample search settle runs first (e.g.
-    `prunecert.adversarial.class_search`; certify does not import the attacks).
+    `prunecert.adversarial.witness.class_search`). certify does not import the attacks: pass
+    `witness=milp_witness(pair)` for milp and `reach=reach_search(pair)` for bab the same way
+    (the CLI and the audit do).
     """
     start = time.perf_counter()
     pair = _as_pair(original, pruned)
@@ -166,11 +168,6 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     fn = get_method(method)
-    if method == "milp" and "witness" not in method_options:
-        # check every MILP optimum with an attack (adversarial/witness.py); imported here because
-        # `adversarial` is built on `certify`
-        from prunecert.adversarial.witness import milp_witness
-        method_options["witness"] = milp_witness(pair, seed=seed)
     kwargs = _method_kwargs(fn, {"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
                                  "progress": progress, "logits": logits, **method_options})
     takes_l2 = "l2" in inspect.signature(fn).parameters

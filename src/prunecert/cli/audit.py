@@ -93,6 +93,37 @@ def demo_model(seed: int, progress: bool, data: str | None = None):
     return net, _tilde(path)
 
 
+def demo_pruned(plan, progress: bool):
+    """The demo's pruned (and distilled) model for `plan.prune_options`: from the cache when one was
+    made from this very original (weights hash) with these options and seed, else pruned and cached."""
+    from prunecert.io import load_model, save_model, weights_sha256
+    from prunecert.prune import prune
+
+    options = dict(plan.prune_options)
+    key = "-".join(f"{k}{v}" for k, v in sorted(options.items()) if v is not None)
+    original_hash = weights_sha256(plan.original)
+    path = cache_dir() / f"{DEMO['arch']}-{original_hash[:12]}-{key}-s{plan.seed}.pt"
+    if path.is_file():
+        try:
+            net = load_model(path)
+            if net.metadata.get("pruning", {}).get("original_weights_sha256") == original_hash:
+                if progress:
+                    typer.echo(f"demo: using the cached pruned model {path}", err=True)
+                return net, _tilde(path)
+        except PrunecertError:
+            pass  # a damaged cache entry: prune again and replace it
+    if progress:
+        typer.echo(f"demo: pruning ({key}); cached in {path}", err=True)
+    net = prune(plan.original, options.pop("method"), seed=plan.seed, progress=progress,
+                data=plan.dataset if options.get("fine_tune") else None, **options)
+    try:
+        save_model(net, path)
+    except (PrunecertError, OSError) as exc:
+        typer.echo(f"demo: could not cache the pruned model ({exc}); continuing", err=True)
+        return net, None
+    return net, _tilde(path)
+
+
 def _tilde(path: Path) -> str:
     """`path` with the home folder written as ~ (reports do not need to show the user's home)."""
     try:
@@ -236,6 +267,10 @@ def _run(o: dict) -> int:
             t0 = time.perf_counter()
             plan.original, plan.sources["original"] = demo_model(o["seed"], progress, o["data"])
             plan.extra_timings.append(("demo model (train or load the cached one)", time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            plan.pruned, plan.sources["pruned"] = demo_pruned(plan, progress)
+            plan.extra_timings.append(("demo pruned model (prune + distil, or load the cached one)",
+                                       time.perf_counter() - t0))
         else:
             plan = plan_audit(o["original"], o["pruned"], **plan_kwargs)
         report, pruned_net = run_audit(plan)

@@ -77,7 +77,7 @@ def parse_logits(text: str | None) -> list[int] | None:
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
          time_limit, samples, batch_size, seed, quiet, logits=None, delta=None, complete=None) -> int:
-    from prunecert.adversarial.witness import class_search, reach_search
+    from prunecert.adversarial.witness import class_search, milp_witness, reach_search
     from prunecert.certify import certify, make_pair
     from prunecert.core.region_options import regions_from_options
     from prunecert.io import load_model
@@ -90,7 +90,8 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
                                    region=region, vnnlib=vnnlib)
     if export_onnx is not None and norm != "inf" and not region and not vnnlib:
         raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
-    extra = {"reach": reach_search(pair, seed)} if method == "bab" else {}
+    # the attacks certify's methods use are injected here (certify does not import adversarial)
+    extra = {"bab": {"reach": reach_search(pair, seed)}, "milp": {"witness": milp_witness(pair, seed=seed)}}.get(method, {})
     result = certify(pair, None, regions, method=method, tolerance=tolerance, time_limit=time_limit,
                      progress=not quiet, seed=seed, samples=samples, batch_size=batch_size,
                      logits=parse_logits(logits), delta=delta, complete=complete,
