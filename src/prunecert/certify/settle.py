@@ -50,12 +50,13 @@ def _refuted(pair: Pair, x: np.ndarray, prop: ClassProperty, stage: str, start: 
 
 def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budget: float,
            bounds: PairBounds | None = None, search: ClassSearch | None = None,
-           branching: str = "auto", samples: int = SAMPLES) -> Settled:
+           branching: str = "auto", samples: int | None = None) -> Settled:
     """Decide `prop` on the box [lo, hi] within `budget` seconds (see the module docstring).
 
     `bounds`: sound bounds of this one region (batch 1) to start from; computed when None.
     `branching`: "input", "relu" or "auto" (input on networks with <= INPUT_SPLIT_MAX inputs).
-    `samples`: uniform points checked before the search.
+    `samples`: uniform points checked before the search (default SAMPLES; 16x that on networks with
+    <= INPUT_SPLIT_MAX inputs, where a forward pass costs little and the space is small).
     """
     start = time.perf_counter()
     deadline = start + float(budget)
@@ -65,6 +66,8 @@ def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budg
         bounds = initial_bounds(pair, torch.as_tensor(lo)[None], torch.as_tensor(hi)[None])
     if not bool(open_classes(bounds, prop).any()):
         return Settled("proved", "bounds", seconds=time.perf_counter() - start)
+    if samples is None:
+        samples = SAMPLES * (16 if pair.f.n_inputs <= INPUT_SPLIT_MAX else 1)
     found = _sampled(pair, lo, hi, prop, start, samples)
     if found is not None:
         return found
