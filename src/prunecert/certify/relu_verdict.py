@@ -21,22 +21,17 @@ import torch
 
 from prunecert.certify.bab import apply_splits, pick_branch
 from prunecert.certify.classprop import ClassProperty, Settled, open_classes, replay
-from prunecert.certify.formulation import build_encoding
+from prunecert.certify.formulation import RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.lp import unit
-from prunecert.certify.milp import tighten_bounds
 from prunecert.certify.result import PairBounds
 from prunecert.core.pair import Pair
-
-TIGHTEN_SHARE = 0.4   # of the time left, for LP-tightening the intermediate bounds
 
 
 def relu_settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, deadline: float,
                 bounds: PairBounds) -> Settled:
     """Decide `prop` on one box by ReLU branch and bound (see the module docstring)."""
-    left = max(deadline - time.perf_counter(), 0.0)
-    rb = tighten_bounds(pair, lo, hi, bounds, deadline=time.perf_counter() + TIGHTEN_SHARE * left)
-    enc = build_encoding(pair, lo, hi, rb)
+    enc = build_encoding(pair, lo, hi, RegionBounds.from_pair_bounds(bounds, 0))
     model = HighsModel(enc)
     last, n = pair.n_layers - 1, pair.n_classes
     with torch.no_grad():

@@ -33,7 +33,7 @@ from prunecert.threads import one_torch_thread
 
 INPUT_SPLIT_MAX = 16   # bisect the input on networks with at most this many inputs
 BATCH = 256            # leaves bisected per step (their children are bounded in one call)
-SEARCH_SHARE = 0.2     # of the budget for the injected counterexample search
+SEARCH_SHARE = 0.1     # of the budget for the injected counterexample search
 SAMPLES = 2048         # uniform points checked before the injected search
 
 # (lo, hi, property, seconds) -> an input refuting the property, or None
