@@ -166,7 +166,8 @@ def _canonical(original, pruned, o: dict) -> str:
         for k in ("keep", "compression", "epsilon"):
             if o[k] is not None:
                 parts += [f"--{k}", str(o[k])]
-        parts += ["--delta", str(o["delta"])] + (["--fine-tune", str(o["fine_tune"])] if o["fine_tune"] else [])
+        parts += ["--delta", str(o["delta"])] + (["--fine-tune", str(o["fine_tune"])]
+                                                   if o["fine_tune"] or o["demo"] else [])
     parts += ["--data", o["data"], "--regions", str(o["regions"]), "--eps", o["eps"],
               "--domain" if o["domain"] else "--no-domain", "--tolerance", str(o["tolerance"])]
     if o["layer_tolerance"]:
@@ -187,8 +188,9 @@ def audit_command(
     compression: Optional[float] = typer.Option(None, help="Fraction of parameters to remove, e.g. 0.9."),
     epsilon: Optional[float] = typer.Option(None, help="Provable per-layer bound to prune to."),
     delta: float = typer.Option(0.1, help="Failure probability of each layer's provable bound."),
-    fine_tune: int = typer.Option(0, "--fine-tune", help="Epochs of distillation fine-tuning after pruning here "
-                                  "(on --data's training split; voids the provable bound)."),
+    fine_tune: Optional[int] = typer.Option(None, "--fine-tune", help="Epochs of distillation fine-tuning after "
+                                            "pruning here (on --data's training split; voids the provable bound) "
+                                            "[default: 0; 30 with --demo]."),
     data: Optional[str] = typer.Option(None, help="Test data: mnist5k, digits, fashion, idx:DIR or npz:FILE "
                                        "[default: mnist5k]."),
     regions: Optional[int] = typer.Option(None, "--regions", help="Test points (seeded choice) to put L-inf boxes "
@@ -236,13 +238,15 @@ def _run(o: dict) -> int:
             raise ConfigError("--demo trains its own model: give no model files with it")
         if o["keep"] is None and o["compression"] is None and o["epsilon"] is None:
             o["compression"] = DEMO["compression"]
-        o["fine_tune"] = o["fine_tune"] or DEMO["fine_tune"]   # the demo audits a deployable (distilled) model
+        if o["fine_tune"] is None:   # the demo audits a deployable (distilled) model
+            o["fine_tune"] = DEMO["fine_tune"]
         o["regions"] = DEMO["points"] if o["regions"] is None else o["regions"]
         o["tolerance"] = DEMO["tolerance"] if o["tolerance"] is None else o["tolerance"]
         o["out"] = o["out"] or Path(DEMO["out"])
         o["data"] = o["data"] or DEMO["data"]
     elif o["original"] is None:
         raise ConfigError("give ORIGINAL (and PRUNED, or pruning options), or --demo")
+    o["fine_tune"] = o["fine_tune"] or 0
     o["regions"] = 20 if o["regions"] is None else o["regions"]
     o["data"] = o["data"] or "mnist5k"
     if o["tolerance"] is None:
