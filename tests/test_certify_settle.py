@@ -73,6 +73,23 @@ def test_settle_matches_exhaustive_enumeration(seed, twin, which, branching, rad
         assert s.verdict == ("refuted" if t > 0 else "proved"), (s, t)
 
 
+@pytest.fixture(scope="module")
+def agreeing_across_the_boundary():
+    """A box across f's decision boundary where g agrees (enumeration: max g_j - g_c = -0.0085 < 0)."""
+    rng = np.random.default_rng(209)
+    pair = random_pair(rng, 3, (6, 5), 3, "perturb")
+    lo, hi = near_boundary_box(pair, rng, 0.3, 0.02)
+    return pair, lo, hi, truth(pair, lo, hi, ClassProperty.agreement())
+
+
+@pytest.mark.parametrize("branching", ["input", "relu"])
+def test_branch_and_bound_proves_what_the_bounds_leave_open(agreeing_across_the_boundary, branching):
+    pair, lo, hi, t = agreeing_across_the_boundary
+    s = settle(pair, lo, hi, ClassProperty.agreement(), 10.0, branching=branching, samples=0)
+    assert t < 0
+    assert (s.verdict, s.stage) == ("proved", f"{branching}-bab") and s.details["nodes"] > 1
+
+
 def test_a_larger_delta_is_easier():
     """P(m) for a larger margin m asks less: every class open at delta 0.99 is open at delta 0.6."""
     rng = np.random.default_rng(4)
