@@ -12,6 +12,7 @@ from pairs import random_pair
 from prunecert.certify.classprop import ClassProperty, open_classes, violations
 from prunecert.certify.exhaustive import enumerate_max
 from prunecert.certify.lp import initial_bounds
+from prunecert.certify.milp import PairMILP
 from prunecert.certify.settle import settle
 from prunecert.errors import ConfigError
 
@@ -88,6 +89,47 @@ def test_branch_and_bound_proves_what_the_bounds_leave_open(agreeing_across_the_
     s = settle(pair, lo, hi, ClassProperty.agreement(), 10.0, branching=branching, samples=0)
     assert t < 0
     assert (s.verdict, s.stage) == ("proved", f"{branching}-bab") and s.details["nodes"] > 1
+
+
+def milp_truth(pair, lo, hi, prop: ClassProperty) -> tuple[float, float]:
+    """(best value reached, sound upper bound) of max g_j - g_c under f's side rows, by the exact MILP."""
+    milp = PairMILP(pair, None, lo=lo, hi=hi)
+    enc, last, n = milp.enc, pair.n_layers - 1, pair.n_classes
+    reached, upper = -np.inf, -np.inf
+    for c in range(n):
+        rows = [milp.model.add_side_row(np.array([enc.af[last][c], enc.af[last][k]]), np.array([1.0, -1.0]),
+                                        prop.margin, np.inf) for k in range(n) if k != c]
+        for j in range(n):
+            if j != c:
+                cg = np.zeros(n)
+                cg[j], cg[c] = 1.0, -1.0
+                r = milp.solve((last, np.zeros(n), cg), time_limit=30)
+                if r.status != "infeasible":
+                    reached, upper = max(reached, r.value), max(upper, r.upper)
+        for row in rows:
+            milp.model.set_row_bounds(row, -np.inf, np.inf)
+    return reached, upper
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["prune", "quantise", "perturb"]),
+       st.sampled_from(["agreement", "delta"]), st.sampled_from(["input", "relu"]))
+@example(19, "quantise", "agreement", "relu")  # the LP optimum sat on f's boundary: nudged inside, refuted
+@example(11, "perturb", "agreement", "relu")   # proved by ReLU branch and bound
+def test_settle_agrees_with_the_exact_milp(seed, twin, which, branching):
+    """Larger pairs than enumeration can take (4 inputs, 12-10 hidden): the MILP with the same side rows."""
+    rng = np.random.default_rng(seed)
+    pair = random_pair(rng, 4, (12, 10), 3, twin)
+    prop = ClassProperty.agreement() if which == "agreement" else ClassProperty.delta_top1(0.6)
+    lo, hi = near_boundary_box(pair, rng, 0.15, prop.margin + 0.05)
+    s = settle(pair, lo, hi, prop, 5.0, branching=branching, samples=0)
+    reached, upper = milp_truth(pair, lo, hi, prop)
+    if s.verdict == "proved":
+        assert reached <= AMBIGUOUS
+    elif s.verdict == "refuted":
+        assert upper > 0
+    if reached > AMBIGUOUS or upper < -AMBIGUOUS:   # decided by the MILP: settle decides it too
+        assert s.verdict == ("refuted" if reached > AMBIGUOUS else "proved"), (s, reached, upper)
 
 
 def test_a_larger_delta_is_easier():

@@ -93,6 +93,25 @@ def replay(pair: Pair, x: np.ndarray, prop: ClassProperty) -> tuple[int, int] | 
         return int(pair.f.forward(t).argmax()), int(pair.g.forward(t).argmax())
 
 
+def nudge(pair: Pair, x: np.ndarray, c: int, prop: ClassProperty, lo: np.ndarray, hi: np.ndarray
+          ) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """A refuting input near x, which sits on the closure of f's side condition for class c (an LP or
+    solver optimum often lies exactly on it, where f does not *strictly* meet it): small signed
+    gradient steps that raise f's smallest margin min_j f_c - f_j, each clipped into the box and
+    replayed. None if none refutes."""
+    t = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(1, *pair.input_shape).clone().requires_grad_(True)
+    yf = pair.f.forward(t).reshape(-1)
+    others = torch.cat([yf[:c], yf[c + 1:]])
+    (grad,) = torch.autograd.grad((yf[c] - others).min(), t)
+    step = np.sign(grad.numpy().reshape(np.shape(x))) * (np.asarray(hi) - np.asarray(lo))
+    for size in (1e-9, 1e-7, 1e-5, 1e-3, 1e-2):
+        y = np.clip(np.asarray(x) + size * step, lo, hi)
+        classes = replay(pair, y, prop)
+        if classes is not None:
+            return y, classes
+    return None
+
+
 @dataclass
 class Settled:
     """The verdict on one region: "proved", "refuted" (point, classes) or "unknown"."""

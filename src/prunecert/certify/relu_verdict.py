@@ -6,8 +6,8 @@ the closure of the strict condition) of the triangle-relaxation LP of the pair o
 max g_j - g_c <= 0. A leaf is (j, forced neuron phases); its bound is the LP's rigorous dual bound
 (`HighsModel.safe_bound`), so a proof rests on no solver's word. The leaf with the largest bound is
 split on the neuron most violated at its LP optimum (`bab.pick_branch`), and every LP optimum is
-replayed as an input: a point where f is confident in c and g strictly prefers another class is a
-counterexample. An infeasible leaf (no input of it is confidently c) vanishes, by a Farkas ray.
+replayed as an input (nudged just inside f's side condition when it sits on its boundary): a point
+where f is confident in c and g strictly prefers another class is a counterexample. An infeasible leaf (no input of it is confidently c) vanishes, by a Farkas ray.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from prunecert.certify.bab import apply_splits, pick_branch
-from prunecert.certify.classprop import ClassProperty, Settled, open_classes, replay
+from prunecert.certify.classprop import ClassProperty, Settled, nudge, open_classes, replay
 from prunecert.certify.formulation import RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.lp import unit
@@ -75,6 +75,8 @@ def _class_bab(pair: Pair, enc, model: HighsModel, prop: ClassProperty, c: int, 
         if sol.v is not None:
             x = np.clip(sol.v[enc.x], enc.col_lo[enc.x], enc.col_hi[enc.x])
             classes = replay(pair, x, prop)
+            if classes is None and (moved := nudge(pair, x, c, prop, enc.col_lo[enc.x], enc.col_hi[enc.x])):
+                x, classes = moved   # the optimum sat on f's boundary; a point just inside refutes
             if classes is not None:
                 return Settled("refuted", "relu-bab", x.reshape(pair.input_shape).copy(), *classes,
                                details=dict(stats))
