@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
 from pairs import random_pair
+
 from prunecert.certify.classprop import ClassProperty, open_classes, violations
 from prunecert.certify.exhaustive import enumerate_max
 from prunecert.certify.lp import initial_bounds

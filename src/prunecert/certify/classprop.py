@@ -37,11 +37,11 @@ class ClassProperty:
     delta: float | None = None
 
     @staticmethod
-    def agreement() -> "ClassProperty":
+    def agreement() -> ClassProperty:
         return ClassProperty("agreement", 0.0)
 
     @staticmethod
-    def delta_top1(delta: float) -> "ClassProperty":
+    def delta_top1(delta: float) -> ClassProperty:
         d = float(delta)
         if not (0.5 <= d < 1.0) or not math.isfinite(d):
             raise ConfigError(f"delta (softmax confidence) must be in [0.5, 1), got {delta!r}")

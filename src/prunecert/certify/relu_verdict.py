@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from prunecert.certify.bab import apply_splits, pick_branch
-from prunecert.certify.classprop import ClassProperty, Settled, nudge, open_classes, replay
+from prunecert.certify.classprop import (
+    ClassProperty,
+    Settled,
+    nudge,
+    open_classes,
+    replay,
+)
 from prunecert.certify.formulation import RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.lp import unit

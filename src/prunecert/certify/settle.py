@@ -24,9 +24,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from prunecert.certify.classprop import ClassProperty, Settled, open_classes, replay, violations
-from prunecert.certify.relu_verdict import relu_settle
+from prunecert.certify.classprop import (
+    ClassProperty,
+    Settled,
+    open_classes,
+    replay,
+    violations,
+)
 from prunecert.certify.lp import initial_bounds
+from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import PairBounds
 from prunecert.core.pair import Pair
 from prunecert.threads import one_torch_thread
@@ -133,7 +139,7 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, 
     while len(leaf_lo):
         if time.perf_counter() >= deadline:
             left = float(torch.prod((leaf_hi - leaf_lo).reshape(len(leaf_lo), -1), 1).sum())
-            return Settled("unknown", "time", details={"nodes": nodes, "open": int(len(leaf_lo)),
+            return Settled("unknown", "time", details={"nodes": nodes, "open": len(leaf_lo),
                                                        "open_volume": left / total if total > 0 else None})
         take = min(BATCH, len(leaf_lo))
         c_lo, c_hi = _split(pair, leaf_lo[:take], leaf_hi[:take])
