@@ -242,7 +242,10 @@ def test_demo_trains_once_then_uses_the_cache(tmp_path, monkeypatch):
     assert f"demo: verdict {verdict}" in first.stderr
     cached = sorted((tmp_path / "cache").iterdir(), key=lambda p: p.name != "lenet300-digits-e1-s0.pt")
     assert cached[0].name == "lenet300-digits-e1-s0.pt" and "training lenet300" in first.stderr
-    assert len(cached) == 2 and "fine_tune1" in cached[1].name   # the distilled model is cached too
+    # the distilled model and the data-free one (the second pair, OUT/data-free/) are cached too
+    assert sorted("fine_tune1" in p.name for p in cached[1:]) == [False, True]
+    free = json.loads((tmp_path / "a" / "data-free" / "report.json").read_text())
+    assert "--fine-tune 0" in free["reproducibility"]["command"] and free["pruning"]["target"] == {"compression": 0.9}
     second = CliRunner().invoke(app, ["audit", *args, "--out", str(tmp_path / "b")])
     assert "using the cached model" in second.stderr and second.exit_code == first.exit_code
     assert "using the cached pruned model" in second.stderr

@@ -126,6 +126,28 @@ def demo_pruned(plan, progress: bool):
     return net, _tilde(path)
 
 
+def _data_free_stage(plan, o: dict, progress: bool) -> None:
+    """The demo's second pair: the same coreset pruning without distillation (the paper's data-free
+    setting, where the provable epsilon applies), audited over the same regions into OUT/data-free/
+    (the command it records reproduces it: --demo --fine-tune 0 --out OUT/data-free)."""
+    import dataclasses
+
+    from prunecert.audit import run_audit
+    from prunecert.reports import write_report
+
+    o2 = dict(o, fine_tune=0, out=Path(o["out"]) / "data-free")
+    plan2 = dataclasses.replace(plan, prune_options={**plan.prune_options, "fine_tune": 0}, pruned=None,
+                                extra_timings=[], command=_canonical(o2["original"], o2["pruned"], o2),
+                                sources=dict(plan.sources))
+    if progress:
+        typer.echo("demo: the data-free stage (no distillation) -> " + str(o2["out"]), err=True)
+    t0 = time.perf_counter()
+    plan2.pruned, plan2.sources["pruned"] = demo_pruned(plan2, progress)
+    plan2.extra_timings.append(("demo pruned model (prune, or load the cached one)", time.perf_counter() - t0))
+    report, _ = run_audit(plan2)
+    write_report(report, o2["out"], ("json", "html", "md"))
+
+
 def _tilde(path: Path) -> str:
     """`path` with the home folder written as ~ (reports do not need to show the user's home)."""
     try:
@@ -281,6 +303,8 @@ def _run(o: dict) -> int:
             plan = plan_audit(o["original"], o["pruned"], **plan_kwargs)
         report, pruned_net = run_audit(plan)
         paths = write_report(report, o["out"], ("json",) if o["json_only"] else ("json", "html", "md"))
+        if o["demo"] and o["fine_tune"] and not o["json_only"]:
+            _data_free_stage(plan, o, progress)
         if o["save_pruned"] is not None:
             from prunecert.io import save_model
             save_model(pruned_net, o["save_pruned"])
