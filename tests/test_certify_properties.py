@@ -68,3 +68,19 @@ def test_cli_delta_logits_and_bab(pair, tmp_path):
     res = runner.invoke(app, ["certify", str(tmp_path / "f.pt"), str(tmp_path / "g.pt"), "--region", "domain",
                               "--delta", "1.5", "-q"])
     assert res.exit_code == 3 and "delta" in res.output
+
+
+def test_bab_reached_point_refutes_the_tolerance(pair):
+    """bab's injected attack point counts as a counterexample (certify's own search sees only the centre)."""
+    lo, hi = np.zeros(3), np.ones(3)
+    x = torch.rand(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        dev = pair.deltas(x)[-1].abs().max(1).values
+        centre = float(pair.deltas(torch.full((1, 3), 0.5, dtype=torch.float64))[-1].abs().max())
+    best = x[int(dev.argmax())].numpy()
+    tol = (centre + float(dev.max())) / 2
+    assert centre < tol < float(dev.max())
+    res = certify(pair, None, [Domain(lo, hi)], method="bab", tolerance=tol, time_limit=5, samples=1,
+                  progress=False, reach=lambda a, b, s: best)
+    assert res.verdict == "violated"
+    assert res.to_json()["regions"][0]["counterexample"] == pytest.approx(best.tolist())
