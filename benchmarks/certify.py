@@ -128,7 +128,7 @@ def run(args) -> dict:
                "lp": {"local": False, "margins": False, "time_limit": args.lp_seconds},
                "milp": {"time_limit": args.milp_seconds, "local": False, "max_abs_only": True,
                         "tighten_time_limit": args.lp_seconds, "witness": milp_witness(pair, seed=args.seed)},
-               "bab": {"time_budget": args.bab_seconds, "seed": args.seed}}
+               "bab": {"time_limit": args.bab_seconds, "seed": args.seed}}
     results, start = [], time.perf_counter()
     for name, (lo, hi) in sets:
         n_exp = min(args.exact_images, len(lo))

@@ -232,6 +232,7 @@ def test_demo_trains_once_then_uses_the_cache(tmp_path, monkeypatch):
     import prunecert.cli.audit as cli_audit
 
     monkeypatch.setitem(cli_audit.DEMO, "epochs", 1)
+    monkeypatch.setitem(cli_audit.DEMO, "fine_tune", 1)
     monkeypatch.setenv("PRUNECERT_CACHE", str(tmp_path / "cache"))
     args = ["--demo", "--data", "digits", "--regions", "1", "--eps", "0.02", "--no-domain", "--certify-method", "diff-interval",
             "--attack-budget", "0.05", "--samples", "16"]
@@ -239,10 +240,15 @@ def test_demo_trains_once_then_uses_the_cache(tmp_path, monkeypatch):
     assert first.exit_code == 0, first.output  # the demo exits 0 whatever the verdict; the report says it
     verdict = json.loads((tmp_path / "a" / "report.json").read_text())["verdict"]["overall"]
     assert f"demo: verdict {verdict}" in first.stderr
-    cached = list((tmp_path / "cache").iterdir())
-    assert [p.name for p in cached] == ["lenet300-digits-e1-s0.pt"] and "training lenet300" in first.stderr
+    cached = sorted((tmp_path / "cache").iterdir(), key=lambda p: p.name != "lenet300-digits-e1-s0.pt")
+    assert cached[0].name == "lenet300-digits-e1-s0.pt" and "training lenet300" in first.stderr
+    # the distilled model and the data-free one (the second pair, OUT/data-free/) are cached too
+    assert sorted("fine_tune1" in p.name for p in cached[1:]) == [False, True]
+    free = json.loads((tmp_path / "a" / "data-free" / "report.json").read_text())
+    assert "--fine-tune 0" in free["reproducibility"]["command"] and free["pruning"]["target"] == {"compression": 0.9}
     second = CliRunner().invoke(app, ["audit", *args, "--out", str(tmp_path / "b")])
     assert "using the cached model" in second.stderr and second.exit_code == first.exit_code
+    assert "using the cached pruned model" in second.stderr
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("a", "b"))
     assert a["original"]["sha256"] == b["original"]["sha256"] == weights_sha256(load_model(cached[0]))
     assert a["pruning"]["target"] == {"compression": 0.9}

@@ -9,7 +9,8 @@ does no long work, so a bad option fails in seconds; `run_audit` runs the stages
 1. prune     coreset (or another criterion) when no pruned model is given,
 2. measure   accuracy of f and g, top-1 agreement, the largest |Delta_l| on the test set,
 3. certify   local and end-to-end bounds per layer on every region (L-inf boxes around test points
-             at each radius, and the whole input domain), with top-1 agreement,
+             at each radius, and the whole input domain), with top-1 agreement; then (`complete`)
+             the verdicts still open are settled by attack + branch and bound within a budget,
 4. attack    the logits (max |Delta|), top-1 disagreement, and each hidden layer's worst neuron;
              every point found (and certify's samples) is re-evaluated at every layer in float64,
 5. report    verdicts, ratios and counterexample panels (`prunecert.reports.build`).
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from prunecert.errors import ConfigError, ShapeMismatchError
-from prunecert.adversarial.witness import witness_options
+from prunecert.adversarial.witness import class_search, witness_options
 from prunecert.network import Network
 
 SLACK_REL, SLACK_ABS = 1e-9, 1e-12  # float64 re-evaluation noise allowed between an attack and a bound
@@ -58,6 +59,7 @@ class AuditPlan:
     command: str | None = None
     sources: dict[str, str | None] = field(default_factory=dict)
     max_panels: int = 6
+    complete: float | None = None     # seconds per region to settle open top-1 verdicts (None: off)
     load_seconds: float = 0.0         # time plan_audit spent loading models and data
     certify_budget: float | None = 5.0  # seconds per region for the bound method (None: no limit)
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
@@ -100,13 +102,16 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
                attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
                progress: bool = True, command: str | None = None, max_panels: int = 6,
-               input_domain: tuple | None = None, certify_budget: float | None = 5.0) -> AuditPlan:
+               input_domain: tuple | None = None, certify_budget: float | None = 5.0,
+               complete: float | None = 5.0) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
     Give either `pruned` (a model or a file; compact pruned models are completed onto the original) or
     a pruning target (`keep`, `compression` or `epsilon`, with `prune_method`, `delta` and optionally
     `fine_tune` epochs on the data set's training split, which voids the provable bounds).
     `input_domain` (lo, hi) replaces both models' input box (see `prunecert.io.with_input_domain`).
+    `complete`: seconds per region for the final stage that settles the top-1 verdicts the bounds
+    leave open (attack, then branch and bound); None or 0 turns it off.
     """
     from prunecert.adversarial import METHODS as ATTACKS
     from prunecert.certify import get_method, make_pair
@@ -159,10 +164,11 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     if int(fine_tune) < 0 or (fine_tune and pruned is not None):
         raise ConfigError(f"fine_tune must be >= 0 epochs and needs pruning options, got {fine_tune}")
     options = {"method": prune_method, **targets, "delta": float(delta), "fine_tune": int(fine_tune)}
+    complete = None if not complete else _positive(complete, "complete (seconds per region)")
     return AuditPlan(original, pruned, options, dataset, str(data), centers, eps, bool(domain), tolerances,
                      certify_method, attack_method, budget, int(samples), int(seed), progress, command,
-                     {"original": original_src, "pruned": pruned_src}, int(max_panels), time.perf_counter() - t0,
-                     certify_budget=certify_budget)
+                     {"original": original_src, "pruned": pruned_src}, int(max_panels), complete,
+                     time.perf_counter() - t0, certify_budget=certify_budget)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -318,9 +324,12 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     pair = make_pair(plan.original, pruned)
     regions = _regions(plan, pair)
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
-    cert = stages.run(f"certify {len(regions)} regions ({plan.certify_method})", certify, pair, None, regions,
-                      method=plan.certify_method, progress=plan.progress, seed=plan.seed, samples=plan.samples,
-                      time_limit=plan.certify_budget, **witness_options(plan.certify_method, pair, plan.seed))
+    name = f"certify {len(regions)} regions ({plan.certify_method}"
+    name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
+    cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
+                      seed=plan.seed, samples=plan.samples, complete=plan.complete, time_limit=plan.certify_budget,
+                      class_search=lambda p: class_search(p, plan.seed),
+                      **witness_options(plan.certify_method, pair, plan.seed))
 
     def attack_stage():
         found = attack_regions(plan, pair, regions, cert)

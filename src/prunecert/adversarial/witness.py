@@ -44,6 +44,34 @@ def witness_options(method: str, pair: Pair, seed: int = 0) -> dict:
     """The options a caller of `certify` passes so that `method` checks the solver's word by attack.
 
     certify sits below adversarial (docs/architecture.md), so it cannot build the witness itself;
-    the CLI and the audit inject it here. Only `milp` rests on a solver's optimality claim.
+    the CLI and the audit inject it here: `milp` checks each optimum by attack (its one trust in a
+    solver's word), `bab` starts from the point an attack reaches.
     """
-    return {"witness": milp_witness(pair, seed=seed)} if method == "milp" else {}
+    if method == "milp":
+        return {"witness": milp_witness(pair, seed=seed)}
+    if method == "bab":
+        return {"reach": reach_search(pair, seed)}
+    return {}
+
+
+def reach_search(pair: Pair, seed: int = 0):
+    """(lo, hi, seconds) -> the input of largest max |Delta_logit| `apgd` reaches in the box: the
+    lower-bound search `certify.bab` runs first (`bab_bounds(..., reach=...)`)."""
+    def search(lo: np.ndarray, hi: np.ndarray, seconds: float):
+        r = attack(pair, None, Box(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)),
+                   "max-logit-deviation", "apgd", budget_seconds=seconds, seed=seed, progress=False)
+        return np.asarray(r.x, dtype=np.float64)
+    return search
+
+
+def class_search(pair: Pair, seed: int = 0):
+    """(lo, hi, property, seconds) -> an input where g leaves f's class, or None: the counterexample
+    search `certify.settle` runs before branch and bound (`certify(..., class_search=...)`).
+
+    It attacks top-1 disagreement (g's best other class over f's class at the centre); `settle`
+    replays the point against the property itself (for delta-top-1, f must also be confident)."""
+    def search(lo: np.ndarray, hi: np.ndarray, prop, seconds: float):
+        r = attack(pair, None, Box(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)),
+                   "disagreement", "auto", budget_seconds=seconds, seed=seed, progress=False)
+        return np.asarray(r.x, dtype=np.float64) if r.disagreement else None
+    return search

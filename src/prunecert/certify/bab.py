@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,15 +31,15 @@ import torch
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.bab_input import input_bab, stop_reason, within_gap
-from prunecert.certify.lp import as_batch, initial_bounds, refine_region, to_pair_bounds, unit
+from prunecert.certify.lp import RegionLP, as_batch, initial_bounds, refine_region, to_pair_bounds, unit
 from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
 
 LP_SHARE = 0.5          # of the time budget for the LP tightening pass before branching
 ATTACK_SHARE = 0.1      # of the time budget for an attack (lower bounds), when available
-EXACT_GAP = 1e-9
-INPUT_SPLIT_MAX = 16    # "auto" branching bisects the input box up to this many inputs        # a leaf whose relaxation is this close to the ReLUs at its optimum is exact
+EXACT_GAP = 1e-9        # a leaf whose relaxation is this close to the ReLUs at its optimum is exact
+INPUT_SPLIT_MAX = 16    # "auto" branching bisects the input box up to this many inputs
 
 
 @dataclass(order=True)
@@ -51,11 +52,42 @@ class _Leaf:
     branch: int | None = field(compare=False)   # neuron index to split next (None: leaf is exact)
 
 
+def apply_splits(enc: Encoding, model: HighsModel, splits, undo: bool = False) -> None:
+    """Force (or, with `undo`, release) neuron phases in an LP model: (neuron index, on) pairs;
+    on: a >= 0 and h = a; off: a <= 0 and h = 0. Only bound changes, so re-solves stay warm."""
+    for n, on in splits:
+        nr = enc.neurons[n]
+        if undo:
+            model.set_col_bounds([nr.a, nr.h], enc.col_lo[[nr.a, nr.h]], enc.col_hi[[nr.a, nr.h]])
+            model.set_row_bounds(nr.lower_row, enc.row_lo[nr.lower_row], enc.row_hi[nr.lower_row])
+        elif on:
+            model.set_col_bounds(nr.a, max(enc.col_lo[nr.a], 0.0), max(enc.col_hi[nr.a], 0.0))
+            model.set_row_bounds(nr.lower_row, 0.0, 0.0)
+        else:
+            model.set_col_bounds(nr.a, min(enc.col_lo[nr.a], 0.0), min(enc.col_hi[nr.a], 0.0))
+            model.set_col_bounds(nr.h, 0.0, 0.0)
+
+
+def pick_branch(enc: Encoding, v: np.ndarray | None, splits) -> int | None:
+    """The unsplit neuron whose relaxation is most violated at the LP optimum v (h - relu(a)); without
+    a solution, the first unsplit neuron; None when the relaxation is exact at v (or all are split)."""
+    done = {n for n, _ in splits}
+    if v is None:
+        free = [i for i in range(len(enc.neurons)) if i not in done]
+        return free[0] if free else None
+    branch, best = None, EXACT_GAP
+    for i, nr in enumerate(enc.neurons):
+        gap = v[nr.h] - max(v[nr.a], 0.0)
+        if gap > best and i not in done:
+            best, branch = gap, i
+    return branch
+
+
 class _Tree:
     """The leaves of one region's search, over the objectives +-Delta_k of the logits."""
 
-    def __init__(self, pair: Pair, enc: Encoding, objectives: list[tuple[int, float]]):
-        self.pair, self.enc, self.objectives = pair, enc, objectives
+    def __init__(self, pair: Pair, enc: Encoding, objectives: list[tuple[int, float]], cols: list[int]):
+        self.pair, self.enc, self.objectives, self.cols = pair, enc, objectives, cols
         self.model = HighsModel(enc)
         self.heap: list[_Leaf] = []
         self.closed = np.full(len(objectives), -np.inf)   # max bound of closed leaves, per objective
@@ -68,23 +100,12 @@ class _Tree:
         """Record max |Delta_logit| at input x (a reached value: a lower bound on M)."""
         with torch.no_grad():
             d = self.pair.deltas(torch.as_tensor(x).reshape(1, *self.pair.input_shape))[-1]
-        v = float(d.abs().max())
+        v = float(d.reshape(-1)[self.cols].abs().max())
         if v > self.reached:
             self.reached, self.point = v, np.asarray(x).reshape(self.pair.input_shape).copy()
 
     def _apply(self, splits, undo: bool = False) -> None:
-        enc, m = self.enc, self.model
-        for n, on in splits:
-            nr = enc.neurons[n]
-            if undo:
-                m.set_col_bounds([nr.a, nr.h], enc.col_lo[[nr.a, nr.h]], enc.col_hi[[nr.a, nr.h]])
-                m.set_row_bounds(nr.lower_row, enc.row_lo[nr.lower_row], enc.row_hi[nr.lower_row])
-            elif on:   # a >= 0 and h = a
-                m.set_col_bounds(nr.a, max(enc.col_lo[nr.a], 0.0), max(enc.col_hi[nr.a], 0.0))
-                m.set_row_bounds(nr.lower_row, 0.0, 0.0)
-            else:      # a <= 0 and h = 0
-                m.set_col_bounds(nr.a, min(enc.col_lo[nr.a], 0.0), min(enc.col_hi[nr.a], 0.0))
-                m.set_col_bounds(nr.h, 0.0, 0.0)
+        apply_splits(self.enc, self.model, splits, undo)
 
     def solve(self, obj: int, splits: tuple) -> None:
         """Bound one leaf and queue it (infeasible leaves vanish, proven by a Farkas ray)."""
@@ -96,18 +117,9 @@ class _Tree:
         self.nodes += 1
         if sol.bound == -np.inf:
             return
-        branch = None
         if sol.v is not None:
             self.see(np.clip(sol.v[self.enc.x], self.enc.col_lo[self.enc.x], self.enc.col_hi[self.enc.x]))
-            done = {n for n, _ in splits}
-            best = EXACT_GAP
-            for i, nr in enumerate(self.enc.neurons):
-                gap = sol.v[nr.h] - max(sol.v[nr.a], 0.0)
-                if gap > best and i not in done:
-                    best, branch = gap, i
-        if branch is None and sol.v is None:  # no solution to guide us: split the first free neuron
-            free = [i for i in range(len(self.enc.neurons)) if i not in {n for n, _ in splits}]
-            branch = free[0] if free else None
+        branch = pick_branch(self.enc, sol.v, splits)
         leaf = _Leaf(-sol.bound, next(self.seq), sol.bound, obj, splits, branch)
         if branch is None:
             self.closed[obj] = max(self.closed[obj], sol.bound)
@@ -134,42 +146,46 @@ class _Tree:
             self.solve(leaf.obj, leaf.splits + ((leaf.branch, on),))
 
 
-def _max_abs(pair: Pair, x: torch.Tensor) -> torch.Tensor:
+def _max_abs(pair: Pair, x: torch.Tensor, cols: list[int] | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return pair.deltas(x)[-1].reshape(len(x), -1).abs().max(1).values
+        d = pair.deltas(x)[-1].reshape(len(x), -1)
+    return (d if cols is None else d[:, cols]).abs().max(1).values
 
 
-def lower_bound(pair: Pair, lo: np.ndarray, hi: np.ndarray, budget: float, seed: int
-                ) -> tuple[float, np.ndarray]:
-    """A reached max |Delta_logit| and its input: centre, random samples, APGD when installed."""
+# a search for large max |Delta_logit| in a box: (lo, hi, seconds) -> an input, or None
+# (e.g. `prunecert.adversarial.reach_search(pair)`; certify does not import the attacks)
+ReachSearch = Callable[[np.ndarray, np.ndarray, float], "np.ndarray | None"]
+
+
+def lower_bound(pair: Pair, lo: np.ndarray, hi: np.ndarray, budget: float, seed: int,
+                reach: ReachSearch | None = None, cols: list[int] | None = None) -> tuple[float, np.ndarray]:
+    """A reached max |Delta_logit| and its input: centre, random samples, and `reach` when given."""
     gen = torch.Generator().manual_seed(int(seed))
     lo_t, hi_t = torch.as_tensor(lo), torch.as_tensor(hi)
     x = torch.cat([((lo_t + hi_t) / 2)[None], lo_t + (hi_t - lo_t) * torch.rand((255, *lo_t.shape), generator=gen,
                                                                                  dtype=torch.float64)])
-    try:
-        from prunecert.adversarial.api import attack
-        from prunecert.core.regions import Box
-    except ImportError:
-        attack = None
-    if attack is not None and budget > 0:
-        res = attack(pair, None, Box(lo, hi), "max-logit-deviation", method="apgd", budget_seconds=budget,
-                     seed=seed, progress=False)
-        x = torch.cat([x, torch.as_tensor(np.clip(np.asarray(res.x, dtype=np.float64).reshape(lo.shape), lo, hi))[None]])
-    d = _max_abs(pair, x)
+    if reach is not None and budget > 0:
+        found = reach(lo, hi, budget)
+        if found is not None:
+            x = torch.cat([x, torch.as_tensor(np.clip(np.asarray(found, dtype=np.float64).reshape(lo.shape), lo, hi))[None]])
+    d = _max_abs(pair, x, cols)
     best = int(d.argmax())
     return float(d[best]), x[best].numpy().copy()
 
 
 def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tolerance: float | None,
-               deadline: float, rel_gap: float, seed: int = 0, attack_budget: float = 0.0
+               deadline: float, rel_gap: float, seed: int = 0, attack_budget: float = 0.0,
+               reach: ReachSearch | None = None, logits: Sequence[int] | None = None
                ) -> tuple[RegionBounds, dict]:
-    """Refine the logits' Delta bounds of one box (from LP-tightened `rb`) by branch-and-bound."""
+    """Refine the logits' Delta bounds of one box (from LP-tightened `rb`) by branch-and-bound
+    (only the `logits` chosen, when given: their max |Delta_k| is the quantity)."""
     enc = build_encoding(pair, lo, hi, rb)
     last = pair.n_layers - 1
     dlo, dhi = rb.delta[last]
-    objectives = [(k, s) for k in range(len(dlo)) for s in (1.0, -1.0) if enc.af[last][k] != enc.ag[last][k]]
-    tree = _Tree(pair, enc, objectives)
-    tree.see(lower_bound(pair, lo, hi, attack_budget, seed)[1])
+    chosen = list(range(len(dlo))) if logits is None else [int(k) for k in logits]
+    objectives = [(k, s) for k in chosen for s in (1.0, -1.0) if enc.af[last][k] != enc.ag[last][k]]
+    tree = _Tree(pair, enc, objectives, chosen)
+    tree.see(lower_bound(pair, lo, hi, attack_budget, seed, reach, chosen)[1])
     roots = [dhi[k] if s > 0 else -dlo[k] for k, s in objectives]
     for j in np.argsort(roots)[::-1]:
         if roots[j] > tree.reached and time.perf_counter() < deadline:
@@ -199,19 +215,23 @@ def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tol
     return rb, info
 
 
-def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: float = 10.0,
-               rel_gap: float = 0.01, seed: int = 0, local: bool = False, time_limit: float | None = None,
-               branching: str = "auto", progress: bool = False) -> PairBounds:
+def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: float = 10.0,
+               rel_gap: float = 0.01, seed: int = 0, local: bool = False,
+               branching: str = "auto", progress: bool = False, logits: Sequence[int] | None = None,
+               reach: ReachSearch | None = None) -> PairBounds:
     """Branch-and-bound bounds on the logits' Delta for a batch of boxes; other layers from LP.
 
-    `time_budget` (or `time_limit`, the name `certify` forwards) is per region, everything included.
-    Stops early when max |Delta_logit| is known within `rel_gap` (relative), or decided against
-    `tolerance`. `branching`: "input" (bisect the box; few inputs), "relu" (split neurons, LP leaves)
-    or "auto" (input when the network has <= INPUT_SPLIT_MAX inputs). `local=True` also bounds local
-    deviations by LP (ReLU branching only; costs time). Per-region details go to `info["bab"]`.
+    Starts from the fast bounds (`lp.initial_bounds`: diff-linear intersected with ReluDiff) and is
+    never looser. `time_limit` (seconds) is per region,
+    everything included. With a `tolerance` it stops as soon as max |Delta_k| (over `logits`, all
+    by default) is decided against it -- a region the fast bounds already certify costs nothing
+    more; without one, when the maximum is known within `rel_gap` (relative). `branching`: "input"
+    (bisect the box; few inputs), "relu" (split neurons, LP leaves) or "auto" (input when the
+    network has <= INPUT_SPLIT_MAX inputs). `local=True` also bounds local deviations by LP (costs
+    time). `reach`: a search for large deviations (an attack) run first. Details: `info["bab"]`.
     """
-    budget = float(time_limit if time_limit is not None else time_budget)
-    if budget <= 0:
+    budget = float(time_limit)
+    if not budget > 0:
         raise ConfigError(f"bab: time budget must be > 0 seconds, got {budget}")
     if rel_gap < 0:
         raise ConfigError(f"bab: rel_gap must be >= 0, got {rel_gap}")
@@ -221,26 +241,33 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_budget: 
         branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
     lo, hi = as_batch(pair, lo, hi)
     init = initial_bounds(pair, lo, hi)
+    cols = list(range(pair.n_classes)) if logits is None else [int(k) for k in logits]
+    d = init.delta[-1]
+    fast = torch.maximum(d.upper, -d.lower).reshape(lo.shape[0], -1)[:, cols].max(1).values
     results, infos = [], []
     for b in range(lo.shape[0]):
         start = time.perf_counter()
         lo_b, hi_b = lo[b].numpy(), hi[b].numpy()
         rb = RegionBounds.from_pair_bounds(init, b)
-        if branching == "relu":
+        if tolerance is not None and float(fast[b]) <= tolerance:
+            res = RegionLP(rb, [None] * pair.n_layers, None, None, 0, True)
+            info = {"nodes": 0, "open": 0, "upper": float(fast[b]), "reached": 0.0, "finished": True,
+                    "point": None, "branching": "none", "stop": "certified"}
+        elif branching == "relu":
             res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True,
                                 deadline=start + LP_SHARE * budget)
             res.bounds, info = bab_region(pair, lo_b, hi_b, res.bounds, tolerance, start + budget, rel_gap, seed,
-                                          ATTACK_SHARE * budget)
+                                          ATTACK_SHARE * budget, reach, logits)
         else:
             # the root LP first (cheap on the small nets input splits are for): the leaves' bounds
             # come from bound propagation, which can end a little above it, so intersect with it
             res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True,
                                 deadline=start + LP_SHARE * budget)
-            reached, point = lower_bound(pair, lo_b, hi_b, ATTACK_SHARE * budget, seed)
-            d_lo, d_hi, info = input_bab(pair, lo_b, hi_b, tolerance, start + budget, rel_gap, reached, point)
+            reached, point = lower_bound(pair, lo_b, hi_b, ATTACK_SHARE * budget, seed, reach, cols)
+            d_lo, d_hi, info = input_bab(pair, lo_b, hi_b, tolerance, start + budget, rel_gap, reached, point, cols)
             last = res.bounds.delta[-1]
             res.bounds.delta[-1] = (np.maximum(last[0], d_lo), np.minimum(last[1], d_hi))
-            info["upper"] = float(np.maximum(res.bounds.delta[-1][1], -res.bounds.delta[-1][0]).max())
+            info["upper"] = float(np.maximum(res.bounds.delta[-1][1], -res.bounds.delta[-1][0])[cols].max())
             info["finished"] = within_gap(info["upper"], info["reached"], rel_gap)
         info["seconds"] = time.perf_counter() - start
         results.append(res)

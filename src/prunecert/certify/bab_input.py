@@ -49,33 +49,36 @@ def within_gap(upper: float, reached: float, rel_gap: float) -> bool:
 
 
 def stop_reason(upper: float, reached: float, rel_gap: float, tolerance: float | None, deadline: float) -> str | None:
-    """Why a search may stop now: "gap" (bound within rel_gap of a reached value), "certified" /
-    "violated" (the tolerance is decided), "time"; None to go on."""
-    if within_gap(upper, reached, rel_gap):
+    """Why a search may stop now: with a tolerance, only "certified" / "violated" (the verdict asked
+    for; a bound close to the reached value does not decide it); without, "gap" (bound within
+    rel_gap of a reached value); then "time"; None to go on."""
+    if tolerance is not None:
+        if upper <= tolerance:
+            return "certified"
+        if reached > tolerance:
+            return "violated"
+    elif within_gap(upper, reached, rel_gap):
         return "gap"
-    if tolerance is not None and upper <= tolerance:
-        return "certified"
-    if tolerance is not None and reached > tolerance:
-        return "violated"
     if time.perf_counter() >= deadline:
         return "time"
     return None
 
 
 def input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | None, deadline: float,
-              rel_gap: float, reached: float, point: np.ndarray | None
+              rel_gap: float, reached: float, point: np.ndarray | None, logits: list[int] | None = None
               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Refine the logits' Delta bounds over the box [lo, hi] by bisecting inputs until done or out of time.
 
     Returns per-coordinate (lower, upper) over the whole box (max over all leaves, open or closed)
-    and details. `reached`/`point`: the best max |Delta_logit| already known and where.
+    and details. `reached`/`point`: the best max |Delta_logit| already known and where. `logits`:
+    the coordinates whose max |Delta_k| is the quantity (all by default).
     """
     with one_torch_thread():
-        return _input_bab(pair, lo, hi, tolerance, deadline, rel_gap, reached, point)
+        return _input_bab(pair, lo, hi, tolerance, deadline, rel_gap, reached, point, logits)
 
 
 def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | None, deadline: float,
-               rel_gap: float, reached: float, point: np.ndarray | None
+               rel_gap: float, reached: float, point: np.ndarray | None, logits: list[int] | None
                ) -> tuple[np.ndarray, np.ndarray, dict]:
     shape = pair.input_shape
     box_lo = torch.as_tensor(lo, dtype=torch.float64).reshape(1, *shape)
@@ -86,8 +89,10 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | No
     closed_hi = torch.full_like(d_hi[0], -np.inf)
     nodes, steps = 1, 0
 
+    cols = slice(None) if logits is None else torch.as_tensor(logits)
+
     def worst_of(dl, dh):
-        return torch.maximum(dh, -dl).max(1)
+        return torch.maximum(dh, -dl)[:, cols].max(1)
 
     while True:
         m, _ = worst_of(d_lo, d_hi)
@@ -102,7 +107,9 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | No
             break
         order = torch.argsort(m, descending=True)
         top, rest = order[:BATCH], order[BATCH:]
-        _, worst = torch.maximum(d_hi[top], -d_lo[top]).max(1)
+        _, worst = worst_of(d_lo[top], d_hi[top])
+        if logits is not None:
+            worst = torch.as_tensor(logits)[worst]
         dims = _split_dims(pair, leaf_lo[top], leaf_hi[top], worst)
         p_lo, p_hi = leaf_lo[top].reshape(len(top), -1), leaf_hi[top].reshape(len(top), -1)
         rows = torch.arange(len(top))
@@ -117,7 +124,7 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | No
         steps += 1
         # lower bounds: the children's centres
         with torch.no_grad():
-            dev = pair.deltas((c_lo + c_hi) / 2)[-1].reshape(len(c_lo), -1).abs().max(1).values
+            dev = pair.deltas((c_lo + c_hi) / 2)[-1].reshape(len(c_lo), -1)[:, cols].abs().max(1).values
         best = int(dev.argmax())
         if float(dev[best]) > reached:
             reached, point = float(dev[best]), ((c_lo[best] + c_hi[best]) / 2).numpy().copy()
@@ -127,7 +134,7 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | No
         d_hi = torch.cat([d_hi[rest], cd_hi])
     out_lo = torch.minimum(closed_lo, d_lo.min(0).values) if len(d_lo) else closed_lo
     out_hi = torch.maximum(closed_hi, d_hi.max(0).values) if len(d_hi) else closed_hi
-    up = float(torch.maximum(out_hi, -out_lo).max())
+    up = float(torch.maximum(out_hi, -out_lo)[cols].max())
     info = {"nodes": nodes, "open": int(len(d_lo)), "upper": up, "reached": reached, "steps": steps,
             "finished": within_gap(up, reached, rel_gap), "point": point,
             "branching": "input", "stop": stop}

@@ -12,6 +12,7 @@ checks the MILP rather than repeating it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,8 +46,11 @@ def _layer_affine(layer, A: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def enumerate_max(pair: Pair, lo, hi, objective: tuple[int, np.ndarray, np.ndarray],
-                  max_lps: int = MAX_LPS) -> EnumResult:
-    """max of cf . a_layer^f(x) + cg . a_layer^g(x) over the box [lo, hi], over all patterns."""
+                  max_lps: int = MAX_LPS, side: Sequence[tuple[np.ndarray, np.ndarray, float]] = ()) -> EnumResult:
+    """max of cf . a_layer^f(x) + cg . a_layer^g(x) over the box [lo, hi], over all patterns.
+
+    `side`: extra conditions sf . a_layer^f(x) + sg . a_layer^g(x) >= s0 on the objective's layer
+    (e.g. f's confidence in a class); value -inf when no input of the box meets them."""
     layer, cf, cg = objective
     layer %= pair.n_layers
     lo = np.asarray(lo, dtype=np.float64).reshape(-1)
@@ -77,6 +81,10 @@ def enumerate_max(pair: Pair, lo, hi, objective: tuple[int, np.ndarray, np.ndarr
             (Af, bf), (Ag, bg) = new["f"], new["g"]
             obj = cf @ Af + cg @ Ag
             const = float(cf @ bf + cg @ bg)
+            for sf, sg, s0 in side:   # sf.(Af x + bf) + sg.(Ag x + bg) >= s0
+                sf, sg = np.asarray(sf, dtype=np.float64), np.asarray(sg, dtype=np.float64)
+                G = np.concatenate([G, -(sf @ Af + sg @ Ag)[None]])
+                h = np.concatenate([h, [float(sf @ bf + sg @ bg) - s0]])
             res = solve(G, h, obj)
             if res is not None and -res.fun + const > best.value:
                 best.value, best.x = -res.fun + const, res.x.copy()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import highspy
 import numpy as np
+import scipy.sparse as sp
 
 from prunecert.certify.formulation import Encoding
 from prunecert.core.rounding import TINY, gamma
@@ -145,6 +146,20 @@ class HighsModel:
     def set_row_bounds(self, row: int, lo: float, hi: float) -> None:
         self.row_lo[row], self.row_hi[row] = lo, hi
         self.h.changeRowBounds(int(row), float(_fin(np.array(lo))), float(_fin(np.array(hi))))
+
+    def add_side_row(self, cols: np.ndarray, vals: np.ndarray, lo: float, hi: float) -> int:
+        """Append the row lo <= vals . v[cols] <= hi (a side condition on the inputs searched, e.g. f's
+        confidence in a class); returns its index, to relax later with `set_row_bounds`. The rigorous
+        bounds (`safe_bound`, `proves_infeasible`) see the new row too."""
+        cols = np.asarray(cols, dtype=np.int32)
+        vals = np.asarray(vals, dtype=np.float64)
+        self.h.addRow(float(_fin(np.array(lo))), float(_fin(np.array(hi))), len(cols), cols, vals)
+        self.row_lo, self.row_hi = np.append(self.row_lo, lo), np.append(self.row_hi, hi)
+        col = sp.csr_matrix((vals, (cols, np.zeros(len(cols), dtype=np.int32))), shape=(self.At.shape[0], 1))
+        self.At = sp.hstack([self.At, col]).tocsr()
+        self.absAt = abs(self.At)
+        self._col_nnz = np.diff(self.At.indptr)
+        return len(self.row_lo) - 1
 
     def set_objective(self, c: np.ndarray) -> None:
         idx = np.arange(len(c), dtype=np.int32)

@@ -244,7 +244,9 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
                 continue
             jobs += [(dhi[k], l, k, 1.0), (-dlo[k], l, k, -1.0)]
     jobs.sort(key=lambda j: -j[0])
-    best_reached, statuses, solved, skipped = -np.inf, [], 0, 0
+    # max_k |Delta_k| >= 0 at every point: 0 is reached even when no coordinate needs a solve
+    # (every logit structurally identical in f and g)
+    best_reached, statuses, solved, skipped = 0.0, [], 0, 0
     for bound, l, k, sign in jobs:
         left = deadline - time.perf_counter()
         if max_abs_only and bound <= best_reached:

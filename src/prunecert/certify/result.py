@@ -87,10 +87,12 @@ class PairBounds:
         margin = None if any(m is None for m in margins) else torch.cat(margins)
         return PairBounds(cat("f"), cat("g"), cat("delta"), cat("local"), margin, dict(parts[0].info))
 
-    def max_abs_logit_deviation(self) -> torch.Tensor:
-        """(B,) upper bound on max_k |Delta_logit_k| over each region."""
+    def max_abs_logit_deviation(self, logits: Sequence[int] | None = None) -> torch.Tensor:
+        """(B,) upper bound on max_k |Delta_logit_k| over each region (k in `logits`, all by default)."""
         d = self.delta[-1]
         mag = torch.maximum(d.upper, -d.lower).reshape(d.upper.shape[0], -1)
+        if logits is not None:
+            mag = mag[:, list(logits)]
         return mag.max(dim=1).values
 
     def agreement_margins(self) -> torch.Tensor:
@@ -146,13 +148,19 @@ class LayerResult:
 
 @dataclass
 class Agreement:
-    """Top-1 agreement on one region: "proved" (class), "refuted" (point, classes) or "unknown"."""
+    """A class verdict on one region (top-1 agreement, or delta-top-1 equivalence): "proved" (with the
+    class when both networks keep one class everywhere), "refuted" (point, classes) or "unknown".
+    `stage`: what decided it ("bounds", "search", "input-bab", "relu-bab"; "time" when the complete
+    stage ran out of time, with what was left in `details`)."""
 
     verdict: str
     label: int | None = None
     point: np.ndarray | None = None
     class_f: int | None = None
     class_g: int | None = None
+    stage: str | None = None
+    seconds: float | None = None
+    details: dict | None = None
 
     def to_json(self) -> dict:
         d: dict = {"verdict": self.verdict}
@@ -161,6 +169,13 @@ class Agreement:
         if self.point is not None:
             d["point"] = [float(v) for v in self.point.reshape(-1)]
             d["class_f"], d["class_g"] = int(self.class_f), int(self.class_g)
+        if self.stage is not None:
+            d["stage"] = self.stage
+        if self.seconds is not None:
+            d["seconds"] = float(self.seconds)
+        if self.details:
+            d["details"] = {k: (None if v is None else float(v) if isinstance(v, float) else int(v))
+                            for k, v in self.details.items()}
         return d
 
 
@@ -180,6 +195,9 @@ class CertifyResult:
     seed: int = 0
     bounds: PairBounds | None = field(default=None, repr=False)
     truncated: list[bool] = field(default_factory=list)   # per region: a time limit cut the method short
+    logits: list[int] | None = None            # the tolerance verdict's logits (None: all)
+    delta: float | None = None                 # delta-top-1 equivalence, when asked
+    delta_top1: list[Agreement] | None = None
 
     @property
     def n_regions(self) -> int:
@@ -203,16 +221,14 @@ class CertifyResult:
 
     @property
     def agreement_verdict(self) -> str:
-        vs = [a.verdict for a in self.agreement]
-        return "refuted" if "refuted" in vs else "proved" if all(v == "proved" for v in vs) else "unknown"
+        return class_verdict(self.agreement)
+
+    @property
+    def delta_top1_verdict(self) -> str | None:
+        return None if self.delta_top1 is None else class_verdict(self.delta_top1)
 
     def _overall_agreement(self) -> dict:
-        d: dict = {"verdict": self.agreement_verdict}
-        for b, a in enumerate(self.agreement):
-            if a.verdict == "refuted":  # the first refuted region's point
-                d.update(region=b, point=a.to_json()["point"])
-                break
-        return d
+        return _overall(self.agreement)
 
     def to_json(self) -> dict:
         """The stable JSON document (schema "prunecert.certify/1", see docs/certify.md)."""
@@ -225,6 +241,8 @@ class CertifyResult:
                      "agreement": self.agreement[b].to_json(), "verdict": verdicts[b]}
             if verdicts[b] == "violated":
                 entry["counterexample"] = [float(v) for v in self.sampled_points[b].reshape(-1)]
+            if self.delta_top1 is not None:
+                entry["delta_top1"] = self.delta_top1[b].to_json()
             regions.append(entry)
         layers = [{"index": L.index, "name": L.name, "shape": list(L.end_to_end_lower.shape[1:]),
                    "local": {"lower": L.local_lower.tolist(), "upper": L.local_upper.tolist()},
@@ -232,9 +250,10 @@ class CertifyResult:
                    "max_abs_local": [float(v) for v in L.max_abs_local],
                    "max_abs_end_to_end": [float(v) for v in L.max_abs_end_to_end]}
                   for L in self.layers]
-        return {
+        out = {
             "schema": SCHEMA, "method": self.method, "seed": int(self.seed), "seconds": float(self.seconds),
             "tolerance": None if self.tolerance is None else float(self.tolerance),
+            "logits": self.logits,
             "verdict": self.verdict,
             "max_abs_logit_deviation": float(np.max(self.max_abs_logit_deviation)),
             "agreement": self._overall_agreement(),
@@ -242,6 +261,24 @@ class CertifyResult:
             "truncated_regions": [b for b, t in enumerate(self.truncated) if t],
             "regions": regions, "layers": layers,
         }
+        if self.delta_top1 is not None:
+            out["delta_top1"] = {"delta": float(self.delta), **_overall(self.delta_top1)}
+        return out
+
+
+def class_verdict(verdicts: Sequence[Agreement]) -> str:
+    """Over all regions: refuted if any is, proved if all are, else unknown."""
+    vs = [a.verdict for a in verdicts]
+    return "refuted" if "refuted" in vs else "proved" if all(v == "proved" for v in vs) else "unknown"
+
+
+def _overall(verdicts: Sequence[Agreement]) -> dict:
+    d: dict = {"verdict": class_verdict(verdicts)}
+    for b, a in enumerate(verdicts):
+        if a.verdict == "refuted":  # the first refuted region's point
+            d.update(region=b, point=a.to_json()["point"])
+            break
+    return d
 
 
 def truncated_regions(info: dict, batch: int) -> list[bool]:

@@ -1,8 +1,9 @@
 """`prunecert certify`: sound deviation bounds between an original and a pruned model over regions.
 
-Exit status: with --tolerance, 0 certified (max |Delta_logit| <= tau on every region), 1 violated (a
-point with |Delta_logit| > tau was found), 2 unknown; without it the verdict is top-1 agreement:
-0 proved, 1 refuted, 2 unknown. 3 is an error (bad input, unpairable models).
+Exit status: with --tolerance, 0 certified (max |Delta_logit| <= tau on every region, over --logits),
+1 violated (a point with |Delta_logit| > tau was found), 2 unknown; without it the verdict is
+delta-top-1 equivalence with --delta, else top-1 agreement: 0 proved, 1 refuted, 2 unknown. 3 is an
+error (bad input, unpairable models).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from prunecert.adversarial.witness import witness_options
+from prunecert.adversarial.witness import class_search, witness_options
 from prunecert.cli import app
 from prunecert.cli.options import Centers, CertifyMethod, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
@@ -45,6 +46,12 @@ def certify_command(
     batch_size: int = typer.Option(32, help="Regions bounded at once."),
     seed: Seed = 0,
     input_domain: InputDomain = None,
+    logits: Optional[str] = typer.Option(None, help="Comma-separated logits K,... the tolerance verdict is over "
+                                         "(epsilon-equivalence on chosen outputs; default all)."),
+    delta: Optional[float] = typer.Option(None, help="Also decide delta-top-1 equivalence: wherever f's softmax "
+                                          "confidence in c exceeds DELTA (in [0.5, 1)), g predicts c."),
+    complete: Optional[float] = typer.Option(None, help="Seconds per region to settle open top-1 / delta-top-1 "
+                                             "verdicts by attack + branch and bound (on with --method bab)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
@@ -53,7 +60,8 @@ def certify_command(
     """
     try:
         code = _run(original, pruned, center or [], eps, norm, region, vnnlib, method, tolerance, json_out,
-                    export_onnx, time_limit, samples, batch_size, seed, quiet, input_domain)
+                    export_onnx, time_limit, samples, batch_size, seed, quiet, input_domain, logits, delta,
+                    complete)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -61,8 +69,19 @@ def certify_command(
     raise typer.Exit(code)
 
 
+def parse_logits(text: str | None) -> list[int] | None:
+    """`--logits 0,3` -> [0, 3] (ConfigError naming the bad item)."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--logits: expected comma-separated logit indices, got {text!r}") from None
+
+
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
-         time_limit, samples, batch_size, seed, quiet, input_domain=None) -> int:
+         time_limit, samples, batch_size, seed, quiet, input_domain=None, logits=None, delta=None,
+         complete=None) -> int:
     from prunecert.certify import certify, make_pair
     from prunecert.core.region_options import regions_from_options
     from prunecert.fileutil import check_output_dir, check_output_file
@@ -81,17 +100,20 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
                                    region=region, vnnlib=vnnlib)
     if export_onnx is not None and norm != "inf" and not region and not vnnlib:
         raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
+    # the attacks certify's methods use are injected here (certify does not import adversarial)
     result = certify(pair, None, regions, method=method, tolerance=tolerance, time_limit=time_limit,
                      progress=not quiet, seed=seed, samples=samples, batch_size=batch_size,
-                     **witness_options(method, pair, seed))
+                     logits=parse_logits(logits), delta=delta, complete=complete,
+                     class_search=lambda p: class_search(p, seed), **witness_options(method, pair, seed))
     if export_onnx is not None:
         export_interop(pair, regions, result, export_onnx)
     if json_out is not None:
         from prunecert.fileutil import atomic_write_text
         atomic_write_text(json_out, json.dumps(result.to_json(), separators=(",", ":")) + "\n")
     _print(result)
-    verdict = result.verdict if tolerance is not None else result.agreement_verdict
-    return EXIT[verdict]
+    if tolerance is not None:
+        return EXIT[result.verdict]
+    return EXIT[result.delta_top1_verdict if delta is not None else result.agreement_verdict]
 
 
 def export_interop(pair, regions, result, folder: Path) -> list[Path]:
@@ -163,6 +185,10 @@ def _print(result) -> None:
     counts = {v: sum(a.verdict == v for a in result.agreement) for v in ("proved", "refuted", "unknown")}
     console.print(f"top-1 agreement: {result.agreement_verdict} "
                   f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
+    if result.delta_top1 is not None:
+        counts = {v: sum(a.verdict == v for a in result.delta_top1) for v in ("proved", "refuted", "unknown")}
+        console.print(f"delta-top-1 equivalence (delta {result.delta:g}): {result.delta_top1_verdict} "
+                      f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
     if result.tolerance is not None:
         console.print(f"verdict (tolerance {result.tolerance:g}): {result.verdict}")
     stopped = [b for b, t in enumerate(result.truncated) if t]

@@ -1,0 +1,104 @@
+"""Class properties on networks with many inputs: branch and bound on ReLU splits, LP leaves.
+
+For each class c left open by the bounds, f's side condition becomes rows f_c - f_j >= m (j != c;
+the closure of the strict condition) of the triangle-relaxation LP of the pair over the box
+(intermediate bounds LP-tightened first, `milp.tighten_bounds`). Every pair (c, j) asks
+max g_j - g_c <= 0. A leaf is (j, forced neuron phases); its bound is the LP's rigorous dual bound
+(`HighsModel.safe_bound`), so a proof rests on no solver's word. The leaf with the largest bound is
+split on the neuron most violated at its LP optimum (`bab.pick_branch`), and every LP optimum is
+replayed as an input (nudged just inside f's side condition when it sits on its boundary): a point
+where f is confident in c and g strictly prefers another class is a counterexample. An infeasible leaf (no input of it is confidently c) vanishes, by a Farkas ray.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from prunecert.certify.bab import apply_splits, pick_branch
+from prunecert.certify.classprop import (
+    ClassProperty,
+    Settled,
+    nudge,
+    open_classes,
+    replay,
+)
+from prunecert.certify.formulation import RegionBounds, build_encoding
+from prunecert.certify.highs import HighsModel
+from prunecert.certify.lp import unit
+from prunecert.certify.result import PairBounds
+from prunecert.core.pair import Pair
+
+
+def relu_settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, deadline: float,
+                bounds: PairBounds) -> Settled:
+    """Decide `prop` on one box by ReLU branch and bound (see the module docstring)."""
+    enc = build_encoding(pair, lo, hi, RegionBounds.from_pair_bounds(bounds, 0))
+    model = HighsModel(enc)
+    last, n = pair.n_layers - 1, pair.n_classes
+    with torch.no_grad():
+        centre = int(pair.f.forward(torch.as_tensor((lo + hi) / 2)[None]).argmax())
+    classes = sorted((int(c) for c in open_classes(bounds, prop)[0].nonzero().flatten()), key=lambda c: c != centre)
+    stats = {"nodes": 0, "unstable": len(enc.neurons)}
+    gap = -np.inf
+    for c in classes:
+        rows = [model.add_side_row(np.array([enc.af[last][c], enc.af[last][j]]), np.array([1.0, -1.0]),
+                                   prop.margin, np.inf) for j in range(n) if j != c]
+        try:
+            out = _class_bab(pair, enc, model, prop, c, deadline, stats)
+        finally:
+            for row in rows:
+                model.set_row_bounds(row, -np.inf, np.inf)
+        if isinstance(out, Settled):
+            return out
+        gap = max(gap, out)
+    if gap > 0:
+        return Settled("unknown", "time", details={**stats, "gap": float(gap)})
+    return Settled("proved", "relu-bab", details=stats)
+
+
+def _class_bab(pair: Pair, enc, model: HighsModel, prop: ClassProperty, c: int, deadline: float,
+               stats: dict) -> Settled | float:
+    """Branch and bound over max_j (g_j - g_c) under f's side rows for class c: a counterexample, or
+    the largest open bound (<= 0: class c is settled)."""
+    last, n = pair.n_layers - 1, pair.n_classes
+    heap: list = []
+    seq = itertools.count()
+
+    def bound(j: int, splits: tuple) -> Settled | None:
+        apply_splits(enc, model, splits)
+        try:
+            sol = model.maximize_lp(unit(enc, enc.ag[last][j], enc.ag[last][c]))
+        finally:
+            apply_splits(enc, model, splits, undo=True)
+        stats["nodes"] += 1
+        if sol.bound == -np.inf or sol.bound <= 0:
+            return None      # infeasible, or g keeps c here
+        if sol.v is not None:
+            x = np.clip(sol.v[enc.x], enc.col_lo[enc.x], enc.col_hi[enc.x])
+            classes = replay(pair, x, prop)
+            if classes is None and (moved := nudge(pair, x, c, prop, enc.col_lo[enc.x], enc.col_hi[enc.x])):
+                x, classes = moved   # the optimum sat on f's boundary; a point just inside refutes
+            if classes is not None:
+                return Settled("refuted", "relu-bab", x.reshape(pair.input_shape).copy(), *classes,
+                               details=dict(stats))
+        branch = pick_branch(enc, sol.v, splits)
+        heapq.heappush(heap, (-sol.bound, next(seq), j, splits, branch))
+        return None
+
+    for j in range(n):
+        if j != c and (found := bound(j, ())) is not None:
+            return found
+    while heap:
+        top, _, j, splits, branch = heap[0]
+        if time.perf_counter() >= deadline or branch is None:
+            return -top      # out of time, or an exact leaf above 0 that no replay confirmed
+        heapq.heappop(heap)
+        for on in (True, False):
+            if (found := bound(j, splits + ((branch, on),))) is not None:
+                return found
+    return 0.0

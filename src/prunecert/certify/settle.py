@@ -1,0 +1,156 @@
+"""Complete verdicts for class properties (`classprop`): proved, refuted with an input, or unknown.
+
+`settle(pair, lo, hi, prop, ...)` decides P(m) on one box, in stages, each only where the previous
+left the question open:
+
+1. the bounds already computed for the region (diff-linear's, or any method's `PairBounds` row);
+2. the centre and SAMPLES seeded uniform points, then a counterexample search injected by the caller (`search(lo, hi, prop, seconds) -> x or None`,
+   e.g. `prunecert.adversarial.class_search`; certify does not import the attacks);
+3. branch and bound until the deadline:
+   - input splits on networks with <= INPUT_SPLIT_MAX inputs: the open leaves are bisected in
+     batches and every batch of sub-boxes is bounded in one call of the fast engine
+     (`lp.initial_bounds`: diff-linear intersected with ReluDiff); leaf centres are checked for
+     counterexamples as they appear;
+   - ReLU splits otherwise (`relu_verdict.py`): LP leaves with forced neuron phases, f's side
+     condition as linear rows, rigorous dual bounds.
+Every counterexample is replayed by a float64 forward pass before it is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from prunecert.certify.classprop import (
+    ClassProperty,
+    Settled,
+    open_classes,
+    replay,
+    violations,
+)
+from prunecert.certify.lp import initial_bounds
+from prunecert.certify.relu_verdict import relu_settle
+from prunecert.certify.result import PairBounds
+from prunecert.core.pair import Pair
+from prunecert.threads import one_torch_thread
+
+INPUT_SPLIT_MAX = 16   # bisect the input on networks with at most this many inputs
+BATCH = 256            # leaves bisected per step (their children are bounded in one call)
+SEARCH_SHARE = 0.1     # of the budget for the injected counterexample search
+SAMPLES = 2048         # uniform points checked before the injected search
+
+# (lo, hi, property, seconds) -> an input refuting the property, or None
+ClassSearch = Callable[[np.ndarray, np.ndarray, ClassProperty, float], "np.ndarray | None"]
+
+
+def _refuted(pair: Pair, x: np.ndarray, prop: ClassProperty, stage: str, start: float, **details) -> Settled | None:
+    classes = replay(pair, x, prop)
+    if classes is None:
+        return None
+    return Settled("refuted", stage, np.asarray(x, dtype=np.float64).reshape(pair.input_shape).copy(), *classes,
+                   seconds=time.perf_counter() - start, details=details)
+
+
+def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budget: float,
+           bounds: PairBounds | None = None, search: ClassSearch | None = None,
+           branching: str = "auto", samples: int | None = None) -> Settled:
+    """Decide `prop` on the box [lo, hi] within `budget` seconds (see the module docstring).
+
+    `bounds`: sound bounds of this one region (batch 1) to start from; computed when None.
+    `branching`: "input", "relu" or "auto" (input on networks with <= INPUT_SPLIT_MAX inputs).
+    `samples`: uniform points checked before the search (default SAMPLES; 16x that on networks with
+    <= INPUT_SPLIT_MAX inputs, where a forward pass costs little and the space is small).
+    """
+    start = time.perf_counter()
+    deadline = start + float(budget)
+    lo = np.asarray(lo, dtype=np.float64).reshape(pair.input_shape)
+    hi = np.asarray(hi, dtype=np.float64).reshape(pair.input_shape)
+    if bounds is None:
+        bounds = initial_bounds(pair, torch.as_tensor(lo)[None], torch.as_tensor(hi)[None])
+    if not bool(open_classes(bounds, prop).any()):
+        return Settled("proved", "bounds", seconds=time.perf_counter() - start)
+    if samples is None:
+        samples = SAMPLES * (16 if pair.f.n_inputs <= INPUT_SPLIT_MAX else 1)
+    found = _sampled(pair, lo, hi, prop, start, samples)
+    if found is not None:
+        return found
+    if search is not None:
+        x = search(lo, hi, prop, SEARCH_SHARE * budget)
+        # a search's point is clipped into the box (and then replayed): a refutation lies in the region
+        x = None if x is None else np.clip(np.asarray(x, dtype=np.float64).reshape(lo.shape), lo, hi)
+        found = None if x is None else _refuted(pair, x, prop, "search", start)
+        if found is not None:
+            return found
+    if branching == "auto":
+        branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
+    if branching == "input":
+        with one_torch_thread():
+            out = _input_bab(pair, lo, hi, prop, deadline, start)
+    else:
+        out = relu_settle(pair, lo, hi, prop, deadline, bounds)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _sampled(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, start: float,
+             samples: int) -> Settled | None:
+    """The centre and `samples` seeded uniform points: a cheap first search, batched."""
+    gen = torch.Generator().manual_seed(0)
+    lo_t, hi_t = torch.as_tensor(lo), torch.as_tensor(hi)
+    x = lo_t + (hi_t - lo_t) * torch.rand((samples, *lo.shape), generator=gen, dtype=torch.float64)
+    x = torch.cat([((lo_t + hi_t) / 2)[None], x])
+    bad = violations(pair, x, prop).nonzero().flatten()
+    return None if not len(bad) else _refuted(pair, x[int(bad[0])].numpy(), prop, "search", start)
+
+
+def _split(pair: Pair, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bisect each box along the input of largest (|grad| x width) of f's and g's top-2 margins at its
+    centre (the widest input where the gradient vanishes); returns the 2B children (left then right)."""
+    n = len(lo)
+    centre = ((lo + hi) / 2).clone().requires_grad_(True)
+    yf = pair.f.forward(centre).reshape(n, -1)
+    yg = pair.g.forward(centre).reshape(n, -1)
+    top = yf.detach().topk(2, dim=1).indices
+    pick = (yf.gather(1, top[:, :1]) - yf.gather(1, top[:, 1:]) + yg.gather(1, top[:, :1]) - yg.gather(1, top[:, 1:]))
+    (grad,) = torch.autograd.grad(pick.sum(), centre)
+    width = (hi - lo).reshape(n, -1)
+    score = grad.abs().reshape(n, -1) * width
+    dims = torch.where(score.max(1).values > 0, score.argmax(1), width.argmax(1))
+    p_lo, p_hi = lo.reshape(n, -1), hi.reshape(n, -1)
+    rows = torch.arange(n)
+    mid = (p_lo[rows, dims] + p_hi[rows, dims]) / 2
+    left_hi, right_lo = p_hi.clone(), p_lo.clone()
+    left_hi[rows, dims] = mid
+    right_lo[rows, dims] = mid
+    shape = lo.shape[1:]
+    return torch.cat([p_lo, right_lo]).reshape(-1, *shape), torch.cat([left_hi, p_hi]).reshape(-1, *shape)
+
+
+def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, deadline: float,
+               start: float) -> Settled:
+    """Bisect the input box until no leaf is open (proved), a leaf centre refutes, or time is up."""
+    leaf_lo = torch.as_tensor(lo)[None]
+    leaf_hi = torch.as_tensor(hi)[None]
+    total = float(torch.prod(leaf_hi - leaf_lo))
+    nodes = 1
+    while len(leaf_lo):
+        if time.perf_counter() >= deadline:
+            left = float(torch.prod((leaf_hi - leaf_lo).reshape(len(leaf_lo), -1), 1).sum())
+            return Settled("unknown", "time", details={"nodes": nodes, "open": len(leaf_lo),
+                                                       "open_volume": left / total if total > 0 else None})
+        take = min(BATCH, len(leaf_lo))
+        c_lo, c_hi = _split(pair, leaf_lo[:take], leaf_hi[:take])
+        nodes += len(c_lo)
+        mid = (c_lo + c_hi) / 2
+        bad = violations(pair, mid, prop).nonzero().flatten()
+        if len(bad):
+            found = _refuted(pair, mid[int(bad[0])].numpy(), prop, "input-bab", start, nodes=nodes)
+            if found is not None:
+                return found
+        still = open_classes(initial_bounds(pair, c_lo, c_hi, optimize=False), prop).any(dim=1)
+        leaf_lo = torch.cat([leaf_lo[take:], c_lo[still]])
+        leaf_hi = torch.cat([leaf_hi[take:], c_hi[still]])
+    return Settled("proved", "input-bab", details={"nodes": nodes})
