@@ -47,7 +47,7 @@ def parse_keep(text: str | None):
 def prune_command(
     model: Path = typer.Argument(..., help="Model file to prune (.pt, .onnx, .nnet, or a state_dict with --arch)."),
     out: Path = typer.Option(..., help="Output model file (.pt native keeps the pruning record; written atomically)."),
-    method: str = typer.Option("coreset", help="coreset (the paper), uniform (sampling baseline) or topk (norms)."),
+    method: str = typer.Option("coreset", help="coreset (the paper), uniform (sampling baseline), topk (incoming norms) or magnitude (outgoing norms)."),
     keep: Optional[str] = typer.Option(None, help="Neurons kept per hidden layer: a count (30), a fraction (0.1) "
                                        "or per layer (0:30,1:10; other layers untouched)."),
     compression: Optional[float] = typer.Option(None, help="Fraction of parameters to remove overall, e.g. 0.9."),
