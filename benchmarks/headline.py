@@ -11,7 +11,10 @@ benchmarks/results/headline.md.
 
 Recipes (name: what is done after pruning):
     distill-100        distillation (T 4, alpha 0.9), 100 epochs (the baseline of pruning.md)
-    distill-aug-E      distillation on randomly shifted images, the teacher online on the same view
+    distill-aug-E      distillation on randomly shifted images (+-2 px), the teacher online on the same view
+    distill-aug1-E     the same with +-1 px shifts (where the un-augmented teacher is still accurate)
+    distill-aug-a0.5-E the same with alpha 0.5 (more weight on the true labels)
+    plain-aug-E        cross-entropy on shifted images, no teacher
     iter-aug-E         iterative prune-and-distill: keep 50 %, 25 %, then the target, E/3 epochs each
     adv-aug-E          deviation-aware (adversarial distillation, eps 0.01, 3 PGD steps) + shift
 Suffix ':SPLIT' chooses the kept neurons per hidden layer, e.g. ':30-10' (91.0 %) or ':32-20' (90.3 %).
@@ -75,6 +78,12 @@ def run(ds, f, recipe: str, seed: int) -> dict:
             g = fine_tune(g, f, ds, epochs, seed=seed, batch_size=bs, progress=False)
         elif kind == "distill-aug":
             g = fine_tune(g, f, ds, epochs, seed=seed, augment=aug, batch_size=bs, progress=False)
+        elif kind == "distill-aug1":
+            g = fine_tune(g, f, ds, epochs, seed=seed, augment="shift1", batch_size=bs, progress=False)
+        elif kind == "distill-aug-a0.5":
+            g = fine_tune(g, f, ds, epochs, seed=seed, augment=aug, batch_size=bs, alpha=0.5, progress=False)
+        elif kind == "plain-aug":
+            g = fine_tune(g, f, ds, epochs, seed=seed, augment=aug, batch_size=bs, distill=False, progress=False)
         elif kind == "adv-aug":
             g = fine_tune(g, f, ds, epochs, seed=seed, augment=aug, batch_size=bs, progress=False,
                           adversarial=Adversarial(eps=0.01, steps=3, weight=1.0))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from prunecert.errors import ConfigError
 
-AUGMENTATIONS = ("shift", "shift-flip")
+AUGMENTATIONS = ("shift", "shift1", "shift-flip")
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,13 @@ def check_augment(augment: str | None) -> None:
         raise ConfigError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
-def augment_batch(x: torch.Tensor, augment: str, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Shift each image by a random integer offset in [-max_shift, max_shift]^2 (zero fill); 'shift-flip'
+def augment_batch(x: torch.Tensor, augment: str, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by a random integer offset in [-2, 2]^2 ('shift1': [-1, 1]^2; zero fill); 'shift-flip'
     also mirrors half of them left-right. Inputs that are not (B, C, H, W) images are returned unchanged."""
     if x.ndim != 4:
         return x
     b, _, h, w = x.shape
-    s = int(max_shift)
+    s = 1 if augment == "shift1" else 2
     dy = torch.randint(-s, s + 1, (b,), generator=gen)
     dx = torch.randint(-s, s + 1, (b,), generator=gen)
     padded = F.pad(x, (s, s, s, s))
