@@ -89,6 +89,15 @@ def test_out_of_reach_requirement_says_so(net):
         prune_to_certificate(net, wide, Requirement(tolerance=1.0), fine_tune=3, progress=False)
 
 
+def test_relative_fraction_counts_against_what_the_original_certifies(net):
+    regions = _regions(net, n=4, eps=0.08)  # wide enough that f is not proved robust on every box
+    res = prune_to_certificate(net, regions, Requirement(fraction=1.0, relative=True), coarse_steps=2,
+                               refine=False, progress=False)
+    full = res.trace[0]
+    assert 0 < full.certified < len(regions) and full.needed == full.certified and full.passed
+    assert "unpruned copy" in res.requirement.describe()
+
+
 def test_time_limit_stops_the_search_early(net):
     res = prune_to_certificate(net, _regions(net, n=4), Requirement(tolerance=5.0), time_limit=1e-9, progress=False)
     assert len(res.trace) == 1 and res.best.stage == "full"

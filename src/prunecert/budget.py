@@ -45,10 +45,16 @@ from prunecert.prune.finetune import fine_tune as fine_tune_network
 @dataclass(frozen=True)
 class Requirement:
     """What must be certified on at least `fraction` of the regions: max_k |Delta_k| <= `tolerance`
-    (when given), else top-1 agreement (argmax f = argmax g on the whole region)."""
+    (when given), else top-1 agreement (argmax f = argmax g = one class on the whole region).
+
+    `relative`: the fraction counts against the regions the *unpruned* copy certifies instead of all of
+    them. It matters for agreement: certify proves agreement as "both networks give the same single
+    class on the whole box", so a box on which f itself changes its answer (or is not proved robust)
+    can never count, however little is pruned."""
 
     tolerance: float | None = None
     fraction: float = 1.0
+    relative: bool = False
 
     def __post_init__(self) -> None:
         if self.tolerance is not None and not (math.isfinite(self.tolerance) and self.tolerance > 0):
@@ -57,7 +63,8 @@ class Requirement:
             raise ConfigError(f"certified fraction of regions must lie in (0, 1], got {self.fraction!r}")
 
     def needed(self, n_regions: int) -> int:
-        return int(math.ceil(self.fraction * n_regions - 1e-9))
+        """Regions to certify out of `n_regions` (all regions, or those the unpruned copy certifies)."""
+        return max(1, int(math.ceil(self.fraction * n_regions - 1e-9)))
 
     def certified(self, result: CertifyResult) -> int:
         """How many regions the certificate settles in the requirement's favour."""
@@ -75,7 +82,8 @@ class Requirement:
 
     def describe(self) -> str:
         what = "top-1 agreement" if self.tolerance is None else f"max |Delta logit| <= {self.tolerance:g}"
-        return f"{what} certified on >= {100 * self.fraction:g} % of the regions"
+        of = "of the regions the unpruned copy certifies" if self.relative else "of the regions"
+        return f"{what} certified on >= {100 * self.fraction:g} % {of}"
 
 
 def _centre(region: Region) -> np.ndarray:
@@ -174,7 +182,7 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
     original_accuracy = None if ds is None else evaluate(network, ds.x_test, ds.y_test)
     layers = hidden_layers(network)
     sizes = {i: geometry(network, i).n for i in layers}
-    needed = requirement.needed(len(regions))
+    needed = requirement.needed(len(regions))  # relative: set again once the unpruned copy is certified
     settings = {"method": method, "seed": int(seed), "fine_tune": int(fine_tune), "distill": bool(distill),
                 "augment": augment, "adversarial": None if adversarial is None else
                 (adversarial if isinstance(adversarial, dict) else asdict(adversarial)),
@@ -187,6 +195,7 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
     best: dict = {}  # "candidate", "model", "certificate" of the smallest passing one
 
     def evaluate_candidate(keep: dict[int, int], stage: str) -> bool:
+        nonlocal needed
         key = tuple(keep[i] for i in layers)
         if key in tried:
             return tried[key].passed
@@ -209,6 +218,8 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
                              progress=False, seed=seed, samples=samples)
             certified = requirement.certified(result)
             max_bound = float(np.max(result.max_abs_logit_deviation))
+        if stage == "full" and requirement.relative and certified:
+            needed = requirement.needed(certified)
         passed = certified is not None and certified >= needed
         cand = Candidate(stage, dict(keep), g.n_params(), 1.0 - g.n_params() / network.n_params(), certified,
                          needed, passed, max_bound, accuracy, round(time.perf_counter() - t0, 3), note)
@@ -227,7 +238,8 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
     def out_of_time() -> bool:
         return time_limit is not None and time.perf_counter() - start > time_limit
 
-    _log(progress, f"{requirement.describe()} ({needed} of {len(regions)} regions), {certify_method}, "
+    _log(progress, f"{requirement.describe()} ({'relative' if requirement.relative else needed} of "
+                   f"{len(regions)} regions), {certify_method}, "
                    f"pruning {method}" + (f", fine-tuning {fine_tune} epochs" if fine_tune else ""))
     if not evaluate_candidate(dict(sizes), "full"):
         raise ConfigError(f"{network.name}: the requirement ({requirement.describe()}) is not certified even "

@@ -76,6 +76,9 @@ def prune_command(
     certify_agreement: bool = typer.Option(False, "--certify-agreement", help="Search the smallest model with "
                                            "top-1 agreement certified on the regions."),
     certified_fraction: float = typer.Option(1.0, help="Fraction of the regions the certificate must cover."),
+    relative_to_original: bool = typer.Option(False, "--relative-to-original", help="Count the fraction against "
+                                              "the regions the unpruned model certifies (agreement is proved as "
+                                              "'one class on the whole box', which f itself may miss)."),
     center: Centers = None,
     eps: Eps = None,
     norm: Norm = "inf",
@@ -100,7 +103,7 @@ def prune_command(
     try:
         if certify_deviation is not None or certify_agreement:
             _run_certified(model, out, method, keep, compression, epsilon, seed, fine_tune, data, distill, augment,
-                           adversarial_eps, certify_deviation, certify_agreement, certified_fraction,
+                           adversarial_eps, certify_deviation, certify_agreement, certified_fraction, relative_to_original,
                            dict(centers=center or [], eps=eps, norm=norm, region=region, vnnlib=vnnlib),
                            certify_method, max_accuracy_drop, search_time, certificate, arch, quiet)
         else:
@@ -150,7 +153,7 @@ def _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune,
 
 
 def _run_certified(model, out, method, keep, compression, epsilon, seed, fine_tune, data, distill, augment,
-                   adversarial_eps, tau, agreement, fraction, region_options, certify_method, max_accuracy_drop,
+                   adversarial_eps, tau, agreement, fraction, relative, region_options, certify_method, max_accuracy_drop,
                    search_time, certificate, arch, quiet) -> None:
     import json
 
@@ -170,7 +173,7 @@ def _run_certified(model, out, method, keep, compression, epsilon, seed, fine_tu
     if max_accuracy_drop is not None and not data:
         raise ConfigError("--max-accuracy-drop needs --data (the test split measures accuracy)")
     options = _fine_tune_options(fine_tune, data, distill, augment, adversarial_eps)
-    requirement = Requirement(tolerance=tau, fraction=fraction)
+    requirement = Requirement(tolerance=tau, fraction=fraction, relative=relative)
     net = load_model(model, arch)
     lo, hi = net.domain()
     regions = regions_from_options(net.input_shape, lo, hi, **region_options)
