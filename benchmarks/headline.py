@@ -15,6 +15,7 @@ Recipes (name: what is done after pruning):
     distill-aug1-E     the same with +-1 px shifts (where the un-augmented teacher is still accurate)
     distill-aug-a0.5-E the same with alpha 0.5 (more weight on the true labels)
     plain-aug-E        cross-entropy on shifted images, no teacher
+    original-aug-E     context: the *unpruned* original trained E more epochs like plain-aug
     iter-aug-E         iterative prune-and-distill: keep 50 %, 25 %, then the target, E/3 epochs each
     adv-aug-E          deviation-aware (adversarial distillation, eps 0.01, 3 PGD steps) + shift
 Suffix ':SPLIT' chooses the kept neurons per hidden layer, e.g. ':30-10' (91.0 %) or ':32-20' (90.3 %).
@@ -36,7 +37,8 @@ from prunecert.fileutil import atomic_write_text
 from prunecert.objectives import Adversarial
 from prunecert.prune import prune
 from prunecert.prune.finetune import fine_tune
-from prunecert.train import evaluate, train_model
+from prunecert.io.torch_io import network_from_module, network_to_module
+from prunecert.train import evaluate, fit, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINES = RESULTS / "headline.jsonl"
@@ -65,7 +67,11 @@ def run(ds, f, recipe: str, seed: int) -> dict:
     target = {i: k for i, k in enumerate(kept)}
     aug, bs = AUGMENT[ds.name], BATCH[ds.name]
     t0 = time.perf_counter()
-    if kind == "iter-aug":
+    if kind == "original-aug":  # context, not a recipe: the unpruned original trained on as long, augmented
+        module = fit(network_to_module(f), ds, epochs=epochs, seed=seed, augment=aug, batch_size=bs, progress=False)
+        g = network_from_module(module, ds.input_shape, ds.lo, ds.hi)
+        kept = (300, 100)
+    elif kind == "iter-aug":
         g, n = f, (300, 100)
         for frac in (0.5, 0.25):
             g = prune(g, "coreset", keep={0: int(n[0] * frac), 1: int(n[1] * frac)}, seed=seed, progress=False)

@@ -210,7 +210,7 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
         low_accuracy = max_accuracy_drop is not None and accuracy < original_accuracy - max_accuracy_drop
         bad_centres = requirement.violated_at_centres(network, g, regions)
         if low_accuracy:
-            note = f"accuracy {accuracy:.4f} below {original_accuracy - max_accuracy_drop:.4f}"
+            note = f"accuracy below {original_accuracy - max_accuracy_drop:.4f}"
         elif len(regions) - bad_centres < needed:
             note = f"{bad_centres} centres already violate"
         else:
