@@ -131,7 +131,8 @@ def report() -> None:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for k in rows:
             r = s[k]
-            lines.append(f"| {k} | {r['requirement']['statement']}"
+            statement = r["requirement"]["statement"].replace("|", "\\|")
+            lines.append(f"| {k} | {statement}"
                          + (" and accuracy within 1 point" if r["settings"].get("max_accuracy_drop") else "")
                          + f" | {_fmt_keep(r['keep'])} | {100 * r['compression']:.1f} % | "
                          f"{100 * r['accuracy']:.1f} % | {r['certified']}/{r['n_regions']} | {r['max_bound']:.3g} | "
