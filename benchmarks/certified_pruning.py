@@ -51,6 +51,7 @@ SEARCHES = {
     "tau4": dict(requirement=Requirement(tolerance=4.0)),
     "agree95": dict(requirement=Requirement(fraction=0.95, relative=True), max_accuracy_drop=0.01),
     "tau2-adv": dict(requirement=Requirement(tolerance=2.0), adversarial=ADV),
+    "tau4-adv": dict(requirement=Requirement(tolerance=4.0), adversarial=ADV),
     "agree95-adv": dict(requirement=Requirement(fraction=0.95, relative=True), max_accuracy_drop=0.01,
                         adversarial=ADV),
 }
