@@ -180,6 +180,8 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
         ds = data if isinstance(data, Dataset) else load_dataset(str(data))
     from prunecert.train import evaluate
     original_accuracy = None if ds is None else evaluate(network, ds.x_test, ds.y_test)
+    accuracy_floor = None if max_accuracy_drop is None or original_accuracy is None \
+        else original_accuracy - max_accuracy_drop
     layers = hidden_layers(network)
     sizes = {i: geometry(network, i).n for i in layers}
     needed = requirement.needed(len(regions))  # relative: set again once the unpruned copy is certified
@@ -207,10 +209,9 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
                                   adversarial=adversarial, progress=False)
         accuracy = None if ds is None else evaluate(g, ds.x_test, ds.y_test)
         result, certified, note, max_bound = None, None, "", None
-        low_accuracy = max_accuracy_drop is not None and accuracy < original_accuracy - max_accuracy_drop
         bad_centres = requirement.violated_at_centres(network, g, regions)
-        if low_accuracy:
-            note = f"accuracy below {original_accuracy - max_accuracy_drop:.4f}"
+        if accuracy_floor is not None and accuracy is not None and accuracy < accuracy_floor:
+            note = f"accuracy below {accuracy_floor:.4f}"
         elif len(regions) - bad_centres < needed:
             note = f"{bad_centres} centres already violate"
         else:
