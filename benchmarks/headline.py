@@ -144,7 +144,8 @@ def report() -> None:
         for recipe in dict.fromkeys(r["recipe"] for r in sub):
             rr = [r for r in sub if r["recipe"] == recipe]
             e = np.array([r["error"] for r in rr])
-            beats = "yes" if e.mean() <= rr[0]["original_error"] else "no"
+            ref = rr[0].get("reference_error")
+            beats = "yes" if e.mean() <= (rr[0]["original_error"] if ref is None else ref) else "no"
             label = recipe.split(":")[0] + (" (context: the unpruned original)" if recipe.startswith("original") else "")
             if rr[0].get("reference_error") is not None:
                 label += f" (its own original: {100 * np.mean([r['reference_error'] for r in rr]):.2f} %)"
