@@ -17,11 +17,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunecert"
 # floor of every top-level module or sub-package of prunecert (docs/architecture.md, "Layers")
 FLOORS: dict[str, int] = {
     "errors": 0,
-    "fileutil": 1, "network": 1, "data": 1, "solvers": 1, "threads": 1,
+    "fileutil": 1, "network": 1, "data": 1, "solvers": 1, "threads": 1, "objectives": 1,
     "io": 2,
     "core": 3, "train": 3,
     "prune": 4, "certify": 4,
-    "adversarial": 5,
+    "adversarial": 5, "budget": 5,
     "reports": 6,
     "audit": 7,
     "cli": 8,

@@ -123,6 +123,23 @@ def test_topk_keeps_the_largest_norms_unscaled():
         prune(f, "topk", epsilon=1.0, progress=False)
 
 
+def test_magnitude_keeps_the_largest_outgoing_norms_unscaled():
+    f = _net(3)
+    # make a neuron with the largest incoming norm feed the next layer with almost nothing: top-k keeps
+    # it, magnitude (outgoing norm) drops it
+    big_in = int(np.argmax(np.linalg.norm(geometry(f, 0).points, axis=1)))
+    f.ops[2].weight[:, big_in] *= 1e-3
+    g = prune(f, "magnitude", keep={0: 5}, progress=False)
+    r = g.metadata["pruning"]["layers"][0]
+    out_norms = np.linalg.norm(f.ops[2].weight.numpy(), axis=0)
+    assert r["kept"] == sorted(np.argsort(-out_norms)[:5].tolist()) and big_in not in r["kept"]
+    assert big_in in prune(f, "topk", keep={0: 5}, progress=False).metadata["pruning"]["layers"][0]["kept"]
+    np.testing.assert_array_equal(g.ops[2].weight.numpy(), f.ops[2].weight.numpy()[:, r["kept"]])
+    assert r["eps"] is None and g.metadata["pruning"]["provable_bound_valid"] is False
+    with pytest.raises(ConfigError, match="magnitude has no provable bound"):
+        prune(f, "magnitude", epsilon=1.0, progress=False)
+
+
 def test_coreset_approximates_better_than_uniform_on_average():
     """On a layer with one dominant neuron, sensitivity sampling keeps the function far better."""
     f = _net(4, sizes=(5, 40, 6, 3))
@@ -135,7 +152,7 @@ def test_coreset_approximates_better_than_uniform_on_average():
 
 
 # ----------------------------------------------------------------------------- conv
-@pytest.mark.parametrize("method", ["coreset", "uniform", "topk"])
+@pytest.mark.parametrize("method", ["coreset", "uniform", "topk", "magnitude"])
 def test_conv_layers_prune_and_complete(method):
     f = random_conv_pair(np.random.default_rng(5), twin="same").f
     g = prune(f, method, keep={0: 2, 1: 1}, seed=2, progress=False)
@@ -144,7 +161,7 @@ def test_conv_layers_prune_and_complete(method):
     x = torch.rand(40, *f.input_shape, dtype=torch.float64)
     c = complete(g, f)
     torch.testing.assert_close(c.forward(x), g.forward(x), rtol=0, atol=1e-12)
-    if method != "topk":
+    if method not in ("topk", "magnitude"):
         r = g.metadata["pruning"]["layers"][0]
         k = np.array(r["kept"])
         scale = torch.as_tensor(r["scale"])

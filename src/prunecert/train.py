@@ -5,7 +5,8 @@ Conv2d, ReLU, Flatten, AvgPool2d), so every trained module converts to a `Networ
 `fit` trains any such module with Adam and a cosine learning-rate schedule, seeded and deterministic
 on one machine; given a `teacher` it distils (Hinton et al. 2015): the loss is
 ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, where the T^2 keeps the
-soft term's gradients on the scale of the hard one.
+soft term's gradients on the scale of the hard one. Optional augmentation (the teacher then sees the
+same augmented view, computed online) and adversarial distillation live in `objectives.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from torch import nn
 from prunecert import __version__
 from prunecert.data import Dataset, load_dataset
 from prunecert.errors import ConfigError, DataError, ShapeMismatchError
-from prunecert.io.torch_io import network_from_module
+from prunecert.io.torch_io import network_from_module, network_to_module
 from prunecert.network import Network
+from prunecert.objectives import Adversarial, adversarial_points, augment_batch, check_augment, \
+    worst_logit_deviation
 
 Model = nn.Module | Network
 
@@ -148,14 +151,21 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
 def fit(module: nn.Module, dataset: Dataset | tuple[np.ndarray, np.ndarray], epochs: int = 20,
         lr: float = 1e-3, batch_size: int = 64, seed: int = 0, teacher: Model | None = None,
         temperature: float = 4.0, alpha: float = 0.5, weight_decay: float = 0.0,
-        progress: bool = True) -> nn.Module:
+        progress: bool = True, augment: str | None = None, adversarial: Adversarial | None = None,
+        input_range: tuple[float, float] = (0.0, 1.0)) -> nn.Module:
     """Train `module` in place on the training split (and return it).
 
     With `teacher` (an nn.Module or a `Network`, e.g. the unpruned original) the student is trained by
-    knowledge distillation; the student is any dense module (e.g. a smaller `mlp`). Batches are drawn
-    with a seeded torch.Generator, so the result is bit-for-bit reproducible on one machine.
+    knowledge distillation; the student is any dense module (e.g. a smaller `mlp`). `augment` ('shift',
+    'shift-flip') augments each batch (the teacher is then evaluated on the augmented view);
+    `adversarial` (needs a teacher) adds PGD points on |f - g| in boxes around the batch, clipped to
+    `input_range`. Batches are drawn with a seeded torch.Generator, so the result is bit-for-bit
+    reproducible on one machine.
     """
     _validate(epochs, lr, batch_size, temperature, alpha)
+    check_augment(augment)
+    if adversarial is not None and teacher is None:
+        raise ConfigError("adversarial distillation needs a teacher (the original network)")
     x, y = _train_arrays(dataset)
     n_classes = int(y.max()) + 1
     out_dim = _check_fits(module, x, n_classes, "student" if teacher is not None else "model")
@@ -164,7 +174,10 @@ def fit(module: nn.Module, dataset: Dataset | tuple[np.ndarray, np.ndarray], epo
         if _check_fits(teacher, x, n_classes, "teacher") != out_dim:
             raise ShapeMismatchError(f"teacher and student disagree on the number of outputs "
                                      f"({_batched_logits(teacher, x[:1]).shape[1]} vs {out_dim})")
-        soft_targets = _batched_logits(teacher, x)  # fixed teacher: compute its logits once
+        # a fixed teacher on fixed inputs: its logits once; on augmented/adversarial inputs: online
+        if augment is None and adversarial is None:
+            soft_targets = _batched_logits(teacher, x)
+        teacher_module = network_to_module(teacher).eval() if isinstance(teacher, Network) else teacher
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(int(seed))
@@ -178,11 +191,21 @@ def fit(module: nn.Module, dataset: Dataset | tuple[np.ndarray, np.ndarray], epo
             total, count = 0.0, 0
             for start in range(0, len(x), batch_size):
                 idx = perm[start:start + batch_size]
-                out = module(x[idx])
-                if soft_targets is None:
+                xb = x[idx] if augment is None else augment_batch(x[idx], augment, gen)
+                out = module(xb)
+                if teacher is None:
                     loss = F.cross_entropy(out, y[idx])
                 else:
-                    loss = distillation_loss(out, soft_targets[idx], y[idx], temperature, alpha)
+                    with torch.no_grad():
+                        t_out = soft_targets[idx] if soft_targets is not None else teacher_module(xb)
+                    loss = distillation_loss(out, t_out, y[idx], temperature, alpha)
+                    if adversarial is not None:
+                        xa = adversarial_points(module, teacher_module, xb, adversarial, *input_range, gen)
+                        out_a = module(xa)
+                        with torch.no_grad():
+                            t_a = teacher_module(xa)
+                        loss = loss + distillation_loss(out_a, t_a, y[idx], temperature, alpha) \
+                            + adversarial.weight * worst_logit_deviation(out_a, t_a)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

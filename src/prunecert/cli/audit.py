@@ -208,7 +208,7 @@ def _canonical(original, pruned, o: dict) -> str:
 def audit_command(
     original: Optional[Path] = typer.Argument(None, help="The original model file (.pt, .onnx, .nnet)."),
     pruned: Optional[Path] = typer.Argument(None, help="The pruned model file; omit it to prune here (--method ...)."),
-    method: str = typer.Option("coreset", help="Pruning when no PRUNED is given: coreset, uniform or topk."),
+    method: str = typer.Option("coreset", help="Pruning when no PRUNED is given: coreset, uniform, topk or magnitude."),
     keep: Optional[str] = typer.Option(None, help="Neurons kept per hidden layer: 30, 0.1 or 0:30,1:10."),
     compression: Optional[float] = typer.Option(None, help="Fraction of parameters to remove, e.g. 0.9."),
     epsilon: Optional[float] = typer.Option(None, help="Provable per-layer bound to prune to."),

@@ -4,7 +4,7 @@
     complete(pruned, original)                      -> the pruned net on the original's shape
 
 Modules: `coreset` (Algorithms 1 and 2, sampling), `importance` (pluggable criteria: coreset,
-uniform, topk), `surgery` (cutting tensors), `bounds` (beta_hat, provable epsilon, sample size),
+uniform, topk, magnitude), `surgery` (cutting tensors), `bounds` (beta_hat, provable epsilon, sample size),
 `targets` (keep / compression / epsilon), `driver` (layer by layer), `finetune`, `complete`.
 """
 
@@ -27,7 +27,7 @@ def prune(network: Network, method: str = "coreset", keep=None, compression=None
     """Prune the hidden layers of `network`; returns the compact pruned network with metadata["pruning"].
 
     method: "coreset" (sensitivity sampling, the paper), "uniform" (uniform sampling, same re-weighting)
-    or "topk" (largest incoming-weight norms, no re-weighting). Exactly one target: `keep` (int count,
+    "topk" (largest incoming-weight norms, no re-weighting) or "magnitude" (largest outgoing-weight norms). Exactly one target: `keep` (int count,
     float fraction, or {layer index: count/fraction}), `compression` (fraction of parameters to remove)
     or `epsilon` (provable absolute bound per layer, coreset/uniform only). `delta`: failure probability
     of each layer's bound. `fine_tune` epochs on `data` (distilling from `network` if `distill`)

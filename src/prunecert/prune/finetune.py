@@ -18,15 +18,22 @@ distill=False for plain CE (advisable for top-k and short schedules). Adam lr 1e
 
 from __future__ import annotations
 
+import numpy as np
+
 from prunecert.errors import ConfigError
 from prunecert.network import Network
+from prunecert.objectives import Adversarial
 
 FINE_TUNE = {"lr": 1e-3, "batch_size": 64, "temperature": 4.0, "alpha": 0.9}
 
 
 def fine_tune(pruned: Network, original: Network, data, epochs: int, seed: int = 0, distill: bool = True,
-              progress: bool = True, **overrides) -> Network:
-    """Train the compact `pruned` network for `epochs` on `data` (a spec like 'mnist5k' or a Dataset)."""
+              progress: bool = True, augment: str | None = None, adversarial: Adversarial | dict | None = None,
+              **overrides) -> Network:
+    """Train the compact `pruned` network for `epochs` on `data` (a spec like 'mnist5k' or a Dataset).
+
+    `adversarial`: an `Adversarial` (or a dict of its fields: eps, steps, weight) for deviation-aware
+    distillation; `augment`: 'shift' or 'shift-flip'."""
     from prunecert.data import Dataset, load_dataset
     from prunecert.io.torch_io import network_from_module, network_to_module
     from prunecert.train import evaluate, fit
@@ -39,12 +46,17 @@ def fine_tune(pruned: Network, original: Network, data, epochs: int, seed: int =
     if unknown:
         raise ConfigError(f"unknown fine-tuning settings {sorted(unknown)}; known: {sorted(FINE_TUNE)}")
     settings = {**FINE_TUNE, **overrides}
+    if isinstance(adversarial, dict):
+        adversarial = Adversarial(**adversarial)
+    if adversarial is not None and not distill:
+        raise ConfigError("adversarial fine-tuning distils from the original: it cannot be combined with distill=False")
     ds = data if isinstance(data, Dataset) else load_dataset(str(data))
     before = evaluate(pruned, ds.x_test, ds.y_test)
     module = network_to_module(pruned)
     fit(module, ds, epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], seed=seed,
         teacher=original if distill else None, temperature=settings["temperature"], alpha=settings["alpha"],
-        progress=progress)
+        progress=progress, augment=augment, adversarial=adversarial,
+        input_range=(float(np.min(original.domain()[0])), float(np.max(original.domain()[1]))))
     tuned = network_from_module(module, pruned.input_shape, pruned.input_lo, pruned.input_hi, name=pruned.name)
     meta = dict(pruned.metadata)
     rec = dict(meta["pruning"])
@@ -52,6 +64,8 @@ def fine_tune(pruned: Network, original: Network, data, epochs: int, seed: int =
     rec["provable_bound_valid"] = False
     rec["fine_tune"] = {
         "epochs": int(epochs), "seed": int(seed), "dataset": ds.name, "distill": bool(distill),
+        "mode": "adversarial-distill" if adversarial is not None else ("distill" if distill else "plain"),
+        "augment": augment, "adversarial": None if adversarial is None else vars(adversarial),
         **({k: settings[k] for k in ("temperature", "alpha")} if distill else {}),
         "lr": settings["lr"], "batch_size": settings["batch_size"], "optimizer": "adam+cosine",
         "test_accuracy_before": before, "test_accuracy_after": evaluate(tuned, ds.x_test, ds.y_test),

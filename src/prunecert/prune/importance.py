@@ -7,6 +7,9 @@ criterion it runs; the tensor cutting lives in `surgery.py`.
 - `CoresetCriterion` (the paper): sensitivity sampling, Algorithm 2, unbiased re-weighting.
 - `UniformCriterion`: the same sampling and re-weighting with q uniform (the paper's baseline).
 - `TopKCriterion`: the k neurons of largest incoming-weight norm ||[W_l[i,:], b_l[i]]||, no re-weighting.
+- `MagnitudeCriterion`: the k neurons of largest outgoing-weight norm ||W_{l+1}[:, i]|| (all kernel taps of
+  a conv layer's channel), no re-weighting. Not the same as top-k: a neuron with large incoming weights
+  may feed the next layer with tiny ones; magnitude ranks by how much the next layer listens.
 
 Keep-count targets sample "until k distinct" (m is then a stopping time, and the bound pays a union
 bound over all m: see theory.md); epsilon targets draw the fixed theory minimum m.
@@ -139,7 +142,23 @@ class TopKCriterion(Criterion):
         return Selection(kept, np.ones(len(kept)))
 
 
-CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (CoresetCriterion, UniformCriterion, TopKCriterion)}
+class MagnitudeCriterion(Criterion):
+    """The k neurons with the largest outgoing-weight norm ||W_{l+1}[:, i]||; no re-weighting."""
+
+    name = "magnitude"
+
+    def select(self, view: LayerView, target: Target, rng: np.random.Generator) -> Selection:
+        if target.keep is None:
+            raise ConfigError("magnitude has no provable bound: give a keep count or a compression, not epsilon")
+        coeffs = np.asarray(view.geom.coeffs, dtype=np.float64)          # (K, n, R)
+        norms = np.sqrt(np.square(coeffs).sum(axis=(0, 2)))
+        order = np.argsort(-norms, kind="stable")  # ties: lower index first
+        kept = np.sort(order[: int(target.keep)])
+        return Selection(kept, np.ones(len(kept)))
+
+
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (CoresetCriterion, UniformCriterion, TopKCriterion,
+                                                             MagnitudeCriterion)}
 
 
 def criterion(method: str) -> Criterion:
