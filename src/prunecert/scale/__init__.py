@@ -7,21 +7,13 @@ region's random choices come from its own generator (`region_generator(seed, ind
 """
 
 from prunecert.scale.executor import (
-                                      Executor,
-                                      InProcessExecutor,
-                                      LocalProcessExecutor,
-                                      WorkerError,
-                                      open_executor,
+           Executor,
+           InProcessExecutor,
+           LocalProcessExecutor,
+           WorkerError,
+           open_executor,
 )
 from prunecert.scale.seeds import chunk_slices, region_generator, region_seed
 
-__all__ = [
-                                      "Executor",
-                                      "InProcessExecutor",
-                                      "LocalProcessExecutor",
-                                      "WorkerError",
-                                      "chunk_slices",
-                                      "open_executor",
-                                      "region_generator",
-                                      "region_seed",
-]
+__all__ = ["Executor", "InProcessExecutor", "LocalProcessExecutor", "WorkerError", "chunk_slices", "open_executor",
+           "region_generator", "region_seed"]
