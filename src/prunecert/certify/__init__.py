@@ -9,26 +9,46 @@ lazily, so a method whose module is missing or broken does not take the others d
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
+from prunecert.certify.chunks import (
+    CertifySetup,
+    certify_chunk,
+    concat_results,
+    region_chunks,
+)
+from prunecert.certify.refute import SearchResult
+from prunecert.certify.result import CertifyResult, PairBounds
 from prunecert.core.completion import make_pair
 from prunecert.core.pair import Pair
-from prunecert.certify.refute import SearchResult, sample_search
-from prunecert.core.regions import Box, Domain, L2Ball, Region, stack_boxes
-from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds
+from prunecert.core.regions import Box, Domain, L2Ball, Region
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
+from prunecert.progress import progress_task
+from prunecert.scale import Executor, InProcessExecutor, open_executor
 
-__all__ = ["certify", "METHODS", "get_method", "Pair", "make_pair", "Box", "L2Ball", "Domain", "Region",
-           "PairBounds", "CertifyResult"]
+__all__ = [
+    "METHODS",
+    "Box",
+    "CertifyResult",
+    "Domain",
+    "L2Ball",
+    "Pair",
+    "PairBounds",
+    "Region",
+    "certify",
+    "certify_stream",
+    "get_method",
+    "make_pair",
+]
 
 METHODS: dict[str, str] = {
     "naive": "prunecert.certify.naive:naive_bounds",
@@ -103,108 +123,57 @@ def _method_kwargs(fn: Callable, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in params and v is not None}
 
 
-def _chunks(regions: list[Region], batch_size: int) -> list[slice]:
-    """Consecutive runs of at most `batch_size` regions, all L2 balls or none (so a method that takes
-    `l2` gets it for every region of a chunk)."""
-    out, start = [], 0
-    for i in range(1, len(regions) + 1):
-        if i == len(regions) or i - start == batch_size or \
-                isinstance(regions[i], L2Ball) != isinstance(regions[start], L2Ball):
-            out.append(slice(start, i))
-            start = i
-    return out
-
-
-def _l2(regions: list[Region], pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(centres (B, *input_shape), radii (B,)) when every region is an L2 ball, else None."""
-    if not all(isinstance(r, L2Ball) for r in regions):
-        return None
-    centres = torch.from_numpy(np.stack([r.center.reshape(pair.input_shape) for r in regions]))
-    return centres, torch.tensor([r.radius for r in regions], dtype=torch.float64)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.console import Console
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
-
-
 def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str | os.PathLike | None,
             regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
             time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = 256,
-            batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
+            batch_size: int = 32, search: Callable[..., SearchResult] | None = None, workers: int | None = 1,
+            scheduler: str | None = None, threads: int | None = None, executor: Executor | None = None,
             **method_options) -> CertifyResult:
     """Certify max |a_l^f - a_l^g| per layer (local and end-to-end) and top-1 agreement over regions.
 
     `original`/`pruned` are Networks (a compact pruned one is completed onto the original) or model
-    paths, or `original` is a ready `Pair` and `pruned` None. Regions are processed `batch_size` at a
-    time through the bound method; then `search` (default: `sample_search` with `samples` points per
-    region) looks for counterexamples. Extra keyword options go to the method (e.g. `iterations`).
+    paths, or `original` is a ready `Pair` and `pruned` None. Regions are processed in chunks of
+    `batch_size` through the bound method; then `search` (default: `sample_search` with `samples`
+    points per region, each region seeded from `seed` and its index) looks for counterexamples.
+    Chunks run on `executor`, or on one made from `workers` (None: every usable core) / `scheduler`
+    (a Dask address or "local"); the result does not depend on which. Extra keyword options go to the
+    method (e.g. `iterations`). For many regions, `certify_stream` yields chunk results as they come.
     """
     start = time.perf_counter()
+    parts = [part for _, part in certify_stream(original, pruned, regions, method, tolerance, time_limit, progress,
+                                                seed, samples, batch_size, search, workers, scheduler, threads,
+                                                executor, **method_options)]
+    return concat_results(parts, time.perf_counter() - start)
+
+
+def certify_stream(original: Network | Pair | str | os.PathLike, pruned: Network | str | os.PathLike | None,
+                   regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
+                   time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = 256,
+                   batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
+                   workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
+                   executor: Executor | None = None, **method_options) -> Iterator[tuple[int, CertifyResult]]:
+    """`certify`, chunk by chunk: yields (index of the chunk's first region, its CertifyResult) in order,
+    holding only a few chunks at a time (write each one out to keep memory flat)."""
     pair = _as_pair(original, pruned)
     regions = _check_regions(pair, regions)
     tolerance = _check_tolerance(tolerance)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if int(samples) < 1:
+        raise ConfigError(f"samples must be >= 1, got {samples}")
     fn = get_method(method)
-    if method == "milp" and "witness" not in method_options:
-        # check every MILP optimum with an attack (adversarial/witness.py); imported here because
-        # `adversarial` is built on `certify`
-        from prunecert.adversarial.witness import milp_witness
-        method_options["witness"] = milp_witness(pair, seed=seed)
-    kwargs = _method_kwargs(fn, {"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
-                                 "progress": progress, **method_options})
-    takes_l2 = "l2" in inspect.signature(fn).parameters
-    lo, hi = stack_boxes(regions)
-    lo, hi = lo.reshape(len(regions), *pair.input_shape), hi.reshape(len(regions), *pair.input_shape)
-    search = search or sample_search
-    gen = torch.Generator().manual_seed(int(seed))
-    chunks, found = [], []
-    with _progress(progress) as bar:
-        task = bar.add_task(f"certify ({method})", total=len(regions))
-        for part in _chunks(regions, batch_size):
-            l2 = _l2(regions[part], pair) if takes_l2 else None
-            chunks.append(fn(pair, lo[part], hi[part], **kwargs, **({"l2": l2} if l2 is not None else {})))
-            bar.advance(task, part.stop - part.start)
-        task = bar.add_task("counterexample search", total=len(regions))
-        for r in regions:
-            found.append(search(pair, r, samples, gen))
-            bar.advance(task)
-    bounds = chunks[0] if len(chunks) == 1 else PairBounds.concat(chunks)
-    _check_finite(bounds, method)
-    return _result(pair, regions, bounds, found, method, tolerance, seed, time.perf_counter() - start)
-
-
-def _check_finite(bounds: PairBounds, method: str) -> None:
-    for l, (d, loc) in enumerate(zip(bounds.delta, bounds.local)):
-        for name, t in (("end-to-end", d.lower), ("end-to-end", d.upper), ("local", loc.lower), ("local", loc.upper)):
-            if torch.isnan(t).any():
-                raise RuntimeError(f"method {method!r} returned NaN {name} bounds at layer {l}: a bug, please report")
-
-
-def _result(pair: Pair, regions: list[Region], bounds: PairBounds, found: list[SearchResult], method: str,
-            tolerance: float | None, seed: int, seconds: float) -> CertifyResult:
-    layers = [LayerResult(lf.index, lf.name, bounds.local[l].lower.numpy(), bounds.local[l].upper.numpy(),
-                          bounds.delta[l].lower.numpy(), bounds.delta[l].upper.numpy())
-              for l, lf in enumerate(pair.layers_f)]
-    proved, cls = bounds.proved_agreement()
-    max_dev = bounds.max_abs_logit_deviation().numpy()
-    agreement = []
-    for b, res in enumerate(found):
-        if res.max_abs_logit_deviation > max_dev[b] * (1 + 1e-9) + 1e-12:
-            raise RuntimeError(f"method {method!r} certified max |Delta_logit| <= {max_dev[b]:.6g} on region {b} "
-                               f"but a sample reaches {res.max_abs_logit_deviation:.6g}: unsound bound, please report")
-        if bool(proved[b]) and res.disagreement is not None:
-            raise RuntimeError(f"method {method!r} proved top-1 agreement on region {b} but at a sampled point "
-                               f"f picks {res.class_f} and g picks {res.class_g}: unsound bound, please report")
-        if bool(proved[b]):
-            agreement.append(Agreement("proved", label=int(cls[b])))
-        elif res.disagreement is not None:
-            agreement.append(Agreement("refuted", point=res.disagreement, class_f=res.class_f, class_g=res.class_g))
-        else:
-            agreement.append(Agreement("unknown"))
-    return CertifyResult(method, [r.describe() for r in regions], layers, max_dev,
-                         np.array([r.max_abs_logit_deviation for r in found]), [r.max_point for r in found],
-                         agreement, tolerance, seconds, seed, bounds)
+    slices = region_chunks(regions, batch_size)
+    with contextlib.ExitStack() as stack:
+        if executor is None:
+            executor = stack.enter_context(open_executor(workers, scheduler, threads, n_items=len(slices)))
+        in_process = isinstance(executor, InProcessExecutor)
+        auto_witness = method == "milp" and "witness" not in method_options
+        kwargs = _method_kwargs(fn, {"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
+                                     "progress": progress and in_process, **method_options})
+        setup = CertifySetup(pair, method, fn, kwargs, int(samples), int(seed), tolerance, search, auto_witness)
+        shared = executor.share(setup)
+        chunks = ((s.start, regions[s]) for s in slices)
+        with progress_task(f"certify ({method})", len(regions), progress) as task:
+            for s, part in zip(slices, executor.map(certify_chunk, shared, chunks)):
+                task.advance(s.stop - s.start)
+                yield s.start, part
