@@ -1,0 +1,112 @@
+"""Scale-out: results independent of the executor, worker deaths, seeds, chunks, progress lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pairs import random_pair
+
+from prunecert.adversarial import attack_many
+from prunecert.certify import certify
+from prunecert.core.regions import Box, L2Ball
+from prunecert.scale import WorkerError, chunk_slices, open_executor, region_generator, region_seed
+
+
+def _case():
+    pair = random_pair(np.random.default_rng(3), 5, (12, 8), 3, twin="prune")
+    rng = np.random.default_rng(4)
+    lo, hi = pair.domain()
+    regions = [Box.around(rng.random(5), 0.05, lo, hi, source=f"p{i}") for i in range(7)]
+    regions += [L2Ball(rng.random(5), 0.1, lo, hi, source=f"b{i}") for i in range(3)]
+    return pair, regions
+
+
+def _docs(executor) -> tuple[dict, list[dict]]:
+    pair, regions = _case()
+    cert = certify(pair, None, regions, method="diff-linear", samples=64, seed=5, batch_size=3, progress=False,
+                   executor=executor)
+    doc = cert.to_json()
+    doc.pop("seconds")
+    attacks = attack_many(pair, None, regions, method="pgd", restarts=2, iterations=10, seed=5, progress=False,
+                          executor=executor, chunk_size=4, budget_seconds=60)
+    found = []
+    for a in attacks:
+        d = a.to_json()
+        d.pop("seconds")
+        found.append({**d, "x": a.x.tolist()})
+    return doc, found
+
+
+def test_same_json_for_one_two_workers_and_a_dask_cluster():
+    reference = _docs(open_executor(workers=1))
+    with open_executor(workers=2) as ex:
+        assert ex.kind == "local"
+        assert _docs(ex) == reference
+    with open_executor(workers=2, scheduler="local") as ex:
+        assert ex.kind == "dask" and ex.workers == 2
+        assert _docs(ex) == reference
+    # the seeds really are per region: another run seed changes the samples
+    pair, regions = _case()
+    other = certify(pair, None, regions, samples=64, seed=6, batch_size=3, progress=False).to_json()
+    assert other["regions"] != reference[0]["regions"]
+
+
+def test_region_seeds_depend_on_seed_and_index_only():
+    assert region_seed(0, 1) == region_seed(0, 1)
+    assert len({region_seed(s, i) for s in range(4) for i in range(50)}) == 200
+    a = region_generator(7, 3).initial_seed()
+    assert a == region_seed(7, 3) and 0 <= a < 2**63
+    assert chunk_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+def _die(shared, item):
+    """A chunk function that kills its own worker process (as the OOM killer or `kill -9` would)."""
+    if item == shared:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item
+
+
+def _die_once(marker: str, item):
+    """Kills its worker the first time it sees item 2 (the marker file says whether it did)."""
+    if item == 2 and Path(marker).exists():
+        Path(marker).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return item * 10
+
+
+def test_killed_local_worker_is_a_clear_error():
+    with open_executor(workers=2) as ex:
+        with pytest.raises(WorkerError, match="worker process died"):
+            list(ex.map(_die, ex.share(3), range(6)))
+
+
+def test_killed_dask_worker_is_retried_elsewhere(tmp_path):
+    marker = tmp_path / "kill-once"
+    marker.write_text("")
+    with open_executor(workers=2, scheduler="local") as ex:
+        assert list(ex.map(_die_once, ex.share(str(marker)), range(5))) == [0, 10, 20, 30, 40]
+    assert not marker.exists()  # the kill did happen; the chunk was re-run on a fresh worker
+
+
+def test_bad_worker_options():
+    from prunecert.errors import ConfigError
+    with pytest.raises(ConfigError, match="--workers"):
+        open_executor(workers=0)
+    with pytest.raises(ConfigError, match="--threads"):
+        open_executor(workers=1, threads=0)
+
+
+def test_progress_lines_when_stderr_is_a_file(capfd):
+    pair, regions = _case()
+    certify(pair, None, regions, samples=8, batch_size=4, progress=True)
+    err = capfd.readouterr().err.splitlines()
+    lines = [ln for ln in err if ln.startswith("certify (diff-linear): ")]
+    assert [ln.split(": ")[1].split(" ")[0] for ln in lines] == ["4/10", "7/10", "10/10"]
+    assert all("elapsed" in ln and "ETA" in ln for ln in lines)
+    certify(pair, None, regions, samples=8, batch_size=4, progress=False)
+    assert capfd.readouterr().err == ""
+
