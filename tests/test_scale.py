@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -110,3 +111,34 @@ def test_progress_lines_when_stderr_is_a_file(capfd):
     certify(pair, None, regions, samples=8, batch_size=4, progress=False)
     assert capfd.readouterr().err == ""
 
+
+
+def test_streamed_certify_json_is_the_whole_runs_document(tmp_path):
+    from prunecert.certify import certify_stream
+    from prunecert.certify.stream import CertifyWriter
+
+    pair, regions = _case()
+    whole = certify(pair, None, regions, samples=16, batch_size=3, tolerance=0.05, progress=False).to_json()
+    with CertifyWriter(tmp_path / "c.json", models={"original": {"sha256": "ab"}}) as writer:
+        for first, part in certify_stream(pair, None, regions, samples=16, batch_size=3, tolerance=0.05,
+                                          progress=False):
+            writer.add(first, part)
+        writer.finish(whole["seconds"])
+    streamed = json.loads((tmp_path / "c.json").read_text())
+    assert streamed.pop("models") == {"original": {"sha256": "ab"}}
+    assert streamed == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]  # no parts left behind
+
+
+def test_a_failed_stream_writes_nothing(tmp_path):
+    from prunecert.certify import certify_stream
+    from prunecert.certify.stream import CertifyWriter
+
+    pair, regions = _case()
+    with pytest.raises(RuntimeError, match="worker died"):
+        with CertifyWriter(tmp_path / "c.json") as writer:
+            for first, part in certify_stream(pair, None, regions, samples=16, batch_size=3, progress=False):
+                writer.add(first, part)
+                if first >= 3:
+                    raise RuntimeError("worker died")
+    assert list(tmp_path.iterdir()) == []

@@ -19,12 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from prunecert.certify.chunks import (
-    CertifySetup,
-    certify_chunk,
-    concat_results,
-    region_chunks,
-)
+from prunecert.certify.chunks import CertifySetup, certify_chunk, concat_results, region_chunks
 from prunecert.certify.refute import SearchResult
 from prunecert.certify.result import CertifyResult, PairBounds
 from prunecert.core.completion import make_pair
@@ -35,20 +30,8 @@ from prunecert.network import Network
 from prunecert.progress import progress_task
 from prunecert.scale import Executor, InProcessExecutor, open_executor
 
-__all__ = [
-    "METHODS",
-    "Box",
-    "CertifyResult",
-    "Domain",
-    "L2Ball",
-    "Pair",
-    "PairBounds",
-    "Region",
-    "certify",
-    "certify_stream",
-    "get_method",
-    "make_pair",
-]
+__all__ = ["certify", "certify_stream", "METHODS", "get_method", "Pair", "make_pair", "Box", "L2Ball", "Domain",
+           "Region", "PairBounds", "CertifyResult"]
 
 METHODS: dict[str, str] = {
     "naive": "prunecert.certify.naive:naive_bounds",

@@ -7,17 +7,16 @@ point with |Delta_logit| > tau was found), 2 unknown; without it the verdict is 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from prunecert.cli import app
 from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
+from prunecert.cli.options import Scheduler, Threads, Workers
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -40,9 +39,12 @@ def certify_command(
                                                "property |Delta_k| <= tau per region and logit into this folder."),
     time_limit: Optional[float] = typer.Option(None, help="Seconds per solver call (lp, milp, bab)."),
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
-    batch_size: int = typer.Option(32, help="Regions bounded at once."),
-    seed: int = typer.Option(0, help="Seed of the counterexample search."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    batch_size: int = typer.Option(32, help="Regions bounded at once (one chunk of work)."),
+    seed: int = typer.Option(0, help="Seed of the counterexample search (each region's from it and its index)."),
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    threads: Threads = None,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or lines."),
 ) -> None:
     """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
 
@@ -50,7 +52,7 @@ def certify_command(
     """
     try:
         code = _run(original, pruned, center or [], eps, norm, region, vnnlib, method, tolerance, json_out,
-                    export_onnx, time_limit, samples, batch_size, seed, quiet)
+                    export_onnx, time_limit, samples, batch_size, seed, quiet, workers, scheduler, threads)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -59,27 +61,37 @@ def certify_command(
 
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
-         time_limit, samples, batch_size, seed, quiet) -> int:
-    from prunecert.certify import certify, make_pair
+         time_limit, samples, batch_size, seed, quiet, workers=1, scheduler=None, threads=None) -> int:
+    import time
+
+    from prunecert.certify import certify_stream, make_pair
+    from prunecert.certify.stream import CertifyWriter
     from prunecert.core.region_options import regions_from_options
-    from prunecert.io import load_model
+    from prunecert.io import load_model, weights_sha256
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    pair = make_pair(load_model(original), load_model(pruned))
+    start = time.perf_counter()
+    net_f, net_g = load_model(original), load_model(pruned)
+    pair = make_pair(net_f, net_g)
     lo, hi = pair.domain()
     regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
                                    region=region, vnnlib=vnnlib)
     if export_onnx is not None and norm != "inf" and not region and not vnnlib:
         raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
-    result = certify(pair, None, regions, method=method, tolerance=tolerance, time_limit=time_limit,
-                     progress=not quiet, seed=seed, samples=samples, batch_size=batch_size)
-    if export_onnx is not None:
-        export_interop(pair, regions, result, export_onnx)
-    if json_out is not None:
-        from prunecert.fileutil import atomic_write_text
-        atomic_write_text(json_out, json.dumps(result.to_json(), separators=(",", ":")) + "\n")
-    _print(result)
+    models = {"original": {"path": str(original), "sha256": weights_sha256(net_f)},
+              "pruned": {"path": str(pruned), "sha256": weights_sha256(net_g)}}
+    with CertifyWriter(json_out, models) as result:
+        for first, part in certify_stream(pair, None, regions, method=method, tolerance=tolerance,
+                                          time_limit=time_limit, progress=not quiet, seed=seed, samples=samples,
+                                          batch_size=batch_size, workers=workers, scheduler=scheduler,
+                                          threads=threads):
+            result.add(first, part)
+        seconds = time.perf_counter() - start
+        if export_onnx is not None:
+            export_interop(pair, regions, result, export_onnx)
+        result.finish(seconds)
+    _print(result, seconds)
     verdict = result.verdict if tolerance is not None else result.agreement_verdict
     return EXIT[verdict]
 
@@ -129,22 +141,21 @@ def _export(pair, regions, result, folder: Path, save_difference_onnx, write_dev
     return written
 
 
-def _print(result) -> None:
+def _print(result, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     table = Table(title=f"certified deviation bounds ({result.method}), {result.n_regions} region(s), "
-                        f"{result.seconds:.2f} s")
+                        f"{seconds:.2f} s")
     for col in ("layer", "max |local|", "max |end-to-end|"):
         table.add_column(col, justify="right" if col != "layer" else "left")
-    for layer in result.layers:
-        table.add_row(layer.name, f"{np.max(layer.max_abs_local):.4g}", f"{np.max(layer.max_abs_end_to_end):.4g}")
+    for meta, (local, e2e) in zip(result.layer_meta, result.layer_max):
+        table.add_row(meta["name"], f"{local:.4g}", f"{e2e:.4g}")
     console.print(table)
-    found = float(np.max(result.sampled_max_abs_logit_deviation))
-    console.print(f"max |Delta_logit|: certified <= {float(np.max(result.max_abs_logit_deviation)):.6g}, "
-                  f"sampled >= {found:.6g}")
-    counts = {v: sum(a.verdict == v for a in result.agreement) for v in ("proved", "refuted", "unknown")}
+    console.print(f"max |Delta_logit|: certified <= {max(result.max_abs_logit_deviation):.6g}, "
+                  f"sampled >= {result.sampled_max:.6g}")
+    counts = result.agreement_counts
     console.print(f"top-1 agreement: {result.agreement_verdict} "
                   f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
     if result.tolerance is not None:

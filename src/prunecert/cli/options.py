@@ -20,3 +20,13 @@ Eps = Annotated[Optional[float], typer.Option(help="Radius of the ball around ea
 Norm = Annotated[str, typer.Option(help="Ball norm: inf (a box) or 2.")]
 RegionName = Annotated[Optional[str], typer.Option(help="'domain': the whole input box (data-independent).")]
 Vnnlib = Annotated[Optional[Path], typer.Option(help="A VNN-LIB file whose input box is the region.")]
+
+# scale-out and the thread policy (prunecert.scale, prunecert.threads; docs/scale.md)
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", help="Worker processes [default: the cores this process may use]; 1 runs in this process.")]
+Scheduler = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="Run chunks on a Dask cluster: its scheduler address (tcp://host:8786), or 'local' for "
+                        "an embedded LocalCluster of --workers processes.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", help="torch threads per worker [default: usable cores // workers, so workers x threads <= "
+                      "cores]; attacks always use 1.")]
