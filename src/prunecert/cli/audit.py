@@ -14,11 +14,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.options import Scheduler, Threads, Workers
 from prunecert.errors import ConfigError, PrunecertError
 
 DEMO = {"arch": "lenet300", "data": "mnist5k", "epochs": 10, "compression": 0.9, "points": 10,
@@ -133,7 +134,8 @@ def _canonical(original, pruned, o: dict) -> str:
             if o[k] is not None:
                 parts += [f"--{k}", str(o[k])]
         parts += ["--delta", str(o["delta"])] + (["--fine-tune", str(o["fine_tune"])] if o["fine_tune"] else [])
-    parts += ["--data", o["data"], "--regions", str(o["regions"]), "--eps", o["eps"],
+    where = [a for c in o["center"] for a in ("--center", c)] if o["center"] else ["--regions", str(o["regions"])]
+    parts += ["--data", o["data"], *where, "--eps", o["eps"],
               "--domain" if o["domain"] else "--no-domain", "--tolerance", str(o["tolerance"])]
     if o["layer_tolerance"]:
         parts += ["--layer-tolerance", o["layer_tolerance"]]
@@ -158,6 +160,10 @@ def audit_command(
                                        "[default: mnist5k]."),
     regions: Optional[int] = typer.Option(None, "--regions", help="Test points (seeded choice) to put L-inf boxes "
                                           "around [default: 20; 10 with --demo]."),
+    center: Optional[List[str]] = typer.Option(None, "--center", help="Test points to put boxes around instead of "
+                                               "--regions: DATA:test:I or a range DATA:test:A-B (inclusive); "
+                                               "repeatable. Shard a large audit this way and join the shards "
+                                               "with prunecert merge."),
     eps: str = typer.Option("0.01,0.02", help="Radii of the boxes, comma-separated (each point gets every radius)."),
     domain: bool = typer.Option(True, "--domain/--no-domain", help="Also audit the whole input domain."),
     tolerance: Optional[float] = typer.Option(None, help="Tolerance on max |Delta logit| (> 0); sets the verdict."),
@@ -172,6 +178,9 @@ def audit_command(
     save_pruned: Optional[Path] = typer.Option(None, help="Also save the model pruned here to this file."),
     demo: bool = typer.Option(False, "--demo", help="Train/reuse LeNet-300-100 on mnist5k, prune 90 %, audit."),
     json_only: bool = typer.Option(False, "--json-only", help="Write only report.json and print it on stdout."),
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    threads: Threads = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary; only the exit status."),
 ) -> None:
     """Audit PRUNED against ORIGINAL (or prune ORIGINAL here) and write report.{json,html,md} to --out.
@@ -205,6 +214,8 @@ def _run(o: dict) -> int:
         o["data"] = o["data"] or DEMO["data"]
     elif o["original"] is None:
         raise ConfigError("give ORIGINAL (and PRUNED, or pruning options), or --demo")
+    if o["center"] and o["regions"] is not None and not o["demo"]:
+        raise ConfigError("give either --regions N (a seeded choice of test points) or --center SPEC, not both")
     o["regions"] = 20 if o["regions"] is None else o["regions"]
     o["data"] = o["data"] or "mnist5k"
     if o["tolerance"] is None:
@@ -223,7 +234,8 @@ def _run(o: dict) -> int:
             compression=o["compression"], epsilon=o["epsilon"], delta=o["delta"], fine_tune=o["fine_tune"],
             certify_method=o["certify_method"],
             attack_method=o["attack_method"], attack_budget=o["attack_budget"], samples=o["samples"], seed=o["seed"],
-            progress=progress, command=_canonical(o["original"], o["pruned"], o))
+            progress=progress, command=_canonical(o["original"], o["pruned"], o), centers=o["center"] or None,
+            workers=o["workers"], scheduler=o["scheduler"], threads=o["threads"])
         if o["demo"]:  # check every option on an untrained stand-in first: errors come before training
             t0 = time.perf_counter()
             plan = plan_audit(_untrained_demo_model(o["data"]), None, **plan_kwargs)
