@@ -56,11 +56,14 @@ def test_same_json_for_one_two_workers_and_a_dask_cluster():
     assert other["regions"] != reference[0]["regions"]
 
 
-def test_region_seeds_depend_on_seed_and_index_only():
+def test_region_seeds_depend_on_the_seed_and_the_region_only():
     assert region_seed(0, 1) == region_seed(0, 1)
     assert len({region_seed(s, i) for s in range(4) for i in range(50)}) == 200
-    a = region_generator(7, 3).initial_seed()
-    assert a == region_seed(7, 3) and 0 <= a < 2**63
+    pair, regions = _case()
+    a = region_generator(7, regions[0]).initial_seed()
+    assert a == region_generator(7, Box(*regions[0].bounding_box())).initial_seed()  # same bounds, same seed
+    assert 0 <= a < 2**63 and a != region_generator(8, regions[0]).initial_seed()
+    assert a != region_generator(7, regions[1]).initial_seed()
     assert chunk_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
 
 

@@ -8,9 +8,11 @@ Methods (all return a point inside the region whose value is a fresh float64 for
   milp     the exact maximum by `prunecert.certify.milp.PairMILP` (small networks)
   auto     a budgeted portfolio: APGD, then LP walks from its best points (linear objectives, boxes)
 
-Reproducibility: every random choice for region i comes from a generator seeded by (`seed`, i), and
-regions are attacked in fixed chunks, so the executor and the number of workers never change a
-result; a run is bit-for-bit repeatable unless the time budget cut it short (`result.truncated`), in which case how far it got depends on the machine.
+Reproducibility: every random choice for a region comes from a generator seeded by `seed` and the
+region's exact bounds (`prunecert.scale.seeds`), and regions are attacked in fixed chunks, so the
+executor and the number of workers never change a result; a run is bit-for-bit repeatable unless
+the time budget cut it short (`result.truncated`), in which case how far it got depends on the
+machine.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def attack_many(original: Network | Pair, pruned: Network | None, regions: Seque
     """`attack` over many regions, in order. Regions go in chunks of `chunk_size` (gradient stages run
     a chunk in one torch batch) to `executor`, or one made from `workers` (None: every usable core) /
     `scheduler` (a Dask address or "local"). Every region's random choices come from its own
-    generator (seeded from `seed` and its index), so results do not depend on the executor.
+    generator (seeded from `seed` and the region itself), so results do not depend on the executor.
     `budget_seconds` is per region. For many regions `attack_stream` yields chunks as they finish.
     """
     return [r for _, part in attack_stream(original, pruned, regions, objective, method, budget_seconds, seed,
@@ -166,7 +168,7 @@ def attack_chunk(setup: AttackSetup, chunk: tuple[int, list]) -> list[AttackResu
     """Attack one chunk of regions (the run's regions first, first+1, ...), each with its own generator."""
     first, regions = chunk
     with one_torch_thread():
-        return _attack_regions(setup, regions, [region_generator(setup.seed, first + i) for i in range(len(regions))])
+        return _attack_regions(setup, regions, [region_generator(setup.seed, r) for r in regions])
 
 
 def _attack_regions(setup: AttackSetup, regions: list, gens: list[torch.Generator]) -> list[AttackResult]:

@@ -3,7 +3,7 @@
 `CertifySetup` is what every chunk shares (the pair, the method and its options, the search): it is
 shipped once per worker. A chunk is `(first_index, regions)`; `certify_chunk` bounds it with one
 batched method call, searches each region with that region's own generator (seeded from the run
-seed and the region's index), checks the bounds against what the search found, and returns a
+seed and the region's identity, `prunecert.scale.seeds`), checks the bounds against what the search found, and returns a
 `CertifyResult` for the chunk. Chunks are fixed by the region list and `batch_size` alone, so the
 results do not depend on which executor ran them or how many workers it had.
 """
@@ -80,7 +80,7 @@ def certify_chunk(setup: CertifySetup, chunk: tuple[int, list[Region]]) -> Certi
     bounds = setup.fn(pair, lo, hi, **kwargs)
     check_finite(bounds, setup.method)
     search = setup.search or sample_search
-    found = [search(pair, r, setup.samples, region_generator(setup.seed, first + i)) for i, r in enumerate(regions)]
+    found = [search(pair, r, setup.samples, region_generator(setup.seed, r)) for r in regions]
     return make_result(pair, regions, bounds, found, setup.method, setup.tolerance, setup.seed, 0.0, first)
 
 
