@@ -21,6 +21,8 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate (cosine-annealed to 0)."),
     batch_size: int = typer.Option(64, help="Mini-batch size."),
     out: Path = typer.Option(..., help="Output model file (.pt native; .onnx and .nnet by suffix)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: 1: mini-batches of "
+                                          "small nets run fastest on one thread; raise it for large models]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a ReLU network on a data set and save it (atomically) as a model file.
@@ -28,8 +30,10 @@ def train(
     Example: prunecert train --arch lenet300 --data mnist5k --epochs 20 --seed 0 --out lenet.pt
     """
     from prunecert.io import save_model
+    from prunecert.threads import apply_thread_policy
     from prunecert.train import train_model
 
+    apply_thread_policy(1, 1 if threads is None else threads)
     net = train_model(arch, data, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, progress=not quiet,
                       name=out.stem)
     save_model(net, out)

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
+from prunecert.cli.options import Threads
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("Example: prunecert prune lenet.pt --method coreset --keep 0.1 --seed 0 --out lenet-pruned.pt   "
@@ -59,6 +60,7 @@ def prune_command(
     data: Optional[str] = typer.Option(None, help="Data set for fine-tuning: mnist5k, digits, fashion, idx:DIR, npz:FILE."),
     distill: bool = typer.Option(True, "--distill/--no-distill", help="Fine-tune by distillation from the original."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a bare torch state_dict (see prunecert info)."),
+    threads: Threads = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Prune the hidden neurons of MODEL with data-independent coresets (or a baseline) and save it.
@@ -67,6 +69,8 @@ def prune_command(
     bound beta_hat and the provable bound eps (probability >= 1 - delta).
     """
     try:
+        from prunecert.threads import apply_thread_policy
+        apply_thread_policy(1, threads)
         _run(model, out, method, keep, compression, epsilon, delta, seed, fine_tune, data, distill, arch, quiet)
     except PrunecertError as exc:
         from prunecert.cli import fail

@@ -1,0 +1,127 @@
+"""Scale-out benchmark: `prunecert certify` / `attack` over many regions, 1 and 2 workers, local and Dask.
+
+    python benchmarks/scale.py [--sizes 100,1000,5000] [--attack-sizes 100] [--quick]
+
+Runs the CLI as a subprocess on the LeNet-300-100 pair (benchmarks/common.py) for every size and
+executor (in-process `--workers 1`, `--workers 2` local processes, `--scheduler local --workers 2`:
+an embedded Dask LocalCluster) and records the wall time (process start to exit: model loading and
+worker start-up included), the speed-up over one worker, and the peak RSS of the main process and of
+the largest worker (psutil polls the process tree every 0.1 s). The machine's load averages before
+and after each run are recorded: on a shared machine the speed-ups are depressed by other work.
+Writes benchmarks/results/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, RESULTS, lenet_pair, machine
+
+EXECUTORS = {"1 worker": ["--workers", "1"], "2 local workers": ["--workers", "2"],
+             "2 Dask workers": ["--scheduler", "local", "--workers", "2"]}
+EPS = 0.01
+# fixed work for pgd (one restart, a budget it never reaches) so that times compare; auto is budgeted
+ATTACK = {"pgd": ["--restarts", "1", "--budget-seconds", "60"], "auto": ["--budget-seconds", "0.3"]}
+
+
+def centres(n: int) -> list[str]:
+    """n centre specs: mnist5k test points first (1000), then training points (4000)."""
+    specs = [f"mnist5k:test:0-{min(n, 1000) - 1}"]
+    if n > 1000:
+        specs.append(f"mnist5k:train:0-{n - 1000 - 1}")
+    return [a for s in specs for a in ("--center", s)]
+
+
+def run(args: list[str]) -> dict:
+    """Run `prunecert ARGS`, polling the RSS of it and its children; wall time and peaks (MB)."""
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = psutil.Popen([sys.executable, "-m", "prunecert", *args], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, env=env)
+    peak_main, peak_worker, workers = 0, 0, set()
+    while proc.poll() is None:
+        try:
+            peak_main = max(peak_main, proc.memory_info().rss)
+            for child in proc.children(recursive=True):
+                try:
+                    rss = child.memory_info().rss
+                except psutil.Error:
+                    continue
+                if rss > 50e6:  # a worker (not a tiny helper such as the resource tracker)
+                    workers.add(child.pid)
+                peak_worker = max(peak_worker, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode not in (0, 1, 2):
+        raise RuntimeError(f"prunecert {' '.join(args)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return {"wall_s": round(wall, 2), "peak_rss_main_mb": round(peak_main / 1e6),
+            "peak_rss_worker_mb": round(peak_worker / 1e6) if workers else None, "worker_processes": len(workers),
+            "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="100,1000", help="certify sizes run on every executor")
+    ap.add_argument("--large", default="5000", help="certify sizes run with 2 local workers only (time)")
+    ap.add_argument("--attack-sizes", default="100")
+    ap.add_argument("--out", default=str(RESULTS / "scale"))
+    opts = ap.parse_args()
+    _, _, info = lenet_pair()
+    models = [str(CACHE / info["original"]["file"]), str(CACHE / info["pruned"]["file"])]
+    every = list(EXECUTORS)
+    jobs = [("certify", "diff-linear", int(n), every) for n in opts.sizes.split(",") if n]
+    jobs += [("certify", "diff-linear", int(n), ["2 local workers"]) for n in opts.large.split(",") if n]
+    jobs += [("attack", m, int(n), every) for m in ("pgd", "auto") for n in opts.attack_sizes.split(",") if n]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for command, method, n, executors in jobs:
+            base = None
+            for name in executors:
+                args = [command, *models, *centres(n), "--eps", str(EPS), "--method", method, "-q", *EXECUTORS[name]]
+                args += ["--json", str(Path(tmp) / "c.json")] if command == "certify" else ATTACK[method]
+                r = run(args)
+                base = base or (r["wall_s"] if name == "1 worker" else None)
+                row = {"command": command, "method": method, "regions": n, "executor": name, **r,
+                       "speedup": round(base / r["wall_s"], 2) if base else None}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    doc = {"machine": {**machine(), "usable_cores": len(os.sched_getaffinity(0))}, "pair": info, "eps": EPS,
+           "attack_options": ATTACK, "rows": rows,
+           "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])}
+    out = Path(opts.out)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# Scale-out benchmark", "",
+             (f"LeNet-300-100 pair (benchmarks/common.py), L-inf boxes of eps {doc['eps']} around mnist5k points "
+             f"(test points first, then training points). `{doc['command']}` on {doc['machine']['usable_cores']} "
+             f"usable cores. Wall time is the whole CLI process (model loading and worker start-up included); "
+             f"speed-up is over `--workers 1` for the same row; peak RSS per process (main, largest worker). "
+             f"Attack options: {doc['attack_options']}."), "",
+             ("| command | method | regions | executor | wall s | speed-up | peak RSS main MB | peak RSS worker MB "
+              "| load avg before → after |"), "|---|---|---:|---|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['command']} | {r['method']} | {r['regions']} | {r['executor']} | {r['wall_s']} | "
+                     f"{r['speedup'] or '—'} | {r['peak_rss_main_mb']} | {r['peak_rss_worker_mb'] or '—'} | "
+                     f"{r['load_before'][0]} → {r['load_after'][0]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
