@@ -21,8 +21,8 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate (cosine-annealed to 0)."),
     batch_size: int = typer.Option(64, help="Mini-batch size."),
     out: Path = typer.Option(..., help="Output model file (.pt native; .onnx and .nnet by suffix)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: 1: mini-batches of "
-                                          "small nets run fastest on one thread; raise it for large models]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1: mini-batches of "
+                                          "small nets run fastest on one thread; raise it for large models)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a ReLU network on a data set and save it (atomically) as a model file.

@@ -23,10 +23,10 @@ Vnnlib = Annotated[Optional[Path], typer.Option(help="A VNN-LIB file whose input
 
 # scale-out and the thread policy (prunecert.scale, prunecert.threads; docs/scale.md)
 Workers = Annotated[Optional[int], typer.Option(
-    "--workers", help="Worker processes [default: the cores this process may use]; 1 runs in this process.")]
+    "--workers", help="Worker processes (default: the cores this process may use); 1 runs in this process.")]
 Scheduler = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Run chunks on a Dask cluster: its scheduler address (tcp://host:8786), or 'local' for "
                         "an embedded LocalCluster of --workers processes.")]
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", help="torch threads per worker [default: usable cores // workers, so workers x threads <= "
-                      "cores]; attacks always use 1.")]
+    "--threads", help="torch threads per worker (default: usable cores // workers, so workers x threads <= "
+                      "cores); attacks always use 1.")]
