@@ -1,6 +1,6 @@
 """Scale-out benchmark: `prunecert certify` / `attack` over many regions, 1 and 2 workers, local and Dask.
 
-    python benchmarks/scale.py [--sizes 100,1000,5000] [--attack-sizes 100] [--quick]
+    python benchmarks/scale.py [--sizes 100,400] [--large 1600] [--attack-sizes 20]
 
 Runs the CLI as a subprocess on the LeNet-300-100 pair (benchmarks/common.py) for every size and
 executor (in-process `--workers 1`, `--workers 2` local processes, `--scheduler local --workers 2`:
@@ -75,9 +75,9 @@ def run(args: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="100,1000", help="certify sizes run on every executor")
-    ap.add_argument("--large", default="5000", help="certify sizes run with 2 local workers only (time)")
-    ap.add_argument("--attack-sizes", default="100")
+    ap.add_argument("--sizes", default="100,400", help="certify sizes run on every executor")
+    ap.add_argument("--large", default="1600", help="certify sizes run with 2 local workers only (time)")
+    ap.add_argument("--attack-sizes", default="20")
     ap.add_argument("--out", default=str(RESULTS / "scale"))
     opts = ap.parse_args()
     _, _, info = lenet_pair()
@@ -99,6 +99,10 @@ def main() -> None:
                        "speedup": round(base / r["wall_s"], 2) if base else None}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                write(opts, info, rows)  # after every row: a long run stopped early still leaves its numbers
+
+
+def write(opts, info: dict, rows: list[dict]) -> None:
     doc = {"machine": {**machine(), "usable_cores": len(os.sched_getaffinity(0))}, "pair": info, "eps": EPS,
            "attack_options": ATTACK, "rows": rows,
            "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])}

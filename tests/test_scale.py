@@ -145,3 +145,26 @@ def test_a_failed_stream_writes_nothing(tmp_path):
                 if first >= 3:
                     raise RuntimeError("worker died")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lazy_regions_are_built_per_chunk_and_give_the_same_result():
+    from prunecert.scale.lazy import LazyRegions
+
+    pair, regions = _case()
+    built = []
+
+    def make(i):
+        built.append(i)
+        return regions[i]
+
+    lazy = LazyRegions(len(regions), make)
+    assert lazy[2:4] == regions[2:4] and lazy[-1] is regions[-1] and len(lazy) == 10
+    with pytest.raises(IndexError):
+        lazy[10]
+    a = certify(pair, None, lazy, samples=16, batch_size=3, progress=False).to_json()
+    b = certify(pair, None, regions, samples=16, batch_size=3, progress=False).to_json()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    found = attack_many(pair, None, lazy, method="pgd", restarts=1, iterations=3, progress=False, chunk_size=4)
+    assert [r.value for r in found] == [r.value for r in attack_many(pair, None, regions, method="pgd", restarts=1,
+                                                                      iterations=3, progress=False, chunk_size=4)]

@@ -113,7 +113,7 @@ def attack_stream(original: Network | Pair, pruned: Network | None, regions: Seq
     """`attack_many`, chunk by chunk: yields (index of the chunk's first region, its results) in order,
     holding only a few chunks at a time."""
     pair = original if isinstance(original, Pair) and pruned is None else make_pair(original, pruned)
-    regions = list(regions)
+    regions = regions if isinstance(regions, Sequence) else list(regions)  # LazyRegions: built per chunk
     setup = _check(pair, regions, objective, method, budget_seconds, seed, restarts, iterations, label, chunk_size)
     slices = chunk_slices(len(regions), chunk_size)
     with contextlib.ExitStack() as stack:

@@ -71,8 +71,10 @@ def _as_pair(original, pruned) -> Pair:
     return make_pair(original, pruned)
 
 
-def _check_regions(pair: Pair, regions) -> list[Region]:
-    regions = [regions] if isinstance(regions, Region) else list(regions)
+def _check_regions(pair: Pair, regions) -> Sequence[Region]:
+    # a Sequence (a list, or a LazyRegions that builds regions as chunks need them) is kept as it is
+    regions = [regions] if isinstance(regions, Region) else regions if isinstance(regions, Sequence) \
+        else list(regions)
     if not regions:
         raise RegionError("no regions to certify over")
     dlo, dhi = pair.domain()

@@ -15,7 +15,7 @@ import typer
 
 from prunecert.cli import app
 from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
-from prunecert.cli.options import Scheduler, Threads, Workers
+from prunecert.cli.options import Scheduler, Threads, Workers, cli_regions
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -76,7 +76,6 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method
     from prunecert.adversarial import parse_objective
     from prunecert.adversarial.api import attack_stream
     from prunecert.core.completion import make_pair
-    from prunecert.core.region_options import regions_from_options
     from prunecert.io import load_model, weights_sha256
 
     parse_objective(objective)  # a malformed spec fails before any model is loaded
@@ -87,9 +86,7 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method
         raise ConfigError(f"--lowest-margin must be >= 1 (the number of regions to keep), got {lowest_margin}")
     net_f, net_g = load_model(original), load_model(pruned)
     pair = make_pair(net_f, net_g)
-    lo, hi = pair.domain()
-    regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm, region=region,
-                                   vnnlib=vnnlib)
+    regions = cli_regions(pair, centers, eps, norm, region, vnnlib)
     if lowest_margin is not None:
         from prunecert.adversarial.centres import lowest_margin as pick
         regions = pick(pair, regions, lowest_margin)

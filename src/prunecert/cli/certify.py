@@ -16,7 +16,7 @@ import typer
 
 from prunecert.cli import app
 from prunecert.cli.options import Centers, Eps, Norm, Original, Pruned, RegionName, Vnnlib
-from prunecert.cli.options import Scheduler, Threads, Workers
+from prunecert.cli.options import Scheduler, Threads, Workers, cli_regions
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -66,7 +66,6 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
 
     from prunecert.certify import certify_stream, make_pair
     from prunecert.certify.stream import CertifyWriter
-    from prunecert.core.region_options import regions_from_options
     from prunecert.io import load_model, weights_sha256
 
     if samples < 1:
@@ -74,9 +73,7 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
     start = time.perf_counter()
     net_f, net_g = load_model(original), load_model(pruned)
     pair = make_pair(net_f, net_g)
-    lo, hi = pair.domain()
-    regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
-                                   region=region, vnnlib=vnnlib)
+    regions = cli_regions(pair, centers, eps, norm, region, vnnlib)
     if export_onnx is not None and norm != "inf" and not region and not vnnlib:
         raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
     models = {"original": {"path": str(original), "sha256": weights_sha256(net_f)},

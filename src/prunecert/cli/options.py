@@ -30,3 +30,22 @@ Scheduler = Annotated[Optional[str], typer.Option(
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", help="torch threads per worker (default: usable cores // workers, so workers x threads <= "
                       "cores); attacks always use 1.")]
+
+
+def cli_regions(pair, centers, eps, norm, region, vnnlib):
+    """The regions the options name. Centre lists become a `LazyRegions` that builds each region when its
+    chunk needs it, so memory does not grow with the number of centres (docs/scale.md)."""
+    from prunecert.core.region_options import expand_center_specs, regions_from_options
+    from prunecert.scale.lazy import LazyRegions
+
+    lo, hi = pair.domain()
+
+    def build(specs):
+        return regions_from_options(pair.input_shape, lo, hi, centers=specs, eps=eps, norm=norm, region=region,
+                                    vnnlib=vnnlib)
+
+    if not centers or region is not None or vnnlib is not None:
+        return build(centers)
+    specs = expand_center_specs(centers)
+    build(specs[:1])  # a bad option (no --eps, a bad norm) fails here, before any work
+    return LazyRegions(len(specs), lambda i: build([specs[i]])[0])
