@@ -67,18 +67,26 @@ class Executor:
 
 
 class InProcessExecutor(Executor):
-    """Items one after another in this process (`--workers 1`)."""
+    """Items one after another in this process (`--workers 1`). torch threads: `threads` when given (for
+    the duration of each map), else whatever this process has (torch's default is every core)."""
 
     kind = "in-process"
 
     def __init__(self, threads: int | None = None):
+        self._threads = threads
         self.threads = threads_per_worker(1, threads)
 
     def map(self, fn, shared, items):
-        from prunecert.threads import apply_thread_policy
-        apply_thread_policy(1, self.threads)
-        for item in items:
-            yield fn(shared, item)
+        import torch
+
+        previous = torch.get_num_threads()
+        if self._threads is not None:
+            torch.set_num_threads(int(self._threads))
+        try:
+            for item in items:
+                yield fn(shared, item)
+        finally:
+            torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- local processes
