@@ -98,11 +98,11 @@ AUDIT = ["--data", "digits", "--eps", "0.02", "--attack-budget", "0.1", "--sampl
 
 
 def test_audit_shards_merge_and_mismatches_are_refused(tmp_path):
+    import torch
+
     from prunecert.data import load_dataset
     from prunecert.io.torch_io import network_from_module
     from prunecert.train import mlp
-
-    import torch
     torch.manual_seed(0)
     f = network_from_module(mlp(64, (12, 10), 10), load_dataset("digits").input_shape, name="tiny")
     save_model(f, tmp_path / "f.pt")

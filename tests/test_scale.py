@@ -14,7 +14,13 @@ from pairs import random_pair
 from prunecert.adversarial import attack_many
 from prunecert.certify import certify
 from prunecert.core.regions import Box, L2Ball
-from prunecert.scale import WorkerError, chunk_slices, open_executor, region_generator, region_seed
+from prunecert.scale import (
+    WorkerError,
+    chunk_slices,
+    open_executor,
+    region_generator,
+    region_seed,
+)
 
 
 def _case():
@@ -59,7 +65,7 @@ def test_same_json_for_one_two_workers_and_a_dask_cluster():
 def test_region_seeds_depend_on_the_seed_and_the_region_only():
     assert region_seed(0, 1) == region_seed(0, 1)
     assert len({region_seed(s, i) for s in range(4) for i in range(50)}) == 200
-    pair, regions = _case()
+    _, regions = _case()
     a = region_generator(7, regions[0]).initial_seed()
     assert a == region_generator(7, Box(*regions[0].bounding_box())).initial_seed()  # same bounds, same seed
     assert 0 <= a < 2**63 and a != region_generator(8, regions[0]).initial_seed()
@@ -83,9 +89,8 @@ def _die_once(marker: str, item):
 
 
 def test_killed_local_worker_is_a_clear_error():
-    with open_executor(workers=2) as ex:
-        with pytest.raises(WorkerError, match="worker process died"):
-            list(ex.map(_die, ex.share(3), range(6)))
+    with open_executor(workers=2) as ex, pytest.raises(WorkerError, match="worker process died"):
+        list(ex.map(_die, ex.share(3), range(6)))
 
 
 def test_killed_dask_worker_is_retried_elsewhere(tmp_path):
@@ -138,12 +143,11 @@ def test_a_failed_stream_writes_nothing(tmp_path):
     from prunecert.certify.stream import CertifyWriter
 
     pair, regions = _case()
-    with pytest.raises(RuntimeError, match="worker died"):
-        with CertifyWriter(tmp_path / "c.json") as writer:
-            for first, part in certify_stream(pair, None, regions, samples=16, batch_size=3, progress=False):
-                writer.add(first, part)
-                if first >= 3:
-                    raise RuntimeError("worker died")
+    with pytest.raises(RuntimeError, match="worker died"), CertifyWriter(tmp_path / "c.json") as writer:
+        for first, part in certify_stream(pair, None, regions, samples=16, batch_size=3, progress=False):
+            writer.add(first, part)
+            if first >= 3:
+                raise RuntimeError("worker died")
     assert list(tmp_path.iterdir()) == []
 
 

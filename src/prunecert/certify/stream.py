@@ -15,7 +15,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class CertifyWriter:
             raise PrunecertError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         keys = [("regions",)] + [(l, *k) for l in range(len(self.layer_meta)) for k in _ARRAYS]
         for i, key in enumerate(keys):
-            self._files[key] = open(self._tmp / f"{i}.json", "w+", encoding="utf-8")
+            self._files[key] = open(self._tmp / f"{i}.json", "w+", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def _write(self, key: tuple, value) -> None:
         fh = self._files.get(key)
@@ -157,7 +157,7 @@ class CertifyWriter:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> CertifyWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
