@@ -48,8 +48,8 @@ class DaskExecutor(Executor):
                 from prunecert.threads import usable_cores
                 n = int(workers) if workers else usable_cores()
                 self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, silence_logs=logging.ERROR)
-                self.client = Client(self._cluster)
+                                             scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+                self.client = Client(self._cluster, timeout=max(timeout, 120))  # workers start slowly under load
             else:
                 self.client = Client(scheduler, timeout=timeout)
         except OSError as exc:

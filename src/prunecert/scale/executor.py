@@ -125,10 +125,14 @@ class LocalProcessExecutor(Executor):
                                          initializer=_worker_start, initargs=(self.threads,))
 
     def share(self, obj):
+        """Pickle `obj` once into the private folder; workers load it on their first item that needs it.
+        Only the two latest shared objects are kept (an audit shares one per attack objective): a
+        handle older than that must not be mapped again."""
         self._count += 1
         path = self._dir / f"shared-{self._count}.pickle"
         with open(path, "wb") as fh:  # 0600 in a private mkdtemp folder: only this user's workers read it
             pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        (self._dir / f"shared-{self._count - 2}.pickle").unlink(missing_ok=True)
         return str(path)
 
     def map(self, fn, shared, items):
