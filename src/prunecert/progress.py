@@ -48,22 +48,24 @@ class Task:
         self.start = time.perf_counter()
         self._bar, self._bar_task = bar, bar_task
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, note: str | None = None) -> None:
+        """`n` more done; `note` (e.g. "loss 0.0312") is shown beside the count."""
         self.done += int(n)
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.advance(self._bar_task, n)
+            self._bar.update(self._bar_task, advance=n,
+                             description=self.name + (f" ({note})" if note else ""))
             return
-        print(self.line(), file=sys.stderr, flush=True)
+        print(self.line(note), file=sys.stderr, flush=True)
 
-    def line(self) -> str:
-        """`name: done/total unit, elapsed m:ss, ETA m:ss` (the off-terminal log line)."""
+    def line(self, note: str | None = None) -> str:
+        """`name: done/total unit, elapsed m:ss, ETA m:ss[, note]` (the off-terminal log line)."""
         elapsed = time.perf_counter() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
         eta_text = _clock(eta) if self.done else "?"
         return (f"{self.name}: {self.done}/{self.total} {self.unit}, elapsed {_clock(elapsed)}, "
-                f"ETA {eta_text}")
+                f"ETA {eta_text}" + (f", {note}" if note else ""))
 
 
 @contextlib.contextmanager

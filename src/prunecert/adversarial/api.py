@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from prunecert.adversarial.gradient import (
     SearchState,
@@ -39,7 +38,7 @@ from prunecert.core.completion import make_pair
 from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
-from prunecert.progress import progress_task
+from prunecert.progress import progress_task, stage_line
 from prunecert.scale import (
     Executor,
     InProcessExecutor,
@@ -227,17 +226,16 @@ def _finish(pair: Pair, objectives: list[Objective], space: SearchSpace, state: 
 
 
 class _Log:
-    """One line per stage on stderr (rich), silent when `progress` is False."""
+    """One line per stage on the progress channel, silent when `progress` is False."""
 
     def __init__(self, enabled: bool, n_regions: int):
-        self.console = Console(stderr=True) if enabled else None
+        self.enabled = enabled
         self.n_regions = n_regions
 
     def stage(self, name: str, state: SearchState | None, start: float, value: float | None = None) -> None:
-        if self.console is None:
+        if not self.enabled:
             return
         if value is None and state is not None:
             value = float(state.value.max())
         where = f" over {self.n_regions} regions" if self.n_regions > 1 else ""
-        self.console.print(f"[bold]attack[/] {name}{where}: best {value:.6g} "
-                           f"({time.perf_counter() - start:.2f} s)", highlight=False)
+        stage_line(f"attack {name}{where}: best {value:.6g} ({time.perf_counter() - start:.2f} s)")
