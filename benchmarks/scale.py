@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, RESULTS, lenet_pair, machine
 
 EXECUTORS = {"1 worker": ["--workers", "1"], "2 local workers": ["--workers", "2"],
-             "2 Dask workers": ["--scheduler", "local", "--workers", "2"]}
+             "2 Dask workers": ["--scheduler", "local", "--workers", "2"],
+             "1 worker 1 thread": ["--workers", "1", "--threads", "1"]}
 EPS = 0.01
 # fixed work for pgd (one restart, a budget it never reaches) so that times compare; auto is budgeted
 ATTACK = {"pgd": ["--restarts", "1", "--budget-seconds", "60"], "auto": ["--budget-seconds", "0.3"]}
@@ -78,15 +79,18 @@ def main() -> None:
     ap.add_argument("--sizes", default="100,400", help="certify sizes run on every executor")
     ap.add_argument("--large", default="1600", help="certify sizes run with 2 local workers only (time)")
     ap.add_argument("--attack-sizes", default="20")
+    ap.add_argument("--executors", default="1 worker,2 local workers,2 Dask workers",
+                    help=f"comma-separated, from: {', '.join(EXECUTORS)}")
+    ap.add_argument("--append", action="store_true", help="add the rows to the existing results file")
     ap.add_argument("--out", default=str(RESULTS / "scale"))
     opts = ap.parse_args()
     _, _, info = lenet_pair()
     models = [str(CACHE / info["original"]["file"]), str(CACHE / info["pruned"]["file"])]
-    every = list(EXECUTORS)
+    every = opts.executors.split(",")
     jobs = [("certify", "diff-linear", int(n), every) for n in opts.sizes.split(",") if n]
     jobs += [("certify", "diff-linear", int(n), ["2 local workers"]) for n in opts.large.split(",") if n]
     jobs += [("attack", m, int(n), every) for m in ("pgd", "auto") for n in opts.attack_sizes.split(",") if n]
-    rows = []
+    rows = json.loads(Path(opts.out).with_suffix(".json").read_text())["rows"] if opts.append else []
     with tempfile.TemporaryDirectory() as tmp:
         for command, method, n, executors in jobs:
             base = None
@@ -94,7 +98,7 @@ def main() -> None:
                 args = [command, *models, *centres(n), "--eps", str(EPS), "--method", method, "-q", *EXECUTORS[name]]
                 args += ["--json", str(Path(tmp) / "c.json")] if command == "certify" else ATTACK[method]
                 r = run(args)
-                base = base or (r["wall_s"] if name == "1 worker" else None)
+                base = base or (r["wall_s"] if name.startswith("1 worker") else None)
                 row = {"command": command, "method": method, "regions": n, "executor": name, **r,
                        "speedup": round(base / r["wall_s"], 2) if base else None}
                 rows.append(row)
