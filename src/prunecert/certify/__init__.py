@@ -119,7 +119,7 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     `original`/`pruned` are Networks (a compact pruned one is completed onto the original) or model
     paths, or `original` is a ready `Pair` and `pruned` None. Regions are processed in chunks of
     `batch_size` through the bound method; then `search` (default: `sample_search` with `samples`
-    points per region, each region's seeded from `seed` and the region itself) looks for counterexamples.
+    points per region, each region seeded by `seed` and the region itself) looks for counterexamples.
     Chunks run on `executor`, or on one made from `workers` (None: every usable core) / `scheduler`
     (a Dask address or "local"); the result does not depend on which. Extra keyword options go to the
     method (e.g. `iterations`). For many regions, `certify_stream` yields chunk results as they come.
