@@ -107,9 +107,12 @@ def main() -> None:
 
 
 def write(opts, info: dict, rows: list[dict]) -> None:
+    command = "python benchmarks/scale.py " + " ".join(repr(a) if " " in a or not a else a for a in sys.argv[1:])
+    path = Path(opts.out).with_suffix(".json")
+    old = json.loads(path.read_text()) if opts.append and path.is_file() else {}
+    commands = list(dict.fromkeys(old.get("commands", [old["command"]] if "command" in old else []) + [command]))
     doc = {"machine": {**machine(), "usable_cores": len(os.sched_getaffinity(0))}, "pair": info, "eps": EPS,
-           "attack_options": ATTACK, "rows": rows,
-           "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])}
+           "attack_options": ATTACK, "rows": rows, "commands": commands, "notes": old.get("notes", [])}
     out = Path(opts.out)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(doc))
@@ -118,12 +121,14 @@ def write(opts, info: dict, rows: list[dict]) -> None:
 def markdown(doc: dict) -> str:
     lines = ["# Scale-out benchmark", "",
              (f"LeNet-300-100 pair (benchmarks/common.py), L-inf boxes of eps {doc['eps']} around mnist5k points "
-             f"(test points first, then training points). `{doc['command']}` on {doc['machine']['usable_cores']} "
-             f"usable cores. Wall time is the whole CLI process (model loading and worker start-up included); "
-             f"speed-up is over `--workers 1` for the same row; peak RSS per process (main, largest worker). "
+             f"(test points first, then training points). `{'`; `'.join(doc['commands'])}` on "
+             f"{doc['machine']['usable_cores']} usable cores. Wall time is the whole CLI process (model loading and worker start-up included); "
+             f"speed-up is over the first one-process run of the same size; peak RSS per process (main, "
+             f"largest worker). "
              f"Attack options: {doc['attack_options']}."), "",
              ("| command | method | regions | executor | wall s | speed-up | peak RSS main MB | peak RSS worker MB "
               "| load avg before → after |"), "|---|---|---:|---|---:|---:|---:|---:|---|"]
+    lines[3:3] = [f"**Note:** {n}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
     for r in doc["rows"]:
         lines.append(f"| {r['command']} | {r['method']} | {r['regions']} | {r['executor']} | {r['wall_s']} | "
                      f"{r['speedup'] or '—'} | {r['peak_rss_main_mb']} | {r['peak_rss_worker_mb'] or '—'} | "
