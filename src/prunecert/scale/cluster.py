@@ -37,6 +37,7 @@ class DaskExecutor(Executor):
     def __init__(self, scheduler: str, workers: int | None = None, threads: int | None = None,
                  retries: int = 2, timeout: float = 30.0):
         try:
+            import dask
             from distributed import Client, LocalCluster
         except ImportError as exc:  # pragma: no cover - dask is a dependency
             raise ConfigError(f"--scheduler needs dask[distributed] ({exc})") from exc
@@ -47,8 +48,11 @@ class DaskExecutor(Executor):
             if scheduler == "local":
                 from prunecert.threads import usable_cores
                 n = int(workers) if workers else usable_cores()
-                self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                             scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
+                # the statistical profiler samples the task thread 100 times a second for the dashboard,
+                # which an embedded cluster never shows
+                with dask.config.set({"distributed.worker.profile.enabled": False}):
+                    self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                                 scheduler_kwargs={"dashboard": False}, silence_logs=logging.ERROR)
                 self.client = Client(self._cluster, timeout=max(timeout, 120))  # workers start slowly under load
             else:
                 self.client = Client(scheduler, timeout=timeout)
