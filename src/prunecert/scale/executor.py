@@ -21,9 +21,12 @@ window, not by the number of items: a caller that writes each result as it comes
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -96,6 +99,14 @@ _WORKER_CACHE: dict[str, Any] = {}
 def _worker_start(threads: int) -> None:
     import torch
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, the OOM killer) would wait for work forever: leave."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _run_shared(fn: Callable, path: str, item: Any) -> Any:
