@@ -96,10 +96,10 @@ class InProcessExecutor(Executor):
 _WORKER_CACHE: dict[str, Any] = {}
 
 
-def _worker_start(threads: int) -> None:
+def _worker_start(threads: int, parent: int) -> None:
     import torch
     torch.set_num_threads(threads)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -133,7 +133,7 @@ class LocalProcessExecutor(Executor):
         self._dir = Path(tempfile.mkdtemp(prefix="prunecert-shared-"))
         self._count = 0
         self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_worker_start, initargs=(self.threads,))
+                                         initializer=_worker_start, initargs=(self.threads, os.getpid()))
 
     def share(self, obj):
         """Pickle `obj` once into the private folder; workers load it on their first item that needs it.
