@@ -123,12 +123,13 @@ def markdown(doc: dict) -> str:
              (f"LeNet-300-100 pair (benchmarks/common.py), L-inf boxes of eps {doc['eps']} around mnist5k points "
              f"(test points first, then training points). `{'`; `'.join(doc['commands'])}` on "
              f"{doc['machine']['usable_cores']} usable cores. Wall time is the whole CLI process (model loading and worker start-up included); "
-             f"speed-up is over the first one-process run of the same size; peak RSS per process (main, "
+             f"speed-up is over the one-process run of the same size (`1 worker 1 thread` where there is one); "
+             f"peak RSS per process (main, "
              f"largest worker). "
              f"Attack options: {doc['attack_options']}."), "",
              ("| command | method | regions | executor | wall s | speed-up | peak RSS main MB | peak RSS worker MB "
               "| load avg before → after |"), "|---|---|---:|---|---:|---:|---:|---:|---|"]
-    lines[3:3] = [f"**Note:** {n}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
+    lines[3:3] = [""] + [f"- {n}" for n in doc.get("notes", [])] if doc.get("notes") else []
     for r in doc["rows"]:
         lines.append(f"| {r['command']} | {r['method']} | {r['regions']} | {r['executor']} | {r['wall_s']} | "
                      f"{r['speedup'] or '—'} | {r['peak_rss_main_mb']} | {r['peak_rss_worker_mb'] or '—'} | "
