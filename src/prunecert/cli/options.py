@@ -28,8 +28,8 @@ Scheduler = Annotated[Optional[str], typer.Option(
     "--scheduler", help="Run chunks on a Dask cluster: its scheduler address (tcp://host:8786), or 'local' for "
                         "an embedded LocalCluster of --workers processes.")]
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", help="torch threads per worker (default: usable cores // workers, so workers x threads <= "
-                      "cores); attacks always use 1.")]
+    "--threads", help="torch threads per worker (default 1: the workers give the parallelism, and results are "
+                      "bit-identical across executors for equal --threads; keep workers x threads <= cores).")]
 
 
 def cli_regions(pair, centers, eps, norm, region, vnnlib):

@@ -20,6 +20,7 @@ from typing import Any
 
 from prunecert.errors import ConfigError
 from prunecert.scale.executor import Executor, WorkerError, _ordered
+from prunecert.threads import threads_per_worker
 
 
 def _run_task(fn: Callable, shared: Any, item: Any, threads: int) -> Any:
@@ -41,7 +42,7 @@ class DaskExecutor(Executor):
             from distributed import Client, LocalCluster
         except ImportError as exc:  # pragma: no cover - dask is a dependency
             raise ConfigError(f"--scheduler needs dask[distributed] ({exc})") from exc
-        self.threads = int(threads) if threads else 1  # per task; start workers with --nthreads <= cores/threads
+        self.threads = threads_per_worker(1, threads)  # per task; start workers with --nthreads <= cores/threads
         self.retries = retries
         self._cluster = None
         try:

@@ -70,21 +70,19 @@ class Executor:
 
 
 class InProcessExecutor(Executor):
-    """Items one after another in this process (`--workers 1`). torch threads: `threads` when given (for
-    the duration of each map), else whatever this process has (torch's default is every core)."""
+    """Items one after another in this process (`--workers 1`), on `threads` torch threads (default 1,
+    as every worker: see prunecert.threads) for the duration of each map."""
 
     kind = "in-process"
 
     def __init__(self, threads: int | None = None):
-        self._threads = threads
         self.threads = threads_per_worker(1, threads)
 
     def map(self, fn, shared, items):
         import torch
 
         previous = torch.get_num_threads()
-        if self._threads is not None:
-            torch.set_num_threads(int(self._threads))
+        torch.set_num_threads(self.threads)
         try:
             for item in items:
                 yield fn(shared, item)
