@@ -53,6 +53,7 @@ def test_same_json_for_one_two_workers_and_a_dask_cluster(tmp_path):
     with open_executor(workers=2) as ex:
         assert ex.kind == "local"
         assert _docs(ex) == reference
+        assert set(ex.map(_torch_threads, ex.share(None), range(4))) == {1}  # the policy: one thread per worker
     with open_executor(workers=2, scheduler="local") as ex:
         assert ex.kind == "dask" and ex.workers == 2
         assert _docs(ex) == reference
@@ -77,6 +78,19 @@ def test_region_seeds_depend_on_the_seed_and_the_region_only():
     assert 0 <= a < 2**63 and a != region_generator(8, regions[0]).initial_seed()
     assert a != region_generator(7, regions[1]).initial_seed()
     assert chunk_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+
+def _torch_threads(shared, item) -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def test_in_process_runs_on_the_policys_threads_and_restores_them():
+    import torch
+    before = torch.get_num_threads()
+    assert list(open_executor(workers=1).map(_torch_threads, None, range(2))) == [1, 1]
+    assert list(open_executor(workers=1, threads=2).map(_torch_threads, None, range(1))) == [2]
+    assert torch.get_num_threads() == before
 
 
 def _die(shared, item):
