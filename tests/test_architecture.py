@@ -18,12 +18,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunecert"
 FLOORS: dict[str, int] = {
     "errors": 0,
     "fileutil": 1, "network": 1, "data": 1, "solvers": 1, "threads": 1, "objectives": 1,
-    "io": 2,
+    "progress": 1,
+    "io": 2, "scale": 2,
     "core": 3, "train": 3,
     "prune": 4, "certify": 4,
     "adversarial": 5, "budget": 5,
     "reports": 6,
-    "audit": 7,
+    "audit": 7, "merge": 7,
     "cli": 8,
     "__main__": 9, "__init__": 9,
 }

@@ -20,9 +20,11 @@ An attacked value above a certified bound would be a soundness bug: it raises in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +35,8 @@ import torch
 from prunecert.errors import ConfigError, ShapeMismatchError
 from prunecert.adversarial.witness import class_search, witness_options
 from prunecert.network import Network
+from prunecert.progress import progress_task, stage_line
+from prunecert.scale import open_executor
 
 SLACK_REL, SLACK_ABS = 1e-9, 1e-12  # float64 re-evaluation noise allowed between an attack and a bound
 
@@ -63,6 +67,9 @@ class AuditPlan:
     load_seconds: float = 0.0         # time plan_audit spent loading models and data
     certify_budget: float | None = 5.0  # seconds per region for the bound method (None: no limit)
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
+    workers: int | None = 1           # executor of the certify/attack chunks (results do not depend on it)
+    scheduler: str | None = None
+    threads: int | None = None
 
 
 def _load(model: Network | str | os.PathLike, input_domain=None) -> tuple[Network, str | None]:
@@ -103,7 +110,8 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
                progress: bool = True, command: str | None = None, max_panels: int = 6,
                input_domain: tuple | None = None, certify_budget: float | None = 5.0,
-               complete: float | None = 5.0) -> AuditPlan:
+               complete: float | None = 5.0, centers: Sequence[str] | None = None, workers: int | None = 1,
+               scheduler: str | None = None, threads: int | None = None) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
     Give either `pruned` (a model or a file; compact pruned models are completed onto the original) or
@@ -112,6 +120,9 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     `input_domain` (lo, hi) replaces both models' input box (see `prunecert.io.with_input_domain`).
     `complete`: seconds per region for the final stage that settles the top-1 verdicts the bounds
     leave open (attack, then branch and bound); None or 0 turns it off.
+    `centers` (e.g. ["mnist5k:test:0-499"]) names the test points instead of a seeded choice of
+    `points`, so one audit can be sharded into several and merged (`prunecert merge`). `workers`,
+    `scheduler` and `threads` choose where the certify/attack chunks run (see `prunecert.scale`).
     """
     from prunecert.adversarial import METHODS as ATTACKS
     from prunecert.certify import get_method, make_pair
@@ -154,43 +165,79 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
         raise ShapeMismatchError(f"data set {data} has {dataset.n_classes} classes, the model {original.name} "
                                  f"has {n_out} outputs")
     n_test = len(dataset.y_test)
-    points = int(points)
-    if points < 0 or points > n_test:
-        raise ConfigError(f"points (regions around test points) must be in 0..{n_test} for {data}, got {points}")
+    if centers is not None:
+        chosen = test_indices(centers, str(data), n_test)
+        points = len(chosen)
+    else:
+        points = int(points)
+        if points < 0 or points > n_test:
+            raise ConfigError(f"points (regions around test points) must be in 0..{n_test} for {data}, got {points}")
     if (points == 0 or not eps) and not domain:
         raise ConfigError("no regions: give points > 0 and at least one eps, or audit the domain")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA0D17]))
-    centers = sorted(int(i) for i in rng.choice(n_test, size=points, replace=False)) if eps else []
+    if centers is None:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA0D17]))
+        chosen = sorted(int(i) for i in rng.choice(n_test, size=points, replace=False)) if eps else []
+    elif not eps:
+        chosen = []
+    if workers is not None and int(workers) < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and int(threads) < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     if int(fine_tune) < 0 or (fine_tune and pruned is not None):
         raise ConfigError(f"fine_tune must be >= 0 epochs and needs pruning options, got {fine_tune}")
     options = {"method": prune_method, **targets, "delta": float(delta), "fine_tune": int(fine_tune)}
     complete = None if not complete else _positive(complete, "complete (seconds per region)")
-    return AuditPlan(original, pruned, options, dataset, str(data), centers, eps, bool(domain), tolerances,
+    return AuditPlan(original, pruned, options, dataset, str(data), chosen, eps, bool(domain), tolerances,
                      certify_method, attack_method, budget, int(samples), int(seed), progress, command,
                      {"original": original_src, "pruned": pruned_src}, int(max_panels), complete,
-                     time.perf_counter() - t0, certify_budget=certify_budget)
+                     time.perf_counter() - t0, certify_budget=certify_budget, workers=workers, scheduler=scheduler,
+                     threads=threads)
+
+
+def test_indices(specs: Sequence[str], data: str, n_test: int) -> list[int]:
+    """Test-set indices named by centre specs `DATA:test:I` or `DATA:test:A-B` (inclusive), in order.
+
+    An audit's regions are boxes around test points of its data set; naming them (instead of a seeded
+    choice) is what lets one audit be split into shards that `prunecert merge` joins. Ranges are
+    checked against the test set before they are expanded.
+    """
+    out: list[int] = []
+    for spec in specs:
+        head, _, tail = str(spec).rpartition(":")
+        if head != f"{data}:test":
+            raise ConfigError(f"--center {spec!r}: an audit centres its boxes on test points of --data {data}; "
+                              f"expected {data}:test:I or {data}:test:A-B")
+        a, dash, b = tail.partition("-")
+        if not a.isdigit() or (dash and not b.isdigit()):
+            raise ConfigError(f"--center {spec!r}: expected an index I or a range A-B after '{head}:'")
+        lo, hi = int(a), int(b) if dash else int(a)
+        if hi < lo:
+            raise ConfigError(f"--center {spec!r}: end {hi} is before start {lo}")
+        if hi >= n_test:
+            raise ConfigError(f"--center {spec!r}: index {hi} out of range for the {n_test} test points of {data}")
+        out.extend(range(lo, hi + 1))
+    if len(set(out)) != len(out):
+        dup = Counter(out).most_common(1)[0][0]
+        raise ConfigError(f"--center: test point {data}:test:{dup} is named twice")
+    return out
 
 
 # ----------------------------------------------------------------------------- stages
 class _Stages:
-    """Times each stage; prints one line per stage on stderr (rich) when `progress`."""
+    """Times each stage; one line per stage start and end on the progress channel when `progress`."""
 
     def __init__(self, progress: bool, total: int):
-        from rich.console import Console
-        self.console = Console(stderr=True) if progress else None
+        self.progress = progress
         self.total, self.done, self.timings = total, 0, []
 
     def run(self, name: str, fn, *args, **kwargs):
         self.done += 1
-        if self.console:
-            self.console.print(f"[bold]audit[/] [{self.done}/{self.total}] {name} ...", highlight=False)
+        stage_line(f"audit [{self.done}/{self.total}] {name} ...", self.progress)
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
         self.timings.append((name, seconds))
-        if self.console:
-            self.console.print(f"[bold]audit[/] [{self.done}/{self.total}] {name} done in {seconds:.2f} s",
-                               highlight=False)
+        stage_line(f"audit [{self.done}/{self.total}] {name} done in {seconds:.2f} s", self.progress)
         return out
 
 
@@ -254,10 +301,8 @@ def _neuron_objectives(cert, n_layers: int, n_regions: int) -> dict[str, list[in
     return groups
 
 
-def attack_regions(plan: AuditPlan, pair, regions, cert) -> dict:
+def attack_regions(plan: AuditPlan, pair, regions, cert, executor=None) -> dict:
     """Run the attacks; returns the points found per region and top-1 disagreements found."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.console import Console
     from prunecert.adversarial import attack_many
 
     objectives = {"max-logit-deviation": list(range(len(regions))), "disagreement": list(range(len(regions)))}
@@ -265,18 +310,17 @@ def attack_regions(plan: AuditPlan, pair, regions, cert) -> dict:
     points: list[list[np.ndarray]] = [[] for _ in regions]
     disagreements: dict[int, tuple[np.ndarray, int, int]] = {}
     truncated = 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True, disable=not plan.progress) as bar:
-        task = bar.add_task(f"attack ({plan.attack_method})", total=len(objectives))
+    with progress_task(f"attack ({plan.attack_method})", len(objectives), plan.progress, unit="objectives") as task:
         for spec, idx in objectives.items():
             results = attack_many(pair, None, [regions[i] for i in idx], spec, method=plan.attack_method,
-                                  budget_seconds=plan.attack_budget, seed=plan.seed, progress=False)
+                                  budget_seconds=plan.attack_budget, seed=plan.seed, progress=False,
+                                  executor=executor)
             for i, res in zip(idx, results):
                 truncated += bool(res.truncated)
                 points[i].append(np.asarray(res.x, dtype=np.float64))
                 if res.disagreement and i not in disagreements:
                     disagreements[i] = (points[i][-1], int(res.class_f), int(res.class_g))
-            bar.advance(task)
+            task.advance()
     return {"points": points, "disagreements": disagreements, "objectives": len(objectives), "truncated": truncated,
             "attacks": sum(len(idx) for idx in objectives.values())}
 
@@ -310,8 +354,6 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     """Run the stages of `plan`; returns the Audit (write it with `prunecert.reports.write_report`) and
     the compact pruned network (pruned here, or the one given)."""
     from prunecert.certify import certify, make_pair
-    from prunecert.reports.build import Findings, build_audit
-    from prunecert.reports.model import Stage
 
     stages = _Stages(plan.progress, 4 if plan.pruned is None else 3)
     pruned = plan.pruned
@@ -326,22 +368,34 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
     name = f"certify {len(regions)} regions ({plan.certify_method}"
     name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
-    cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
-                      seed=plan.seed, samples=plan.samples, complete=plan.complete, time_limit=plan.certify_budget,
-                      class_search=lambda p: class_search(p, plan.seed),
-                      **witness_options(plan.certify_method, pair, plan.seed))
+    with contextlib.ExitStack() as stack:
+        # small audits (one certify chunk) stay in this process: spawning workers would only cost
+        executor = stack.enter_context(open_executor(plan.workers, plan.scheduler, plan.threads,
+                                                     n_items=math.ceil(len(regions) / 32)))
+        cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
+                          seed=plan.seed, samples=plan.samples, complete=plan.complete,
+                          time_limit=plan.certify_budget, class_search=class_search(pair, plan.seed),
+                          executor=executor, **witness_options(plan.certify_method, pair, plan.seed))
+        found = stages.run(f"attack {len(regions)} regions ({plan.attack_method})", _attack_stage, plan, pair,
+                           regions, cert, executor)
+    return _finish_audit(plan, stages, pruned, pair, regions, data, cert, found)
 
-    def attack_stage():
-        found = attack_regions(plan, pair, regions, cert)
-        for b in range(len(regions)):  # certify's own search points count too
-            found["points"][b].append(np.asarray(cert.sampled_points[b], dtype=np.float64))
-            a = cert.agreement[b]
-            if a.point is not None:
-                found["points"][b].append(np.asarray(a.point, dtype=np.float64))
-        found.update(evaluate_points(pair, regions, found["points"]))
-        return found
 
-    found = stages.run(f"attack {len(regions)} regions ({plan.attack_method})", attack_stage)
+def _attack_stage(plan: AuditPlan, pair, regions, cert, executor) -> dict:
+    found = attack_regions(plan, pair, regions, cert, executor)
+    for b in range(len(regions)):  # certify's own search points count too
+        found["points"][b].append(np.asarray(cert.sampled_points[b], dtype=np.float64))
+        a = cert.agreement[b]
+        if a.point is not None:
+            found["points"][b].append(np.asarray(a.point, dtype=np.float64))
+    found.update(evaluate_points(pair, regions, found["points"]))
+    return found
+
+
+def _finish_audit(plan: AuditPlan, stages: _Stages, pruned, pair, regions, data, cert, found):
+    from prunecert.reports.build import Findings, build_audit
+    from prunecert.reports.model import Stage
+
     cert_e2e = np.stack([L.max_abs_end_to_end for L in cert.layers], axis=1)
     cert_loc = np.stack([L.max_abs_local for L in cert.layers], axis=1)
     _check_sound("end-to-end", found["end_to_end"], cert_e2e, plan.certify_method, regions)

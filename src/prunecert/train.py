@@ -220,29 +220,22 @@ def fit(module: nn.Module, dataset: Dataset | tuple[np.ndarray, np.ndarray], epo
 
 
 class _progress:
-    """A rich progress bar on stderr with one step per epoch (or nothing when disabled)."""
+    """One step per epoch on the progress channel (prunecert.progress), or nothing when disabled."""
 
     def __init__(self, enabled: bool, label: str, epochs: int):
         self.enabled, self.label, self.epochs = enabled, label, epochs
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda loss: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-        self.bar.start()
-        task = self.bar.add_task(f"{self.label} epochs", total=self.epochs)
+        from prunecert.progress import progress_task
+        self._context = progress_task(f"{self.label} epochs", self.epochs, self.enabled, unit="epochs")
+        task = self._context.__enter__()
 
         def advance(loss: float) -> None:
-            self.bar.update(task, advance=1, description=f"{self.label} epochs (loss {loss:.4f})")
+            task.advance(1, f"loss {loss:.4f}")
         return advance
 
     def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.stop()
-        return False
+        return self._context.__exit__(*exc)
 
 
 def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 2048) -> float:

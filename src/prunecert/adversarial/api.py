@@ -8,21 +8,30 @@ Methods (all return a point inside the region whose value is a fresh float64 for
   milp     the exact maximum by `prunecert.certify.milp.PairMILP` (small networks)
   auto     a budgeted portfolio: APGD, then LP walks from its best points (linear objectives, boxes)
 
-Reproducibility: every random choice comes from `seed`; a run is bit-for-bit repeatable unless the
-time budget cut it short (`result.truncated`), in which case how far it got depends on the machine.
+Reproducibility: every random choice for a region comes from a generator seeded by `seed` and the
+region's exact bounds (`prunecert.scale.seeds`), and regions are attacked in fixed chunks, so the
+executor and the number of workers never change a result; a run is bit-for-bit repeatable unless
+the time budget cut it short (`result.truncated`), in which case how far it got depends on the
+machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rich.console import Console
 
-from prunecert.adversarial.gradient import SearchState, ascend, random_search, seed_starts
+from prunecert.adversarial.gradient import (
+    SearchState,
+    ascend,
+    random_search,
+    seed_starts,
+)
 from prunecert.adversarial.objectives import Objective, as_objective
 from prunecert.adversarial.result import AttackResult, best_result
 from prunecert.adversarial.space import SearchSpace, is_l2
@@ -31,6 +40,14 @@ from prunecert.core.completion import make_pair
 from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
+from prunecert.progress import progress_task, stage_line
+from prunecert.scale import (
+    Executor,
+    InProcessExecutor,
+    chunk_slices,
+    open_executor,
+    region_generator,
+)
 from prunecert.threads import one_torch_thread
 
 METHODS = ("auto", "apgd", "pgd", "lp-walk", "milp", "random")
@@ -39,6 +56,7 @@ AUTO_WALKS = 6  # LP walks in `auto`, from the best distinct APGD points
 DEFAULT_ITERATIONS = {"pgd": 100, "apgd": 100, "auto": 50}
 AUTO_GRADIENT_SHARE = 0.4  # of the budget for APGD in `auto`; the rest for LP walks
 RANDOM_SAMPLES = 20_000
+CHUNK_SIZE = 16  # regions per chunk: a gradient batch of 16 regions is ~160 MB on LeNet-300-100
 
 
 def attack(original: Network | Pair, pruned: Network | None, region, objective: str | Objective = "max-logit-deviation",
@@ -57,20 +75,63 @@ def attack(original: Network | Pair, pruned: Network | None, region, objective: 
 def attack_many(original: Network | Pair, pruned: Network | None, regions: Sequence,
                 objective: str | Objective = "max-logit-deviation", method: str = "auto",
                 budget_seconds: float = 10.0, seed: int = 0, restarts: int | None = None,
-                iterations: int | None = None, label: int | None = None, progress: bool = True
-                ) -> list[AttackResult]:
-    """`attack` over many regions; gradient stages run all regions in one torch batch.
-
-    `budget_seconds` is per region. Results are in the order of `regions`.
+                iterations: int | None = None, label: int | None = None, progress: bool = True,
+                workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
+                executor: Executor | None = None, chunk_size: int = CHUNK_SIZE) -> list[AttackResult]:
+    """`attack` over many regions, in order. Regions go in chunks of `chunk_size` (gradient stages run
+    a chunk in one torch batch) to `executor`, or one made from `workers` (None: every usable core) /
+    `scheduler` (a Dask address or "local"). Every region's random choices come from its own
+    generator (seeded from `seed` and the region itself), so results do not depend on the executor.
+    `budget_seconds` is per region. For many regions `attack_stream` yields chunks as they finish.
     """
-    with one_torch_thread():
-        return _attack_many(original, pruned, regions, objective, method, budget_seconds, seed, restarts,
-                            iterations, label, progress)
+    return [r for _, part in attack_stream(original, pruned, regions, objective, method, budget_seconds, seed,
+                                           restarts, iterations, label, progress, workers, scheduler, threads,
+                                           executor, chunk_size) for r in part]
 
 
-def _attack_many(original, pruned, regions, objective, method, budget_seconds, seed, restarts, iterations, label,
-                 progress) -> list[AttackResult]:
+@dataclass
+class AttackSetup:
+    """What every chunk of one attack run shares (shipped to each worker once)."""
+
+    pair: Pair
+    objective: str | Objective
+    method: str
+    budget: float
+    seed: int
+    restarts: int
+    iterations: int
+    label: int | None
+    log: bool = False
+
+
+def attack_stream(original: Network | Pair, pruned: Network | None, regions: Sequence,
+                  objective: str | Objective = "max-logit-deviation", method: str = "auto",
+                  budget_seconds: float = 10.0, seed: int = 0, restarts: int | None = None,
+                  iterations: int | None = None, label: int | None = None, progress: bool = True,
+                  workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
+                  executor: Executor | None = None, chunk_size: int = CHUNK_SIZE
+                  ) -> Iterator[tuple[int, list[AttackResult]]]:
+    """`attack_many`, chunk by chunk: yields (index of the chunk's first region, its results) in order,
+    holding only a few chunks at a time."""
     pair = original if isinstance(original, Pair) and pruned is None else make_pair(original, pruned)
+    regions = regions if isinstance(regions, Sequence) else list(regions)  # LazyRegions: built per chunk
+    setup = _check(pair, regions, objective, method, budget_seconds, seed, restarts, iterations, label, chunk_size)
+    slices = chunk_slices(len(regions), chunk_size)
+    with contextlib.ExitStack() as stack:
+        if executor is None:
+            executor = stack.enter_context(open_executor(workers, scheduler, threads, n_items=len(slices)))
+        setup.log = progress and len(slices) == 1 and isinstance(executor, InProcessExecutor)
+        shared = executor.share(setup)
+        chunks = ((s.start, regions[s]) for s in slices)
+        with progress_task(f"attack ({method})", len(regions), progress and not setup.log) as task:
+            for s, part in zip(slices, executor.map(attack_chunk, shared, chunks)):
+                task.advance(s.stop - s.start)
+                yield s.start, part
+
+
+def _check(pair: Pair, regions: list, objective, method, budget_seconds, seed, restarts, iterations, label,
+           chunk_size) -> AttackSetup:
+    """Every option and region checked before any work starts; the normalised settings."""
     if method not in METHODS:
         raise ConfigError(f"unknown attack method {method!r}; expected one of {', '.join(METHODS)}")
     try:
@@ -79,9 +140,10 @@ def _attack_many(original, pruned, regions, objective, method, budget_seconds, s
         raise ConfigError(f"budget_seconds must be a number, got {budget_seconds!r}") from None
     if not budget > 0 or budget == float("inf"):
         raise ConfigError(f"budget_seconds must be a positive finite number of seconds, got {budget_seconds!r}")
-    regions = list(regions)
     if not regions:
         raise RegionError("no region to attack")
+    if int(chunk_size) < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     for r in regions:
         if tuple(r.shape) != tuple(pair.input_shape):
             raise RegionError(f"region {r.describe().get('source', r.describe()['kind'])} has input shape "
@@ -93,23 +155,37 @@ def _attack_many(original, pruned, regions, objective, method, budget_seconds, s
     if method in ("pgd", "apgd", "auto") and iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     spec = as_objective(objective)
-    objectives = [spec.resolve(pair, r.center, label) for r in regions]
-    space = SearchSpace(regions, pair.input_shape)
     if method in ("lp-walk", "milp") and not spec.is_linear:
-        objectives[0].linear_form()  # raises the "nonlinear objective" ConfigError
-    if method == "lp-walk" and any(space.l2):
-        from prunecert.adversarial.lpwalk import check_box
-        check_box(next(r for r in regions if is_l2(r)))
-    fits = encodable(pair)
-    if method in ("lp-walk", "milp") and not fits:
+        spec.resolve(pair, regions[0].center, label).linear_form()  # raises the "nonlinear objective" ConfigError
+    for s in chunk_slices(len(regions), chunk_size):
+        space = SearchSpace(regions[s], pair.input_shape)  # zero-volume regions raise here, before any work
+        if method == "lp-walk" and any(space.l2):
+            from prunecert.adversarial.lpwalk import check_box
+            check_box(next(r for r in regions[s] if is_l2(r)))
+    if method in ("lp-walk", "milp") and not encodable(pair):
         check_encodable(pair, f"attack --method {method}", "use --method apgd (gradient attacks scale to any size)")
-    log = _Log(progress, len(regions))
+    return AttackSetup(pair, objective, method, budget, int(seed), restarts, iterations, label)
+
+
+def attack_chunk(setup: AttackSetup, chunk: tuple[int, list]) -> list[AttackResult]:
+    """Attack one chunk of regions (the run's regions first, first+1, ...), each with its own generator."""
+    first, regions = chunk
+    with one_torch_thread():
+        return _attack_regions(setup, regions, [region_generator(setup.seed, r) for r in regions])
+
+
+def _attack_regions(setup: AttackSetup, regions: list, gens: list[torch.Generator]) -> list[AttackResult]:
+    pair, method, budget, restarts = setup.pair, setup.method, setup.budget, setup.restarts
+    spec = as_objective(setup.objective)
+    objectives = [spec.resolve(pair, r.center, setup.label) for r in regions]
+    space = SearchSpace(regions, pair.input_shape)
+    fits = encodable(pair)
+    log = _Log(setup.log, len(regions))
     start = time.perf_counter()
     deadline = start + budget * len(regions)
-    gen = torch.Generator().manual_seed(int(seed))
-    fields = dict(method=method, seed=int(seed))
+    fields = {"method": method, "seed": setup.seed}
     if method == "random":
-        state = random_search(pair, objectives, space, RANDOM_SAMPLES, gen, deadline)
+        state = random_search(pair, objectives, space, RANDOM_SAMPLES, gens, deadline)
         log.stage("random", state, start)
         return _finish(pair, objectives, space, state, None, start, fields)
     if method == "milp":
@@ -117,12 +193,12 @@ def _attack_many(original, pruned, regions, objective, method, budget_seconds, s
         return [milp_search(pair, objectives[g], space, g, budget, fields, log) for g in range(len(regions))]
     # auto: LP walks only where the pair's LP fits; otherwise the whole budget goes to APGD
     do_walk = method == "lp-walk" or (method == "auto" and spec.is_linear and not any(space.l2) and fits)
-    state = seed_starts(pair, objectives, space, restarts if method != "lp-walk" else 1, gen,
+    state = seed_starts(pair, objectives, space, restarts if method != "lp-walk" else 1, gens,
                         oversample=4 if method != "lp-walk" else 64)
     log.stage("seed", state, start)
     if method in ("pgd", "apgd", "auto"):
         share = AUTO_GRADIENT_SHARE if method == "auto" and do_walk else 1.0
-        ascend(pair, objectives, space, state, iterations, start + share * budget * len(regions),
+        ascend(pair, objectives, space, state, setup.iterations, start + share * budget * len(regions),
                "pgd" if method == "pgd" else "apgd")
         log.stage("pgd" if method == "pgd" else "apgd", state, start)
     walks = None
@@ -156,21 +232,20 @@ def _finish(pair: Pair, objectives: list[Objective], space: SearchSpace, state: 
 
 
 class _Log:
-    """One line per stage on stderr (rich), silent when `progress` is False. "best" is the best value found
-    so far by any stage (a later stage, e.g. an LP walk from a weaker start, may find less on its own)."""
+    """One line per stage on the progress channel, silent when `progress` is False. "best" is the best value
+    found so far by any stage (a later stage, e.g. an LP walk from a weaker start, may find less on its own)."""
 
     def __init__(self, enabled: bool, n_regions: int):
-        self.console = Console(stderr=True) if enabled else None
+        self.enabled = enabled
         self.n_regions = n_regions
         self.best = -math.inf
 
     def stage(self, name: str, state: SearchState | None, start: float, value: float | None = None) -> None:
-        if self.console is None:
+        if not self.enabled:
             return
         if value is None and state is not None:
             value = float(state.value.max())
         if value is not None:
             self.best = value = max(self.best, value)
         where = f" over {self.n_regions} regions" if self.n_regions > 1 else ""
-        self.console.print(f"[bold]attack[/] {name}{where}: best {value:.6g} "
-                           f"({time.perf_counter() - start:.2f} s)", highlight=False)
+        stage_line(f"attack {name}{where}: best {value:.6g} ({time.perf_counter() - start:.2f} s)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ def _value_and_grad(pair: Pair, obj: BatchObjective, x: torch.Tensor) -> tuple[t
 
 
 def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, restarts: int,
-                generator: torch.Generator, oversample: int = 4) -> SearchState:
+                generator: torch.Generator | Sequence[torch.Generator], oversample: int = 4) -> SearchState:
     """Per region and sub-objective, the `restarts` best of (centre + oversample*restarts samples)."""
     xs, vs, gs, ss = [], [], [], []
     n_evals = 0
@@ -97,7 +98,8 @@ def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, res
 
 
 def random_search(pair: Pair, objectives: list[Objective], space: SearchSpace, n_samples: int,
-                  generator: torch.Generator, deadline: float, batch: int = 1024) -> SearchState:
+                  generator: torch.Generator | Sequence[torch.Generator], deadline: float, batch: int = 1024
+                  ) -> SearchState:
     """`n_samples` uniform points per region; keeps the best per region. The floor every method must beat."""
     G = space.n_groups
     state = SearchState(torch.stack([space.center(g) for g in range(G)]),

@@ -8,7 +8,7 @@ region exactly (`region.contains`), shrinking towards the centre where a project
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -85,17 +85,20 @@ class SearchSpace:
                 out = torch.where(l2.view(shape), l2_step, out)
         return out
 
-    def sample(self, counts: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """counts[g] uniform points of region g; returns (x, groups)."""
+    def sample(self, counts: Sequence[int], generator: torch.Generator | Sequence[torch.Generator]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """counts[g] uniform points of region g; returns (x, groups). `generator`: one for all regions,
+        or one per region (then each region's points depend only on its own generator)."""
         xs, gs = [], []
         for g, n in enumerate(counts):
             if n <= 0:
                 continue
             r = self.regions[g]
+            gen = generator if isinstance(generator, torch.Generator) else generator[g]
             if self.l2[g]:
-                x = torch.as_tensor(r.sample(n, generator), dtype=torch.float64).reshape(n, *self.input_shape)
+                x = torch.as_tensor(r.sample(n, gen), dtype=torch.float64).reshape(n, *self.input_shape)
             else:
-                u = torch.rand((n, *self.input_shape), generator=generator, dtype=torch.float64)
+                u = torch.rand((n, *self.input_shape), generator=gen, dtype=torch.float64)
                 x = self.lo[g] + (self.hi[g] - self.lo[g]) * u
             xs.append(self.project(x, torch.full((n,), g, dtype=torch.long)))
             gs.append(torch.full((n,), g, dtype=torch.long))

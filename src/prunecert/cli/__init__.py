@@ -30,7 +30,7 @@ app = typer.Typer(
 )
 
 # each module defines its commands with @app.command(); imported for that side effect
-for _module in ("models", "prune", "certify", "attack", "audit"):
+for _module in ("models", "prune", "certify", "attack", "audit", "merge"):
     try:
         importlib.import_module(f"prunecert.cli.{_module}")
     except ModuleNotFoundError as exc:  # a job not built yet

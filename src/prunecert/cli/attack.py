@@ -15,6 +15,7 @@ import typer
 
 from prunecert.cli import app
 from prunecert.cli.options import AttackMethod, Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
+from prunecert.cli.options import Scheduler, Threads, Workers, cli_regions
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
@@ -44,6 +45,9 @@ def attack_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for x.npz, PNGs and result.json."),
     replay_path: Optional[Path] = typer.Option(None, "--replay", help="Re-evaluate a saved x.npz instead."),
     input_domain: InputDomain = None,
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    threads: Threads = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Find inputs in a region maximising how far PRUNED deviates from ORIGINAL; save counterexamples.
@@ -59,7 +63,8 @@ def attack_command(
             code = _replay(replay_path, original, pruned, input_domain)
         else:
             code = _run(original, pruned, center or [], eps, norm, region, vnnlib, objective, method,
-                        budget_seconds, seed, restarts, tolerance, out, quiet, lowest_margin, input_domain)
+                        budget_seconds, seed, restarts, tolerance, out, quiet, lowest_margin, input_domain, workers,
+                        scheduler, threads)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -68,10 +73,10 @@ def attack_command(
 
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method, budget, seed, restarts,
-         tolerance, out, quiet, lowest_margin=None, input_domain=None) -> int:
-    from prunecert.adversarial import attack_many, parse_objective, save_counterexample
+         tolerance, out, quiet, lowest_margin=None, input_domain=None, workers=1, scheduler=None, threads=None) -> int:
+    from prunecert.adversarial import parse_objective
+    from prunecert.adversarial.api import attack_stream
     from prunecert.core.completion import make_pair
-    from prunecert.core.region_options import regions_from_options
     from prunecert.fileutil import check_output_dir
     from prunecert.io import load_model, parse_input_domain, weights_sha256
 
@@ -86,41 +91,59 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method
     domain = parse_input_domain(input_domain)
     net_f, net_g = load_model(original, input_domain=domain), load_model(pruned, input_domain=domain)
     pair = make_pair(net_f, net_g)
-    lo, hi = pair.domain()
-    regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm, region=region,
-                                   vnnlib=vnnlib)
+    regions = cli_regions(pair, centers, eps, norm, region, vnnlib)
     if lowest_margin is not None:
         from prunecert.adversarial.centres import lowest_margin as pick
         regions = pick(pair, regions, lowest_margin)
-    results = attack_many(pair, None, regions, objective, method, budget, seed, restarts, progress=not quiet)
-    if out is not None:
-        hashes = (weights_sha256(net_f), weights_sha256(net_g))
-        extra = {"models": {"original": {"path": str(original), "sha256": hashes[0]},
-                            "pruned": {"path": str(pruned), "sha256": hashes[1]}}}
-        if len(results) == 1:
-            save_counterexample(results[0], pair, regions[0], out, hashes, extra)
-        else:
-            _save_many(results, pair, regions, out, hashes, extra)
-    _print(results, out)
+    hashes = (weights_sha256(net_f), weights_sha256(net_g))
+    extra = {"models": {"original": {"path": str(original), "sha256": hashes[0]},
+                        "pruned": {"path": str(pruned), "sha256": hashes[1]}}}
+    saver = _Saver(pair, regions, out, hashes, extra) if out is not None else None
+    rows = []  # light per-region summaries: the points themselves are saved (or dropped) as they come
+    for first, part in attack_stream(pair, None, regions, objective, method, budget, seed, restarts,
+                                     progress=not quiet, workers=workers, scheduler=scheduler, threads=threads):
+        for i, res in enumerate(part, start=first):
+            if saver is not None:
+                saver.add(i, res)
+            res.x = res.center = None
+            rows.append(res)
+    if saver is not None:
+        saver.finish()
+    _print(rows, out)
     if tolerance is None:
         return 0
-    return 1 if max(r.value for r in results) > tolerance else 2
+    return 1 if max(r.value for r in rows) > tolerance else 2
 
 
-def _save_many(results, pair, regions, out: Path, hashes, extra) -> None:
-    """One sub-folder per region, and a summary result.json naming the best one."""
-    from prunecert.adversarial import save_counterexample
-    from prunecert.fileutil import atomic_write_text
+class _Saver:
+    """Counterexamples saved as the chunks come: one region in `out` itself; several in out/region<i>/
+    and, written last (atomically), a summary result.json naming the best. A region folder without a
+    result.json beside it is what an interrupted run leaves."""
 
-    docs = []
-    for i, (res, reg) in enumerate(zip(results, regions)):
-        doc = save_counterexample(res, pair, reg, out / f"region{i}", hashes, extra)
-        docs.append({**doc, "x_path": f"region{i}/x.npz"})
-    best = max(range(len(docs)), key=lambda i: docs[i]["value"])
-    summary = {**{k: docs[best][k] for k in ("schema", "objective", "method", "value", "x_path", "trace",
-                                             "seconds", "seed", "models")},
-               "best_region": best, "regions": docs}
-    atomic_write_text(out / "result.json", json.dumps(summary, indent=1) + "\n")
+    def __init__(self, pair, regions, out: Path, hashes, extra):
+        self.pair, self.regions, self.out, self.hashes, self.extra = pair, regions, Path(out), hashes, extra
+        self.docs: list[dict] = []
+
+    def add(self, i: int, res) -> None:
+        from prunecert.adversarial import save_counterexample
+
+        if len(self.regions) == 1:
+            save_counterexample(res, self.pair, self.regions[0], self.out, self.hashes, self.extra)
+            return
+        doc = save_counterexample(res, self.pair, self.regions[i], self.out / f"region{i}", self.hashes, self.extra)
+        self.docs.append({**doc, "x_path": f"region{i}/x.npz"})
+
+    def finish(self) -> None:
+        from prunecert.fileutil import atomic_write_text
+
+        if not self.docs:
+            return
+        docs = self.docs
+        best = max(range(len(docs)), key=lambda i: docs[i]["value"])
+        summary = {**{k: docs[best][k] for k in ("schema", "objective", "method", "value", "x_path", "trace",
+                                                 "seconds", "seed", "models")},
+                   "best_region": best, "regions": docs}
+        atomic_write_text(self.out / "result.json", json.dumps(summary, indent=1) + "\n")
 
 
 def _print(results, out) -> None:

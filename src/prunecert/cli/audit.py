@@ -15,12 +15,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import AttackMethod, CertifyMethod, InputDomain, Seed
+from prunecert.cli.options import AttackMethod, CertifyMethod, InputDomain, Scheduler, Seed, Threads, Workers
 from prunecert.errors import ConfigError, PrunecertError
 
 DEMO = {"arch": "lenet300", "data": "mnist5k", "epochs": 10, "compression": 0.9, "fine_tune": 30, "points": 10,
@@ -193,7 +193,8 @@ def _canonical(original, pruned, o: dict) -> str:
                                                    if o["fine_tune"] or o["demo"] else [])
     if o.get("input_domain") is not None:
         parts += ["--input-domain", str(o["input_domain"])]
-    parts += ["--data", o["data"], "--regions", str(o["regions"]), "--eps", o["eps"],
+    where = [a for c in o["center"] for a in ("--center", c)] if o["center"] else ["--regions", str(o["regions"])]
+    parts += ["--data", o["data"], *where, "--eps", o["eps"],
               "--domain" if o["domain"] else "--no-domain", "--tolerance", str(o["tolerance"])]
     if o["layer_tolerance"]:
         parts += ["--layer-tolerance", o["layer_tolerance"]]
@@ -220,6 +221,10 @@ def audit_command(
                                        "[default: mnist5k]."),
     regions: Optional[int] = typer.Option(None, "--regions", help="Test points (seeded choice) to put L-inf boxes "
                                           "around [default: 20; 10 with --demo]."),
+    center: Optional[List[str]] = typer.Option(None, "--center", help="Test points to put boxes around instead of "
+                                               "--regions: DATA:test:I or a range DATA:test:A-B (inclusive); "
+                                               "repeatable. Shard a large audit this way and join the shards "
+                                               "with prunecert merge."),
     eps: str = typer.Option("0.01,0.02", help="Radii of the boxes, comma-separated (each point gets every radius)."),
     domain: bool = typer.Option(True, "--domain/--no-domain", help="Also audit the whole input domain."),
     tolerance: Optional[float] = typer.Option(None, help="Tolerance on max |Delta logit| (> 0); sets the verdict."),
@@ -238,6 +243,9 @@ def audit_command(
     demo: bool = typer.Option(False, "--demo", help="Train/reuse LeNet-300-100 on mnist5k, prune 90 %, distil, audit."),
     json_only: bool = typer.Option(False, "--json-only", help="Write only report.json and print it on stdout."),
     input_domain: InputDomain = None,
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    threads: Threads = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary; only the exit status."),
 ) -> None:
     """Audit PRUNED against ORIGINAL (or prune ORIGINAL here) and write report.{json,html,md} to --out.
@@ -275,6 +283,8 @@ def _run(o: dict) -> int:
     elif o["original"] is None:
         raise ConfigError("give ORIGINAL (and PRUNED, or pruning options), or --demo")
     o["fine_tune"] = o["fine_tune"] or 0
+    if o["center"] and o["regions"] is not None and not o["demo"]:
+        raise ConfigError("give either --regions N (a seeded choice of test points) or --center SPEC, not both")
     o["regions"] = 20 if o["regions"] is None else o["regions"]
     o["data"] = o["data"] or "mnist5k"
     if o["tolerance"] is None:
@@ -299,7 +309,8 @@ def _run(o: dict) -> int:
             certify_method=o["certify_method"], complete=o["complete"],
             attack_method=o["attack_method"], attack_budget=o["attack_budget"], certify_budget=o["certify_budget"],
             samples=o["samples"], seed=o["seed"],
-            progress=progress, command=_canonical(o["original"], o["pruned"], o))
+            progress=progress, command=_canonical(o["original"], o["pruned"], o), centers=o["center"] or None,
+            workers=o["workers"], scheduler=o["scheduler"], threads=o["threads"])
         if o["input_domain"] is not None:
             from prunecert.io import parse_input_domain
             plan_kwargs["input_domain"] = parse_input_domain(o["input_domain"])

@@ -8,19 +8,18 @@ error (bad input, unpairable models).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from prunecert.adversarial.witness import class_search, witness_options
 from prunecert.cli import app
 from prunecert.cli.options import Centers, CertifyMethod, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
+from prunecert.cli.options import Scheduler, Threads, Workers, cli_regions
 from prunecert.errors import ConfigError, PrunecertError
 
 EXIT = {"certified": 0, "violated": 1, "unknown": 2, "proved": 0, "refuted": 1}
@@ -43,7 +42,7 @@ def certify_command(
                                                "property |Delta_k| <= tau per region and logit into this folder."),
     time_limit: Optional[float] = typer.Option(None, help="Seconds per region (diff-linear, crown-diff, lp, milp, bab); past it the method stops early and says so."),
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
-    batch_size: int = typer.Option(32, help="Regions bounded at once."),
+    batch_size: int = typer.Option(32, help="Regions bounded at once (one chunk of work)."),
     seed: Seed = 0,
     input_domain: InputDomain = None,
     logits: Optional[str] = typer.Option(None, help="Comma-separated logits K,... the tolerance verdict is over "
@@ -52,7 +51,10 @@ def certify_command(
                                           "confidence in c exceeds DELTA (in [0.5, 1)), g predicts c."),
     complete: Optional[float] = typer.Option(None, help="Seconds per region to settle open top-1 / delta-top-1 "
                                              "verdicts by attack + branch and bound (on with --method bab)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    workers: Workers = None,
+    scheduler: Scheduler = None,
+    threads: Threads = None,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or lines."),
 ) -> None:
     """Certify how far PRUNED can deviate from ORIGINAL (every layer, local and end-to-end) over regions.
 
@@ -61,7 +63,7 @@ def certify_command(
     try:
         code = _run(original, pruned, center or [], eps, norm, region, vnnlib, method, tolerance, json_out,
                     export_onnx, time_limit, samples, batch_size, seed, quiet, input_domain, logits, delta,
-                    complete)
+                    complete, workers, scheduler, threads)
     except PrunecertError as exc:
         from prunecert.cli import fail
         fail(str(exc))
@@ -81,11 +83,13 @@ def parse_logits(text: str | None) -> list[int] | None:
 
 def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance, json_out, export_onnx,
          time_limit, samples, batch_size, seed, quiet, input_domain=None, logits=None, delta=None,
-         complete=None) -> int:
-    from prunecert.certify import certify, make_pair
-    from prunecert.core.region_options import regions_from_options
+         complete=None, workers=1, scheduler=None, threads=None) -> int:
+    import time
+
+    from prunecert.certify import certify_stream, make_pair
+    from prunecert.certify.stream import CertifyWriter
     from prunecert.fileutil import check_output_dir, check_output_file
-    from prunecert.io import load_model, parse_input_domain
+    from prunecert.io import load_model, parse_input_domain, weights_sha256
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
@@ -93,24 +97,29 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
         check_output_file(json_out, "--json")
     if export_onnx is not None:
         check_output_dir(export_onnx, "--export-onnx")
+    start = time.perf_counter()
     domain = parse_input_domain(input_domain)
-    pair = make_pair(load_model(original, input_domain=domain), load_model(pruned, input_domain=domain))
-    lo, hi = pair.domain()
-    regions = regions_from_options(pair.input_shape, lo, hi, centers=centers, eps=eps, norm=norm,
-                                   region=region, vnnlib=vnnlib)
+    net_f, net_g = load_model(original, input_domain=domain), load_model(pruned, input_domain=domain)
+    pair = make_pair(net_f, net_g)
+    regions = cli_regions(pair, centers, eps, norm, region, vnnlib)
     if export_onnx is not None and norm != "inf" and not region and not vnnlib:
         raise ConfigError("--export-onnx writes VNN-LIB boxes; use --norm inf (an L2 ball is not a box)")
+    models = {"original": {"path": str(original), "sha256": weights_sha256(net_f)},
+              "pruned": {"path": str(pruned), "sha256": weights_sha256(net_g)}}
     # the attacks certify's methods use are injected here (certify does not import adversarial)
-    result = certify(pair, None, regions, method=method, tolerance=tolerance, time_limit=time_limit,
-                     progress=not quiet, seed=seed, samples=samples, batch_size=batch_size,
-                     logits=parse_logits(logits), delta=delta, complete=complete,
-                     class_search=lambda p: class_search(p, seed), **witness_options(method, pair, seed))
-    if export_onnx is not None:
-        export_interop(pair, regions, result, export_onnx)
-    if json_out is not None:
-        from prunecert.fileutil import atomic_write_text
-        atomic_write_text(json_out, json.dumps(result.to_json(), separators=(",", ":")) + "\n")
-    _print(result)
+    with CertifyWriter(json_out, models) as result:
+        for first, part in certify_stream(pair, None, regions, method=method, tolerance=tolerance,
+                                          time_limit=time_limit, progress=not quiet, seed=seed, samples=samples,
+                                          batch_size=batch_size, logits=parse_logits(logits), delta=delta,
+                                          complete=complete, class_search=class_search(pair, seed),
+                                          workers=workers, scheduler=scheduler, threads=threads,
+                                          **witness_options(method, pair, seed)):
+            result.add(first, part)
+        seconds = time.perf_counter() - start
+        if export_onnx is not None:
+            export_interop(pair, regions, result, export_onnx)
+        result.finish(seconds)
+    _print(result, seconds)
     if tolerance is not None:
         return EXIT[result.verdict]
     return EXIT[result.delta_top1_verdict if delta is not None else result.agreement_verdict]
@@ -164,7 +173,7 @@ def _export(pair, regions, result, folder: Path, save_difference_onnx, write_dev
     return written
 
 
-def _print(result) -> None:
+def _print(result, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -172,26 +181,24 @@ def _print(result) -> None:
 
     console = Console()
     table = Table(title=f"certified deviation bounds ({result.method}), {result.n_regions} region(s), "
-                        f"{result.seconds:.2f} s")
+                        f"{seconds:.2f} s")
     for col in ("layer", "max |local|", "max |end-to-end|"):
         table.add_column(col, justify="right" if col != "layer" else "left")
-    for layer in result.layers:
-        table.add_row(layer.name, fmt.num(float(np.max(layer.max_abs_local))),
-                      fmt.num(float(np.max(layer.max_abs_end_to_end))))
+    for meta, (local, e2e) in zip(result.layer_meta, result.layer_max):
+        table.add_row(meta["name"], fmt.num(local), fmt.num(e2e))
     console.print(table)
-    found = float(np.max(result.sampled_max_abs_logit_deviation))
-    console.print(f"max |Delta_logit|: certified <= {fmt.num(float(np.max(result.max_abs_logit_deviation)), 6)}, "
-                  f"sampled >= {fmt.num(found, 6)}")
-    counts = {v: sum(a.verdict == v for a in result.agreement) for v in ("proved", "refuted", "unknown")}
+    console.print(f"max |Delta_logit|: certified <= {fmt.num(max(result.max_abs_logit_deviation), 6)}, "
+                  f"sampled >= {fmt.num(result.sampled_max, 6)}")
+    counts = result.agreement_counts
     console.print(f"top-1 agreement: {result.agreement_verdict} "
                   f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
-    if result.delta_top1 is not None:
-        counts = {v: sum(a.verdict == v for a in result.delta_top1) for v in ("proved", "refuted", "unknown")}
+    if result.delta is not None:
+        counts = result.delta_counts
         console.print(f"delta-top-1 equivalence (delta {result.delta:g}): {result.delta_top1_verdict} "
                       f"({counts['proved']} proved, {counts['refuted']} refuted, {counts['unknown']} unknown)")
     if result.tolerance is not None:
         console.print(f"verdict (tolerance {result.tolerance:g}): {result.verdict}")
-    stopped = [b for b, t in enumerate(result.truncated) if t]
+    stopped = result.truncated_regions
     if stopped:
         console.print(f"truncated: the time limit cut {result.method} short on {len(stopped)} region(s) "
                       f"({', '.join(map(str, stopped[:10]))}{', ...' if len(stopped) > 10 else ''}); "

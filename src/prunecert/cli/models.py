@@ -22,6 +22,9 @@ def train(
     lr: float = typer.Option(1e-3, help="Adam learning rate (cosine-annealed to 0)."),
     batch_size: int = typer.Option(64, help="Mini-batch size."),
     out: Path = typer.Option(..., help="Output model file (.pt native; .onnx and .nnet by suffix)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1, the policy of every "
+                                          "command: mini-batches of small nets run fastest on one thread; raise it "
+                                          "for large models)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a ReLU network on a data set and save it (atomically) as a model file.
@@ -30,9 +33,11 @@ def train(
     """
     from prunecert.fileutil import check_output_file
     from prunecert.io import save_model
+    from prunecert.threads import apply_thread_policy
     from prunecert.train import train_model
 
     check_output_file(out, "--out")
+    apply_thread_policy(1, threads)
     net = train_model(arch, data, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, progress=not quiet,
                       name=out.stem)
     save_model(net, out)

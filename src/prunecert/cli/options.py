@@ -32,3 +32,32 @@ RegionName = Annotated[Optional[str], typer.Option(help="'domain': the whole inp
 Vnnlib = Annotated[Optional[Path], typer.Option(help="A VNN-LIB file whose input box is the region.")]
 CertifyMethod = Annotated[str, typer.Option(help="Bound method. " + methods_help())]
 AttackMethod = Annotated[str, typer.Option(help="Attack method: " + ", ".join(ATTACK_METHODS) + ".")]
+
+# scale-out and the thread policy (prunecert.scale, prunecert.threads; docs/scale.md)
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", help="Worker processes (default: the cores this process may use); 1 runs in this process.")]
+Scheduler = Annotated[Optional[str], typer.Option(
+    "--scheduler", help="Run chunks on a Dask cluster: its scheduler address (tcp://host:8786), or 'local' for "
+                        "an embedded LocalCluster of --workers processes.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", help="torch threads per worker (default 1: the workers give the parallelism, and results are "
+                      "bit-identical across executors for equal --threads; keep workers x threads <= cores).")]
+
+
+def cli_regions(pair, centers, eps, norm, region, vnnlib):
+    """The regions the options name. Centre lists become a `LazyRegions` that builds each region when its
+    chunk needs it, so memory does not grow with the number of centres (docs/scale.md)."""
+    from prunecert.core.region_options import expand_center_specs, regions_from_options
+    from prunecert.scale.lazy import LazyRegions
+
+    lo, hi = pair.domain()
+
+    def build(specs):
+        return regions_from_options(pair.input_shape, lo, hi, centers=specs, eps=eps, norm=norm, region=region,
+                                    vnnlib=vnnlib)
+
+    if not centers or region is not None or vnnlib is not None:
+        return build(centers)
+    specs = expand_center_specs(centers)
+    build(specs[:1])  # a bad option (no --eps, a bad norm) fails here, before any work
+    return LazyRegions(len(specs), lambda i: build([specs[i]])[0])

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from prunecert.cli import app
-from prunecert.cli.options import Centers, Eps, InputDomain, Norm, RegionName, Seed, Vnnlib
+from prunecert.cli.options import Centers, Eps, InputDomain, Norm, RegionName, Seed, Threads, Vnnlib
 from prunecert.errors import ConfigError, PrunecertError
 
 EXAMPLE = ("Example: prunecert prune lenet.pt --method coreset --keep 0.1 --seed 0 --out lenet-pruned.pt   "
@@ -93,6 +93,7 @@ def prune_command(
                                                "final pair here."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a bare torch state_dict (see prunecert info)."),
     input_domain: InputDomain = None,
+    threads: Threads = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
 ) -> None:
     """Prune the hidden neurons of MODEL with data-independent coresets (or a baseline) and save it.
@@ -102,6 +103,8 @@ def prune_command(
     --certify-agreement, searches the smallest model certified on the regions instead.
     """
     try:
+        from prunecert.threads import apply_thread_policy
+        apply_thread_policy(1, threads)
         if certify_deviation is not None or certify_agreement:
             _run_certified(model, out, method, keep, compression, epsilon, seed, fine_tune, data, distill, augment,
                            adversarial_eps, certify_deviation, certify_agreement, certified_fraction, relative_to_original,

@@ -1,0 +1,208 @@
+"""Executors: one interface to run `fn(shared, item)` over items, in order, with few items in flight.
+
+    with open_executor(workers=4) as ex:          # or scheduler="tcp://host:8786", or "local"
+        handle = ex.share(pair)                   # shipped once per worker, not once per item
+        for result in ex.map(certify_chunk, handle, chunks):
+            ...                                   # results arrive in the order of `chunks`
+
+- `InProcessExecutor` (`--workers 1`): a plain loop; tests and debugging.
+- `LocalProcessExecutor` (`--workers N`): N spawned processes (spawn: no forked torch state, works
+  the same on every OS). `share` pickles the object once into a private temporary file; each worker
+  loads it the first time an item needs it and keeps it, so models cross the process boundary once
+  per worker. A worker that dies (killed, out of memory) fails the run with `WorkerError`.
+- `DaskExecutor` (`--scheduler ADDRESS`, `prunecert.scale.cluster`): tasks on a Dask distributed
+  cluster; `share` broadcasts the object to every worker; a task lost with its worker is re-run
+  elsewhere by the scheduler. `scheduler="local"` starts an embedded `LocalCluster`.
+
+`map` keeps at most `window` items in flight and yields in order, so memory is bounded by the
+window, not by the number of items: a caller that writes each result as it comes stays flat.
+`fn` must be a module-level function (it is sent by reference).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Self
+
+from prunecert.errors import ConfigError, PrunecertError
+from prunecert.threads import threads_per_worker, usable_cores
+
+
+class WorkerError(PrunecertError):
+    """A worker process died (killed, out of memory) or could not start; the run stopped, nothing was written."""
+
+
+class Executor:
+    """Base: `share` an object with every worker, `map` a function over items in order."""
+
+    kind = "base"
+    workers = 1
+    threads = 1
+
+    def share(self, obj: Any) -> Any:
+        """A handle `map` turns back into `obj` on the worker (each worker receives it once)."""
+        return obj
+
+    def map(self, fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "workers": self.workers, "threads_per_worker": self.threads}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InProcessExecutor(Executor):
+    """Items one after another in this process (`--workers 1`), on `threads` torch threads (default 1,
+    as every worker: see prunecert.threads) for the duration of each map."""
+
+    kind = "in-process"
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads_per_worker(1, threads)
+
+    def map(self, fn, shared, items):
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for item in items:
+                yield fn(shared, item)
+        finally:
+            torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- local processes
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def _worker_start(threads: int, parent: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, the OOM killer) would wait for work forever: leave."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _run_shared(fn: Callable, path: str, item: Any) -> Any:
+    """In a worker: load the shared object of `path` once (our own file, written by `share`), run fn."""
+    obj = _WORKER_CACHE.get(path)
+    if obj is None:
+        _WORKER_CACHE.clear()  # one shared object at a time: a worker does not hoard old models
+        with open(path, "rb") as fh:
+            obj = pickle.load(fh)
+        _WORKER_CACHE[path] = obj
+    return fn(obj, item)
+
+
+class LocalProcessExecutor(Executor):
+    """`workers` spawned processes on this machine, each with `threads` torch threads."""
+
+    kind = "local"
+
+    def __init__(self, workers: int, threads: int | None = None, window: int | None = None):
+        import multiprocessing
+        self.workers = int(workers)
+        self.threads = threads_per_worker(self.workers, threads)
+        self.window = window or 2 * self.workers
+        self._dir = Path(tempfile.mkdtemp(prefix="prunecert-shared-"))
+        self._count = 0
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_start, initargs=(self.threads, os.getpid()))
+
+    def share(self, obj):
+        """Pickle `obj` once into the private folder; workers load it on their first item that needs it.
+        Only the two latest shared objects are kept (an audit shares one per attack objective): a
+        handle older than that must not be mapped again."""
+        self._count += 1
+        path = self._dir / f"shared-{self._count}.pickle"
+        with open(path, "wb") as fh:  # 0600 in a private mkdtemp folder: only this user's workers read it
+            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        (self._dir / f"shared-{self._count - 2}.pickle").unlink(missing_ok=True)
+        return str(path)
+
+    def map(self, fn, shared, items):
+        def submit(item) -> Future:
+            return self._pool.submit(_run_shared, fn, shared, item)
+        try:
+            yield from _ordered(submit, items, self.window)
+        except BrokenProcessPool as exc:
+            raise WorkerError(f"a worker process died (killed, or out of memory?) while {self.workers} local "
+                              f"workers were running; the run stopped and nothing was written") from exc
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _ordered(submit: Callable[[Any], Future], items: Iterable[Any], window: int) -> Iterator[Any]:
+    """Results of `submit(item)` in item order, with at most `window` futures pending."""
+    pending: deque[Future] = deque()
+    it = iter(items)
+    try:
+        for item in it:
+            pending.append(submit(item))
+            if len(pending) >= window:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in it:
+                pending.append(submit(item))
+                break
+            yield result
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+# ----------------------------------------------------------------------------- choosing one
+def default_workers() -> int:
+    """`--workers` when not given: the cores this process may use."""
+    return usable_cores()
+
+
+def open_executor(workers: int | None = None, scheduler: str | None = None, threads: int | None = None,
+                  n_items: int | None = None) -> Executor:
+    """The executor the options ask for (use it as a context manager).
+
+    `scheduler`: a Dask scheduler address (`tcp://host:8786`), or "local" for an embedded LocalCluster
+    of `workers` processes. Without it, `workers` (default: usable cores) local processes, or this
+    process when `workers` is 1 or there is at most one item (`n_items`): spawning would only cost.
+    """
+    if workers is not None and int(workers) < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and int(threads) < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if scheduler:
+        from prunecert.scale.cluster import DaskExecutor
+        return DaskExecutor(scheduler, workers, threads)
+    n = default_workers() if workers is None else int(workers)
+    if n_items is not None:
+        n = min(n, max(1, int(n_items)))
+    if n == 1:
+        return InProcessExecutor(threads)
+    return LocalProcessExecutor(n, threads)
+
