@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pairs import assert_contains, random_box, random_conv_pair, sample_deltas
 
-import prunecert.adversarial.exact as exact
+import prunecert.adversarial.api as attack_api
 import prunecert.certify.formulation as formulation
 from prunecert.adversarial import attack
 from prunecert.certify import Box, certify
@@ -68,8 +68,8 @@ def test_encoded_methods_refuse_oversized_pairs_up_front(conv_case, monkeypatch)
 def test_auto_attack_keeps_gradient_results_without_lp(conv_case, monkeypatch):
     pair, lo, hi = conv_case
     walks = []
-    real_walk = exact.walk_search
-    monkeypatch.setattr(exact, "walk_search", lambda *a, **k: walks.append(1) or real_walk(*a, **k))
+    real_walk = attack_api.walk_search
+    monkeypatch.setattr(attack_api, "walk_search", lambda *a, **k: walks.append(1) or real_walk(*a, **k))
     attack(pair, None, Box(lo, hi), method="auto", budget_seconds=1, progress=False)
     assert walks, "auto runs LP walks when the LP fits"
     walks.clear()

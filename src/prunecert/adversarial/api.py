@@ -32,6 +32,9 @@ from prunecert.adversarial.gradient import (
     random_search,
     seed_starts,
 )
+from prunecert.adversarial.exact import milp_search, walk_search
+from prunecert.adversarial.lpwalk import check_box
+from prunecert.adversarial.methods import get_attack
 from prunecert.adversarial.objectives import Objective, as_objective
 from prunecert.adversarial.result import AttackResult, best_result
 from prunecert.adversarial.space import SearchSpace, is_l2
@@ -50,10 +53,7 @@ from prunecert.scale import (
 )
 from prunecert.threads import one_torch_thread
 
-METHODS = ("auto", "apgd", "pgd", "lp-walk", "milp", "random")
-DEFAULT_RESTARTS = {"pgd": 5, "apgd": 5, "auto": 3, "lp-walk": 6, "random": 0, "milp": 0}
 AUTO_WALKS = 6  # LP walks in `auto`, from the best distinct APGD points
-DEFAULT_ITERATIONS = {"pgd": 100, "apgd": 100, "auto": 50}
 AUTO_GRADIENT_SHARE = 0.4  # of the budget for APGD in `auto`; the rest for LP walks
 RANDOM_SAMPLES = 20_000
 CHUNK_SIZE = 16  # regions per chunk: a gradient batch of 16 regions is ~160 MB on LeNet-300-100
@@ -132,8 +132,7 @@ def attack_stream(original: Network | Pair, pruned: Network | None, regions: Seq
 def _check(pair: Pair, regions: list, objective, method, budget_seconds, seed, restarts, iterations, label,
            chunk_size) -> AttackSetup:
     """Every option and region checked before any work starts; the normalised settings."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown attack method {method!r}; expected one of {', '.join(METHODS)}")
+    m = get_attack(method)
     try:
         budget = float(budget_seconds)
     except (TypeError, ValueError):
@@ -148,21 +147,20 @@ def _check(pair: Pair, regions: list, objective, method, budget_seconds, seed, r
         if tuple(r.shape) != tuple(pair.input_shape):
             raise RegionError(f"region {r.describe().get('source', r.describe()['kind'])} has input shape "
                               f"{tuple(r.shape)}, the networks take {tuple(pair.input_shape)}")
-    restarts = DEFAULT_RESTARTS[method] if restarts is None else int(restarts)
-    if restarts < 0 or (restarts == 0 and method in ("pgd", "apgd", "auto", "lp-walk")):
+    restarts = m.restarts if restarts is None else int(restarts)
+    if restarts < 0 or (restarts == 0 and m.needs_restarts):
         raise ConfigError(f"restarts must be >= 1 for method {method}, got {restarts}")
-    iterations = DEFAULT_ITERATIONS.get(method, 0) if iterations is None else int(iterations)
-    if method in ("pgd", "apgd", "auto") and iterations < 1:
+    iterations = m.iterations if iterations is None else int(iterations)
+    if m.gradient is not None and iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
     spec = as_objective(objective)
-    if method in ("lp-walk", "milp") and not spec.is_linear:
+    if m.lp_only and not spec.is_linear:
         spec.resolve(pair, regions[0].center, label).linear_form()  # raises the "nonlinear objective" ConfigError
     for s in chunk_slices(len(regions), chunk_size):
         space = SearchSpace(regions[s], pair.input_shape)  # zero-volume regions raise here, before any work
-        if method == "lp-walk" and any(space.l2):
-            from prunecert.adversarial.lpwalk import check_box
+        if m.walks and m.lp_only and any(space.l2):
             check_box(next(r for r in regions[s] if is_l2(r)))
-    if method in ("lp-walk", "milp") and not encodable(pair):
+    if m.lp_only and not encodable(pair):
         check_encodable(pair, f"attack --method {method}", "use --method apgd (gradient attacks scale to any size)")
     return AttackSetup(pair, objective, method, budget, int(seed), restarts, iterations, label)
 
@@ -184,28 +182,26 @@ def _attack_regions(setup: AttackSetup, regions: list, gens: list[torch.Generato
     start = time.perf_counter()
     deadline = start + budget * len(regions)
     fields = {"method": method, "seed": setup.seed}
-    if method == "random":
+    m = get_attack(method)
+    if m.sampling:
         state = random_search(pair, objectives, space, RANDOM_SAMPLES, gens, deadline)
         log.stage("random", state, start)
         return _finish(pair, objectives, space, state, None, start, fields)
-    if method == "milp":
-        from prunecert.adversarial.exact import milp_search
+    if m.exact:
         return [milp_search(pair, objectives[g], space, g, budget, fields, log) for g in range(len(regions))]
-    # auto: LP walks only where the pair's LP fits; otherwise the whole budget goes to APGD
-    do_walk = method == "lp-walk" or (method == "auto" and spec.is_linear and not any(space.l2) and fits)
-    state = seed_starts(pair, objectives, space, restarts if method != "lp-walk" else 1, gens,
-                        oversample=4 if method != "lp-walk" else 64)
+    # a gradient stage followed by walks (auto) walks only where the pair's LP fits and the objective is linear;
+    # otherwise the whole budget goes to the gradient stage
+    do_walk = m.walks and (m.lp_only or (spec.is_linear and not any(space.l2) and fits))
+    state = seed_starts(pair, objectives, space, restarts if m.gradient else 1, gens,
+                        oversample=4 if m.gradient else 64)
     log.stage("seed", state, start)
-    if method in ("pgd", "apgd", "auto"):
-        share = AUTO_GRADIENT_SHARE if method == "auto" and do_walk else 1.0
-        ascend(pair, objectives, space, state, setup.iterations, start + share * budget * len(regions),
-               "pgd" if method == "pgd" else "apgd")
-        log.stage("pgd" if method == "pgd" else "apgd", state, start)
+    if m.gradient is not None:
+        share = AUTO_GRADIENT_SHARE if do_walk else 1.0
+        ascend(pair, objectives, space, state, setup.iterations, start + share * budget * len(regions), m.gradient)
+        log.stage(m.gradient, state, start)
     walks = None
     if do_walk:
-        from prunecert.adversarial.exact import walk_search
-        walks = walk_search(pair, objectives, space, state, restarts if method == "lp-walk" else AUTO_WALKS,
-                            start, budget, log)
+        walks = walk_search(pair, objectives, space, state, restarts if m.lp_only else AUTO_WALKS, start, budget, log)
     return _finish(pair, objectives, space, state, walks, start, fields)
 
 

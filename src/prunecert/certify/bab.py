@@ -35,6 +35,7 @@ from prunecert.certify.lp import RegionLP, as_batch, initial_bounds, refine_regi
 from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
+from prunecert.progress import stage_line
 
 LP_SHARE = 0.5          # of the time budget for the LP tightening pass before branching
 ATTACK_SHARE = 0.1      # of the time budget for an attack (lower bounds), when available
@@ -272,9 +273,8 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: f
         info["seconds"] = time.perf_counter() - start
         results.append(res)
         infos.append(info)
-        if progress:
-            print(f"bab: region {b + 1}/{lo.shape[0]}: {info['nodes']} nodes ({info['branching']} splits), "
-                  f"bound {info['upper']:.6g}, reached {info['reached']:.6g}", flush=True)
+        stage_line(f"bab: region {b + 1}/{lo.shape[0]}: {info['nodes']} nodes ({info['branching']} splits), "
+                   f"bound {info['upper']:.6g}, reached {info['reached']:.6g}", progress)
     out = to_pair_bounds(pair, results, init, "bab")
     out.info["bab"] = infos
     return out

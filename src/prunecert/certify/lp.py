@@ -32,6 +32,7 @@ from prunecert.core.interval import Bounds
 from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError, RegionError
+from prunecert.progress import stage_line
 
 
 def initial_bounds(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, l2=None, optimize: bool = True) -> PairBounds:
@@ -231,8 +232,7 @@ def lp_bounds(pair: Pair, lo, hi, l2=None, tighten: bool = True, layers=None, lo
         rb = RegionBounds.from_pair_bounds(init, b)
         results.append(refine_region(pair, lo[b].numpy(), hi[b].numpy(), rb, HighsModel, tighten, layers, local,
                                      margins, deadline, final))
-        if progress:
-            print(f"lp: region {b + 1}/{lo.shape[0]}: {results[-1].solves} LPs", flush=True)
+        stage_line(f"lp: region {b + 1}/{lo.shape[0]}: {results[-1].solves} LPs", progress)
     if not results:
         raise ConfigError("lp_bounds: no regions")
     return to_pair_bounds(pair, results, init, "lp")

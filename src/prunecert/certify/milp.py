@@ -36,6 +36,7 @@ from prunecert.certify.result import PairBounds
 from prunecert.core.rounding import TINY, gamma
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Flatten
+from prunecert.progress import stage_line
 
 SAFETY = 10.0  # multiplies the tolerance margin (see PairMILP.tolerance_margin)
 
@@ -300,9 +301,8 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
         res.bounds = rb
         results.append(res)
         infos.append(info)
-        if progress:
-            print(f"milp: region {b + 1}/{lo.shape[0]}: {info['binaries']} binaries, {info['solved']} MILPs, "
-                  f"closed={info['closed']}", flush=True)
+        stage_line(f"milp: region {b + 1}/{lo.shape[0]}: {info['binaries']} binaries, {info['solved']} MILPs, "
+                   f"closed={info['closed']}", progress)
     out = to_pair_bounds(pair, results, init, "milp")
     out.info["milp"] = infos
     return out

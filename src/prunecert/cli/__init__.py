@@ -6,7 +6,6 @@ statuses 0/1/2 stay free for verdicts (certified / violated / unknown).
 
 from __future__ import annotations
 
-import importlib
 import sys
 import warnings
 
@@ -29,14 +28,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# each module defines its commands with @app.command(); imported for that side effect
-for _module in ("models", "prune", "certify", "attack", "audit", "merge"):
-    try:
-        importlib.import_module(f"prunecert.cli.{_module}")
-    except ModuleNotFoundError as exc:  # a job not built yet
-        if exc.name != f"prunecert.cli.{_module}":
-            raise
-
+# each module defines its commands with @app.command() on `app` above; imported for that side effect
+from prunecert.cli import models, prune, certify, attack, audit, merge  # noqa: E402,F401 (workflow order in --help)
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with ERROR_EXIT."""

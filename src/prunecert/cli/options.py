@@ -11,7 +11,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from prunecert.adversarial import METHODS as ATTACK_METHODS
+from prunecert.adversarial import attacks_help
 from prunecert.certify.methods import methods_help
 
 MAX_SEED = 2**63 - 1  # torch and numpy generators take 64-bit seeds
@@ -31,7 +31,7 @@ Norm = Annotated[str, typer.Option(help="Ball norm: inf (a box) or 2.")]
 RegionName = Annotated[Optional[str], typer.Option(help="'domain': the whole input box (data-independent).")]
 Vnnlib = Annotated[Optional[Path], typer.Option(help="A VNN-LIB file whose input box is the region.")]
 CertifyMethod = Annotated[str, typer.Option(help="Bound method. " + methods_help())]
-AttackMethod = Annotated[str, typer.Option(help="Attack method: " + ", ".join(ATTACK_METHODS) + ".")]
+AttackMethod = Annotated[str, typer.Option(help="Attack method. " + attacks_help())]
 
 # scale-out and the thread policy (prunecert.scale, prunecert.threads; docs/scale.md)
 Workers = Annotated[Optional[int], typer.Option(

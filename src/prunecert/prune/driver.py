@@ -9,7 +9,6 @@ of g's weights on f's inputs, which `certify` measures.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ from prunecert.prune.bounds import beta_hat, check_delta
 from prunecert.prune.importance import LayerView, Selection, criterion
 from prunecert.core.surgery import check_finite, cut_layer, geometry, layer_spans
 from prunecert.prune.targets import resolve_targets
+from prunecert.progress import stage_line
 
 
 def _floats(a) -> list[float]:
@@ -84,8 +84,8 @@ def prune_network(network: Network, method: str = "coreset", keep=None, compress
         records.append(rec)
         if progress:
             eps = "-" if rec["eps_max"] is None else f"{rec['eps_max']:.4g}"
-            print(f"[prune {method}] layer {index}/{n_layers - 1} {rec['name']}: kept {rec['n_kept']}/{rec['n_total']}"
-                  f", beta_hat {rec['beta_hat']:.4g}, eps {eps} ({time.perf_counter() - t0:.2f}s)", file=sys.stderr, flush=True)
+            stage_line(f"[prune {method}] layer {index}/{n_layers - 1} {rec['name']}: kept {rec['n_kept']}/{rec['n_total']}"
+                       f", beta_hat {rec['beta_hat']:.4g}, eps {eps} ({time.perf_counter() - t0:.2f}s)")
     g.name = f"{network.name}-{method}"
     meta = dict(network.metadata)
     meta["pruning"] = {
