@@ -333,6 +333,16 @@ class Layer:
         return a
 
 
+def not_a_finite_box(lo: npt.NDArray[np.float64], hi: npt.NDArray[np.float64]) -> str | None:
+    """None if every [lo_i, hi_i] is a finite interval, else a short description of the first one that is
+    not (its index and values, never the whole array) and how many are bad."""
+    bad = ~np.isfinite(lo) | ~np.isfinite(hi) | ~(lo <= hi)
+    if not bad.any():
+        return None
+    at = tuple(int(v) for v in np.argwhere(bad)[0])
+    return f"input {list(at)} has [{float(lo[at])!r}, {float(hi[at])!r}] ({int(bad.sum())} inputs bad)"
+
+
 @dataclass
 class Network:
     """A sequential ReLU network over inputs of shape `input_shape` in the box [input_lo, input_hi]."""
@@ -374,11 +384,9 @@ class Network:
         except ValueError as exc:
             raise ModelFormatError(f"{self.name}: input domain does not fit the input shape {self.input_shape} "
                                    f"({exc})") from None
-        bad = ~np.isfinite(lo) | ~np.isfinite(hi) | ~(lo <= hi)
-        if bad.any():
-            at = tuple(int(v) for v in np.argwhere(bad)[0])
-            raise ModelFormatError(f"{self.name}: input domain is not a finite box: input {list(at)} has "
-                                   f"[{float(lo[at])!r}, {float(hi[at])!r}] ({int(bad.sum())} inputs bad)")
+        problem = not_a_finite_box(lo, hi)
+        if problem is not None:
+            raise ModelFormatError(f"{self.name}: input domain is not a finite box: {problem}")
 
     def layers(self) -> list[Layer]:
         """Group the ops into layers (see module docstring)."""

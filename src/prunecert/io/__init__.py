@@ -15,7 +15,7 @@ import torch
 
 from prunecert.errors import ConfigError, ModelFormatError
 from prunecert.io.native import load_native_dict, save_native, weights_sha256
-from prunecert.network import Network
+from prunecert.network import Network, not_a_finite_box
 
 __all__ = ["load_model", "parse_input_domain", "save_model", "weights_sha256", "with_input_domain"]
 
@@ -70,11 +70,9 @@ def with_input_domain(net: Network, domain: Domain | None, source: str = "--inpu
     except ValueError:
         raise ConfigError(f"{source}: bounds of shape {lo.shape} / {hi.shape} do not fit the input shape "
                           f"{shape} of {net.name}") from None
-    bad = ~np.isfinite(lo) | ~np.isfinite(hi) | ~(lo <= hi)
-    if bad.any():
-        i = tuple(int(v) for v in np.argwhere(bad)[0])
-        raise ConfigError(f"{source}: input {list(i)} has [{float(lo[i])!r}, {float(hi[i])!r}], not a finite "
-                          f"interval ({int(bad.sum())} inputs bad)")
+    problem = not_a_finite_box(lo, hi)
+    if problem is not None:
+        raise ConfigError(f"{source}: not a finite box: {problem}")
     out = Network(net.ops, shape, lo, hi, name=net.name, metadata=dict(net.metadata))
     out.metadata["input_domain"] = {"source": source, "lo_min": float(lo.min()), "lo_max": float(lo.max()),
                                     "hi_min": float(hi.min()), "hi_max": float(hi.max())}
