@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from prunecert.errors import ConfigError, ShapeMismatchError
-from prunecert.adversarial.witness import class_search, witness_options
+from prunecert.adversarial.witness import certify_searches
 from prunecert.network import Network
 from prunecert.progress import progress_task, stage_line
 from prunecert.scale import open_executor
@@ -374,8 +374,8 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
                                                      n_items=math.ceil(len(regions) / 32)))
         cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
                           seed=plan.seed, samples=plan.samples, complete=plan.complete,
-                          time_limit=plan.certify_budget, class_search=class_search(pair, plan.seed),
-                          executor=executor, **witness_options(plan.certify_method, pair, plan.seed))
+                          time_limit=plan.certify_budget,
+                          executor=executor, **certify_searches(plan.certify_method, pair, plan.seed))
         found = stages.run(f"attack {len(regions)} regions ({plan.attack_method})", _attack_stage, plan, pair,
                            regions, cert, executor)
     return _finish_audit(plan, stages, pruned, pair, regions, data, cert, found)

@@ -114,7 +114,7 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     search, then branch and bound); `method="bab"` implies it (`time_limit`, default BAB_SECONDS).
     `class_search` is the counterexample search settle runs first (e.g.
     `prunecert.adversarial.witness.class_search(pair)`); pass `witness=milp_witness(pair)` for milp
-    and `reach=reach_search(pair)` for bab the same way (`witness_options` builds them).
+    and `reach=reach_search(pair)` for bab the same way (`adversarial.witness.certify_searches` builds all three).
 
     Chunks run on `executor`, or on one made from `workers` (None: every usable core) / `scheduler`
     (a Dask address or "local"); the result does not depend on which. For many regions,

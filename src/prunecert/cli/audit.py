@@ -59,6 +59,7 @@ def demo_model(seed: int, progress: bool, data: str | None = None):
     else trained and cached. Returns (network, cache path or None)."""
     from prunecert.errors import ModelFormatError
     from prunecert.io import load_model, save_model
+    from prunecert.threads import one_torch_thread
     from prunecert.train import train_model
 
     data = data or DEMO["data"]
@@ -78,14 +79,9 @@ def demo_model(seed: int, progress: bool, data: str | None = None):
     if progress:
         typer.echo(f"demo: training {DEMO['arch']} on {data} ({DEMO['epochs']} epochs, seed {seed}); "
                    f"cached in {path}", err=True)
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: one thread is several times faster on a shared 2-core machine
-    try:
+    with one_torch_thread():  # small batches: one thread is several times faster on a shared 2-core machine
         net = train_model(DEMO["arch"], data, epochs=DEMO["epochs"], seed=seed, progress=progress,
                           name=f"{DEMO['arch']}-{data}")
-    finally:
-        torch.set_num_threads(threads)
     try:
         save_model(net, path)
     except (PrunecertError, OSError) as exc:

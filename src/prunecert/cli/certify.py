@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from prunecert.adversarial.witness import class_search, witness_options
+from prunecert.adversarial.witness import certify_searches
 from prunecert.cli import app
 from prunecert.cli.options import Centers, CertifyMethod, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.cli.options import Scheduler, Threads, Workers, cli_regions
@@ -111,9 +111,9 @@ def _run(original, pruned, centers, eps, norm, region, vnnlib, method, tolerance
         for first, part in certify_stream(pair, None, regions, method=method, tolerance=tolerance,
                                           time_limit=time_limit, progress=not quiet, seed=seed, samples=samples,
                                           batch_size=batch_size, logits=parse_logits(logits), delta=delta,
-                                          complete=complete, class_search=class_search(pair, seed),
+                                          complete=complete,
                                           workers=workers, scheduler=scheduler, threads=threads,
-                                          **witness_options(method, pair, seed)):
+                                          **certify_searches(method, pair, seed)):
             result.add(first, part)
         seconds = time.perf_counter() - start
         if export_onnx is not None:
