@@ -32,8 +32,11 @@ REGION_BUDGET = 2 ** 20   # elements of one (regions x rows x widest hidden laye
 def optimise_diff_rows(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch, iterations: int,
                        deadline: float | None = None) -> tuple[Bounds, bool]:
     """Sound bounds on Delta of layer `top` from optimised f and g lower slopes, and whether the
-    `deadline` (perf_counter) cut the search short. `engine_f`, `engine_g`: the single-network walks
-    (and relaxations) of the CROWN pass. Regions go in groups of at most REGION_BUDGET slope entries."""
+    `deadline` (perf_counter) cut the search short: a step starts only if twice the last step's time
+    (the step and the final float64 evaluation) fits before it; a group of regions with no room for
+    any step gets infinite bounds (the caller's default bound stands). `engine_f`, `engine_g`: the
+    single-network walks (and relaxations) of the CROWN pass. Regions go in groups of at most
+    REGION_BUDGET slope entries."""
     n = math.prod(engine_f.ctx[top][-1].op.out_shape)
     widest = max([math.prod(s.s.shape[1:]) for s in engine_f.side[:top]] + [1])
     group = max(1, REGION_BUDGET // (2 * n * widest))
@@ -78,8 +81,13 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
     region32, rows32 = region.to(SEARCH_DTYPE), rows.to(SEARCH_DTYPE)
     adam = _Adam(leaves)
     best = torch.full((b, 2 * n), torch.inf, dtype=SEARCH_DTYPE)
-    previous, stalled, cut = torch.inf, 0, False
+    previous, stalled, cut, steps, spent = torch.inf, 0, False, 0, 0.0
     for _ in range(iterations):
+        start = time.perf_counter()
+        if deadline is not None and start + 2 * spent > deadline:   # room for a step and the final evaluation
+            cut = True
+            break
+        steps += 1
         ub = _upper(search_f, search_g, top, rows32, region32, alpha_f, alpha_g, exact=False)
         with torch.no_grad():
             better = ub < best
@@ -89,12 +97,13 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
             total = float(best.sum())
             stalled = stalled + 1 if previous - total <= MIN_GAIN * abs(total) else 0
             previous = total
-        if deadline is not None and time.perf_counter() > deadline:
-            cut = True
-            break
         if stalled >= PATIENCE:
             break
         adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True))
+        spent = time.perf_counter() - start
+    if steps == 0:   # no time left for any step: leave the default bound (met by the caller) alone
+        inf = torch.full((b, *shape), torch.inf, dtype=torch.float64)
+        return Bounds(-inf, inf), cut
     final = [t.to(torch.float64) for t in best_leaves]
     k = len(alpha_f)
     ub64 = _upper(engine_f, engine_g, top, rows, region, final[:k], final[k:], exact=True)
