@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pairs import assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair, sample_deltas
 
+import prunecert.certify.alpha_diff as ad
 import prunecert.certify.diff_linear as dl
 from prunecert.certify import get_method
 from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
@@ -103,6 +104,15 @@ def test_deadline_ends_the_search_soundly(monkeypatch):
     e2e = sample_deltas(pair, lo, hi, 400)
     assert_contains(cut.delta[-1].lower, cut.delta[-1].upper, e2e[-1], "cut search")
     _not_looser(cut.delta[-1], crown_diff_bounds(pair, lo, hi).delta[-1], "cut search vs crown-diff")
+    # a clock that ticks 1 s per reading and a deadline at 5 s: two steps fit, the third would not
+    clock = iter(range(1, 1000))
+    monkeypatch.setattr(ad, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    seen = []
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: seen.append(search(*a[:-1], 5.0)) or seen[-1])
+    two = alpha_crown_diff_bounds(pair, lo, hi)
+    (bounds, cut), = seen
+    assert cut and two.info["truncated"] == [True] and bool(torch.isfinite(bounds.upper).all())
+    assert_contains(two.delta[-1].lower, two.delta[-1].upper, e2e[-1], "two steps")
     with pytest.raises(ConfigError, match="iterations"):
         alpha_crown_diff_bounds(pair, lo, hi, iterations=-1)
     with pytest.raises(ConfigError, match="time_limit"):
