@@ -13,7 +13,7 @@ from pairs import assert_contains, extremes, pairs_and_boxes, random_box, random
 
 import prunecert.certify.alpha_diff as ad
 import prunecert.certify.diff_linear as dl
-from prunecert.certify import get_method
+from prunecert.certify import Box, certify, get_method
 from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.result import load_schema
 from prunecert.errors import ConfigError
@@ -136,3 +136,22 @@ def test_l2_ball_and_batches():
     assert_contains(acd.delta[-1].lower[0], acd.delta[-1].upper[0], (ds.min(0).values, ds.max(0).values), "l2 ball")
     box = sample_deltas(pair, lo[1], hi[1], 400)[-1]
     assert_contains(acd.delta[-1].lower[1], acd.delta[-1].upper[1], box, "box region")
+
+
+def test_through_certify_with_options_and_time_limit():
+    """certify() forwards `iterations` and `time_limit`; a cut run is flagged in the schema-valid JSON."""
+    jsonschema = pytest.importorskip("jsonschema")
+    rng = np.random.default_rng(17)
+    pair = random_conv_pair(rng, twin="prune", in_shape=(2, 8, 8))
+    lo, hi = random_box(rng, (2, 8, 8), 0.2, 0.6)
+    boxes = [Box(lo, hi), Box(np.clip(lo - 0.1, 0, 1), hi)]
+    full = certify(pair, None, boxes, method="alpha-crown-diff", iterations=5, progress=False, samples=16)
+    cut = certify(pair, None, boxes, method="alpha-crown-diff", time_limit=1e-9, progress=False, samples=16,
+                  batch_size=1)
+    for res, truncated in ((full, []), (cut, [0, 1])):
+        doc = res.to_json()
+        jsonschema.validate(doc, load_schema())
+        assert doc["method"] == "alpha-crown-diff" and doc["truncated_regions"] == truncated
+    assert (cut.max_abs_logit_deviation >= full.max_abs_logit_deviation).all()
+    with pytest.raises(ConfigError, match="itertions"):
+        certify(pair, None, boxes, method="alpha-crown-diff", itertions=5, progress=False)
