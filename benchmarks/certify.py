@@ -4,7 +4,8 @@ Pair and boxes as in `common.py`: LeNet-300-100 trained on mnist5k and its cores
 (compression 0.9), L-inf boxes of eps in {0.005, 0.01, 0.02, 0.05} around mnist5k test images, and
 the whole input domain [0, 1]^784. Quantity: the certified upper bound on max_k |Delta_logit_k|.
 
-- naive, diff-interval, diff-linear, crown-diff (CROWN on f - g) run batched over `--images` boxes per eps (default 100);
+- naive, diff-interval, diff-linear, crown-diff (CROWN on f - g), alpha-crown-diff (alpha-CROWN on f - g) run batched
+  over `--images` boxes per eps (default 100);
 - lp, milp, bab run on the first `--exact-images` boxes per eps (default 3: they cost seconds to a
   minute per box) and on the domain. milp (`max_abs_only`) gets `--milp-seconds` per box for its
   MILPs, plus up to `--lp-seconds` for the LP tightening before them (the lp method's own limit);
@@ -41,7 +42,7 @@ from prunecert.core.completion import make_pair  # noqa: E402
 from prunecert.core.regions import Domain, stack_boxes  # noqa: E402
 from prunecert.fileutil import atomic_write_text  # noqa: E402
 
-BATCHED = ("naive", "diff-interval", "diff-linear", "crown-diff")
+BATCHED = ("naive", "diff-interval", "diff-linear", "crown-diff", "alpha-crown-diff")
 EXPENSIVE = ("lp", "milp", "bab")
 GOALS = {"diff-linear within 1.5x of exact (median)": ("diff-linear", "median_ratio", 1.5),
          "bab within 1.05x of exact given 10 s (worst)": ("bab", "worst_ratio", 1.05),
@@ -124,7 +125,7 @@ def run(args) -> dict:
     sets = [(f"eps={eps:g}", stack_boxes(mnist_boxes(pair.input_shape, dlo, dhi, args.images, eps)))
             for eps in args.eps]
     sets.append(("domain", stack_boxes([Domain(dlo, dhi)])))
-    options = {"naive": {}, "diff-interval": {}, "diff-linear": {}, "crown-diff": {},
+    options = {"naive": {}, "diff-interval": {}, "diff-linear": {}, "crown-diff": {}, "alpha-crown-diff": {},
                "lp": {"local": False, "margins": False, "time_limit": args.lp_seconds},
                "milp": {"time_limit": args.milp_seconds, "local": False, "max_abs_only": True,
                         "tighten_time_limit": args.lp_seconds, "witness": milp_witness(pair, seed=args.seed)},

@@ -41,8 +41,8 @@ from prunecert.core.regions import Domain, stack_boxes  # noqa: E402
 from prunecert.fileutil import atomic_write_text  # noqa: E402
 from prunecert.io import load_model, save_model  # noqa: E402
 
-BATCHED = ("naive", "diff-interval", "diff-linear", "crown-diff")
-TIMED = ("diff-linear", "crown-diff")
+BATCHED = ("naive", "diff-interval", "diff-linear", "crown-diff", "alpha-crown-diff")
+TIMED = ("diff-linear", "crown-diff", "alpha-crown-diff")
 EPS = (0.005, 0.01, 0.02)
 
 

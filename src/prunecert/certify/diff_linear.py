@@ -24,6 +24,7 @@ import time
 import torch
 
 from prunecert.certify.alpha import optimise_rows
+from prunecert.certify.alpha_diff import optimise_diff_rows
 from prunecert.certify.backsub import Engine, Form, OpCtx, RegionBatch, concretise
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
 from prunecert.core.interval import Bounds
@@ -215,8 +216,9 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
     radii (B,)); each region is then the box intersected with its ball. `optimize`: tune the Delta
     relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
-    result is never looser than without). The result is intersected with `crown_diff_bounds` and
-    `diff_interval_bounds`, so it is never looser than either, neuron by neuron. `time_limit`:
+    result is never looser than without). The result is intersected with `crown_diff_bounds` (with
+    `optimize`: `alpha_crown_diff_bounds` with the same `iterations`) and `diff_interval_bounds`, so it
+    is never looser than either, neuron by neuron. `time_limit`:
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
     stay) and `info["truncated"]` says so per region.
     """
@@ -225,8 +227,8 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     lo, hi = as_batch(pair, lo, hi)
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     deadline = _deadline(time_limit, region.batch)
-    # CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
-    crown = _run(pair, region, False, deadline)
+    # (alpha-)CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
+    crown = _run(pair, region, False, deadline, diff_iterations=iterations if optimize else 0)
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
                prior=crown)
     truncated = out.info["truncated"] or crown.info["truncated"]
@@ -253,6 +255,23 @@ def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None, time_limit: floa
     return out
 
 
+def alpha_crown_diff_bounds(pair: Pair, lo, hi, iterations: int = 20, l2: L2 | None = None,
+                            time_limit: float | None = None) -> PairBounds:
+    """alpha-CROWN on the merged difference network: `crown_diff_bounds`, then the f and g lower slopes
+    of the logits' paired rows tuned for `iterations` projected Adam steps (`alpha_diff.py`); per row
+    the better of the tuned and the default bound, so never looser than crown-diff. Hidden layers are
+    crown-diff's. `time_limit` as for `diff_linear_bounds` (it also ends the slope search).
+    """
+    if iterations < 0:
+        raise ConfigError(f"iterations must be >= 0, got {iterations}")
+    lo, hi = as_batch(pair, lo, hi)
+    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
+    out = _run(pair, region, False, _deadline(time_limit, region.batch), diff_iterations=iterations)
+    out.info = {"method": "alpha-crown-diff", "optimized": out.info["diff_optimized"],
+                "truncated": [out.info["truncated"]] * region.batch}
+    return out
+
+
 def _deadline(time_limit: float | None, batch: int) -> float | None:
     if time_limit is None:
         return None
@@ -262,9 +281,10 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None) -> PairBounds:
+         iterations: int = 0, prior: PairBounds | None = None, diff_iterations: int = 0) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
-    `prior`: bounds of an earlier pass whose hidden-layer a^f, a^g are taken instead of walking again."""
+    `prior`: bounds of an earlier pass whose hidden-layer a^f, a^g are taken instead of walking again.
+    `diff_iterations` > 0: the logits' f - g rows also get optimised slopes (alpha-CROWN on f - g)."""
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
     hf = hg = Bounds(region.lo, region.hi)
@@ -293,7 +313,12 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
             st.delta.append(DeltaRelax.of(af, ag, d, sf, sg))
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
-    info = {"optimized": False}
+    info = {"optimized": False, "diff_optimized": False}
+    if diff_iterations > 0 and pair.n_layers > 1 and not st.stop():
+        opt, cut = optimise_diff_rows(st.f, st.g, pair.n_layers - 1, region, diff_iterations, deadline)
+        d_b[-1] = _refine(f_b[-1], g_b[-1], meet(d_b[-1], opt))[2]
+        st.truncated |= cut
+        info["diff_optimized"] = True
     if optimize and pair.n_layers > 1 and not st.stop():
         opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline)
         d_b[-1] = meet(d_b[-1], opt)

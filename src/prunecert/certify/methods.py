@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from prunecert.certify.bab import bab_bounds
 from prunecert.certify.diff_interval import diff_interval_bounds
-from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
+from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import milp_bounds
 from prunecert.certify.naive import naive_bounds
@@ -55,9 +55,11 @@ class BoundMethod:
 METHODS: dict[str, BoundMethod] = {m.name: m for m in (
     BoundMethod("naive", naive_bounds, "intervals for f and g separately, subtracted (the baseline)"),
     BoundMethod("diff-interval", diff_interval_bounds, "ReluDiff: f, g and Delta propagated together"),
-    BoundMethod("diff-linear", diff_linear_bounds, "symbolic linear bounds on Delta, intersected with crown-diff "
-                "(the default)"),
+    BoundMethod("diff-linear", diff_linear_bounds, "symbolic linear bounds on Delta, intersected with "
+                "alpha-crown-diff (the default)"),
     BoundMethod("crown-diff", crown_diff_bounds, "CROWN on the merged difference network f - g"),
+    BoundMethod("alpha-crown-diff", alpha_crown_diff_bounds, "alpha-CROWN on f - g: crown-diff with the logit "
+                "rows' ReLU slopes optimised"),
     BoundMethod("lp", lp_bounds, "triangle LP of both networks over the shared input, rigorous duals",
                 encodes_pair=True),
     BoundMethod("milp", milp_bounds, "exact MILP (small nets); optima cross-checked", encodes_pair=True),

@@ -40,7 +40,7 @@ def certify_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON (schema prunecert.certify/1)."),
     export_onnx: Optional[Path] = typer.Option(None, "--export-onnx", help="Write f - g as ONNX plus one VNN-LIB "
                                                "property |Delta_k| <= tau per region and logit into this folder."),
-    time_limit: Optional[float] = typer.Option(None, help="Seconds per region (diff-linear, crown-diff, lp, milp, bab); past it the method stops early and says so."),
+    time_limit: Optional[float] = typer.Option(None, help="Seconds per region (diff-linear, crown-diff, alpha-crown-diff, lp, milp, bab); past it the method stops early and says so."),
     samples: int = typer.Option(256, help="Points sampled per region by the counterexample search."),
     batch_size: int = typer.Option(32, help="Regions bounded at once (one chunk of work)."),
     seed: Seed = 0,

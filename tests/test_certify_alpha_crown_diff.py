@@ -1,0 +1,157 @@
+"""alpha-CROWN on the difference network (alpha-crown-diff): sound against sampling, gradient ascent and
+the exact MILP; never looser than crown-diff, neuron by neuron; diff-linear never looser than it, neuron
+by neuron; the slope search really tightens, honours its deadline and handles L2 balls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pairs import assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair, sample_deltas
+
+import prunecert.certify.alpha_diff as ad
+import prunecert.certify.diff_linear as dl
+from prunecert.certify import Box, certify, get_method
+from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
+from prunecert.certify.result import load_schema
+from prunecert.errors import ConfigError
+
+SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _not_looser(inner, outer, what: str) -> None:
+    assert (inner.lower >= outer.lower).all(), f"{what}: lower bound looser"
+    assert (inner.upper <= outer.upper).all(), f"{what}: upper bound looser"
+
+
+def _check(pair, lo, hi, e2e, what: str) -> None:
+    """alpha-crown-diff contains `e2e` on every layer, is within crown-diff everywhere (equal on hidden
+    layers: only the logit rows are optimised), and diff-linear is within it on every layer."""
+    cd, acd, b = crown_diff_bounds(pair, lo, hi), alpha_crown_diff_bounds(pair, lo, hi), diff_linear_bounds(pair, lo, hi)
+    assert acd.info["optimized"] and acd.info["truncated"] == [False] * len(acd.info["truncated"])
+    for l in range(pair.n_layers):
+        assert_contains(acd.delta[l].lower, acd.delta[l].upper, e2e[l], f"{what}: alpha-crown-diff layer {l}")
+        _not_looser(acd.delta[l], cd.delta[l], f"{what}: alpha-crown-diff vs crown-diff, layer {l}")
+        _not_looser(b.delta[l], acd.delta[l], f"{what}: diff-linear vs alpha-crown-diff, layer {l}")
+
+
+def test_registered_and_in_the_schema():
+    assert get_method("alpha-crown-diff").bounds is alpha_crown_diff_bounds
+    assert "alpha-crown-diff" in load_schema()["properties"]["method"]["enum"]
+
+
+@settings(max_examples=25, **SLOW)
+@given(pairs_and_boxes())
+def test_dense_pairs(case):
+    pair, lo, hi = case
+    _check(pair, lo, hi, sample_deltas(pair, lo, hi, 400), "dense")
+
+
+@settings(max_examples=8, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["perturb", "prune", "quantise"]),
+       st.sampled_from([(1, 6, 6), (3, 8, 8), (2, 12, 14)]))
+def test_conv_pairs(seed, twin, in_shape):
+    """Conv pairs: sound against sampling and gradient ascent of the logits' Delta."""
+    rng = np.random.default_rng(seed)
+    pair = random_conv_pair(rng, twin=twin, in_shape=in_shape)
+    lo, hi = random_box(rng, in_shape)
+    _check(pair, lo, hi, extremes(pair, lo, hi, 300, layers=[-1], seed=seed), "conv")
+
+
+def test_against_milp():
+    """The exact MILP extremes of the logits' Delta lie within alpha-crown-diff's bounds."""
+    milp = pytest.importorskip("prunecert.certify.milp", reason="prunecert.certify.milp not available")
+    rng = np.random.default_rng(34)
+    for twin in ("prune", "quantise", "perturb", "prune"):
+        pair = random_pair(rng, 3, (6, 5), 2, twin=twin)
+        lo, hi = random_box(rng, 3)
+        exact = milp.milp_bounds(pair, lo, hi, local=False).delta[-1]
+        acd = alpha_crown_diff_bounds(pair, lo, hi).delta[-1]
+        gap = 1e-6 * (1 + exact.upper.abs() + exact.lower.abs())
+        assert (acd.upper >= exact.upper - gap).all() and (acd.lower <= exact.lower + gap).all()
+
+
+def test_slope_search_tightens_crown_diff():
+    """On random dense pairs with unstable neurons the optimised slopes beat CROWN's default ones (the
+    search is not a no-op), and 0 iterations give crown-diff's bounds."""
+    rng = np.random.default_rng(0)
+    gained = 0.0
+    for _ in range(5):
+        pair = random_pair(rng, 4, (12, 10), 3, twin="prune")
+        lo, hi = random_box(rng, 4)
+        cd = crown_diff_bounds(pair, lo, hi).delta[-1]
+        gained += float(cd.width.sum() - alpha_crown_diff_bounds(pair, lo, hi).delta[-1].width.sum())
+        plain = alpha_crown_diff_bounds(pair, lo, hi, iterations=0)
+        assert not plain.info["optimized"]
+        assert torch.equal(plain.delta[-1].lower, cd.lower) and torch.equal(plain.delta[-1].upper, cd.upper)
+    assert gained > 0.1
+
+
+def test_deadline_ends_the_search_soundly(monkeypatch):
+    """A deadline already past when the slope search starts: one evaluation, the result says it was
+    truncated, and it is still sound and within crown-diff."""
+    rng = np.random.default_rng(3)
+    pair = random_pair(rng, 4, (12, 10), 3, twin="prune")
+    lo, hi = random_box(rng, 4, 0.2, 0.8)
+    search = dl.optimise_diff_rows
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: search(*a[:-1], 0.0))
+    cut = alpha_crown_diff_bounds(pair, lo, hi)
+    assert cut.info["truncated"] == [True]
+    e2e = sample_deltas(pair, lo, hi, 400)
+    assert_contains(cut.delta[-1].lower, cut.delta[-1].upper, e2e[-1], "cut search")
+    _not_looser(cut.delta[-1], crown_diff_bounds(pair, lo, hi).delta[-1], "cut search vs crown-diff")
+    # a clock that ticks 1 s per reading and a deadline at 5 s: two steps fit, the third would not
+    clock = iter(range(1, 1000))
+    monkeypatch.setattr(ad, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    seen = []
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: seen.append(search(*a[:-1], 5.0)) or seen[-1])
+    two = alpha_crown_diff_bounds(pair, lo, hi)
+    (bounds, cut), = seen
+    assert cut and two.info["truncated"] == [True] and bool(torch.isfinite(bounds.upper).all())
+    assert_contains(two.delta[-1].lower, two.delta[-1].upper, e2e[-1], "two steps")
+    with pytest.raises(ConfigError, match="iterations"):
+        alpha_crown_diff_bounds(pair, lo, hi, iterations=-1)
+    with pytest.raises(ConfigError, match="time_limit"):
+        alpha_crown_diff_bounds(pair, lo, hi, time_limit=0)
+
+
+def test_l2_ball_and_batches():
+    """Two regions at once, one of them an L2 ball: sound on points of the ball, within crown-diff."""
+    rng = np.random.default_rng(8)
+    n_in = 5
+    pair = random_pair(rng, n_in, (10, 8), 3, twin="perturb")
+    centre, radius = rng.uniform(0.3, 0.7, size=(2, n_in)), 0.2
+    lo, hi = np.clip(centre - radius, 0, 1), np.clip(centre + radius, 0, 1)
+    l2 = (torch.from_numpy(centre), torch.tensor([radius, 10.0], dtype=torch.float64))   # 10: the box binds
+    acd = alpha_crown_diff_bounds(pair, lo, hi, l2=l2)
+    _not_looser(acd.delta[-1], crown_diff_bounds(pair, lo, hi, l2=l2).delta[-1], "l2 vs crown-diff")
+    d = rng.normal(size=(3000, n_in))
+    d *= radius * rng.uniform(0, 1, size=(3000, 1)) ** (1 / n_in) / np.linalg.norm(d, axis=1, keepdims=True)
+    x = torch.from_numpy(np.clip(centre[0] + d, 0, 1))
+    ds = pair.deltas(x)[-1]
+    assert_contains(acd.delta[-1].lower[0], acd.delta[-1].upper[0], (ds.min(0).values, ds.max(0).values), "l2 ball")
+    box = sample_deltas(pair, lo[1], hi[1], 400)[-1]
+    assert_contains(acd.delta[-1].lower[1], acd.delta[-1].upper[1], box, "box region")
+
+
+def test_through_certify_with_options_and_time_limit():
+    """certify() forwards `iterations` and `time_limit`; a cut run is flagged in the schema-valid JSON."""
+    jsonschema = pytest.importorskip("jsonschema")
+    rng = np.random.default_rng(17)
+    pair = random_conv_pair(rng, twin="prune", in_shape=(2, 8, 8))
+    lo, hi = random_box(rng, (2, 8, 8), 0.2, 0.6)
+    boxes = [Box(lo, hi), Box(np.clip(lo - 0.1, 0, 1), hi)]
+    full = certify(pair, None, boxes, method="alpha-crown-diff", iterations=5, progress=False, samples=16)
+    cut = certify(pair, None, boxes, method="alpha-crown-diff", time_limit=1e-9, progress=False, samples=16,
+                  batch_size=1)
+    for res, truncated in ((full, []), (cut, [0, 1])):
+        doc = res.to_json()
+        jsonschema.validate(doc, load_schema())
+        assert doc["method"] == "alpha-crown-diff" and doc["truncated_regions"] == truncated
+    assert (cut.max_abs_logit_deviation >= full.max_abs_logit_deviation).all()
+    with pytest.raises(ConfigError, match="itertions"):
+        certify(pair, None, boxes, method="alpha-crown-diff", itertions=5, progress=False)
