@@ -51,10 +51,9 @@ from prunecert.scale import (
     open_executor,
     region_generator,
 )
+from prunecert.stage_budgets import AUTO_GRADIENT_SHARE, AUTO_WALKS
 from prunecert.threads import one_torch_thread
 
-AUTO_WALKS = 6  # LP walks in `auto`, from the best distinct APGD points
-AUTO_GRADIENT_SHARE = 0.4  # of the budget for APGD in `auto`; the rest for LP walks
 RANDOM_SAMPLES = 20_000
 CHUNK_SIZE = 16  # regions per chunk: a gradient batch of 16 regions is ~160 MB on LeNet-300-100
 

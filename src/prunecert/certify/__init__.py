@@ -35,11 +35,10 @@ from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
 from prunecert.progress import progress_task
 from prunecert.scale import Executor, InProcessExecutor, open_executor
+from prunecert.stage_budgets import BAB_SECONDS
 
 __all__ = ["certify", "certify_stream", "METHODS", "BoundMethod", "get_method", "Pair", "make_pair", "Box", "L2Ball",
            "Domain", "Region", "PairBounds", "CertifyResult"]
-
-BAB_SECONDS = 10.0   # per region, for --method bab's complete verdicts when no time limit is given
 
 
 def _as_pair(original, pruned) -> Pair:
