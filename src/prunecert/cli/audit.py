@@ -166,6 +166,7 @@ def audit_command(o: AuditOptions) -> int:
     progress = not (o.quiet or o.json_only)
     with _redirect_stdout("stderr" if o.json_only else "null" if o.quiet else None):
         plan = _plan(o, progress)
+        report: Audit
         report, pruned_net = prunecert.audit.run_audit(plan)
         paths = write_report(report, o.report_dir, ("json",) if o.json_only else ("json", "html", "md"))
         if o.demo and o.fine_tune and not o.json_only:

@@ -129,9 +129,9 @@ _SHORT_OPS = {"conv2d": "conv", "avgpool2d": "pool", "flatten": "flat", "linear"
 def _print_summary(source: str, s: dict[str, Any]) -> None:
     console = Console()
     table = Table(title=f"{source}  ({s['name']})")
-    for col, justify in (("#", "right"), ("name", "left"), ("ops", "left"), ("in", "left"), ("out", "left"),
-                         ("neurons", "right"), ("params", "right")):
-        table.add_column(col, justify=justify, no_wrap=col != "ops", overflow="fold")  # only ops wraps
+    for col in ("#", "name", "ops", "in", "out", "neurons", "params"):  # only ops wraps
+        table.add_column(col, justify="right" if col in ("#", "neurons", "params") else "left", no_wrap=col != "ops",
+                         overflow="fold")
     for row in s["layers"]:  # every layer but the logits is followed by a ReLU (the IR's rule)
         table.add_row(str(row["index"]), row["name"], "+".join(_SHORT_OPS.get(k, k) for k in row["ops"]),
                       "x".join(map(str, row["in_shape"])), "x".join(map(str, row["out_shape"])),
