@@ -44,10 +44,11 @@ class Options:
 O = TypeVar("O", bound=Options)
 
 
-def command(name: str, options: type[O], *, epilog: str | None = None
+def command(name: str, options: type[O], *, epilog: str | None = None, typer_app: typer.Typer = app
             ) -> Callable[[Callable[[O], int]], Callable[[O], int]]:
-    """Register `prunecert NAME` with the fields of `options` as its arguments and options; the
-    decorated body receives the checked options and returns the exit status."""
+    """Register `prunecert NAME` (on `typer_app`, the prunecert app unless given) with the fields of
+    `options` as its arguments and options; the decorated body receives the checked options and
+    returns the exit status."""
     hints = typing.get_type_hints(options, include_extras=True)  # Annotated metadata carries typer's flags
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
                                 default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
@@ -67,7 +68,7 @@ def command(name: str, options: type[O], *, epilog: str | None = None
         setattr(invoke, "__signature__", inspect.Signature(params))
         invoke.__annotations__ = {p.name: p.annotation for p in params}
         invoke.__doc__, invoke.__name__ = body.__doc__, body.__name__
-        app.command(name, epilog=epilog)(invoke)
+        typer_app.command(name, epilog=epilog)(invoke)
         return body
 
     return register
