@@ -31,6 +31,7 @@ import typer
 from prunecert.cli import app, fail
 from prunecert.errors import PrunecertError
 
+
 @dataclass(frozen=True, kw_only=True)
 class Options:
     """The base of every command's options (its fields are the command line)."""
@@ -50,6 +51,9 @@ def command(name: str, options: type[O], *, epilog: str | None = None, typer_app
     `options` as its arguments and options; the decorated body receives the checked options and
     returns the exit status."""
     hints = typing.get_type_hints(options, include_extras=True)  # Annotated metadata carries typer's flags
+    if any(f.default_factory is not dataclasses.MISSING for f in dataclasses.fields(options)):
+        raise TypeError(f"{options.__name__}: a command line default is a plain value (typer shows it), "
+                        "not a default_factory")
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
                                 default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
               for f in dataclasses.fields(options)]

@@ -1,7 +1,8 @@
 """The arguments and options several commands share (one declaration, one help text, one valid range).
 
-Both commands take the same two models and read their regions with
-`core.region_options.regions_from_options`; declaring them once keeps their flags and help identical.
+certify and attack take the same two models, and they and prune's certified search the same region
+options (read with `core.region_options.regions_from_options`); declaring them once keeps their flags
+and help identical. A command's own options are fields of its options dataclass (`cli.command`).
 """
 
 from __future__ import annotations
