@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunecert"
 FLOORS: dict[str, int] = {
     "errors": 0,
     "fileutil": 1, "network": 1, "data": 1, "solvers": 1, "threads": 1, "objectives": 1,
-    "progress": 1,
+    "progress": 1, "stage_budgets": 1,
     "io": 2, "scale": 2,
     "core": 3, "train": 3,
     "prune": 4, "certify": 4,

@@ -37,6 +37,7 @@ from prunecert.adversarial.witness import certify_searches
 from prunecert.network import Network
 from prunecert.progress import progress_task, stage_line
 from prunecert.scale import open_executor
+from prunecert.stage_budgets import AUDIT_ATTACK_SECONDS, AUDIT_CERTIFY_SECONDS, AUDIT_COMPLETE_SECONDS, CERTIFY_SAMPLES
 
 SLACK_REL, SLACK_ABS = 1e-9, 1e-12  # float64 re-evaluation noise allowed between an attack and a bound
 
@@ -65,7 +66,7 @@ class AuditPlan:
     max_panels: int = 6
     complete: float | None = None     # seconds per region to settle open top-1 verdicts (None: off)
     load_seconds: float = 0.0         # time plan_audit spent loading models and data
-    certify_budget: float | None = 5.0  # seconds per region for the bound method (None: no limit)
+    certify_budget: float | None = AUDIT_CERTIFY_SECONDS  # seconds per region for the bound method (None: no limit)
     extra_timings: list[tuple[str, float]] = field(default_factory=list)  # e.g. training the demo model
     workers: int | None = 1           # executor of the certify/attack chunks (results do not depend on it)
     scheduler: str | None = None
@@ -107,10 +108,12 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
                domain: bool = True, layer_tolerance: float | Sequence[float | None] | None = None,
                prune_method: str = "coreset", keep=None, compression: float | None = None,
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
-               attack_method: str = "auto", attack_budget: float = 0.5, samples: int = 256, seed: int = 0,
+               attack_method: str = "auto", attack_budget: float = AUDIT_ATTACK_SECONDS,
+               samples: int = CERTIFY_SAMPLES, seed: int = 0,
                progress: bool = True, command: str | None = None, max_panels: int = 6,
-               input_domain: tuple | None = None, certify_budget: float | None = 5.0,
-               complete: float | None = 5.0, centers: Sequence[str] | None = None, workers: int | None = 1,
+               input_domain: tuple | None = None, certify_budget: float | None = AUDIT_CERTIFY_SECONDS,
+               complete: float | None = AUDIT_COMPLETE_SECONDS, centers: Sequence[str] | None = None,
+               workers: int | None = 1,
                scheduler: str | None = None, threads: int | None = None) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 

@@ -51,16 +51,15 @@ from prunecert.scale import (
     open_executor,
     region_generator,
 )
+from prunecert.stage_budgets import ATTACK_SECONDS, AUTO_GRADIENT_SHARE, AUTO_WALKS
 from prunecert.threads import one_torch_thread
 
-AUTO_WALKS = 6  # LP walks in `auto`, from the best distinct APGD points
-AUTO_GRADIENT_SHARE = 0.4  # of the budget for APGD in `auto`; the rest for LP walks
 RANDOM_SAMPLES = 20_000
 CHUNK_SIZE = 16  # regions per chunk: a gradient batch of 16 regions is ~160 MB on LeNet-300-100
 
 
 def attack(original: Network | Pair, pruned: Network | None, region, objective: str | Objective = "max-logit-deviation",
-           method: str = "auto", budget_seconds: float = 10.0, seed: int = 0, restarts: int | None = None,
+           method: str = "auto", budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
            iterations: int | None = None, label: int | None = None, progress: bool = True) -> AttackResult:
     """Search `region` for the input maximising `objective` of the pair (original, pruned).
 
@@ -74,7 +73,7 @@ def attack(original: Network | Pair, pruned: Network | None, region, objective: 
 
 def attack_many(original: Network | Pair, pruned: Network | None, regions: Sequence,
                 objective: str | Objective = "max-logit-deviation", method: str = "auto",
-                budget_seconds: float = 10.0, seed: int = 0, restarts: int | None = None,
+                budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
                 iterations: int | None = None, label: int | None = None, progress: bool = True,
                 workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
                 executor: Executor | None = None, chunk_size: int = CHUNK_SIZE) -> list[AttackResult]:
@@ -106,7 +105,7 @@ class AttackSetup:
 
 def attack_stream(original: Network | Pair, pruned: Network | None, regions: Sequence,
                   objective: str | Objective = "max-logit-deviation", method: str = "auto",
-                  budget_seconds: float = 10.0, seed: int = 0, restarts: int | None = None,
+                  budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
                   iterations: int | None = None, label: int | None = None, progress: bool = True,
                   workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
                   executor: Executor | None = None, chunk_size: int = CHUNK_SIZE

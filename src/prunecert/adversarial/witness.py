@@ -18,8 +18,8 @@ from prunecert.adversarial.api import attack
 from prunecert.adversarial.objectives import Objective
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Box
+from prunecert.stage_budgets import WITNESS_SECONDS
 
-WITNESS_SECONDS = 2.0  # per MILP objective; `auto` usually stops well before on small nets
 # apgd restarts before the LP walks: with auto's default 3, whether the seed-302 case of
 # tests/test_certify_milp.py is refuted depended on the seed (seeds 0 and 2 of 0-5 missed it); with 6
 # restarts seeds 0-7 all find it

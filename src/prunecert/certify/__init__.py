@@ -35,11 +35,10 @@ from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
 from prunecert.progress import progress_task
 from prunecert.scale import Executor, InProcessExecutor, open_executor
+from prunecert.stage_budgets import BAB_SECONDS, CERTIFY_SAMPLES
 
 __all__ = ["certify", "certify_stream", "METHODS", "BoundMethod", "get_method", "Pair", "make_pair", "Box", "L2Ball",
            "Domain", "Region", "PairBounds", "CertifyResult"]
-
-BAB_SECONDS = 10.0   # per region, for --method bab's complete verdicts when no time limit is given
 
 
 def _as_pair(original, pruned) -> Pair:
@@ -95,7 +94,7 @@ def _check_logits(pair: Pair, logits: Sequence[int] | None) -> list[int] | None:
 
 def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str | os.PathLike | None,
             regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
-            time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = 256,
+            time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = CERTIFY_SAMPLES,
             batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
             logits: Sequence[int] | None = None, delta: float | None = None, complete: float | None = None,
             class_search: ClassSearch | None = None, workers: int | None = 1, scheduler: str | None = None,
@@ -129,7 +128,8 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
 
 def certify_stream(original: Network | Pair | str | os.PathLike, pruned: Network | str | os.PathLike | None,
                    regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
-                   time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = 256,
+                   time_limit: float | None = None, progress: bool = True, seed: int = 0,
+                   samples: int = CERTIFY_SAMPLES,
                    batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
                    logits: Sequence[int] | None = None, delta: float | None = None, complete: float | None = None,
                    class_search: ClassSearch | None = None, workers: int | None = 1,

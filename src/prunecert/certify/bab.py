@@ -36,9 +36,10 @@ from prunecert.core.pair import Pair
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
 from prunecert.progress import stage_line
+from prunecert.stage_budgets import BAB_ATTACK_SHARE as ATTACK_SHARE  # the time split is policy (stage_budgets)
+from prunecert.stage_budgets import BAB_LP_SHARE as LP_SHARE
+from prunecert.stage_budgets import BAB_SECONDS
 
-LP_SHARE = 0.5          # of the time budget for the LP tightening pass before branching
-ATTACK_SHARE = 0.1      # of the time budget for an attack (lower bounds), when available
 EXACT_GAP = 1e-9        # a leaf whose relaxation is this close to the ReLUs at its optimum is exact
 INPUT_SPLIT_MAX = 16    # "auto" branching bisects the input box up to this many inputs
 
@@ -216,7 +217,7 @@ def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tol
     return rb, info
 
 
-def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: float = 10.0,
+def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: float = BAB_SECONDS,
                rel_gap: float = 0.01, seed: int = 0, local: bool = False,
                branching: str = "auto", progress: bool = False, logits: Sequence[int] | None = None,
                reach: ReachSearch | None = None) -> PairBounds:

@@ -35,11 +35,11 @@ from prunecert.certify.lp import initial_bounds
 from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import PairBounds
 from prunecert.core.pair import Pair
+from prunecert.stage_budgets import SETTLE_SEARCH_SHARE as SEARCH_SHARE  # the time split is policy (stage_budgets)
 from prunecert.threads import one_torch_thread
 
 INPUT_SPLIT_MAX = 16   # bisect the input on networks with at most this many inputs
 BATCH = 256            # leaves bisected per step (their children are bounded in one call)
-SEARCH_SHARE = 0.1     # of the budget for the injected counterexample search
 SAMPLES = 2048         # uniform points checked before the injected search
 
 # (lo, hi, property, seconds) -> an input refuting the property, or None

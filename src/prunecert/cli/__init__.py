@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
-try:  # typer >= 0.20 vendors click
+if TYPE_CHECKING:  # mypy reads the installed typer, which vendors click (typer >= 0.20)
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover - older typer on top of click
-    from click.exceptions import NoArgsIsHelpError, UsageError
+else:
+    try:  # typer >= 0.20 vendors click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - older typer on top of click
+        from click.exceptions import NoArgsIsHelpError, UsageError
 
 from prunecert.errors import PrunecertError
+from prunecert.solvers import silence_highs_banner
 
 ERROR_EXIT = 3
 
@@ -28,10 +33,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# each module defines its commands with @app.command() on `app` above; imported for that side effect
-from prunecert.cli import models, prune, certify, attack, audit, merge  # noqa: E402,F401 (workflow order in --help)
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print a one-line error and exit with ERROR_EXIT."""
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(ERROR_EXIT)
@@ -45,8 +48,6 @@ def run(argv: list[str] | None = None) -> int:
     (numpy, torch) raised on the way to an error are dropped, so the error line stands alone; after a
     successful run they are shown as usual.
     """
-    from prunecert.solvers import silence_highs_banner
-
     silence_highs_banner()  # keep stdout clean (--json-only output must stay parseable)
     with warnings.catch_warnings(record=True) as caught:
         code = _invoke(argv)
@@ -78,7 +79,7 @@ def _invoke(argv: list[str] | None) -> int:
     return result if isinstance(result, int) else 0
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException | str) -> str:
     """An error message squeezed onto one line (messages may quote multi-line file content)."""
     text = " ".join(str(exc).split())
     return text.encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 path must not crash the print
@@ -87,3 +88,8 @@ def one_line(exc: BaseException) -> str:
 def main() -> None:
     """Console entry point (`prunecert`): see `run`."""
     sys.exit(run())
+
+
+# each module declares its commands on `app` above (prunecert.cli.command); imported last, for that side
+# effect, because they use `app` and `fail`; the order is the workflow order of --help
+from prunecert.cli import models, prune, certify, attack, audit, merge  # noqa: E402,F401

@@ -7,49 +7,87 @@ attack cannot prove the bound); --replay exits 1 if the saved value does not rep
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Optional, Sequence
 
+import numpy as np
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from prunecert.cli import app
+from prunecert.adversarial import parse_objective, replay, save_counterexample
+from prunecert.adversarial.api import attack_stream
+from prunecert.adversarial.centres import lowest_margin
+from prunecert.adversarial.result import AttackResult
+from prunecert.cli.command import Options, command
 from prunecert.cli.options import AttackMethod, Centers, Eps, InputDomain, Norm, Original, Pruned, RegionName, Seed, Vnnlib
 from prunecert.cli.options import Scheduler, Threads, Workers, cli_regions
-from prunecert.errors import ConfigError, PrunecertError
+from prunecert.core.completion import make_pair
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Region
+from prunecert.errors import ConfigError
+from prunecert.fileutil import atomic_write_text, check_output_dir
+from prunecert.io import load_model, parse_input_domain, weights_sha256
+from prunecert.stage_budgets import ATTACK_SECONDS
 
 EXAMPLE = ("prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 "
            "--objective max-logit-deviation --method auto --budget-seconds 10 --out cex/")
+NO_POINT = np.empty(0)  # what the printed rows keep of a point: the points are saved (or dropped) as they come
 
 
-@app.command("attack", epilog=f"Example: {EXAMPLE}   Replay: prunecert attack --replay cex/x.npz lenet.pt "
-                              f"lenet-pruned.pt")
-def attack_command(
-    original: Original,
-    pruned: Pruned,
-    center: Centers = None,
-    eps: Eps = None,
-    norm: Norm = "inf",
-    region: RegionName = None,
-    vnnlib: Vnnlib = None,
-    objective: str = typer.Option("max-logit-deviation", help="max-logit-deviation, disagreement, evasive[:c] "
-                                  "or layer:L:neuron:K[:min]."),
-    method: AttackMethod = "auto",
-    budget_seconds: float = typer.Option(10.0, "--budget-seconds", help="Time budget per region (seconds)."),
-    seed: Seed = 0,
-    restarts: Optional[int] = typer.Option(None, help="Restarts per sub-objective (gradient methods) or LP walks."),
-    lowest_margin: Optional[int] = typer.Option(None, "--lowest-margin", help="Attack only the K regions whose "
-                                                "centres have the smallest margin of PRUNED for ORIGINAL's class "
-                                                "(where disagreements cluster), smallest first."),
-    tolerance: Optional[float] = typer.Option(None, help="Exit 1 if the value found exceeds this, else 2."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for x.npz, PNGs and result.json."),
-    replay_path: Optional[Path] = typer.Option(None, "--replay", help="Re-evaluate a saved x.npz instead."),
-    input_domain: InputDomain = None,
-    workers: Workers = None,
-    scheduler: Scheduler = None,
-    threads: Threads = None,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
-) -> None:
+@dataclass(frozen=True, kw_only=True)
+class AttackOptions(Options):
+    """`prunecert attack`'s command line (the fields, in --help order)."""
+
+    original: Original
+    pruned: Pruned
+    center: Centers = None
+    eps: Eps = None
+    norm: Norm = "inf"
+    region: RegionName = None
+    vnnlib: Vnnlib = None
+    objective: Annotated[str, typer.Option(
+        help="max-logit-deviation, disagreement, evasive[:c] or layer:L:neuron:K[:min].")] = "max-logit-deviation"
+    method: AttackMethod = "auto"
+    budget_seconds: Annotated[float, typer.Option(
+        "--budget-seconds", help="Time budget per region (seconds).")] = ATTACK_SECONDS
+    seed: Seed = 0
+    restarts: Annotated[Optional[int], typer.Option(
+        help="Restarts per sub-objective (gradient methods) or LP walks.")] = None
+    lowest_margin: Annotated[Optional[int], typer.Option(
+        "--lowest-margin", help="Attack only the K regions whose centres have the smallest margin of PRUNED for "
+                                "ORIGINAL's class (where disagreements cluster), smallest first.")] = None
+    tolerance: Annotated[Optional[float], typer.Option(help="Exit 1 if the value found exceeds this, else 2.")] = None
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for x.npz, PNGs and result.json.")] = None
+    replay_path: Annotated[Optional[Path], typer.Option(
+        "--replay", help="Re-evaluate a saved x.npz instead.")] = None
+    input_domain: InputDomain = None
+    workers: Workers = None
+    scheduler: Scheduler = None
+    threads: Threads = None
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False
+
+    def checked(self) -> AttackOptions:
+        if self.replay_path is not None:  # a replay reads the models and the saved point only
+            return self
+        parse_objective(self.objective)  # a malformed spec fails before any model is loaded
+        if self.out is not None:
+            check_output_dir(self.out, "--out")
+        if self.eps is not None and self.center and not self.eps > 0:
+            raise ConfigError(f"--eps must be > 0 for an attack (a region of zero volume has nothing to search), "
+                              f"got {self.eps}")
+        if self.lowest_margin is not None and self.lowest_margin < 1:
+            raise ConfigError(f"--lowest-margin must be >= 1 (the number of regions to keep), got "
+                              f"{self.lowest_margin}")
+        return self
+
+
+@command("attack", AttackOptions, epilog=f"Example: {EXAMPLE}   Replay: prunecert attack --replay cex/x.npz "
+                                         f"lenet.pt lenet-pruned.pt")
+def attack_command(o: AttackOptions) -> int:
     """Find inputs in a region maximising how far PRUNED deviates from ORIGINAL; save counterexamples.
 
     Objectives: max |f - g| over the logits, one neuron of any layer (Delta_L[K], or -Delta with :min),
@@ -58,61 +96,32 @@ def attack_command(
 
     Example: prunecert attack lenet.pt lenet-pruned.pt --center mnist5k:test:0 --eps 0.02 --out cex/
     """
-    try:
-        if replay_path is not None:
-            code = _replay(replay_path, original, pruned, input_domain)
-        else:
-            code = _run(original, pruned, center or [], eps, norm, region, vnnlib, objective, method,
-                        budget_seconds, seed, restarts, tolerance, out, quiet, lowest_margin, input_domain, workers,
-                        scheduler, threads)
-    except PrunecertError as exc:
-        from prunecert.cli import fail
-        fail(str(exc))
-        return
-    raise typer.Exit(code)
-
-
-def _run(original, pruned, centers, eps, norm, region, vnnlib, objective, method, budget, seed, restarts,
-         tolerance, out, quiet, lowest_margin=None, input_domain=None, workers=1, scheduler=None, threads=None) -> int:
-    from prunecert.adversarial import parse_objective
-    from prunecert.adversarial.api import attack_stream
-    from prunecert.core.completion import make_pair
-    from prunecert.fileutil import check_output_dir
-    from prunecert.io import load_model, parse_input_domain, weights_sha256
-
-    parse_objective(objective)  # a malformed spec fails before any model is loaded
-    if out is not None:
-        check_output_dir(out, "--out")
-    if eps is not None and centers and not eps > 0:
-        raise ConfigError(f"--eps must be > 0 for an attack (a region of zero volume has nothing to search), "
-                          f"got {eps}")
-    if lowest_margin is not None and lowest_margin < 1:
-        raise ConfigError(f"--lowest-margin must be >= 1 (the number of regions to keep), got {lowest_margin}")
-    domain = parse_input_domain(input_domain)
-    net_f, net_g = load_model(original, input_domain=domain), load_model(pruned, input_domain=domain)
+    if o.replay_path is not None:
+        return _replay(o.replay_path, o)
+    domain = parse_input_domain(o.input_domain)
+    net_f, net_g = load_model(o.original, input_domain=domain), load_model(o.pruned, input_domain=domain)
     pair = make_pair(net_f, net_g)
-    regions = cli_regions(pair, centers, eps, norm, region, vnnlib)
-    if lowest_margin is not None:
-        from prunecert.adversarial.centres import lowest_margin as pick
-        regions = pick(pair, regions, lowest_margin)
+    regions = cli_regions(pair, o)
+    if o.lowest_margin is not None:
+        regions = lowest_margin(pair, regions, o.lowest_margin)
     hashes = (weights_sha256(net_f), weights_sha256(net_g))
-    extra = {"models": {"original": {"path": str(original), "sha256": hashes[0]},
-                        "pruned": {"path": str(pruned), "sha256": hashes[1]}}}
-    saver = _Saver(pair, regions, out, hashes, extra) if out is not None else None
+    extra = {"models": {"original": {"path": str(o.original), "sha256": hashes[0]},
+                        "pruned": {"path": str(o.pruned), "sha256": hashes[1]}}}
+    saver = _Saver(pair, regions, o.out, hashes, extra) if o.out is not None else None
     rows = []  # light per-region summaries: the points themselves are saved (or dropped) as they come
-    for first, part in attack_stream(pair, None, regions, objective, method, budget, seed, restarts,
-                                     progress=not quiet, workers=workers, scheduler=scheduler, threads=threads):
+    for first, part in attack_stream(pair, None, regions, o.objective, o.method, o.budget_seconds, o.seed,
+                                     o.restarts, progress=not o.quiet, workers=o.workers, scheduler=o.scheduler,
+                                     threads=o.threads):
         for i, res in enumerate(part, start=first):
             if saver is not None:
                 saver.add(i, res)
-            res.x = res.center = None
-            rows.append(res)
+            rows.append(dataclasses.replace(res, x=NO_POINT, center=None))
     if saver is not None:
         saver.finish()
-    _print(rows, out)
-    if tolerance is None:
+    _print(rows, o.out)
+    if o.tolerance is None:
         return 0
-    return 1 if max(r.value for r in rows) > tolerance else 2
+    return 1 if max(r.value for r in rows) > o.tolerance else 2
 
 
 class _Saver:
@@ -120,13 +129,12 @@ class _Saver:
     and, written last (atomically), a summary result.json naming the best. A region folder without a
     result.json beside it is what an interrupted run leaves."""
 
-    def __init__(self, pair, regions, out: Path, hashes, extra):
-        self.pair, self.regions, self.out, self.hashes, self.extra = pair, regions, Path(out), hashes, extra
-        self.docs: list[dict] = []
+    def __init__(self, pair: Pair, regions: Sequence[Region], out: Path, hashes: tuple[str, str],
+                 extra: dict[str, Any]) -> None:
+        self.pair, self.regions, self.out, self.hashes, self.extra = pair, regions, out, hashes, extra
+        self.docs: list[dict[str, Any]] = []
 
-    def add(self, i: int, res) -> None:
-        from prunecert.adversarial import save_counterexample
-
+    def add(self, i: int, res: AttackResult) -> None:
         if len(self.regions) == 1:
             save_counterexample(res, self.pair, self.regions[0], self.out, self.hashes, self.extra)
             return
@@ -134,8 +142,6 @@ class _Saver:
         self.docs.append({**doc, "x_path": f"region{i}/x.npz"})
 
     def finish(self) -> None:
-        from prunecert.fileutil import atomic_write_text
-
         if not self.docs:
             return
         docs = self.docs
@@ -146,10 +152,7 @@ class _Saver:
         atomic_write_text(self.out / "result.json", json.dumps(summary, indent=1) + "\n")
 
 
-def _print(results, out) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def _print(results: list[AttackResult], out: Path | None) -> None:
     console = Console()
     table = Table(title=f"attack: {results[0].objective} by {results[0].method}")
     for col in ("region", "value", "sub-objective", "class f", "class g", "max |Delta_logit|", "seconds"):
@@ -167,12 +170,9 @@ def _print(results, out) -> None:
                       "(x.npz, result.json each)", highlight=False)
 
 
-def _replay(path: Path, original: Path, pruned: Path, input_domain: str | None = None) -> int:
-    from prunecert.adversarial import replay
-    from prunecert.io import load_model, parse_input_domain
-
-    domain = parse_input_domain(input_domain)
-    r = replay(path, load_model(original, input_domain=domain), load_model(pruned, input_domain=domain))
+def _replay(path: Path, o: AttackOptions) -> int:
+    domain = parse_input_domain(o.input_domain)
+    r = replay(path, load_model(o.original, input_domain=domain), load_model(o.pruned, input_domain=domain))
     typer.echo(f"{r.path}: {r.objective} = {r.value!r} (saved {r.saved_value!r}); argmax f = {r.class_f}, "
                f"argmax g = {r.class_g}; inside region: {'yes' if r.inside else 'NO'}; "
                f"models match the saved hashes: {'yes' if r.models_match else 'NO'}")

@@ -10,24 +10,37 @@ test points x 2 radii plus the whole domain into reports/demo/.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Annotated, Iterator, List, Optional
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
-from prunecert.cli import app
+import prunecert.audit  # run_audit through its module: tests replace it to prove no work starts before the checks
+from prunecert.audit import AuditPlan, plan_audit
+from prunecert.cli.command import Options, command
+from prunecert.cli.demo import DEMO, demo_model, demo_pruned, untrained_demo_model
 from prunecert.cli.options import AttackMethod, CertifyMethod, InputDomain, Scheduler, Seed, Threads, Workers
-from prunecert.errors import ConfigError, PrunecertError
+from prunecert.cli.prune import parse_keep
+from prunecert.errors import ConfigError
+from prunecert.fileutil import check_output_file
+from prunecert.io import parse_input_domain, save_model
+from prunecert.network import Network
+from prunecert.reports import Audit, check_writable, fmt, write_report
+from prunecert.stage_budgets import AUDIT_ATTACK_SECONDS, AUDIT_CERTIFY_SECONDS, AUDIT_COMPLETE_SECONDS, CERTIFY_SAMPLES
 
-DEMO = {"arch": "lenet300", "data": "mnist5k", "epochs": 10, "compression": 0.9, "fine_tune": 30, "points": 10,
-        "eps": "0.01,0.02", "tolerance": 1.0, "out": "reports/demo"}
 EXAMPLE = ("Examples: prunecert audit --demo   |   prunecert audit lenet.pt lenet-pruned.pt --data mnist5k "
            "--regions 20 --eps 0.01,0.02 --tolerance 2 --out audit/   |   prunecert audit lenet.pt "
            "--method coreset --compression 0.9 --tolerance 2 --out audit/")
+POINTS, DATA, OUT = 20, "mnist5k", Path("audit")  # without --demo (which has its own, DEMO)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -37,120 +50,186 @@ def _floats(text: str, what: str) -> list[float]:
         raise ConfigError(f"{what}: expected comma-separated numbers, got {text!r}") from None
 
 
-def cache_dir() -> Path:
-    """$PRUNECERT_CACHE, else ~/.cache/prunecert."""
-    env = os.environ.get("PRUNECERT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "prunecert"
+@dataclass(frozen=True, kw_only=True)
+class AuditOptions(Options):
+    """`prunecert audit`'s command line (the fields, in --help order). Options whose default depends on
+    --demo are None here; `checked()` fills them in."""
+
+    original: Annotated[Optional[Path], typer.Argument(help="The original model file (.pt, .onnx, .nnet).")] = None
+    pruned: Annotated[Optional[Path], typer.Argument(
+        help="The pruned model file; omit it to prune here (--method ...).")] = None
+    method: Annotated[str, typer.Option(
+        help="Pruning when no PRUNED is given: coreset, uniform, topk or magnitude.")] = "coreset"
+    keep: Annotated[Optional[str], typer.Option(help="Neurons kept per hidden layer: 30, 0.1 or 0:30,1:10.")] = None
+    compression: Annotated[Optional[float], typer.Option(help="Fraction of parameters to remove, e.g. 0.9.")] = None
+    epsilon: Annotated[Optional[float], typer.Option(help="Provable per-layer bound to prune to.")] = None
+    delta: Annotated[float, typer.Option(help="Failure probability of each layer's provable bound.")] = 0.1
+    fine_tune: Annotated[Optional[int], typer.Option(
+        "--fine-tune", help="Epochs of distillation fine-tuning after pruning here (on --data's training split; "
+                            "voids the provable bound) [default: 0; 30 with --demo].")] = None
+    data: Annotated[Optional[str], typer.Option(
+        help="Test data: mnist5k, digits, fashion, idx:DIR or npz:FILE [default: mnist5k].")] = None
+    regions: Annotated[Optional[int], typer.Option(
+        "--regions", help="Test points (seeded choice) to put L-inf boxes around [default: 20; 10 with "
+                          "--demo].")] = None
+    center: Annotated[Optional[List[str]], typer.Option(
+        "--center", help="Test points to put boxes around instead of --regions: DATA:test:I or a range "
+                         "DATA:test:A-B (inclusive); repeatable. Shard a large audit this way and join the shards "
+                         "with prunecert merge.")] = None
+    eps: Annotated[str, typer.Option(
+        help="Radii of the boxes, comma-separated (each point gets every radius).")] = "0.01,0.02"
+    domain: Annotated[bool, typer.Option("--domain/--no-domain", help="Also audit the whole input domain.")] = True
+    tolerance: Annotated[Optional[float], typer.Option(
+        help="Tolerance on max |Delta logit| (> 0); sets the verdict.")] = None
+    layer_tolerance: Annotated[Optional[str], typer.Option(
+        help="Tolerances for hidden layers too: one value or one per hidden layer (comma-separated); they then "
+             "gate the verdict.")] = None
+    certify_method: CertifyMethod = "diff-linear"
+    attack_method: AttackMethod = "auto"
+    attack_budget: Annotated[float, typer.Option(
+        help="Attack seconds per region and objective.")] = AUDIT_ATTACK_SECONDS
+    certify_budget: Annotated[float, typer.Option(
+        help="Bound-method seconds per region (past it: sound, looser, noted).")] = AUDIT_CERTIFY_SECONDS
+    samples: Annotated[int, typer.Option(
+        help="Points certify samples per region (its own counterexample search).")] = CERTIFY_SAMPLES
+    complete: Annotated[float, typer.Option(
+        help="Seconds per region to settle top-1 verdicts the bounds leave open (attack + branch and bound); 0 "
+             "turns the stage off.")] = AUDIT_COMPLETE_SECONDS
+    seed: Seed = 0
+    out: Annotated[Optional[Path], typer.Option(
+        help="Report folder (default audit/, or reports/demo with --demo).")] = None
+    save_pruned: Annotated[Optional[Path], typer.Option(
+        help="Also save the model pruned here to this file.")] = None
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="Train/reuse LeNet-300-100 on mnist5k, prune 90 %, distil, audit.")] = False
+    json_only: Annotated[bool, typer.Option(
+        "--json-only", help="Write only report.json and print it on stdout.")] = False
+    input_domain: InputDomain = None
+    workers: Workers = None
+    scheduler: Scheduler = None
+    threads: Threads = None
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress and no summary; only the exit status.")] = False
+
+    def checked(self) -> AuditOptions:
+        """Checked, with the defaults that depend on --demo filled in (every output is checked before any
+        work, none is created yet)."""
+        o = self
+        if o.demo:
+            if o.original is not None or o.pruned is not None or o.input_domain is not None:
+                raise ConfigError("--demo trains its own model: give no model files (nor --input-domain) with it")
+            no_target = o.keep is None and o.compression is None and o.epsilon is None
+            o = dataclasses.replace(
+                o, compression=DEMO["compression"] if no_target else o.compression,
+                fine_tune=DEMO["fine_tune"] if o.fine_tune is None else o.fine_tune,  # a deployable (distilled) model
+                regions=DEMO["points"] if o.regions is None else o.regions,
+                tolerance=DEMO["tolerance"] if o.tolerance is None else o.tolerance,
+                out=o.out or Path(DEMO["out"]), data=o.data or DEMO["data"])
+        elif o.original is None:
+            raise ConfigError("give ORIGINAL (and PRUNED, or pruning options), or --demo")
+        if o.center and o.regions is not None and not o.demo:
+            raise ConfigError("give either --regions N (a seeded choice of test points) or --center SPEC, not both")
+        o = dataclasses.replace(o, fine_tune=o.fine_tune or 0, regions=POINTS if o.regions is None else o.regions,
+                                data=o.data or DATA, out=o.out or OUT)
+        if o.tolerance is None:
+            raise ConfigError("--tolerance is required (the largest acceptable max |Delta logit|, > 0)")
+        o.layer_tolerances()
+        if not o.radii():
+            raise ConfigError(f"--eps {o.eps!r} names no radius; give one or more (e.g. 0.01,0.02), or --regions 0 "
+                              "to audit only the domain")
+        check_writable(o.report_dir)
+        if o.save_pruned is not None and o.pruned is not None:
+            raise ConfigError("--save-pruned saves a model pruned by the audit; PRUNED was given")
+        if o.save_pruned is not None:
+            check_output_file(o.save_pruned, "--save-pruned")
+        return o
+
+    def radii(self) -> list[float]:
+        return _floats(self.eps, "--eps")
+
+    def layer_tolerances(self) -> float | list[float] | None:
+        """--layer-tolerance: None, one value for every hidden layer, or one per hidden layer."""
+        values = None if not self.layer_tolerance else _floats(self.layer_tolerance, "--layer-tolerance")
+        return values[0] if values is not None and len(values) == 1 else values
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out or OUT
 
 
-def _untrained_demo_model(data: str):
-    """The demo architecture with random weights (for checking the options before training)."""
-    from prunecert.data import load_dataset
-    from prunecert.io.torch_io import network_from_module
-    from prunecert.train import build_arch
+@command("audit", AuditOptions, epilog=EXAMPLE)
+def audit_command(o: AuditOptions) -> int:
+    """Audit PRUNED against ORIGINAL (or prune ORIGINAL here) and write report.{json,html,md} to --out.
 
-    ds = load_dataset(data)
-    return network_from_module(build_arch(DEMO["arch"], ds.input_shape, ds.n_classes), ds.input_shape,
-                               name=f"{DEMO['arch']}-{ds.name}")
-
-
-def demo_model(seed: int, progress: bool, data: str | None = None):
-    """The demo's LeNet-300-100 (on mnist5k unless `data`): from the cache when a matching one is there,
-    else trained and cached. Returns (network, cache path or None)."""
-    from prunecert.errors import ModelFormatError
-    from prunecert.io import load_model, save_model
-    from prunecert.threads import one_torch_thread
-    from prunecert.train import train_model
-
-    data = data or DEMO["data"]
-    path = cache_dir() / f"{DEMO['arch']}-{data.replace(':', '_').replace('/', '_')}-e{DEMO['epochs']}-s{seed}.pt"
-    from prunecert.data import load_dataset
-    want = {"arch": DEMO["arch"], "dataset": load_dataset(data).name, "epochs": DEMO["epochs"], "seed": seed}
-    if path.is_file():
-        try:
-            net = load_model(path)
-            training = net.metadata.get("training", {})
-            if all(training.get(k) == v for k, v in want.items()):
-                if progress:
-                    typer.echo(f"demo: using the cached model {path}", err=True)
-                return net, _tilde(path)
-        except ModelFormatError:
-            pass  # a damaged cache entry: train again and replace it
-    if progress:
-        typer.echo(f"demo: training {DEMO['arch']} on {data} ({DEMO['epochs']} epochs, seed {seed}); "
-                   f"cached in {path}", err=True)
-    with one_torch_thread():  # small batches: one thread is several times faster on a shared 2-core machine
-        net = train_model(DEMO["arch"], data, epochs=DEMO["epochs"], seed=seed, progress=progress,
-                          name=f"{DEMO['arch']}-{data}")
-    try:
-        save_model(net, path)
-    except (PrunecertError, OSError) as exc:
-        typer.echo(f"demo: could not cache the model ({exc}); continuing", err=True)
-        return net, None
-    return net, _tilde(path)
+    Exit status: 0 certified, 1 violated (counterexample found), 2 unknown, 3 error.
+    """
+    progress = not (o.quiet or o.json_only)
+    with _redirect_stdout("stderr" if o.json_only else "null" if o.quiet else None):
+        plan = _plan(o, progress)
+        report: Audit
+        report, pruned_net = prunecert.audit.run_audit(plan)
+        paths = write_report(report, o.report_dir, ("json",) if o.json_only else ("json", "html", "md"))
+        if o.demo and o.fine_tune and not o.json_only:
+            _data_free_stage(plan, o, progress)
+        if o.save_pruned is not None:
+            save_model(pruned_net, o.save_pruned)
+    if o.json_only:
+        typer.echo(paths[0].read_text("utf-8"), nl=False)
+    elif not o.quiet:
+        _print_summary(report, paths)
+    if o.demo:
+        # the demo shows the tool working end to end; its verdict is in the report, not the exit status
+        if not (o.quiet or o.json_only):
+            typer.echo(f"demo: verdict {report.verdict.overall} (exit status {report.verdict.exit_status} in a real "
+                       "audit; the demo exits 0)", err=True)
+        return 0
+    return report.verdict.exit_status
 
 
-def demo_pruned(plan, progress: bool):
-    """The demo's pruned (and distilled) model for `plan.prune_options`: from the cache when one was
-    made from this very original (weights hash) with these options and seed, else pruned and cached."""
-    from prunecert.io import load_model, save_model, weights_sha256
-    from prunecert.prune import prune
-    from prunecert.threads import one_torch_thread
-
-    options = dict(plan.prune_options)
-    key = "-".join(f"{k}{v}" for k, v in sorted(options.items()) if v is not None)
-    original_hash = weights_sha256(plan.original)
-    path = cache_dir() / f"{DEMO['arch']}-{original_hash[:12]}-{key}-s{plan.seed}.pt"
-    if path.is_file():
-        try:
-            net = load_model(path)
-            if net.metadata.get("pruning", {}).get("original_weights_sha256") == original_hash:
-                if progress:
-                    typer.echo(f"demo: using the cached pruned model {path}", err=True)
-                return net, _tilde(path)
-        except PrunecertError:
-            pass  # a damaged cache entry: prune again and replace it
-    if progress:
-        typer.echo(f"demo: pruning ({key}); cached in {path}", err=True)
-    with one_torch_thread():   # distillation in small batches: 1 thread was ~10x faster on a busy 2-core machine
-        net = prune(plan.original, options.pop("method"), seed=plan.seed, progress=progress,
-                    data=plan.dataset if options.get("fine_tune") else None, **options)
-    try:
-        save_model(net, path)
-    except (PrunecertError, OSError) as exc:
-        typer.echo(f"demo: could not cache the pruned model ({exc}); continuing", err=True)
-        return net, None
-    return net, _tilde(path)
+def _plan(o: AuditOptions, progress: bool) -> AuditPlan:
+    """The audit's plan (plan_audit checks the rest); with --demo, its models trained or taken from the cache."""
+    if not o.demo:
+        assert o.original is not None, "checked(): an audit without --demo has ORIGINAL"
+        return _plan_audit(o, o.original, o.pruned, progress)
+    # check every option on an untrained stand-in first: errors come before training
+    t0 = time.perf_counter()
+    plan = _plan_audit(o, untrained_demo_model(o.data or DEMO["data"]), None, progress)
+    plan.load_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan.original, plan.sources["original"] = demo_model(o.seed, progress, o.data)
+    plan.extra_timings.append(("demo model (train or load the cached one)", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    plan.pruned, plan.sources["pruned"] = demo_pruned(plan, progress)
+    plan.extra_timings.append(("demo pruned model (prune + distil, or load the cached one)", time.perf_counter() - t0))
+    return plan
 
 
-def _data_free_stage(plan, o: dict, progress: bool) -> None:
+def _plan_audit(o: AuditOptions, original: Network | Path, pruned: Path | None, progress: bool) -> AuditPlan:
+    assert o.tolerance is not None and o.data is not None and o.regions is not None, "checked() filled them in"
+    return plan_audit(
+        original, pruned, tolerance=o.tolerance, data=o.data, points=o.regions, eps=o.radii(), domain=o.domain,
+        layer_tolerance=o.layer_tolerances(), prune_method=o.method, keep=parse_keep(o.keep),
+        compression=o.compression, epsilon=o.epsilon, delta=o.delta, fine_tune=o.fine_tune or 0,
+        certify_method=o.certify_method, complete=o.complete, attack_method=o.attack_method,
+        attack_budget=o.attack_budget, certify_budget=o.certify_budget, samples=o.samples, seed=o.seed,
+        progress=progress, command=_canonical(o), centers=o.center or None, workers=o.workers,
+        scheduler=o.scheduler, threads=o.threads, input_domain=parse_input_domain(o.input_domain))
+
+
+def _data_free_stage(plan: AuditPlan, o: AuditOptions, progress: bool) -> None:
     """The demo's second pair: the same coreset pruning without distillation (the paper's data-free
     setting, where the provable epsilon applies), audited over the same regions into OUT/data-free/
     (the command it records reproduces it: --demo --fine-tune 0 --out OUT/data-free)."""
-    import dataclasses
-
-    from prunecert.audit import run_audit
-    from prunecert.reports import write_report
-
-    o2 = dict(o, fine_tune=0, out=Path(o["out"]) / "data-free")
+    o2 = dataclasses.replace(o, fine_tune=0, out=o.report_dir / "data-free")
     plan2 = dataclasses.replace(plan, prune_options={**plan.prune_options, "fine_tune": 0}, pruned=None,
-                                extra_timings=[], command=_canonical(o2["original"], o2["pruned"], o2),
-                                sources=dict(plan.sources))
+                                extra_timings=[], command=_canonical(o2), sources=dict(plan.sources))
     if progress:
-        typer.echo("demo: the data-free stage (no distillation) -> " + str(o2["out"]), err=True)
+        typer.echo("demo: the data-free stage (no distillation) -> " + str(o2.report_dir), err=True)
     t0 = time.perf_counter()
     plan2.pruned, plan2.sources["pruned"] = demo_pruned(plan2, progress)
     plan2.extra_timings.append(("demo pruned model (prune, or load the cached one)", time.perf_counter() - t0))
-    report, _ = run_audit(plan2)
-    write_report(report, o2["out"], ("json", "html", "md"))
-
-
-def _tilde(path: Path) -> str:
-    """`path` with the home folder written as ~ (reports do not need to show the user's home)."""
-    try:
-        return str(Path("~") / path.resolve().relative_to(Path.home().resolve()))
-    except ValueError:
-        return str(path)
+    report, _ = prunecert.audit.run_audit(plan2)
+    write_report(report, o2.report_dir, ("json", "html", "md"))
 
 
 @contextlib.contextmanager
@@ -173,183 +252,34 @@ def _redirect_stdout(to: str | None) -> Iterator[None]:
         os.close(target)
 
 
-def _canonical(original, pruned, o: dict) -> str:
+def _canonical(o: AuditOptions) -> str:
     """The command with every option spelled out: re-running it reproduces the audit."""
     parts = ["prunecert", "audit"]
-    if o["demo"]:
+    if o.demo:
         parts.append("--demo")
     else:
-        parts += [str(original)] + ([str(pruned)] if pruned else [])
-    if not pruned:
-        parts += ["--method", o["method"]]
-        for k in ("keep", "compression", "epsilon"):
-            if o[k] is not None:
-                parts += [f"--{k}", str(o[k])]
-        parts += ["--delta", str(o["delta"])] + (["--fine-tune", str(o["fine_tune"])]
-                                                   if o["fine_tune"] or o["demo"] else [])
-    if o.get("input_domain") is not None:
-        parts += ["--input-domain", str(o["input_domain"])]
-    where = [a for c in o["center"] for a in ("--center", c)] if o["center"] else ["--regions", str(o["regions"])]
-    parts += ["--data", o["data"], *where, "--eps", o["eps"],
-              "--domain" if o["domain"] else "--no-domain", "--tolerance", str(o["tolerance"])]
-    if o["layer_tolerance"]:
-        parts += ["--layer-tolerance", o["layer_tolerance"]]
-    parts += ["--certify-method", o["certify_method"], "--attack-method", o["attack_method"],
-              "--attack-budget", str(o["attack_budget"]), "--certify-budget", str(o["certify_budget"]),
-              "--samples", str(o["samples"]), "--complete", str(o["complete"]), "--seed", str(o["seed"]),
-              "--out", str(o["out"])]
+        parts += [str(o.original)] + ([str(o.pruned)] if o.pruned else [])
+    if not o.pruned:
+        parts += ["--method", o.method]
+        for flag, value in (("--keep", o.keep), ("--compression", o.compression), ("--epsilon", o.epsilon)):
+            if value is not None:
+                parts += [flag, str(value)]
+        parts += ["--delta", str(o.delta)] + (["--fine-tune", str(o.fine_tune)] if o.fine_tune or o.demo else [])
+    if o.input_domain is not None:
+        parts += ["--input-domain", str(o.input_domain)]
+    where = [a for c in o.center for a in ("--center", c)] if o.center else ["--regions", str(o.regions)]
+    parts += ["--data", str(o.data), *where, "--eps", o.eps,
+              "--domain" if o.domain else "--no-domain", "--tolerance", str(o.tolerance)]
+    if o.layer_tolerance:
+        parts += ["--layer-tolerance", o.layer_tolerance]
+    parts += ["--certify-method", o.certify_method, "--attack-method", o.attack_method,
+              "--attack-budget", str(o.attack_budget), "--certify-budget", str(o.certify_budget),
+              "--samples", str(o.samples), "--complete", str(o.complete), "--seed", str(o.seed),
+              "--out", str(o.out)]
     return shlex.join(parts)
 
 
-@app.command("audit", epilog=EXAMPLE)
-def audit_command(
-    original: Optional[Path] = typer.Argument(None, help="The original model file (.pt, .onnx, .nnet)."),
-    pruned: Optional[Path] = typer.Argument(None, help="The pruned model file; omit it to prune here (--method ...)."),
-    method: str = typer.Option("coreset", help="Pruning when no PRUNED is given: coreset, uniform, topk or magnitude."),
-    keep: Optional[str] = typer.Option(None, help="Neurons kept per hidden layer: 30, 0.1 or 0:30,1:10."),
-    compression: Optional[float] = typer.Option(None, help="Fraction of parameters to remove, e.g. 0.9."),
-    epsilon: Optional[float] = typer.Option(None, help="Provable per-layer bound to prune to."),
-    delta: float = typer.Option(0.1, help="Failure probability of each layer's provable bound."),
-    fine_tune: Optional[int] = typer.Option(None, "--fine-tune", help="Epochs of distillation fine-tuning after "
-                                            "pruning here (on --data's training split; voids the provable bound) "
-                                            "[default: 0; 30 with --demo]."),
-    data: Optional[str] = typer.Option(None, help="Test data: mnist5k, digits, fashion, idx:DIR or npz:FILE "
-                                       "[default: mnist5k]."),
-    regions: Optional[int] = typer.Option(None, "--regions", help="Test points (seeded choice) to put L-inf boxes "
-                                          "around [default: 20; 10 with --demo]."),
-    center: Optional[List[str]] = typer.Option(None, "--center", help="Test points to put boxes around instead of "
-                                               "--regions: DATA:test:I or a range DATA:test:A-B (inclusive); "
-                                               "repeatable. Shard a large audit this way and join the shards "
-                                               "with prunecert merge."),
-    eps: str = typer.Option("0.01,0.02", help="Radii of the boxes, comma-separated (each point gets every radius)."),
-    domain: bool = typer.Option(True, "--domain/--no-domain", help="Also audit the whole input domain."),
-    tolerance: Optional[float] = typer.Option(None, help="Tolerance on max |Delta logit| (> 0); sets the verdict."),
-    layer_tolerance: Optional[str] = typer.Option(None, help="Tolerances for hidden layers too: one value or one "
-                                                  "per hidden layer (comma-separated); they then gate the verdict."),
-    certify_method: CertifyMethod = "diff-linear",
-    attack_method: AttackMethod = "auto",
-    attack_budget: float = typer.Option(0.5, help="Attack seconds per region and objective."),
-    certify_budget: float = typer.Option(5.0, help="Bound-method seconds per region (past it: sound, looser, noted)."),
-    samples: int = typer.Option(256, help="Points certify samples per region (its own counterexample search)."),
-    complete: float = typer.Option(5.0, help="Seconds per region to settle top-1 verdicts the bounds leave open "
-                                   "(attack + branch and bound); 0 turns the stage off."),
-    seed: Seed = 0,
-    out: Optional[Path] = typer.Option(None, help="Report folder (default audit/, or reports/demo with --demo)."),
-    save_pruned: Optional[Path] = typer.Option(None, help="Also save the model pruned here to this file."),
-    demo: bool = typer.Option(False, "--demo", help="Train/reuse LeNet-300-100 on mnist5k, prune 90 %, distil, audit."),
-    json_only: bool = typer.Option(False, "--json-only", help="Write only report.json and print it on stdout."),
-    input_domain: InputDomain = None,
-    workers: Workers = None,
-    scheduler: Scheduler = None,
-    threads: Threads = None,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no summary; only the exit status."),
-) -> None:
-    """Audit PRUNED against ORIGINAL (or prune ORIGINAL here) and write report.{json,html,md} to --out.
-
-    Exit status: 0 certified, 1 violated (counterexample found), 2 unknown, 3 error.
-    """
-    opts = dict(locals())
-    try:
-        code = _run(opts)
-    except PrunecertError as exc:
-        from prunecert.cli import fail
-        fail(str(exc))
-        return
-    raise typer.Exit(code)
-
-
-def _run(o: dict) -> int:
-    from prunecert.audit import plan_audit, run_audit
-    from prunecert.cli.prune import parse_keep
-    from prunecert.fileutil import check_output_file
-    from prunecert.reports import check_writable, write_report
-
-    progress = not (o["quiet"] or o["json_only"])
-    if o["demo"]:
-        if o["original"] is not None or o["pruned"] is not None or o["input_domain"] is not None:
-            raise ConfigError("--demo trains its own model: give no model files (nor --input-domain) with it")
-        if o["keep"] is None and o["compression"] is None and o["epsilon"] is None:
-            o["compression"] = DEMO["compression"]
-        if o["fine_tune"] is None:   # the demo audits a deployable (distilled) model
-            o["fine_tune"] = DEMO["fine_tune"]
-        o["regions"] = DEMO["points"] if o["regions"] is None else o["regions"]
-        o["tolerance"] = DEMO["tolerance"] if o["tolerance"] is None else o["tolerance"]
-        o["out"] = o["out"] or Path(DEMO["out"])
-        o["data"] = o["data"] or DEMO["data"]
-    elif o["original"] is None:
-        raise ConfigError("give ORIGINAL (and PRUNED, or pruning options), or --demo")
-    o["fine_tune"] = o["fine_tune"] or 0
-    if o["center"] and o["regions"] is not None and not o["demo"]:
-        raise ConfigError("give either --regions N (a seeded choice of test points) or --center SPEC, not both")
-    o["regions"] = 20 if o["regions"] is None else o["regions"]
-    o["data"] = o["data"] or "mnist5k"
-    if o["tolerance"] is None:
-        raise ConfigError("--tolerance is required (the largest acceptable max |Delta logit|, > 0)")
-    o["out"] = o["out"] or Path("audit")
-    layer_tol = None if not o["layer_tolerance"] else _floats(o["layer_tolerance"], "--layer-tolerance")
-    if layer_tol is not None and len(layer_tol) == 1:
-        layer_tol = layer_tol[0]
-    if not _floats(o["eps"], "--eps"):
-        raise ConfigError(f"--eps {o['eps']!r} names no radius; give one or more (e.g. 0.01,0.02), or --regions 0 "
-                          "to audit only the domain")
-    check_writable(o["out"])  # every output is checked before any work, none is created yet
-    if o["save_pruned"] is not None and o["pruned"] is not None:
-        raise ConfigError("--save-pruned saves a model pruned by the audit; PRUNED was given")
-    if o["save_pruned"] is not None:
-        check_output_file(o["save_pruned"], "--save-pruned")
-    with _redirect_stdout("stderr" if o["json_only"] else "null" if o["quiet"] else None):
-        plan_kwargs = dict(
-            tolerance=o["tolerance"], data=o["data"], points=o["regions"], eps=_floats(o["eps"], "--eps"),
-            domain=o["domain"], layer_tolerance=layer_tol, prune_method=o["method"], keep=parse_keep(o["keep"]),
-            compression=o["compression"], epsilon=o["epsilon"], delta=o["delta"], fine_tune=o["fine_tune"],
-            certify_method=o["certify_method"], complete=o["complete"],
-            attack_method=o["attack_method"], attack_budget=o["attack_budget"], certify_budget=o["certify_budget"],
-            samples=o["samples"], seed=o["seed"],
-            progress=progress, command=_canonical(o["original"], o["pruned"], o), centers=o["center"] or None,
-            workers=o["workers"], scheduler=o["scheduler"], threads=o["threads"])
-        if o["input_domain"] is not None:
-            from prunecert.io import parse_input_domain
-            plan_kwargs["input_domain"] = parse_input_domain(o["input_domain"])
-        if o["demo"]:  # check every option on an untrained stand-in first: errors come before training
-            t0 = time.perf_counter()
-            plan = plan_audit(_untrained_demo_model(o["data"]), None, **plan_kwargs)
-            plan.load_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            plan.original, plan.sources["original"] = demo_model(o["seed"], progress, o["data"])
-            plan.extra_timings.append(("demo model (train or load the cached one)", time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            plan.pruned, plan.sources["pruned"] = demo_pruned(plan, progress)
-            plan.extra_timings.append(("demo pruned model (prune + distil, or load the cached one)",
-                                       time.perf_counter() - t0))
-        else:
-            plan = plan_audit(o["original"], o["pruned"], **plan_kwargs)
-        report, pruned_net = run_audit(plan)
-        paths = write_report(report, o["out"], ("json",) if o["json_only"] else ("json", "html", "md"))
-        if o["demo"] and o["fine_tune"] and not o["json_only"]:
-            _data_free_stage(plan, o, progress)
-        if o["save_pruned"] is not None:
-            from prunecert.io import save_model
-            save_model(pruned_net, o["save_pruned"])
-    if o["json_only"]:
-        typer.echo(paths[0].read_text("utf-8"), nl=False)
-    elif not o["quiet"]:
-        _print_summary(report, paths)
-    if o["demo"]:
-        # the demo shows the tool working end to end; its verdict is in the report, not the exit status
-        if not (o["quiet"] or o["json_only"]):
-            typer.echo(f"demo: verdict {report.verdict.overall} (exit status {report.verdict.exit_status} in a real "
-                       "audit; the demo exits 0)", err=True)
-        return 0
-    return report.verdict.exit_status
-
-
-def _print_summary(report, paths) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    from prunecert.reports import fmt
-
+def _print_summary(report: Audit, paths: list[Path]) -> None:
     console = Console()
     color = {"certified": "green", "violated": "red", "unknown": "yellow"}[report.verdict.overall]
     console.print(f"[bold {color}]{report.verdict.overall.upper()}[/] {report.verdict.headline}", highlight=False)

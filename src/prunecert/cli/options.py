@@ -1,18 +1,23 @@
 """The arguments and options several commands share (one declaration, one help text, one valid range).
 
-Both commands take the same two models and read their regions with
-`core.region_options.regions_from_options`; declaring them once keeps their flags and help identical.
+certify and attack take the same two models, and they and prune's certified search the same region
+options (read with `core.region_options.regions_from_options`); declaring them once keeps their flags
+and help identical. A command's own options are fields of its options dataclass (`cli.command`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, List, Optional, Protocol, Sequence
 
 import typer
 
 from prunecert.adversarial import attacks_help
 from prunecert.certify.methods import methods_help
+from prunecert.core.pair import Pair
+from prunecert.core.region_options import expand_center_specs, regions_from_options
+from prunecert.core.regions import Region
+from prunecert.scale.lazy import LazyRegions
 
 MAX_SEED = 2**63 - 1  # torch and numpy generators take 64-bit seeds
 
@@ -44,20 +49,32 @@ Threads = Annotated[Optional[int], typer.Option(
                       "bit-identical across executors for equal --threads; keep workers x threads <= cores).")]
 
 
-def cli_regions(pair, centers, eps, norm, region, vnnlib):
+class RegionFields(Protocol):
+    """The region options of a command (certify, attack and prune's certified search declare them)."""
+
+    @property
+    def center(self) -> list[str] | None: ...
+    @property
+    def eps(self) -> float | None: ...
+    @property
+    def norm(self) -> str: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def vnnlib(self) -> Path | None: ...
+
+
+def cli_regions(pair: Pair, o: RegionFields) -> Sequence[Region]:
     """The regions the options name. Centre lists become a `LazyRegions` that builds each region when its
     chunk needs it, so memory does not grow with the number of centres (docs/scale.md)."""
-    from prunecert.core.region_options import expand_center_specs, regions_from_options
-    from prunecert.scale.lazy import LazyRegions
-
     lo, hi = pair.domain()
 
-    def build(specs):
-        return regions_from_options(pair.input_shape, lo, hi, centers=specs, eps=eps, norm=norm, region=region,
-                                    vnnlib=vnnlib)
+    def build(specs: Sequence[str]) -> list[Region]:
+        return regions_from_options(pair.input_shape, lo, hi, centers=specs, eps=o.eps, norm=o.norm,
+                                    region=o.region, vnnlib=o.vnnlib)
 
-    if not centers or region is not None or vnnlib is not None:
-        return build(centers)
-    specs = expand_center_specs(centers)
+    if not o.center or o.region is not None or o.vnnlib is not None:
+        return build(o.center or [])
+    specs = expand_center_specs(o.center)
     build(specs[:1])  # a bad option (no --eps, a bad norm) fails here, before any work
     return LazyRegions(len(specs), lambda i: build([specs[i]])[0])
