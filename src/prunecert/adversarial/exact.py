@@ -2,11 +2,18 @@
 
 Both solve linear programs over the certification encoding of the pair, so their points satisfy the
 networks' equations up to solver tolerance; the reported value is still the float64 re-evaluation.
+
+The MILP's optimum is checked by an attack (`MilpWitness`). That attack is `api.attack`, which sits
+above this module (api runs these searches), so it is passed in: `api.py` builds the witness with
+itself, and `witness.milp_witness` does the same for certify's callers.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,7 +23,59 @@ from prunecert.adversarial.lpwalk import PairLP, walk
 from prunecert.adversarial.objectives import Objective
 from prunecert.adversarial.result import AttackResult, best_result
 from prunecert.adversarial.space import SearchSpace
+from prunecert.certify.milp import LinearObjective, PairMILP, WitnessFactory
 from prunecert.core.pair import Pair
+from prunecert.core.regions import Box, Region
+from prunecert.network import Network
+
+WITNESS_SECONDS = 2.0  # per MILP objective; `auto` usually stops well before on small nets
+# apgd restarts before the LP walks: with auto's default 3, whether the seed-302 case of
+# tests/test_certify_milp.py is refuted depended on the seed (seeds 0 and 2 of 0-5 missed it); with 6
+# restarts seeds 0-7 all find it
+WITNESS_RESTARTS = 6
+
+
+class AttackFn(Protocol):
+    """`prunecert.adversarial.attack`, as the witness calls it."""
+
+    def __call__(self, original: Network | Pair, pruned: Network | None, region: Region,
+                 objective: str | Objective = ..., method: str = ..., budget_seconds: float = ...,
+                 seed: int = ..., restarts: int | None = ..., iterations: int | None = ...,
+                 label: int | None = ..., progress: bool = ...) -> AttackResult: ...
+
+
+# what a MILP witness search returns: the value reached and its point
+WitnessPoint = tuple[float, "np.ndarray"]
+
+
+@dataclass(frozen=True)
+class MilpWitness:
+    """(lo, hi) -> witness(objective, x0) for `PairMILP` / `milp_bounds(..., witness=...)`.
+
+    The witness returns (value, x) of the best point `attack` (method `auto`) reaches; x0 (the
+    solver's point) is not needed, `milp.py` compares against it itself. A dataclass, not a closure,
+    so it pickles: certify ships it to its workers once per run (`attack` pickles by reference).
+    """
+
+    pair: Pair
+    attack: AttackFn
+    budget_seconds: float = WITNESS_SECONDS
+    seed: int = 0
+
+    def __call__(self, lo: np.ndarray, hi: np.ndarray
+                 ) -> Callable[[LinearObjective, np.ndarray | None], WitnessPoint] | None:
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        if (hi - lo <= 4 * np.spacing(np.maximum(np.abs(lo), np.abs(hi)))).all():
+            return None  # a single point: the solver's x is the only witness there is
+        region = Box(lo, hi)
+
+        def search(objective: LinearObjective, x0: np.ndarray | None = None) -> WitnessPoint:
+            layer, cf, cg = objective
+            r = self.attack(self.pair, None, region, Objective.linear(layer, cf, cg), "auto",
+                            budget_seconds=self.budget_seconds, seed=self.seed, restarts=WITNESS_RESTARTS,
+                            progress=False)
+            return r.value, r.x
+        return search
 
 
 def _sub_value_fn(pair: Pair, objective: Objective, s: int):
@@ -69,21 +128,19 @@ def walk_search(pair: Pair, objectives: list[Objective], space: SearchSpace, sta
 
 
 def milp_search(pair: Pair, objective: Objective, space: SearchSpace, g: int, budget: float, fields: dict,
-                log) -> AttackResult:
+                log, witness: WitnessFactory | None) -> AttackResult:
     """The exact maximum: one MILP per sub-objective (`PairMILP.solve`), most promising first.
 
     Sub-objectives are ordered by their rigorous LP-relaxation bound and skipped once that bound
     cannot beat the best value reached, so max-logit-deviation rarely needs all 2C MILPs. The result's
     `methods["milp"]` holds the sound upper bound on the maximum and whether every needed MILP closed
     (then `value` is the exact maximum, up to the solver's tolerances, which the bound accounts for).
-    Every optimum is checked by the `auto` witness (`witness.py`): a refuted one is not "closed".
+    Every optimum is checked by `witness` (api.py passes `MilpWitness` with its `auto` attack): a
+    refuted one is not "closed".
     """
-    from prunecert.adversarial.witness import milp_witness
-    from prunecert.certify.milp import PairMILP
-
     start = time.perf_counter()
     deadline = start + budget
-    milp = PairMILP(pair, space.regions[g], witness=milp_witness(pair, seed=fields.get("seed", 0)))
+    milp = PairMILP(pair, space.regions[g], witness=witness)
     layer, cf, cg = objective.linear_form()
     subs = [(layer, cf[s].numpy(), cg[s].numpy()) for s in range(len(cf))]
     lp = [milp.lp_bound(milp.objective_vector(o)) for o in subs]
