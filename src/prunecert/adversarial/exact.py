@@ -21,11 +21,11 @@ import torch
 from prunecert.adversarial.gradient import SearchState
 from prunecert.adversarial.lpwalk import PairLP, walk
 from prunecert.adversarial.objectives import Objective
-from prunecert.adversarial.result import AttackResult, best_result
+from prunecert.adversarial.result import AttackResult, MilpDetails, RunFields, best_result
 from prunecert.adversarial.space import SearchSpace
 from prunecert.certify.milp import LinearObjective, PairMILP, WitnessFactory
 from prunecert.core.pair import Pair
-from prunecert.core.regions import Box, Region
+from prunecert.core.regions import Array, Box, Region
 from prunecert.network import Network
 
 WITNESS_SECONDS = 2.0  # per MILP objective; `auto` usually stops well before on small nets
@@ -45,7 +45,15 @@ class AttackFn(Protocol):
 
 
 # what a MILP witness search returns: the value reached and its point
-WitnessPoint = tuple[float, "np.ndarray"]
+WitnessPoint = tuple[float, Array]
+# per region: the LP walks' end points (W, *input_shape), the trace (best value after each LP), truncated?
+WalkResult = tuple[torch.Tensor, list[float], bool]
+
+
+class StageLog(Protocol):
+    """Where a search reports each finished stage (api's `_Log`: one line on the progress channel)."""
+
+    def stage(self, name: str, state: SearchState | None, start: float, value: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,14 +70,13 @@ class MilpWitness:
     budget_seconds: float = WITNESS_SECONDS
     seed: int = 0
 
-    def __call__(self, lo: np.ndarray, hi: np.ndarray
-                 ) -> Callable[[LinearObjective, np.ndarray | None], WitnessPoint] | None:
+    def __call__(self, lo: Array, hi: Array) -> Callable[[LinearObjective, Array | None], WitnessPoint] | None:
         lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
         if (hi - lo <= 4 * np.spacing(np.maximum(np.abs(lo), np.abs(hi)))).all():
             return None  # a single point: the solver's x is the only witness there is
         region = Box(lo, hi)
 
-        def search(objective: LinearObjective, x0: np.ndarray | None = None) -> WitnessPoint:
+        def search(objective: LinearObjective, x0: Array | None = None) -> WitnessPoint:
             layer, cf, cg = objective
             r = self.attack(self.pair, None, region, Objective.linear(layer, cf, cg), "auto",
                             budget_seconds=self.budget_seconds, seed=self.seed, restarts=WITNESS_RESTARTS,
@@ -78,41 +85,43 @@ class MilpWitness:
         return search
 
 
-def _sub_value_fn(pair: Pair, objective: Objective, s: int):
-    def value(x: np.ndarray) -> float:
+def _sub_value_fn(pair: Pair, objective: Objective, s: int) -> Callable[[Array], float]:
+    def value(x: Array) -> float:
         with torch.no_grad():
             xt = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(1, *pair.input_shape)
             return float(objective.sub_values(*pair.forward_layers(xt))[0, s])
     return value
 
 
-def _sub_gradient(pair: Pair, objective: Objective, s: int, x: np.ndarray) -> np.ndarray:
+def _sub_gradient(pair: Pair, objective: Objective, s: int, x: Array) -> Array:
     xt = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(1, *pair.input_shape).requires_grad_(True)
     (grad,) = torch.autograd.grad(objective.sub_values(*pair.forward_layers(xt))[0, s], xt)
-    return grad.reshape(-1).numpy()
+    return np.asarray(grad.reshape(-1).numpy(), dtype=np.float64)
 
 
 def walk_search(pair: Pair, objectives: list[Objective], space: SearchSpace, state: SearchState, walks: int,
-                start: float, budget: float, log) -> list[tuple[torch.Tensor, list[float], bool]]:
+                start: float, budget: float, log: StageLog) -> list[WalkResult]:
     """Per region: LP walks from the `walks` best points of `state` (distinct sub-objectives first).
 
-    Region g may use the time left until start + budget * (g + 1). Returns per region the walks' end
-    points, the trace (best value after each LP) and whether the budget cut a walk short.
+    Region k (0-based) may use the time left until start + budget * (k + 1). Returns per region the
+    walks' end points, the trace (best value after each LP) and whether the budget cut a walk short.
     """
-    out = []
+    out: list[WalkResult] = []
     picks = state.best_per_group(space.n_groups, walks)
-    for g, objective in enumerate(objectives):
-        deadline = start + budget * (g + 1)
+    for group, objective in enumerate(objectives):
+        deadline = start + budget * (group + 1)
         layer, cf, cg = objective.linear_form()
-        lo, hi = (t.numpy() for t in (space.lo[g], space.hi[g]))
+        lo, hi = space.lo[group].numpy(), space.hi[group].numpy()
         lp = PairLP(pair, lo, hi)
-        ends, trace, truncated, best = [], [], False, -np.inf
-        for i in picks[g]:
+        ends: list[torch.Tensor] = []
+        trace: list[float] = []
+        truncated, best = False, -np.inf
+        for i in picks[group]:
             if time.perf_counter() >= deadline:
                 truncated = True
                 break
             s = int(state.sub[i])
-            x0 = space.ensure_inside(state.x[i], g).numpy().reshape(-1)
+            x0 = space.ensure_inside(state.x[i], group).numpy().reshape(-1)
             x, v, tr, _ = walk(lp, _sub_value_fn(pair, objective, s), x0, layer, cf[s].numpy(), cg[s].numpy(),
                                deadline, gradient=_sub_gradient(pair, objective, s, x0))
             ends.append(torch.as_tensor(x).reshape(pair.input_shape))
@@ -127,8 +136,8 @@ def walk_search(pair: Pair, objectives: list[Objective], space: SearchSpace, sta
     return out
 
 
-def milp_search(pair: Pair, objective: Objective, space: SearchSpace, g: int, budget: float, fields: dict,
-                log, witness: WitnessFactory | None) -> AttackResult:
+def milp_search(pair: Pair, objective: Objective, space: SearchSpace, group: int, budget: float, fields: RunFields,
+                log: StageLog, witness: WitnessFactory | None) -> AttackResult:
     """The exact maximum: one MILP per sub-objective (`PairMILP.solve`), most promising first.
 
     Sub-objectives are ordered by their rigorous LP-relaxation bound and skipped once that bound
@@ -140,12 +149,14 @@ def milp_search(pair: Pair, objective: Objective, space: SearchSpace, g: int, bu
     """
     start = time.perf_counter()
     deadline = start + budget
-    milp = PairMILP(pair, space.regions[g], witness=witness)
+    milp = PairMILP(pair, space.regions[group], witness=witness)
     layer, cf, cg = objective.linear_form()
     subs = [(layer, cf[s].numpy(), cg[s].numpy()) for s in range(len(cf))]
     lp = [milp.lp_bound(milp.objective_vector(o)) for o in subs]
     order = sorted(range(len(subs)), key=lambda s: (-lp[s], s))
-    points, trace, best, upper, closed, solved = [], [], -np.inf, -np.inf, True, 0
+    points: list[torch.Tensor] = []
+    trace: list[float] = []
+    best, upper, closed, solved = -np.inf, -np.inf, True, 0
     for s in order:
         if lp[s] <= best:  # cannot beat what is reached: its bound is the LP bound
             upper = max(upper, lp[s])
@@ -164,11 +175,11 @@ def milp_search(pair: Pair, objective: Objective, space: SearchSpace, g: int, bu
         upper = max(upper, r.upper)
         trace.append(best)
     if not points:  # no incumbent at all: the centre keeps the result a point of the region
-        points.append(space.center(g))
+        points.append(space.center(group))
     cand = torch.stack(points)
-    info = {"upper": float(upper), "closed": bool(closed), "milps": solved, "sub_objectives": len(subs),
-            "binaries": milp.n_binaries}
-    res = best_result(pair, objective, space, cand, torch.full((len(cand),), g, dtype=torch.long), g,
+    info = MilpDetails(upper=float(upper), closed=bool(closed), milps=solved, sub_objectives=len(subs),
+                       binaries=milp.n_binaries)
+    res = best_result(pair, objective, space, cand, torch.full((len(cand),), group, dtype=torch.long), group,
                       trace=trace or [float("-inf")], truncated=not closed, evaluations=len(points),
                       seconds=time.perf_counter() - start, methods={"milp": info}, **fields)
     log.stage(f"milp ({solved} MILPs, {milp.n_binaries} binaries, upper bound {upper:.6g})", None, start, res.value)

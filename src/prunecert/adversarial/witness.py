@@ -11,13 +11,14 @@ defined in `exact.py`, with the attack as a field, because `attack(method="milp"
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
 from prunecert.adversarial.api import attack
 from prunecert.adversarial.exact import WITNESS_SECONDS, MilpWitness
 from prunecert.core.pair import Pair
-from prunecert.core.regions import Box
+from prunecert.core.regions import Array, Box
 
 __all__ = ["MilpWitness", "ReachSearch", "ClassSearcher", "milp_witness", "reach_search", "class_search",
            "certify_searches", "WITNESS_SECONDS"]
@@ -31,7 +32,7 @@ class ReachSearch:
     pair: Pair
     seed: int = 0
 
-    def __call__(self, lo: np.ndarray, hi: np.ndarray, seconds: float) -> np.ndarray:
+    def __call__(self, lo: Array, hi: Array, seconds: float) -> Array:
         r = attack(self.pair, None, Box(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)),
                    "max-logit-deviation", "apgd", budget_seconds=seconds, seed=self.seed, progress=False)
         return np.asarray(r.x, dtype=np.float64)
@@ -48,7 +49,7 @@ class ClassSearcher:
     pair: Pair
     seed: int = 0
 
-    def __call__(self, lo: np.ndarray, hi: np.ndarray, prop: object, seconds: float) -> np.ndarray | None:
+    def __call__(self, lo: Array, hi: Array, prop: object, seconds: float) -> Array | None:
         r = attack(self.pair, None, Box(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)),
                    "disagreement", "auto", budget_seconds=seconds, seed=self.seed, progress=False)
         return np.asarray(r.x, dtype=np.float64) if r.disagreement else None
@@ -69,12 +70,20 @@ def class_search(pair: Pair, seed: int = 0) -> ClassSearcher:
     return ClassSearcher(pair, seed)
 
 
-def certify_searches(method: str, pair: Pair, seed: int = 0) -> dict:
+class CertifySearches(TypedDict, total=False):
+    """The keyword arguments of `certify` that inject searches (see `certify_searches`)."""
+
+    class_search: ClassSearcher
+    witness: MilpWitness
+    reach: ReachSearch
+
+
+def certify_searches(method: str, pair: Pair, seed: int = 0) -> CertifySearches:
     """Every search a caller of `certify` injects (certify sits below adversarial, docs/architecture.md):
     the counterexample search of complete verdicts (`class_search`) always, and for the methods that
     use one, `milp`'s witness (its one trust in a solver's word, checked by attack) or `bab`'s
     starting attack (`reach`). The CLI and the audit pass `**certify_searches(...)` to certify."""
-    out: dict = {"class_search": class_search(pair, seed)}
+    out = CertifySearches(class_search=class_search(pair, seed))
     if method == "milp":
         out["witness"] = milp_witness(pair, seed=seed)
     elif method == "bab":
