@@ -86,7 +86,11 @@ def test_lower_floors_import_without_upper_ones(module):
 
 # packages whose modules import the project only at the top (an import inside a function hides a
 # dependency, and a loop behind it); the others still have some, each listed in docs/architecture.md
-TOP_IMPORTS_ONLY = ["adversarial"]
+TOP_IMPORTS_ONLY = ["adversarial", "prune", "scale", "train"]
+# (file, module) -> why it is imported inside a function there
+DEFERRED = {
+    ("prunecert/scale/executor.py", "prunecert.scale.cluster"): "dask.distributed costs ~1 s; only --scheduler needs it",
+}
 
 
 def _function_imports(path: Path) -> list[str]:
@@ -97,8 +101,9 @@ def _function_imports(path: Path) -> list[str]:
             for node in ast.walk(fn):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                          else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-                out += [f"{path.relative_to(SRC.parent)}:{node.lineno} {n}" for n in names
-                        if n.startswith("prunecert")]
+                where = str(path.relative_to(SRC.parent))
+                out += [f"{where}:{node.lineno} {n}" for n in names
+                        if n.startswith("prunecert") and (where, n) not in DEFERRED]
     return out
 
 
