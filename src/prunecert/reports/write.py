@@ -21,7 +21,7 @@ from prunecert.reports.schema import validate
 FILES = {"json": "report.json", "html": "report.html", "md": "report.md"}
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
+def check_writable(out_dir: str | os.PathLike[str]) -> Path:
     """Prove `out_dir` is, or can become, a folder we can write into (before any long work starts).
 
     Nothing is created here: a run that fails on a later check must not leave an empty folder behind.
@@ -53,7 +53,7 @@ def render_all(audit: Audit, formats: tuple[str, ...] = ("json", "html", "md")) 
     return {f: texts[f] for f in formats}
 
 
-def write_report(audit: Audit, out_dir: str | os.PathLike, formats: tuple[str, ...] = ("json", "html", "md")
+def write_report(audit: Audit, out_dir: str | os.PathLike[str], formats: tuple[str, ...] = ("json", "html", "md")
                  ) -> list[Path]:
     """Render `audit` and write the requested files into `out_dir` atomically as a set; returns the paths."""
     texts = render_all(audit, formats)
