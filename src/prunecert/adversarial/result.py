@@ -121,15 +121,16 @@ class AttackResult:
 
 
 def best_result(pair: Pair, objective: Objective, space: SearchSpace, candidates: torch.Tensor, groups: torch.Tensor,
-                g: int, *, method: str, seed: int, seconds: float, trace: list[float], truncated: bool = False,
+                group: int, *, method: str, seed: int, seconds: float, trace: list[float], truncated: bool = False,
                 evaluations: int = 0, methods: dict[str, MilpDetails] | None = None) -> AttackResult:
-    """Make each candidate of region g exactly inside it, re-evaluate in float64, keep the best."""
-    idx = (groups == g).nonzero().flatten()
-    pts = torch.stack([space.ensure_inside(candidates[i], g) for i in idx.tolist()])
+    """Make each candidate of region `group` (its index in `space`) exactly inside it, re-evaluate in
+    float64, keep the best."""
+    idx = (groups == group).nonzero().flatten()
+    pts = torch.stack([space.ensure_inside(candidates[i], group) for i in idx.tolist()])
     k = int(np.argmax(evaluate(pair, objective, pts).values))  # first maximum: deterministic
     # the reported numbers come from x alone (batch of one): BLAS may sum a batch in another order
     ev = evaluate(pair, objective, pts[k:k + 1])
-    region = space.regions[g]
+    region = space.regions[group]
     center = getattr(region, "center", None)
     return AttackResult(
         x=pts[k].numpy().copy(), value=float(ev.values[0]), objective=objective.spec,
