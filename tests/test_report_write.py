@@ -201,7 +201,5 @@ def test_package_render_html_stays_a_function_after_rendering(tmp_path):
     "'module' object is not callable"."""
     import prunecert.reports as reports
 
-    audit = sample_audit()
-    write_report(audit, tmp_path, ("html",))
-    first = reports.render_html(audit)
-    assert callable(reports.render_html) and reports.render_html(audit) == first
+    write_report(sample_audit(), tmp_path, ("html",))  # renders (and imports the renderer) once
+    assert callable(reports.render_html), reports.render_html
