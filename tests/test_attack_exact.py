@@ -95,3 +95,21 @@ def test_milp_attack_does_not_claim_exactness_for_a_refuted_dual_bound(monkeypat
     res, info = _exact(pair, Box(lo, hi), "layer:-1:neuron:1")
     assert not info["closed"]
     assert res.value > 5e-4 and info["upper"] > res.value   # the wrong "optimum" was -1.78e-4
+
+
+def test_milp_witness_pickles_with_its_injected_attack_and_still_searches():
+    """certify ships the witness to its workers: the attack field travels by reference (api.attack)."""
+    import pickle
+
+    from prunecert.adversarial import api
+    from prunecert.adversarial.witness import milp_witness
+
+    pair = random_pair(np.random.default_rng(3))
+    witness = pickle.loads(pickle.dumps(milp_witness(pair, budget_seconds=0.5)))
+    assert witness.attack is api.attack
+    lo, hi = np.zeros(3), np.ones(3)
+    last = pair.n_layers - 1
+    search = witness(lo, hi)
+    value, x = search((last, np.array([1.0, 0.0, 0.0]), np.array([-1.0, 0.0, 0.0])))  # Delta_logit[0]
+    assert np.all((x >= lo) & (x <= hi))
+    assert value == pytest.approx(float(pair.deltas(x[None])[last].reshape(-1)[0]), abs=1e-9)

@@ -194,3 +194,13 @@ def test_mismatched_models_are_a_pairing_error():
     b = random_pair(np.random.default_rng(2), 3, (5, 4), 2).f
     with pytest.raises(PairingError, match="layer 0"):
         attack(a, b, Domain(np.zeros(3), np.ones(3)), **FAST)
+
+
+def test_a_pair_and_a_pruned_net_together_or_no_pruned_net_is_a_config_error():
+    """`attack(pair, net)` and `attack(net, None)` used to fail inside make_pair with an AttributeError."""
+    f = mlp([np.eye(2), np.eye(2)], [np.zeros(2), np.zeros(2)], name="f")
+    region = Box(np.zeros(2), np.ones(2))
+    with pytest.raises(ConfigError, match="pass the Pair alone"):
+        attack(Pair(f, f), f, region, method="random", budget_seconds=1)
+    with pytest.raises(ConfigError, match="no pruned network to pair with f"):
+        attack(f, None, region, method="random", budget_seconds=1)

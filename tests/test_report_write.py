@@ -106,11 +106,11 @@ def _snapshot(folder):
 def test_render_failure_leaves_old_report(tmp_path, monkeypatch):
     write_report(sample_audit(violated=False), tmp_path)
     before = _snapshot(tmp_path)
-    import prunecert.reports.render_md as render_md
+    import prunecert.reports.write as write
 
     def boom(audit):
         raise RuntimeError("renderer crashed")
-    monkeypatch.setattr(render_md, "render_markdown", boom)
+    monkeypatch.setattr(write, "render_markdown", boom)
     with pytest.raises(RuntimeError, match="renderer crashed"):
         write_report(sample_audit(violated=True), tmp_path)
     assert _snapshot(tmp_path) == before
@@ -193,3 +193,13 @@ def test_markdown_without_counterexamples_or_provable():
     md = render_markdown(audit)
     assert "## Counterexamples" not in md
     check_markdown_matches_json(md, audit.to_json())
+
+
+def test_package_render_html_stays_a_function_after_rendering(tmp_path):
+    """The renderer module used to be `reports/render_html.py`: importing it on the first render made
+    `prunecert.reports.render_html` that module, so a second `reports.render_html(audit)` raised
+    "'module' object is not callable"."""
+    import prunecert.reports as reports
+
+    write_report(sample_audit(), tmp_path, ("html",))  # renders (and imports the renderer) once
+    assert callable(reports.render_html), reports.render_html

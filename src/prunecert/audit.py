@@ -25,19 +25,39 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from prunecert.errors import ConfigError, ShapeMismatchError
+from prunecert.adversarial import METHODS as ATTACKS
+from prunecert.adversarial import attack_many
 from prunecert.adversarial.witness import certify_searches
+from prunecert.certify import certify, get_method, make_pair
+from prunecert.certify.result import CertifyResult
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Array, Box, Domain, Region
+from prunecert.data import Dataset, load_dataset
+from prunecert.errors import ConfigError, ShapeMismatchError
+from prunecert.io import Domain as InputDomain
+from prunecert.io import load_model, with_input_domain
 from prunecert.network import Network
 from prunecert.progress import progress_task, stage_line
-from prunecert.scale import open_executor
+from prunecert.prune import prune
+from prunecert.prune.targets import Keep
+from prunecert.reports import Audit, check_writable, write_report
+from prunecert.reports.build import (AttackPoints, DataMeasures, Findings, Found, PointMeasures,
+                                     build_audit)
+from prunecert.reports.model import Stage
+from prunecert.scale import Executor, open_executor
 from prunecert.stage_budgets import AUDIT_ATTACK_SECONDS, AUDIT_CERTIFY_SECONDS, AUDIT_COMPLETE_SECONDS, CERTIFY_SAMPLES
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SLACK_REL, SLACK_ABS = 1e-9, 1e-12  # float64 re-evaluation noise allowed between an attack and a bound
 
@@ -48,8 +68,8 @@ class AuditPlan:
 
     original: Network
     pruned: Network | None            # None: prune `original` with `prune_options` in run_audit
-    prune_options: dict[str, Any]
-    dataset: Any                      # prunecert.data.Dataset
+    prune_options: dict[str, Any]     # method, the one target (keep/compression/epsilon), delta, fine_tune
+    dataset: Dataset
     data_spec: str
     centers: list[int]                # test-set indices of the box centres
     eps: list[float]
@@ -73,14 +93,14 @@ class AuditPlan:
     threads: int | None = None
 
 
-def _load(model: Network | str | os.PathLike, input_domain=None) -> tuple[Network, str | None]:
-    from prunecert.io import load_model, with_input_domain
+def _load(model: Network | str | os.PathLike[str], input_domain: InputDomain | None = None
+          ) -> tuple[Network, str | None]:
     if isinstance(model, Network):
         return with_input_domain(model, input_domain), None
     return load_model(model, input_domain=input_domain), str(model)
 
 
-def _positive(value, name: str) -> float:
+def _positive(value: float | str, name: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -90,7 +110,8 @@ def _positive(value, name: str) -> float:
     return v
 
 
-def _tolerances(n_layers: int, tolerance, layer_tolerance) -> list[float | None]:
+def _tolerances(n_layers: int, tolerance: float, layer_tolerance: float | Sequence[float | None] | None
+                ) -> list[float | None]:
     """Logits: `tolerance`; hidden layers: `layer_tolerance` (one value for all, or one per hidden layer)."""
     out: list[float | None] = [None] * (n_layers - 1) + [_positive(tolerance, "tolerance")]
     if layer_tolerance is None:
@@ -103,17 +124,16 @@ def _tolerances(n_layers: int, tolerance, layer_tolerance) -> list[float | None]
     return out
 
 
-def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os.PathLike | None = None, *,
+def plan_audit(original: Network | str | os.PathLike[str], pruned: Network | str | os.PathLike[str] | None = None, *,
                tolerance: float, data: str = "mnist5k", points: int = 20, eps: Sequence[float] = (0.01, 0.02),
                domain: bool = True, layer_tolerance: float | Sequence[float | None] | None = None,
-               prune_method: str = "coreset", keep=None, compression: float | None = None,
+               prune_method: str = "coreset", keep: Keep | None = None, compression: float | None = None,
                epsilon: float | None = None, delta: float = 0.1, fine_tune: int = 0, certify_method: str = "diff-linear",
                attack_method: str = "auto", attack_budget: float = AUDIT_ATTACK_SECONDS,
                samples: int = CERTIFY_SAMPLES, seed: int = 0,
                progress: bool = True, command: str | None = None, max_panels: int = 6,
-               input_domain: tuple | None = None, certify_budget: float | None = AUDIT_CERTIFY_SECONDS,
-               complete: float | None = AUDIT_COMPLETE_SECONDS, centers: Sequence[str] | None = None,
-               workers: int | None = 1,
+               input_domain: InputDomain | None = None, certify_budget: float | None = AUDIT_CERTIFY_SECONDS,
+               complete: float | None = AUDIT_COMPLETE_SECONDS, centers: Sequence[str] | None = None, workers: int | None = 1,
                scheduler: str | None = None, threads: int | None = None) -> AuditPlan:
     """Check everything an audit needs (see the module docstring) and return the plan to run.
 
@@ -127,10 +147,6 @@ def plan_audit(original: Network | str | os.PathLike, pruned: Network | str | os
     `points`, so one audit can be sharded into several and merged (`prunecert merge`). `workers`,
     `scheduler` and `threads` choose where the certify/attack chunks run (see `prunecert.scale`).
     """
-    from prunecert.adversarial import METHODS as ATTACKS
-    from prunecert.certify import get_method, make_pair
-    from prunecert.data import load_dataset
-
     t0 = time.perf_counter()
     original, original_src = _load(original, input_domain)
     targets = {k: v for k, v in (("keep", keep), ("compression", compression), ("epsilon", epsilon)) if v is not None}
@@ -231,9 +247,10 @@ class _Stages:
 
     def __init__(self, progress: bool, total: int):
         self.progress = progress
-        self.total, self.done, self.timings = total, 0, []
+        self.total, self.done = total, 0
+        self.timings: list[tuple[str, float]] = []
 
-    def run(self, name: str, fn, *args, **kwargs):
+    def run(self, name: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         self.done += 1
         stage_line(f"audit [{self.done}/{self.total}] {name} ...", self.progress)
         t0 = time.perf_counter()
@@ -244,10 +261,9 @@ class _Stages:
         return out
 
 
-def _regions(plan: AuditPlan, pair):
-    from prunecert.core.regions import Box, Domain
+def _regions(plan: AuditPlan, pair: Pair) -> list[Region]:
     lo, hi = pair.domain()
-    out = []
+    out: list[Region] = []
     for i in plan.centers:
         center = np.asarray(plan.dataset.x_test[i], dtype=np.float64).reshape(pair.input_shape)
         out += [Box.around(center, e, lo, hi, source=f"{plan.data_spec}:test:{i}") for e in plan.eps]
@@ -261,8 +277,9 @@ def _abs_max(t: torch.Tensor) -> torch.Tensor:
     return t.abs().reshape(t.shape[0], -1).amax(dim=1)
 
 
-def measure_data(pair, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
+def measure_data(pair: Pair, x: npt.ArrayLike, y: npt.ArrayLike, batch: int = 512) -> DataMeasures:
     """Accuracy of f and g, top-1 agreement, and per layer the largest |Delta| (end-to-end, local) on (x, y)."""
+    x, y = np.asarray(x), np.asarray(y)
     n_layers = pair.n_layers
     e2e, loc = np.zeros(n_layers), np.zeros(n_layers)
     worst = np.zeros(n_layers, dtype=np.int64)
@@ -283,11 +300,11 @@ def measure_data(pair, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
             correct_g += int((pg == yb).sum())
             agree += int((pf == pg).sum())
     n = len(x)
-    return {"accuracy_f": correct_f / n, "accuracy_g": correct_g / n, "agreement": agree / n,
-            "end_to_end": e2e, "local": loc, "worst_index": worst}
+    return DataMeasures(accuracy_f=correct_f / n, accuracy_g=correct_g / n, agreement=agree / n,
+                        end_to_end=e2e, local=loc, worst_index=worst)
 
 
-def _neuron_objectives(cert, n_layers: int, n_regions: int) -> dict[str, list[int]]:
+def _neuron_objectives(cert: CertifyResult, n_layers: int, n_regions: int) -> dict[str, list[int]]:
     """Per hidden layer and region, the neuron (and sign) with the largest certified |Delta|: spec -> regions."""
     groups: dict[str, list[int]] = {}
     for l in range(n_layers - 1):
@@ -304,14 +321,13 @@ def _neuron_objectives(cert, n_layers: int, n_regions: int) -> dict[str, list[in
     return groups
 
 
-def attack_regions(plan: AuditPlan, pair, regions, cert, executor=None) -> dict:
+def attack_regions(plan: AuditPlan, pair: Pair, regions: Sequence[Region], cert: CertifyResult,
+                   executor: Executor | None = None) -> AttackPoints:
     """Run the attacks; returns the points found per region and top-1 disagreements found."""
-    from prunecert.adversarial import attack_many
-
     objectives = {"max-logit-deviation": list(range(len(regions))), "disagreement": list(range(len(regions)))}
     objectives.update(_neuron_objectives(cert, pair.n_layers, len(regions)))
-    points: list[list[np.ndarray]] = [[] for _ in regions]
-    disagreements: dict[int, tuple[np.ndarray, int, int]] = {}
+    points: list[list[Array]] = [[] for _ in regions]
+    disagreements: dict[int, tuple[Array, int, int]] = {}
     truncated = 0
     with progress_task(f"attack ({plan.attack_method})", len(objectives), plan.progress, unit="objectives") as task:
         for spec, idx in objectives.items():
@@ -324,15 +340,15 @@ def attack_regions(plan: AuditPlan, pair, regions, cert, executor=None) -> dict:
                 if res.disagreement and i not in disagreements:
                     disagreements[i] = (points[i][-1], int(res.class_f), int(res.class_g))
             task.advance()
-    return {"points": points, "disagreements": disagreements, "objectives": len(objectives), "truncated": truncated,
-            "attacks": sum(len(idx) for idx in objectives.values())}
+    return AttackPoints(points=points, disagreements=disagreements, objectives=len(objectives), truncated=truncated,
+                        attacks=sum(len(idx) for idx in objectives.values()))
 
 
-def evaluate_points(pair, regions, points: list[list[np.ndarray]]) -> dict:
+def evaluate_points(pair: Pair, regions: Sequence[Region], points: list[list[Array]]) -> PointMeasures:
     """Per region and layer: the largest |Delta| (end-to-end, local) over the points, and the point reaching it."""
     n_r, n_l = len(regions), pair.n_layers
     e2e, loc = np.zeros((n_r, n_l)), np.zeros((n_r, n_l))
-    best: list[list[np.ndarray | None]] = [[None] * n_l for _ in range(n_r)]
+    best: list[list[Array]] = [[pts[0]] * n_l for pts in points]  # every entry is set below
     with torch.no_grad():
         for b, pts in enumerate(points):
             x = torch.from_numpy(np.stack([p.reshape(pair.input_shape) for p in pts]))
@@ -341,10 +357,10 @@ def evaluate_points(pair, regions, points: list[list[np.ndarray]]) -> dict:
                 v = _abs_max(d_e2e[l]).numpy()
                 e2e[b, l], best[b][l] = float(v.max()), pts[int(v.argmax())]
                 loc[b, l] = float(_abs_max(d_loc[l]).max())
-    return {"end_to_end": e2e, "local": loc, "best": best}
+    return PointMeasures(end_to_end=e2e, local=loc, best=best)
 
 
-def _check_sound(name: str, found: np.ndarray, bound: np.ndarray, method: str, regions) -> None:
+def _check_sound(name: str, found: Array, bound: Array, method: str, regions: Sequence[Region]) -> None:
     bad = found > bound * (1 + SLACK_REL) + SLACK_ABS
     if bad.any():
         b, l = (int(v) for v in np.argwhere(bad)[0])
@@ -353,15 +369,12 @@ def _check_sound(name: str, found: np.ndarray, bound: np.ndarray, method: str, r
                            f"reaches {found[b, l]:.6g}: unsound bound, please report")
 
 
-def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prunecert.reports.Audit
+def run_audit(plan: AuditPlan) -> tuple[Audit, Network]:
     """Run the stages of `plan`; returns the Audit (write it with `prunecert.reports.write_report`) and
     the compact pruned network (pruned here, or the one given)."""
-    from prunecert.certify import certify, make_pair
-
     stages = _Stages(plan.progress, 4 if plan.pruned is None else 3)
     pruned = plan.pruned
     if pruned is None:
-        from prunecert.prune import prune
         options = dict(plan.prune_options)
         pruned = stages.run("prune" + (f" + fine-tune {options['fine_tune']} epochs" if options["fine_tune"] else ""),
                             prune, plan.original, options.pop("method"), seed=plan.seed, progress=plan.progress,
@@ -384,21 +397,20 @@ def run_audit(plan: AuditPlan) -> tuple["Audit", Network]:  # noqa: F821 - prune
     return _finish_audit(plan, stages, pruned, pair, regions, data, cert, found)
 
 
-def _attack_stage(plan: AuditPlan, pair, regions, cert, executor) -> dict:
+def _attack_stage(plan: AuditPlan, pair: Pair, regions: Sequence[Region], cert: CertifyResult,
+                  executor: Executor) -> Found:
     found = attack_regions(plan, pair, regions, cert, executor)
     for b in range(len(regions)):  # certify's own search points count too
         found["points"][b].append(np.asarray(cert.sampled_points[b], dtype=np.float64))
         a = cert.agreement[b]
         if a.point is not None:
             found["points"][b].append(np.asarray(a.point, dtype=np.float64))
-    found.update(evaluate_points(pair, regions, found["points"]))
-    return found
+    measured = evaluate_points(pair, regions, found["points"])
+    return Found(**found, **measured)
 
 
-def _finish_audit(plan: AuditPlan, stages: _Stages, pruned, pair, regions, data, cert, found):
-    from prunecert.reports.build import Findings, build_audit
-    from prunecert.reports.model import Stage
-
+def _finish_audit(plan: AuditPlan, stages: _Stages, pruned: Network, pair: Pair, regions: list[Region],
+                  data: DataMeasures, cert: CertifyResult, found: Found) -> tuple[Audit, Network]:
     cert_e2e = np.stack([L.max_abs_end_to_end for L in cert.layers], axis=1)
     cert_loc = np.stack([L.max_abs_local for L in cert.layers], axis=1)
     _check_sound("end-to-end", found["end_to_end"], cert_e2e, plan.certify_method, regions)
@@ -414,11 +426,9 @@ def _finish_audit(plan: AuditPlan, stages: _Stages, pruned, pair, regions, data,
     return report, pruned
 
 
-def audit(original: Network | str | os.PathLike, pruned: Network | str | os.PathLike | None = None,
-          out: str | os.PathLike | None = None, **options) -> "Audit":  # noqa: F821
+def audit(original: Network | str | os.PathLike[str], pruned: Network | str | os.PathLike[str] | None = None,
+          out: str | os.PathLike[str] | None = None, **options: Any) -> Audit:
     """Plan, run and (when `out` is given) write an audit; options as for `plan_audit`."""
-    from prunecert.reports import check_writable, write_report
-
     if out is not None:
         check_writable(out)
     plan = plan_audit(original, pruned, **options)  # every check before any long work

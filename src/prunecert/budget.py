@@ -23,23 +23,27 @@ This module composes `prune` and `certify`, which are siblings (DESIGN §2), so 
 from __future__ import annotations
 
 import math
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.certify import certify
 from prunecert.certify.result import CertifyResult
 from prunecert.core.regions import L2Ball, Region
 from prunecert.core.surgery import geometry, hidden_layers
+from prunecert.data import Dataset, load_dataset
 from prunecert.errors import ConfigError
 from prunecert.network import Network
 from prunecert.objectives import Adversarial
+from prunecert.progress import stage_line
 from prunecert.prune import prune
 from prunecert.prune.finetune import fine_tune as fine_tune_network
+from prunecert.train import evaluate
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class Requirement:
         return f"{what} certified on >= {100 * self.fraction:g} % {of}"
 
 
-def _centre(region: Region) -> np.ndarray:
+def _centre(region: Region) -> npt.NDArray[np.float64]:
     if isinstance(region, L2Ball):
         return np.asarray(region.center, dtype=np.float64)
     lo, hi = region.bounding_box()
@@ -109,10 +113,29 @@ class Candidate:
     seconds: float
     note: str = ""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["keep"] = {str(k): v for k, v in self.keep.items()}
         return d
+
+
+class BudgetSettings(TypedDict, total=False):
+    """The search's settings, as recorded in the result and the pruning record."""
+
+    method: str
+    seed: int
+    fine_tune: int
+    distill: bool
+    augment: str | None
+    adversarial: dict[str, Any] | None
+    max_accuracy_drop: float | None
+    certify_method: str
+    coarse_steps: int
+    refine: bool
+    resolution: float
+    time_limit: float | None
+    samples: int
+    n_regions: int
 
 
 @dataclass
@@ -125,13 +148,13 @@ class BudgetResult:
     requirement: Requirement
     original_accuracy: float | None
     seconds: float
-    settings: dict = field(default_factory=dict)
+    settings: BudgetSettings = field(default_factory=lambda: BudgetSettings())
 
     @property
     def best(self) -> Candidate:
         return min((c for c in self.trace if c.passed), key=lambda c: c.params)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         best = self.best
         return {"requirement": {**asdict(self.requirement), "statement": self.requirement.describe()},
                 "keep": {str(k): v for k, v in best.keep.items()}, "params": best.params,
@@ -143,14 +166,23 @@ class BudgetResult:
 
 
 def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"[certified-budget] {msg}", file=sys.stderr, flush=True)
+    stage_line(f"[certified-budget] {msg}", progress)
+
+
+@dataclass
+class _Best:
+    """The smallest passing candidate so far, its model and its certificate."""
+
+    candidate: Candidate
+    model: Network
+    certificate: CertifyResult
 
 
 def prune_to_certificate(network: Network, regions: Sequence[Region], requirement: Requirement,
-                         method: str = "coreset", seed: int = 0, fine_tune: int = 0, data=None,
-                         distill: bool = True, augment: str | None = None,
-                         adversarial: Adversarial | dict | None = None, max_accuracy_drop: float | None = None,
+                         method: str = "coreset", seed: int = 0, fine_tune: int = 0,
+                         data: str | Dataset | None = None, distill: bool = True, augment: str | None = None,
+                         adversarial: Adversarial | dict[str, Any] | None = None,
+                         max_accuracy_drop: float | None = None,
                          certify_method: str = "diff-linear", coarse_steps: int = 6, refine: bool = True,
                          resolution: float = 1 / 64,
                          time_limit: float | None = None, samples: int = 32, progress: bool = True) -> BudgetResult:
@@ -174,30 +206,26 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
         raise ConfigError(f"resolution must lie in (0, 1), got {resolution}")
     if (fine_tune or max_accuracy_drop is not None) and data is None:
         raise ConfigError("fine-tuning and max_accuracy_drop need data (e.g. data='mnist5k')")
-    ds = None
-    if data is not None:
-        from prunecert.data import Dataset, load_dataset
-        ds = data if isinstance(data, Dataset) else load_dataset(str(data))
-    from prunecert.train import evaluate
+    ds = None if data is None else data if isinstance(data, Dataset) else load_dataset(str(data))
     original_accuracy = None if ds is None else evaluate(network, ds.x_test, ds.y_test)
     accuracy_floor = None if max_accuracy_drop is None or original_accuracy is None \
         else original_accuracy - max_accuracy_drop
     layers = hidden_layers(network)
     sizes = {i: geometry(network, i).n for i in layers}
     needed = requirement.needed(len(regions))  # relative: set again once the unpruned copy is certified
-    settings = {"method": method, "seed": int(seed), "fine_tune": int(fine_tune), "distill": bool(distill),
-                "augment": augment, "adversarial": None if adversarial is None else
-                (adversarial if isinstance(adversarial, dict) else asdict(adversarial)),
-                "max_accuracy_drop": max_accuracy_drop, "certify_method": certify_method,
-                "coarse_steps": int(coarse_steps), "refine": bool(refine), "resolution": resolution,
-                "time_limit": time_limit,
-                "samples": int(samples), "n_regions": len(regions)}
+    settings = BudgetSettings(
+        method=method, seed=int(seed), fine_tune=int(fine_tune), distill=bool(distill), augment=augment,
+        adversarial=None if adversarial is None else
+        (adversarial if isinstance(adversarial, dict) else asdict(adversarial)),
+        max_accuracy_drop=max_accuracy_drop, certify_method=certify_method, coarse_steps=int(coarse_steps),
+        refine=bool(refine), resolution=resolution, time_limit=time_limit, samples=int(samples),
+        n_regions=len(regions))
     trace: list[Candidate] = []
-    tried: dict[tuple, Candidate] = {}
-    best: dict = {}  # "candidate", "model", "certificate" of the smallest passing one
+    tried: dict[tuple[int, ...], Candidate] = {}
+    best: _Best | None = None  # the smallest passing candidate
 
     def evaluate_candidate(keep: dict[int, int], stage: str) -> bool:
-        nonlocal needed
+        nonlocal needed, best
         key = tuple(keep[i] for i in layers)
         if key in tried:
             return tried[key].passed
@@ -226,8 +254,8 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
                          needed, passed, max_bound, accuracy, round(time.perf_counter() - t0, 3), note)
         trace.append(cand)
         tried[key] = cand
-        if passed and ("candidate" not in best or cand.params < best["candidate"].params):
-            best.update(candidate=cand, model=g, certificate=result)
+        if passed and result is not None and (best is None or cand.params < best.candidate.params):
+            best = _Best(cand, g, result)
         _log(progress, f"{stage:8s} keep {_keep_text(keep, layers)} ({cand.params:,} params, compression "
                        f"{100 * cand.compression:.1f} %): "
                        + (f"{certified}/{len(regions)} certified (need {needed}), max bound {max_bound:.4g}"
@@ -242,7 +270,7 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
     _log(progress, f"{requirement.describe()} ({'relative' if requirement.relative else needed} of "
                    f"{len(regions)} regions), {certify_method}, "
                    f"pruning {method}" + (f", fine-tuning {fine_tune} epochs" if fine_tune else ""))
-    if not evaluate_candidate(dict(sizes), "full"):
+    if not evaluate_candidate(dict(sizes), "full") or best is None:
         raise ConfigError(f"{network.name}: the requirement ({requirement.describe()}) is not certified even "
                           f"with nothing pruned ({trace[0].certified or 0} of {needed} needed regions); widen "
                           f"the tolerance, lower the fraction, shrink the regions or use a tighter method")
@@ -259,25 +287,25 @@ def prune_to_certificate(network: Network, regions: Sequence[Region], requiremen
     if refine:
         per_neuron = {i: _params_per_neuron(network, i) for i in layers}
         for i in sorted(layers, key=lambda i: -per_neuron[i]):
-            low, high = 0, best["candidate"].keep[i]  # `high` passes (with the others as in the best)
+            low, high = 0, best.candidate.keep[i]  # `high` passes (with the others as in the best)
             step = max(1, int(math.ceil(resolution * sizes[i])))
             while high - low > step and not out_of_time():
                 mid = (low + high) // 2
-                keep = {**best["candidate"].keep, i: mid}
+                keep = {**best.candidate.keep, i: mid}
                 if evaluate_candidate(keep, f"layer {i}"):
                     high = mid
                 else:
                     low = mid
-    model = best["model"]
+    model = best.model
     meta = dict(model.metadata)
     rec = dict(meta["pruning"])
-    result = BudgetResult(model, best["certificate"], trace, requirement, original_accuracy,
+    result = BudgetResult(model, best.certificate, trace, requirement, original_accuracy,
                           time.perf_counter() - start, settings)
     rec["certified_budget"] = result.to_json()
     meta["pruning"] = rec
     model.metadata = meta
-    _log(progress, f"smallest certified: keep {_keep_text(best['candidate'].keep, layers)}, "
-                   f"{best['candidate'].params:,} params (compression {100 * best['candidate'].compression:.1f} %), "
+    _log(progress, f"smallest certified: keep {_keep_text(best.candidate.keep, layers)}, "
+                   f"{best.candidate.params:,} params (compression {100 * best.candidate.compression:.1f} %), "
                    f"{len(trace)} candidates in {result.seconds:.1f} s")
     return result
 

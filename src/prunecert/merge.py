@@ -17,9 +17,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from prunecert.certify.result import combine_verdicts
 from prunecert.errors import PrunecertError
+from prunecert.reports.merge import merge_audits
+
+# a JSON document read from a result file: its shape is the schema's (checked field by field here, and
+# by the schema for audits), not a static type
+Doc = dict[str, Any]
+Named = tuple[str, Doc]  # (file name, document)
 
 
 class MergeError(PrunecertError):
@@ -31,7 +38,7 @@ SAME_CERTIFY = ("method", "seed", "tolerance", "logits")
 SAME_ATTACK = ("objective", "method", "seed")
 
 
-def read_document(path: str | os.PathLike) -> dict:
+def read_document(path: str | os.PathLike[str]) -> Doc:
     """A JSON document from `path` (MergeError naming the file if it is not one)."""
     try:
         doc = json.loads(Path(path).read_text("utf-8"))
@@ -42,7 +49,7 @@ def read_document(path: str | os.PathLike) -> dict:
     return doc
 
 
-def _hashes(doc: dict, name: str, models_key: str = "models") -> tuple[str | None, str | None]:
+def _hashes(doc: Doc, name: str, models_key: str = "models") -> tuple[str | None, str | None]:
     if models_key == "audit":
         return doc["original"]["sha256"], doc["pruned"]["sha256"]
     models = doc.get("models")
@@ -52,7 +59,7 @@ def _hashes(doc: dict, name: str, models_key: str = "models") -> tuple[str | Non
     return (models.get("original") or {}).get("sha256"), (models.get("pruned") or {}).get("sha256")
 
 
-def check_same(docs: list[tuple[str, dict]], fields: tuple[str, ...], models_key: str = "models") -> None:
+def check_same(docs: list[Named], fields: tuple[str, ...], models_key: str = "models") -> None:
     """MergeError unless every document has the first one's schema, model hashes and `fields`."""
     name0, first = docs[0]
     h0 = _hashes(first, name0, models_key)
@@ -69,7 +76,7 @@ def check_same(docs: list[tuple[str, dict]], fields: tuple[str, ...], models_key
                 raise MergeError(f"{name}: setting {f} = {doc.get(f)!r} differs from {name0}'s {first.get(f)!r}")
 
 
-def merge_documents(docs: list[tuple[str, dict]], out: str | os.PathLike | None = None) -> dict:
+def merge_documents(docs: list[Named], out: str | os.PathLike[str] | None = None) -> Doc:
     """The merged document of `docs` ((file name, document) pairs, in region order). `out` (the merged
     file's path) is needed for attack results, whose x_path entries are rewritten relative to it."""
     if len(docs) < 2:
@@ -82,25 +89,24 @@ def merge_documents(docs: list[tuple[str, dict]], out: str | os.PathLike | None 
         check_same(docs, SAME_ATTACK)
         return merge_attack(docs, Path(out or ".").parent)
     if schema == AUDIT:
-        from prunecert.reports.merge import merge_audits
         return merge_audits(docs)
     raise MergeError(f"{docs[0][0]}: schema {schema!r} is not one merge knows ({CERTIFY}, {ATTACK}, {AUDIT})")
 
 
-def merge_certify(docs: list[dict]) -> dict:
+def merge_certify(docs: list[Doc]) -> Doc:
     """Certify documents of consecutive shards -> the document one run over all their regions gives."""
     first = docs[0]
     meta = [(L["index"], L["name"], L["shape"]) for L in first["layers"]]
     for d in docs[1:]:
         if [(L["index"], L["name"], L["shape"]) for L in d["layers"]] != meta:
             raise MergeError("certify results with different layers (index, name, shape) cannot be merged")
-    regions = []
+    regions: list[Doc] = []
     for d in docs:
         for r in d["regions"]:
             regions.append({**r, "index": len(regions)})
-    layers = []
+    layers: list[Doc] = []
     for l, L in enumerate(first["layers"]):
-        layer = {"index": L["index"], "name": L["name"], "shape": L["shape"]}
+        layer: Doc = {"index": L["index"], "name": L["name"], "shape": L["shape"]}
         for key in ("local", "end_to_end"):
             layer[key] = {side: [v for d in docs for v in d["layers"][l][key][side]] for side in ("lower", "upper")}
         for key in ("max_abs_local", "max_abs_end_to_end"):
@@ -108,7 +114,7 @@ def merge_certify(docs: list[dict]) -> dict:
         layers.append(layer)
     verdicts = [r["verdict"] for r in regions]
     truncated = [r["index"] for r in regions if _truncated(docs, r["index"])]
-    out = {"schema": CERTIFY, "method": first["method"], "seed": first["seed"],
+    out: Doc = {"schema": CERTIFY, "method": first["method"], "seed": first["seed"],
            "seconds": sum(d["seconds"] for d in docs), "tolerance": first["tolerance"], "logits": first.get("logits"),
            "verdict": combine_verdicts(verdicts) if verdicts and verdicts[0] is not None else None,
            "max_abs_logit_deviation": max(r["max_abs_logit_deviation"] for r in regions),
@@ -121,7 +127,7 @@ def merge_certify(docs: list[dict]) -> dict:
     return out
 
 
-def _truncated(docs: list[dict], index: int) -> bool:
+def _truncated(docs: list[Doc], index: int) -> bool:
     """Whether the merged run's region `index` was cut short (each shard numbers its regions from 0)."""
     for d in docs:
         n = len(d["regions"])
@@ -131,10 +137,10 @@ def _truncated(docs: list[dict], index: int) -> bool:
     return False
 
 
-def _class_overall(regions: list[dict], key: str) -> dict:
+def _class_overall(regions: list[Doc], key: str) -> Doc:
     """A class verdict over all regions (refuted if any is, proved if all are), with the first refutation."""
     verdicts = [r[key]["verdict"] for r in regions]
-    out: dict = {"verdict": "refuted" if "refuted" in verdicts else
+    out: Doc = {"verdict": "refuted" if "refuted" in verdicts else
                  "proved" if all(v == "proved" for v in verdicts) else "unknown"}
     refuted = next((r for r in regions if r[key]["verdict"] == "refuted"), None)
     if refuted is not None:
@@ -142,9 +148,9 @@ def _class_overall(regions: list[dict], key: str) -> dict:
     return out
 
 
-def merge_attack(docs: list[tuple[str, dict]], out_dir: Path) -> dict:
+def merge_attack(docs: list[Named], out_dir: Path) -> Doc:
     """Attack result.json files (one region, or a folder's summary) -> one summary over every region."""
-    regions = []
+    regions: list[Doc] = []
     for name, doc in docs:
         folder = Path(name).parent
         for r in doc.get("regions", [doc]):

@@ -17,6 +17,10 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich itself is imported only when a bar is drawn (a terminal on stderr)
+    from rich.progress import Progress, TaskID
 
 
 def _stderr_is_terminal() -> bool:
@@ -42,7 +46,8 @@ def stage_line(message: str, enabled: bool = True) -> None:
 class Task:
     """A counted piece of work (regions, objectives); see `progress_task`."""
 
-    def __init__(self, name: str, total: int, unit: str, enabled: bool, bar=None, bar_task=None):
+    def __init__(self, name: str, total: int, unit: str, enabled: bool, bar: Progress | None = None,
+                 bar_task: TaskID | None = None):
         self.name, self.total, self.unit, self.enabled = name, int(total), unit, enabled
         self.done = 0
         self.start = time.perf_counter()
@@ -53,7 +58,7 @@ class Task:
         self.done += int(n)
         if not self.enabled:
             return
-        if self._bar is not None:
+        if self._bar is not None and self._bar_task is not None:
             self._bar.update(self._bar_task, advance=n,
                              description=self.name + (f" ({note})" if note else ""))
             return

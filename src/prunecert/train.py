@@ -11,10 +11,12 @@ same augmented view, computed online) and adversarial distillation live in `obje
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ from prunecert.data import Dataset, load_dataset
 from prunecert.errors import ConfigError, DataError, ShapeMismatchError
 from prunecert.io.torch_io import network_from_module, network_to_module
 from prunecert.network import Network
+from prunecert.progress import progress_task
 from prunecert.objectives import Adversarial, adversarial_points, augment_batch, check_augment, \
     worst_logit_deviation
 
@@ -85,10 +88,10 @@ def build_arch(arch: str, input_shape: Sequence[int], classes: int) -> nn.Sequen
 
 
 # ----------------------------------------------------------------------------- training
-def _train_arrays(dataset: Dataset | tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = (dataset.x_train, dataset.y_train) if isinstance(dataset, Dataset) else dataset
-    x = torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy: data set arrays are read-only
-    y = torch.from_numpy(np.array(y, dtype=np.int64))
+def _train_arrays(dataset: Dataset | tuple[npt.ArrayLike, npt.ArrayLike]) -> tuple[torch.Tensor, torch.Tensor]:
+    x_given, y_given = (dataset.x_train, dataset.y_train) if isinstance(dataset, Dataset) else dataset
+    x = torch.from_numpy(np.array(x_given, dtype=np.float32))  # a writable copy: data set arrays are read-only
+    y = torch.from_numpy(np.array(y_given, dtype=np.int64))
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
         raise DataError(f"training data: need x of shape (N, ...) and N labels, got x {tuple(x.shape)}, "
                         f"y {tuple(y.shape)}")
@@ -100,7 +103,8 @@ def _logits(model: Model, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(model, Network):
             return model.forward(x, torch.float32)
-        return model(x)
+        out: torch.Tensor = model(x)  # nn.Module.__call__ is typed Any
+        return out
 
 
 def _batched_logits(model: Model, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
@@ -110,7 +114,7 @@ def _batched_logits(model: Model, x: torch.Tensor, batch_size: int = 2048) -> to
     try:
         return torch.cat([_logits(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
-        if was_training:
+        if was_training and isinstance(model, nn.Module):
             model.train()
 
 
@@ -148,7 +152,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     return alpha * temperature ** 2 * soft + (1.0 - alpha) * F.cross_entropy(student, labels)
 
 
-def fit(module: nn.Module, dataset: Dataset | tuple[np.ndarray, np.ndarray], epochs: int = 20,
+def fit(module: nn.Module, dataset: Dataset | tuple[npt.ArrayLike, npt.ArrayLike], epochs: int = 20,
         lr: float = 1e-3, batch_size: int = 64, seed: int = 0, teacher: Model | None = None,
         temperature: float = 4.0, alpha: float = 0.5, weight_decay: float = 0.0,
         progress: bool = True, augment: str | None = None, adversarial: Adversarial | None = None,
@@ -219,36 +223,27 @@ def fit(module: nn.Module, dataset: Dataset | tuple[np.ndarray, np.ndarray], epo
     return module
 
 
-class _progress:
+@contextlib.contextmanager
+def _progress(enabled: bool, label: str, epochs: int) -> Iterator[Callable[[float], None]]:
     """One step per epoch on the progress channel (prunecert.progress), or nothing when disabled."""
-
-    def __init__(self, enabled: bool, label: str, epochs: int):
-        self.enabled, self.label, self.epochs = enabled, label, epochs
-
-    def __enter__(self):
-        from prunecert.progress import progress_task
-        self._context = progress_task(f"{self.label} epochs", self.epochs, self.enabled, unit="epochs")
-        task = self._context.__enter__()
-
+    with progress_task(f"{label} epochs", epochs, enabled, unit="epochs") as task:
         def advance(loss: float) -> None:
             task.advance(1, f"loss {loss:.4f}")
-        return advance
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
+        yield advance
 
 
-def evaluate(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int = 2048) -> float:
+def evaluate(model: Model, x: npt.ArrayLike, y: npt.ArrayLike, batch_size: int = 2048) -> float:
     """Top-1 accuracy of a module or a Network on (x, y), in float32."""
-    y = np.asarray(y)
-    if len(x) != len(y) or len(y) == 0:
-        raise DataError(f"evaluate: {len(x)} inputs but {len(y)} labels")
-    x = np.array(x, dtype=np.float32)  # a writable copy: torch refuses read-only (cached data set) arrays
+    labels = np.asarray(y)
+    # a writable copy: torch refuses read-only (cached data set) arrays
+    inputs = np.array(x, dtype=np.float32)
+    if len(inputs) != len(labels) or len(labels) == 0:
+        raise DataError(f"evaluate: {len(inputs)} inputs but {len(labels)} labels")
     if isinstance(model, Network):
-        pred = model.predict(x, batch_size)
+        pred = model.predict(inputs, batch_size)
     else:
-        pred = _batched_logits(model, torch.from_numpy(x), batch_size).argmax(1).numpy()
-    return float(np.mean(pred == y))
+        pred = _batched_logits(model, torch.from_numpy(inputs), batch_size).argmax(1).numpy()
+    return float(np.mean(pred == labels))
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,15 +32,17 @@ from prunecert.adversarial.gradient import (
     random_search,
     seed_starts,
 )
-from prunecert.adversarial.exact import milp_search, walk_search
+from prunecert.adversarial.exact import MilpWitness, milp_search, walk_search
 from prunecert.adversarial.lpwalk import check_box
 from prunecert.adversarial.methods import get_attack
 from prunecert.adversarial.objectives import Objective, as_objective
-from prunecert.adversarial.result import AttackResult, best_result
+from prunecert.adversarial.exact import WalkResult
+from prunecert.adversarial.result import AttackResult, RunFields, best_result
 from prunecert.adversarial.space import SearchSpace, is_l2
 from prunecert.certify.formulation import check_encodable, encodable
-from prunecert.core.completion import make_pair
+from prunecert.core.completion import pair_of
 from prunecert.core.pair import Pair
+from prunecert.core.regions import Region
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Network
 from prunecert.progress import progress_task, stage_line
@@ -58,8 +60,8 @@ RANDOM_SAMPLES = 20_000
 CHUNK_SIZE = 16  # regions per chunk: a gradient batch of 16 regions is ~160 MB on LeNet-300-100
 
 
-def attack(original: Network | Pair, pruned: Network | None, region, objective: str | Objective = "max-logit-deviation",
-           method: str = "auto", budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
+def attack(original: Network | Pair, pruned: Network | None, region: Region,
+           objective: str | Objective = "max-logit-deviation", method: str = "auto", budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
            iterations: int | None = None, label: int | None = None, progress: bool = True) -> AttackResult:
     """Search `region` for the input maximising `objective` of the pair (original, pruned).
 
@@ -71,7 +73,7 @@ def attack(original: Network | Pair, pruned: Network | None, region, objective: 
                        iterations, label, progress)[0]
 
 
-def attack_many(original: Network | Pair, pruned: Network | None, regions: Sequence,
+def attack_many(original: Network | Pair, pruned: Network | None, regions: Iterable[Region],
                 objective: str | Objective = "max-logit-deviation", method: str = "auto",
                 budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
                 iterations: int | None = None, label: int | None = None, progress: bool = True,
@@ -103,7 +105,7 @@ class AttackSetup:
     log: bool = False
 
 
-def attack_stream(original: Network | Pair, pruned: Network | None, regions: Sequence,
+def attack_stream(original: Network | Pair, pruned: Network | None, regions: Iterable[Region],
                   objective: str | Objective = "max-logit-deviation", method: str = "auto",
                   budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
                   iterations: int | None = None, label: int | None = None, progress: bool = True,
@@ -112,24 +114,27 @@ def attack_stream(original: Network | Pair, pruned: Network | None, regions: Seq
                   ) -> Iterator[tuple[int, list[AttackResult]]]:
     """`attack_many`, chunk by chunk: yields (index of the chunk's first region, its results) in order,
     holding only a few chunks at a time."""
-    pair = original if isinstance(original, Pair) and pruned is None else make_pair(original, pruned)
-    regions = regions if isinstance(regions, Sequence) else list(regions)  # LazyRegions: built per chunk
-    setup = _check(pair, regions, objective, method, budget_seconds, seed, restarts, iterations, label, chunk_size)
-    slices = chunk_slices(len(regions), chunk_size)
+    pair = pair_of(original, pruned)
+    # a Sequence is kept as it is (LazyRegions: built per chunk)
+    region_list = regions if isinstance(regions, Sequence) else list(regions)
+    setup = _check(pair, region_list, objective, method, budget_seconds, seed, restarts, iterations, label,
+                   chunk_size)
+    slices = chunk_slices(len(region_list), chunk_size)
     with contextlib.ExitStack() as stack:
         if executor is None:
             executor = stack.enter_context(open_executor(workers, scheduler, threads, n_items=len(slices)))
         setup.log = progress and len(slices) == 1 and isinstance(executor, InProcessExecutor)
         shared = executor.share(setup)
-        chunks = ((s.start, regions[s]) for s in slices)
-        with progress_task(f"attack ({method})", len(regions), progress and not setup.log) as task:
+        chunks = ((s.start, region_list[s]) for s in slices)
+        with progress_task(f"attack ({method})", len(region_list), progress and not setup.log) as task:
             for s, part in zip(slices, executor.map(attack_chunk, shared, chunks)):
                 task.advance(s.stop - s.start)
                 yield s.start, part
 
 
-def _check(pair: Pair, regions: list, objective, method, budget_seconds, seed, restarts, iterations, label,
-           chunk_size) -> AttackSetup:
+def _check(pair: Pair, regions: Sequence[Region], objective: str | Objective, method: str, budget_seconds: float,
+           seed: int, restarts: int | None, iterations: int | None, label: int | None, chunk_size: int
+           ) -> AttackSetup:
     """Every option and region checked before any work starts; the normalised settings."""
     m = get_attack(method)
     try:
@@ -164,14 +169,14 @@ def _check(pair: Pair, regions: list, objective, method, budget_seconds, seed, r
     return AttackSetup(pair, objective, method, budget, int(seed), restarts, iterations, label)
 
 
-def attack_chunk(setup: AttackSetup, chunk: tuple[int, list]) -> list[AttackResult]:
+def attack_chunk(setup: AttackSetup, chunk: tuple[int, Sequence[Region]]) -> list[AttackResult]:
     """Attack one chunk of regions (the run's regions first, first+1, ...), each with its own generator."""
     first, regions = chunk
     with one_torch_thread():
         return _attack_regions(setup, regions, [region_generator(setup.seed, r) for r in regions])
 
 
-def _attack_regions(setup: AttackSetup, regions: list, gens: list[torch.Generator]) -> list[AttackResult]:
+def _attack_regions(setup: AttackSetup, regions: Sequence[Region], gens: list[torch.Generator]) -> list[AttackResult]:
     pair, method, budget, restarts = setup.pair, setup.method, setup.budget, setup.restarts
     spec = as_objective(setup.objective)
     objectives = [spec.resolve(pair, r.center, setup.label) for r in regions]
@@ -180,14 +185,16 @@ def _attack_regions(setup: AttackSetup, regions: list, gens: list[torch.Generato
     log = _Log(setup.log, len(regions))
     start = time.perf_counter()
     deadline = start + budget * len(regions)
-    fields = {"method": method, "seed": setup.seed}
+    fields = RunFields(method=method, seed=setup.seed)
     m = get_attack(method)
     if m.sampling:
         state = random_search(pair, objectives, space, RANDOM_SAMPLES, gens, deadline)
         log.stage("random", state, start)
         return _finish(pair, objectives, space, state, None, start, fields)
     if m.exact:
-        return [milp_search(pair, objectives[g], space, g, budget, fields, log) for g in range(len(regions))]
+        # the MILP's optimum is checked by this module's own `auto` attack (injected: exact.py is below api.py)
+        witness = MilpWitness(pair, attack, seed=setup.seed)
+        return [milp_search(pair, objectives[g], space, g, budget, fields, log, witness) for g in range(len(regions))]
     # a gradient stage followed by walks (auto) walks only where the pair's LP fits and the objective is linear;
     # otherwise the whole budget goes to the gradient stage
     do_walk = m.walks and (m.lp_only or (spec.is_linear and not any(space.l2) and fits))
@@ -204,8 +211,8 @@ def _attack_regions(setup: AttackSetup, regions: list, gens: list[torch.Generato
     return _finish(pair, objectives, space, state, walks, start, fields)
 
 
-def _finish(pair: Pair, objectives: list[Objective], space: SearchSpace, state: SearchState, walks,
-            start: float, fields: dict) -> list[AttackResult]:
+def _finish(pair: Pair, objectives: list[Objective], space: SearchSpace, state: SearchState,
+            walks: list[WalkResult] | None, start: float, fields: RunFields) -> list[AttackResult]:
     """Best point per region (gradient/random state and LP walks together), re-evaluated in float64."""
     out = []
     for g, objective in enumerate(objectives):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from prunecert.core.pair import Pair
+from prunecert.core.regions import Region
 from prunecert.errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def agreement_margin(pair: Pair, x: torch.Tensor) -> torch.Tensor:
     return own - others
 
 
-def lowest_margin(pair: Pair, regions: Sequence, k: int) -> list:
+def lowest_margin(pair: Pair, regions: Sequence[Region], k: int) -> list[Region]:
     """The `k` regions whose centres have the smallest agreement margin, smallest first (ties: given order)."""
     regions = list(regions)
     if not 1 <= k <= len(regions):

@@ -19,24 +19,34 @@ previous basis: a walk of tens of LPs costs little more than the first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import highspy
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.certify.formulation import ZERO, Encoding, RegionBounds, build_encoding
-from prunecert.core.interval import interval_bounds
+from prunecert.core.interval import Bounds, interval_bounds
 from prunecert.core.pair import Pair
+from prunecert.core.regions import Array, Region
 from prunecert.errors import ConfigError
 from prunecert.solvers import silence_highs_banner
 
+Pattern = npt.NDArray[np.bool_]  # activation pattern (a > 0) of the unstable neurons
+Columns = npt.NDArray[np.int32]
+# (optimal?, x, column values, column duals, row duals) of one LP
+Solution = tuple[bool, Array, Array, Array, Array]
 
-def interval_region_bounds(pair: Pair, lo: np.ndarray, hi: np.ndarray) -> RegionBounds:
+
+def _flat(bounds: list[Bounds]) -> list[tuple[Array, Array]]:
+    return [(b.lower[0].reshape(-1).numpy().copy(), b.upper[0].reshape(-1).numpy().copy()) for b in bounds]
+
+
+def interval_region_bounds(pair: Pair, lo: Array, hi: Array) -> RegionBounds:
     """Sound per-layer pre-activation bounds of f and g over the box (interval arithmetic)."""
-    def flat(bounds):
-        return [(b.lower[0].reshape(-1).numpy().copy(), b.upper[0].reshape(-1).numpy().copy()) for b in bounds]
-    return RegionBounds(flat(interval_bounds(pair.f, lo, hi)), flat(interval_bounds(pair.g, lo, hi)))
+    return RegionBounds(_flat(interval_bounds(pair.f, lo, hi)), _flat(interval_bounds(pair.g, lo, hi)))
 
 
 @dataclass
@@ -44,8 +54,8 @@ class PairLP:
     """The pair's LP over the box [lo, hi]; `set_pattern` fixes activation patterns through bounds."""
 
     pair: Pair
-    lo: np.ndarray
-    hi: np.ndarray
+    lo: Array
+    hi: Array
     pre: RegionBounds | None = None
     enc: Encoding = field(init=False, repr=False)
 
@@ -82,24 +92,26 @@ class PairLP:
     def n_neurons(self) -> int:
         return len(self.a_col)
 
-    def pattern_at(self, x: np.ndarray) -> np.ndarray:
+    def pattern_at(self, x: Array) -> Pattern:
         """Activation pattern (a > 0) of the unstable neurons at the point x."""
         with torch.no_grad():
             af, ag = self.pair.forward_layers(torch.as_tensor(x).reshape(1, *self.pair.input_shape))
         acts = {"f": [a.flatten() for a in af], "g": [a.flatten() for a in ag]}
         return np.array([bool(acts[who][layer][i] > 0) for who, layer, i in self.owner], dtype=bool)
 
-    def set_pattern(self, pattern: np.ndarray, idx: np.ndarray | None = None) -> None:
-        """Fix the pattern of the neurons `idx` (all if None) through bounds."""
-        idx = np.arange(self.n_neurons) if idx is None else np.asarray(idx, dtype=np.int64)
+    def set_pattern(self, pattern: Pattern, neurons: npt.NDArray[np.intp] | None = None) -> None:
+        """Fix the pattern of the neurons `neurons` (all if None) through bounds."""
+        idx = np.arange(self.n_neurons) if neurons is None else np.asarray(neurons, dtype=np.int64)
         if len(idx) == 0:
             return
         act, lo, hi = pattern[idx], self.n_lo[idx], self.n_hi[idx]
         self.highs.changeColsBounds(len(idx), self.a_col[idx], np.where(act, 0.0, lo), np.where(act, hi, 0.0))
         self.highs.changeColsBounds(len(idx), self.h_col[idx], np.zeros(len(idx)), np.where(act, hi, 0.0))
-        self.highs.changeRowsBounds(len(idx), self.row[idx], np.zeros(len(idx)), np.where(act, 0.0, np.inf))
+        # highspy 1.16 ships py.typed stubs that omit changeRowsBounds, though the binding has it
+        self.highs.changeRowsBounds(  # type: ignore[attr-defined]
+            len(idx), self.row[idx], np.zeros(len(idx)), np.where(act, 0.0, np.inf))
 
-    def start_basis(self, pattern: np.ndarray, gradient: np.ndarray) -> bool:
+    def start_basis(self, pattern: Pattern, gradient: Array) -> bool:
         """Install the basis of the box vertex that maximises the objective's linearisation at the start.
 
         All op outputs and active post-activations are basic (fixed by their rows), x sits at the bound
@@ -125,7 +137,7 @@ class PairLP:
         basis.valid = True
         return self.highs.setBasis(basis) == highspy.HighsStatus.kOk
 
-    def set_objective(self, layer: int, cf: np.ndarray, cg: np.ndarray) -> None:
+    def set_objective(self, layer: int, cf: Array, cg: Array) -> None:
         """Maximise cf . a_layer^f + cg . a_layer^g (shared columns add up)."""
         cost = np.zeros(self.enc.n_cols)
         for cols, c in ((self.enc.af[layer], cf), (self.enc.ag[layer], cg)):
@@ -137,7 +149,7 @@ class PairLP:
             self.highs.changeColsCost(len(cols), cols, cost[cols])
         self._cost_cols = new
 
-    def solve(self) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def solve(self) -> Solution:
         """(optimal?, x, column values, column duals, row duals) of the current LP."""
         self.highs.run()
         self.solves += 1
@@ -148,8 +160,8 @@ class PairLP:
         x = np.clip(val[self.x_cols], self.lo.reshape(-1), self.hi.reshape(-1))
         return True, x, val, np.asarray(sol.col_dual), np.asarray(sol.row_dual)
 
-    def blocking(self, val: np.ndarray, col_dual: np.ndarray, row_dual: np.ndarray, tol: float = 1e-7
-                 ) -> np.ndarray:
+    def blocking(self, val: Array, col_dual: Array, row_dual: Array, tol: float = 1e-7
+                 ) -> npt.NDArray[np.intp]:
         """Neurons at their kink (a ~ 0) whose sign constraint binds, most binding (|dual|) first."""
         a = val[self.a_col]
         score = np.abs(col_dual[self.a_col]) + np.abs(col_dual[self.h_col]) + np.abs(row_dual[self.row])
@@ -158,9 +170,9 @@ class PairLP:
         return cand[np.lexsort((cand, -score[cand]))]
 
 
-def walk(lp: PairLP, value_fn, x0: np.ndarray, layer: int, cf: np.ndarray, cg: np.ndarray, deadline: float,
-         gradient: np.ndarray | None = None, max_lps: int = 60, max_single: int = 6
-         ) -> tuple[np.ndarray, float, list[float], int]:
+def walk(lp: PairLP, value_fn: Callable[[Array], float], x0: Array, layer: int, cf: Array, cg: Array,
+         deadline: float, gradient: Array | None = None, max_lps: int = 60, max_single: int = 6
+         ) -> tuple[Array, float, list[float], int]:
     """Walk from x0 for one linear sub-objective; value_fn(x) is its float64 value at a point and
     `gradient` its gradient at x0 (for the starting basis; without it HiGHS starts cold).
 
@@ -173,7 +185,7 @@ def walk(lp: PairLP, value_fn, x0: np.ndarray, layer: int, cf: np.ndarray, cg: n
         lp.start_basis(pattern, gradient)
     best_x, best_v = x0.reshape(-1).copy(), float(value_fn(x0))
     trace = [best_v]
-    ok, x, val, cd, rd = lp.solve()
+    ok, x, val, col_dual, row_dual = lp.solve()
     n = 1
     if not ok:
         return best_x, best_v, trace, n
@@ -182,7 +194,7 @@ def walk(lp: PairLP, value_fn, x0: np.ndarray, layer: int, cf: np.ndarray, cg: n
         best_x, best_v = x, v
     trace.append(best_v)
     while n < max_lps and time.perf_counter() < deadline:
-        cands = lp.blocking(val, cd, rd)
+        cands = lp.blocking(val, col_dual, row_dual)
         if len(cands) == 0:
             break
         trials = [cands] + ([cands[i:i + 1] for i in range(min(max_single, len(cands)))] if len(cands) > 1 else [])
@@ -193,11 +205,11 @@ def walk(lp: PairLP, value_fn, x0: np.ndarray, layer: int, cf: np.ndarray, cg: n
             new = pattern.copy()
             new[flip] = ~new[flip]
             lp.set_pattern(new, flip)
-            ok2, x2, val2, cd2, rd2 = lp.solve()
+            ok2, x2, val2, col_dual2, row_dual2 = lp.solve()
             n += 1
             v2 = float(value_fn(x2)) if ok2 else -np.inf
             if ok2 and v2 > best_v + 1e-9 * (1.0 + abs(best_v)):
-                pattern, val, cd, rd = new, val2, cd2, rd2
+                pattern, val, col_dual, row_dual = new, val2, col_dual2, row_dual2
                 best_x, best_v = x2, v2
                 trace.append(best_v)
                 moved = True
@@ -208,7 +220,7 @@ def walk(lp: PairLP, value_fn, x0: np.ndarray, layer: int, cf: np.ndarray, cg: n
     return best_x, best_v, trace, n
 
 
-def check_box(region) -> None:
+def check_box(region: Region) -> None:
     if getattr(region, "radius", None) is not None:
         raise ConfigError("method lp-walk needs an L-inf box region (its LP cannot express an L2 ball); "
                           "use --method apgd or pgd for --norm 2")

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.core.pair import Pair
@@ -49,22 +50,25 @@ class Objective:
     names: tuple[str, ...] = ()
 
     @classmethod
-    def linear(cls, layer: int, cf, cg, spec: str = "linear") -> "Objective":
+    def linear(cls, layer: int, cf: npt.ArrayLike, cg: npt.ArrayLike, spec: str = "linear") -> Objective:
         """The objective cf . a_layer^f + cg . a_layer^g given as vectors (e.g. one MILP objective)."""
-        as_row = lambda c: torch.as_tensor(np.asarray(c, dtype=np.float64).reshape(1, -1))  # noqa: E731
+        def as_row(c: npt.ArrayLike) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(c, dtype=np.float64).reshape(1, -1))
         return cls("linear", spec, layer=int(layer), _cf=as_row(cf), _cg=as_row(cg), names=(spec,))
 
     # ------------------------------------------------------------------ binding
-    def resolve(self, pair: Pair, center: np.ndarray | torch.Tensor | None, label: int | None = None) -> "Objective":
+    def resolve(self, pair: Pair, center: npt.NDArray[np.float64] | torch.Tensor | None, label: int | None = None
+                ) -> Objective:
         """Check indices against `pair`, fix the label (argmax f(centre) unless given), build (Cf, Cg)."""
         n_layers = pair.n_layers
         if self.kind == "linear":
             if not -n_layers <= self.layer < n_layers:
                 raise ConfigError(f"objective {self.spec!r}: layer {self.layer} does not exist (0..{n_layers - 1})")
             size = math.prod(pair.layers_f[self.layer].out_shape)
-            if self._cf.shape[1] != size or self._cg.shape[1] != size:
-                raise ConfigError(f"objective {self.spec!r}: coefficient vectors of length {self._cf.shape[1]}/"
-                                  f"{self._cg.shape[1]}, layer {self.layer % n_layers} has {size} outputs")
+            given_f, given_g = self.coefficients()
+            if given_f.shape[1] != size or given_g.shape[1] != size:
+                raise ConfigError(f"objective {self.spec!r}: coefficient vectors of length {given_f.shape[1]}/"
+                                  f"{given_g.shape[1]}, layer {self.layer % n_layers} has {size} outputs")
             return replace(self, layer=self.layer % n_layers, resolved=True)
         layer = self.layer
         if self.kind == "neuron":
@@ -107,9 +111,13 @@ class Objective:
     def linear_form(self) -> tuple[int, torch.Tensor, torch.Tensor]:
         """(layer, Cf, Cg): sub-objective s is Cf[s] . a_layer^f + Cg[s] . a_layer^g (float64, (S, n))."""
         self._need_resolved()
-        if not self.is_linear:
+        return (self.layer, *self.coefficients())
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Cf, Cg) of a linear objective (resolved, or built by `linear`)."""
+        if self._cf is None or self._cg is None:  # only evasive (softmax) has none once resolved
             raise ConfigError(f"objective {self.spec!r} is nonlinear (softmax); use --method pgd, apgd or random")
-        return self.layer, self._cf, self._cg
+        return self._cf, self._cg
 
     def sub_values(self, af: list[torch.Tensor], ag: list[torch.Tensor]) -> torch.Tensor:
         """(B, S) sub-objective values from per-layer pre-activations of f and g (differentiable)."""
@@ -119,7 +127,8 @@ class Objective:
             pf = torch.softmax(a_f, 1)[:, self.label]
             pg = torch.softmax(a_g, 1)[:, self.label]
             return (pf - self.c * pg)[:, None]
-        return a_f @ self._cf.to(a_f.dtype).T + a_g @ self._cg.to(a_g.dtype).T
+        cf, cg = self.coefficients()
+        return a_f @ cf.to(a_f.dtype).T + a_g @ cg.to(a_g.dtype).T
 
     def values(self, af: list[torch.Tensor], ag: list[torch.Tensor]) -> torch.Tensor:
         """(B,) objective values: the max over sub-objectives."""
@@ -129,8 +138,8 @@ class Objective:
         if not self.resolved:
             raise ConfigError(f"objective {self.spec!r} must be resolved against a pair first (Objective.resolve)")
 
-    def describe(self) -> dict:
-        d = {"spec": self.spec, "kind": self.kind}
+    def describe(self) -> dict[str, str | int | float | None]:
+        d: dict[str, str | int | float | None] = {"spec": self.spec, "kind": self.kind}
         if self.kind == "neuron":
             d.update(layer=self.layer, neuron=self.neuron, sense="min" if self.sign < 0 else "max")
         if self.kind in ("disagreement", "evasive"):
@@ -201,15 +210,20 @@ class BatchObjective:
     """Element-wise objectives for a batch spanning several regions: element i maximises sub-objective
     `sub[i]` of `objectives[groups[i]]` (each region resolves its own label), in one tensor op."""
 
+    cf: torch.Tensor  # (B, n) per element, linear objectives
+    cg: torch.Tensor
+    labels: torch.Tensor  # (B,) per element, evasive
+
     def __init__(self, objectives: list[Objective], groups: torch.Tensor, sub: torch.Tensor):
         first = objectives[0]
         self.kind, self.layer, self.c = first.kind, first.layer, first.c
-        g, s = groups.tolist(), sub.tolist()
+        region_of, sub_of = groups.tolist(), sub.tolist()
         if first.is_linear:
-            self.cf = torch.stack([objectives[a]._cf[b] for a, b in zip(g, s)])
-            self.cg = torch.stack([objectives[a]._cg[b] for a, b in zip(g, s)])
+            coefficients = [o.coefficients() for o in objectives]
+            self.cf = torch.stack([coefficients[r][0][k] for r, k in zip(region_of, sub_of)])
+            self.cg = torch.stack([coefficients[r][1][k] for r, k in zip(region_of, sub_of)])
         else:
-            self.labels = torch.tensor([objectives[a].label for a in g], dtype=torch.long)
+            self.labels = torch.tensor([objectives[r].label for r in region_of], dtype=torch.long)
 
     def values(self, af: list[torch.Tensor], ag: list[torch.Tensor]) -> torch.Tensor:
         a_f, a_g = af[self.layer].flatten(1), ag[self.layer].flatten(1)

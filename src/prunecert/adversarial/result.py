@@ -8,35 +8,59 @@ at the returned point, so it is exactly reproducible from the saved x alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.adversarial.objectives import Objective
+from prunecert.adversarial.space import SearchSpace
 from prunecert.core.pair import Pair
+from prunecert.core.regions import Array
+from prunecert.network import TensorLike
+
+Indices = npt.NDArray[np.int64]
+
+
+class RunFields(TypedDict):
+    """What every result of one run records about the run."""
+
+    method: str
+    seed: int
+
+
+class MilpDetails(TypedDict):
+    """`AttackResult.methods["milp"]`: the sound upper bound on the maximum and how it was reached."""
+
+    upper: float         # sound upper bound (LP bound where a MILP did not close)
+    closed: bool         # every needed MILP closed: `value` is the exact maximum
+    milps: int           # MILPs solved
+    sub_objectives: int  # sub-objectives of the objective (skipped ones were bounded by their LP)
+    binaries: int        # binary variables of the MILP
 
 
 @dataclass
 class Evaluation:
     """Float64 evaluation of an objective at a batch of points."""
 
-    values: np.ndarray        # (B,) objective value (max over sub-objectives)
-    sub: np.ndarray           # (B,) index of the sub-objective reaching it
-    class_f: np.ndarray       # (B,) argmax f(x)
-    class_g: np.ndarray       # (B,) argmax g(x)
-    logit_deviation: np.ndarray  # (B,) max_j |f_j(x) - g_j(x)|
+    values: Array           # (B,) objective value (max over sub-objectives)
+    sub: Indices            # (B,) index of the sub-objective reaching it
+    class_f: Indices        # (B,) argmax f(x)
+    class_g: Indices        # (B,) argmax g(x)
+    logit_deviation: Array  # (B,) max_j |f_j(x) - g_j(x)|
 
 
-def evaluate(pair: Pair, objective: Objective, x) -> Evaluation:
+def evaluate(pair: Pair, objective: Objective, x: TensorLike) -> Evaluation:
     """Fresh float64 forward pass of f and g at `x` (B, *input_shape).
 
     Bit-for-bit values depend on the batch (BLAS summation order); reported values use a batch of one.
     """
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(torch.float64)
-    if tuple(x.shape) == tuple(pair.input_shape):
-        x = x[None]
+    points = torch.as_tensor(x if isinstance(x, torch.Tensor) else np.asarray(x)).to(torch.float64)
+    if tuple(points.shape) == tuple(pair.input_shape):
+        points = points[None]
     with torch.no_grad():
-        af, ag = pair.forward_layers(x, torch.float64)
+        af, ag = pair.forward_layers(points, torch.float64)
         sub = objective.sub_values(af, ag)
         best = sub.max(1)
         lf, lg = af[-1].flatten(1), ag[-1].flatten(1)
@@ -55,7 +79,7 @@ class AttackResult:
     upper bound and whether every MILP closed).
     """
 
-    x: np.ndarray
+    x: Array
     value: float
     objective: str
     method: str
@@ -67,18 +91,18 @@ class AttackResult:
     class_g: int = -1
     label: int | None = None
     logit_deviation: float = float("nan")
-    center: np.ndarray | None = None
-    region: dict = field(default_factory=dict)
+    center: Array | None = None
+    region: dict[str, Any] = field(default_factory=dict)  # `Region.describe()`
     truncated: bool = False
     evaluations: int = 0
-    methods: dict = field(default_factory=dict)
+    methods: dict[str, MilpDetails] = field(default_factory=dict)
 
     @property
     def disagreement(self) -> bool:
         """argmax f(x) != argmax g(x): x is a counterexample to top-1 agreement."""
         return self.class_f != self.class_g
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """JSON-able summary (without x itself, which `save_counterexample` writes to x.npz)."""
         return {
             "objective": self.objective, "method": self.method, "value": float(self.value),
@@ -96,23 +120,22 @@ class AttackResult:
                 f"seconds={self.seconds:.2f}, truncated={self.truncated})")
 
 
-def best_result(pair: Pair, objective: Objective, space, candidates: torch.Tensor, groups: torch.Tensor,
-                g: int, **fields) -> AttackResult:
-    """Make each candidate of region g exactly inside it, re-evaluate in float64, keep the best."""
-    idx = (groups == g).nonzero().flatten()
-    pts = torch.stack([space.ensure_inside(candidates[i], g) for i in idx.tolist()])
+def best_result(pair: Pair, objective: Objective, space: SearchSpace, candidates: torch.Tensor, groups: torch.Tensor,
+                group: int, *, method: str, seed: int, seconds: float, trace: list[float], truncated: bool = False,
+                evaluations: int = 0, methods: dict[str, MilpDetails] | None = None) -> AttackResult:
+    """Make each candidate of region `group` (its index in `space`) exactly inside it, re-evaluate in
+    float64, keep the best."""
+    idx = (groups == group).nonzero().flatten()
+    pts = torch.stack([space.ensure_inside(candidates[i], group) for i in idx.tolist()])
     k = int(np.argmax(evaluate(pair, objective, pts).values))  # first maximum: deterministic
     # the reported numbers come from x alone (batch of one): BLAS may sum a batch in another order
     ev = evaluate(pair, objective, pts[k:k + 1])
-    region = space.regions[g]
+    region = space.regions[group]
     center = getattr(region, "center", None)
     return AttackResult(
         x=pts[k].numpy().copy(), value=float(ev.values[0]), objective=objective.spec,
         sub_objective=objective.names[int(ev.sub[0])], class_f=int(ev.class_f[0]), class_g=int(ev.class_g[0]),
         label=objective.label, logit_deviation=float(ev.logit_deviation[0]),
         center=None if center is None else np.asarray(center, dtype=np.float64).reshape(pair.input_shape).copy(),
-        region=_describe(region), **fields)
-
-
-def _describe(region) -> dict:
-    return region.describe()
+        region=region.describe(), method=method, seed=seed, seconds=seconds, trace=trace, truncated=truncated,
+        evaluations=evaluations, methods={} if methods is None else methods)

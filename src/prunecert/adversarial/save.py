@@ -11,13 +11,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from prunecert.adversarial.objectives import parse_objective
 from prunecert.adversarial.result import AttackResult, evaluate
-from prunecert.core.completion import make_pair
+from prunecert.core.completion import pair_of
 from prunecert.core.pair import Pair
+from prunecert.core.regions import Region
 from prunecert.errors import DataError
 from prunecert.fileutil import atomic_write_bytes
 from prunecert.io import weights_sha256
@@ -44,13 +47,13 @@ def image_shape(input_shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return None
 
 
-def _as_image(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _as_image(a: npt.NDArray[np.float64], shape: tuple[int, ...]) -> npt.NDArray[np.float64]:
     if len(shape) == 3:  # (C, H, W) -> (H, W, C)
         return np.moveaxis(a.reshape(3, *shape[:2]), 0, -1)
     return a.reshape(shape)
 
 
-def _png(image: np.ndarray, title: str, diverging: bool) -> bytes:
+def _png(image: npt.NDArray[np.float64], title: str, diverging: bool) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -73,8 +76,9 @@ def _png(image: np.ndarray, title: str, diverging: bool) -> bytes:
     return buf.getvalue()
 
 
-def save_counterexample(result: AttackResult, pair: Pair, region, out: str | Path,
-                        hashes: tuple[str, str] | None = None, extra: dict | None = None) -> dict:
+def save_counterexample(result: AttackResult, pair: Pair, region: Region, out: str | Path,
+                        hashes: tuple[str, str] | None = None, extra: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
     """Write x.npz, x.png / x_minus_center.png (image inputs) and result.json into `out`.
 
     `hashes`: weights_sha256 of the original and pruned models as the user gave them (default: of the
@@ -124,7 +128,7 @@ class Replay:
         return self.models_match and self.inside and abs(self.value - self.saved_value) <= tol
 
 
-def load_counterexample(path: str | Path) -> dict:
+def load_counterexample(path: str | Path) -> dict[str, npt.NDArray[Any]]:
     """The arrays of a saved x.npz; a missing, foreign or malformed file is a DataError."""
     path = Path(path)
     if not path.is_file():
@@ -145,10 +149,10 @@ def load_counterexample(path: str | Path) -> dict:
 def replay(path: str | Path, original: Network | Pair, pruned: Network | None = None) -> Replay:
     """Re-evaluate a saved counterexample with a fresh float64 forward pass of (original, pruned)."""
     data = load_counterexample(path)
-    if isinstance(original, Pair) and pruned is None:
-        pair, hashes = original, (weights_sha256(original.f), weights_sha256(original.g))
-    else:
-        pair, hashes = make_pair(original, pruned), (weights_sha256(original), weights_sha256(pruned))
+    pair = pair_of(original, pruned)
+    # the hashes of the networks as given (a compact pruned net is hashed before its completion)
+    given = (pair.f, pair.g) if isinstance(original, Pair) else (original, pair.g if pruned is None else pruned)
+    hashes = (weights_sha256(given[0]), weights_sha256(given[1]))
     x = data["x"].astype(np.float64)
     if x.size != math.prod(pair.input_shape):
         raise DataError(f"{path}: x has {x.size} values ({x.shape}), the models take {tuple(pair.input_shape)}")

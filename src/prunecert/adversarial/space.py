@@ -13,18 +13,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from prunecert.core.regions import L2Ball, Region
 from prunecert.errors import RegionError
 
 
-def is_l2(region) -> bool:
+def is_l2(region: Region) -> bool:
     """L2 balls carry a radius; boxes and the whole domain are exactly their bounding box."""
-    return getattr(region, "radius", None) is not None
+    return isinstance(region, L2Ball)
 
 
 class SearchSpace:
     """Regions (G of them) for a batch whose element i belongs to region `groups[i]`."""
 
-    def __init__(self, regions: Sequence, input_shape: tuple[int, ...]):
+    def __init__(self, regions: Sequence[Region], input_shape: tuple[int, ...]):
         self.regions = list(regions)
         self.input_shape = tuple(input_shape)
         boxes = [r.bounding_box() for r in self.regions]
@@ -34,7 +35,7 @@ class SearchSpace:
                                for b in boxes])
         self.l2 = [is_l2(r) for r in self.regions]
         for g, r in enumerate(self.regions):
-            if self.l2[g]:
+            if isinstance(r, L2Ball):
                 if not float(r.radius) > 0:
                     raise RegionError(f"region {_name(r)}: radius {r.radius} gives a region of zero volume, "
                                       f"nothing to search")
@@ -64,7 +65,7 @@ class SearchSpace:
         if any(self.l2):
             x = x.clone()
             for g, r in enumerate(self.regions):
-                if self.l2[g]:
+                if isinstance(r, L2Ball):
                     idx = (groups == g).nonzero().flatten()
                     if len(idx):
                         x[idx] = r.project(x[idx]).to(x.dtype)
@@ -78,7 +79,7 @@ class SearchSpace:
         if any(self.l2):
             l2 = torch.tensor(self.l2)[groups]
             if l2.any():
-                radius = torch.tensor([float(getattr(r, "radius", 0.0) or 0.0) for r in self.regions],
+                radius = torch.tensor([float(r.radius) if isinstance(r, L2Ball) else 0.0 for r in self.regions],
                                       dtype=grad.dtype)[groups]
                 norm = grad.flatten(1).norm(dim=1).clamp_min(1e-300)
                 l2_step = grad / norm.view(shape) * (radius * eta).view(shape)
@@ -95,7 +96,7 @@ class SearchSpace:
                 continue
             r = self.regions[g]
             gen = generator if isinstance(generator, torch.Generator) else generator[g]
-            if self.l2[g]:
+            if isinstance(r, L2Ball):
                 x = torch.as_tensor(r.sample(n, gen), dtype=torch.float64).reshape(n, *self.input_shape)
             else:
                 u = torch.rand((n, *self.input_shape), generator=gen, dtype=torch.float64)
@@ -124,10 +125,10 @@ class SearchSpace:
         return c + lo_t * (x - c)
 
 
-def _name(region) -> str:
+def _name(region: Region) -> str:
     d = region.describe()
     return str(d.get("source") or d.get("kind"))
 
 
-def _contains(region, x: torch.Tensor) -> bool:
+def _contains(region: Region, x: torch.Tensor) -> bool:
     return bool(region.contains(x.detach().numpy()))

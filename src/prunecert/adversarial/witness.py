@@ -4,53 +4,25 @@ HiGHS's MIP dual bound is the one number in the exact solver we cannot re-prove,
 wrong (see `certify/highs.py`). After each solve, `auto` (apgd, then LP walks) searches the box for
 the same linear objective; a reached value above the dual bound makes the MILP fall back to its
 rigorous LP bound. The attack lives here, not in `certify`, so that `certify` does not depend on
-`adversarial`: callers that want the check pass `milp_witness(pair)` in.
+`adversarial`: callers that want the check pass `milp_witness(pair)` in. (`MilpWitness` itself is
+defined in `exact.py`, with the attack as a field, because `attack(method="milp")` checks itself too.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
 from prunecert.adversarial.api import attack
-from prunecert.adversarial.objectives import Objective
+from prunecert.adversarial.exact import MilpWitness
 from prunecert.core.pair import Pair
-from prunecert.core.regions import Box
+from prunecert.core.regions import Array, Box
 from prunecert.stage_budgets import WITNESS_SECONDS
 
-# apgd restarts before the LP walks: with auto's default 3, whether the seed-302 case of
-# tests/test_certify_milp.py is refuted depended on the seed (seeds 0 and 2 of 0-5 missed it); with 6
-# restarts seeds 0-7 all find it
-WITNESS_RESTARTS = 6
-
-
-@dataclass(frozen=True)
-class MilpWitness:
-    """(lo, hi) -> witness(objective, x0) for `PairMILP` / `milp_bounds(..., witness=...)`.
-
-    The witness returns (value, x) of the best point `auto` reaches; x0 (the solver's point) is not
-    needed, `milp.py` compares against it itself. A dataclass, not a closure, so it pickles: certify
-    ships it to its workers once per run.
-    """
-
-    pair: Pair
-    budget_seconds: float = WITNESS_SECONDS
-    seed: int = 0
-
-    def __call__(self, lo: np.ndarray, hi: np.ndarray) -> Callable[..., tuple[float, np.ndarray]] | None:
-        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-        if (hi - lo <= 4 * np.spacing(np.maximum(np.abs(lo), np.abs(hi)))).all():
-            return None  # a single point: the solver's x is the only witness there is
-        region = Box(lo, hi)
-
-        def search(objective, x0=None):
-            layer, cf, cg = objective
-            r = attack(self.pair, None, region, Objective.linear(layer, cf, cg), "auto",
-                       budget_seconds=self.budget_seconds, seed=self.seed, restarts=WITNESS_RESTARTS, progress=False)
-            return r.value, r.x
-        return search
+__all__ = ["MilpWitness", "ReachSearch", "ClassSearcher", "milp_witness", "reach_search", "class_search",
+           "certify_searches", "WITNESS_SECONDS"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +33,7 @@ class ReachSearch:
     pair: Pair
     seed: int = 0
 
-    def __call__(self, lo: np.ndarray, hi: np.ndarray, seconds: float) -> np.ndarray:
+    def __call__(self, lo: Array, hi: Array, seconds: float) -> Array:
         r = attack(self.pair, None, Box(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)),
                    "max-logit-deviation", "apgd", budget_seconds=seconds, seed=self.seed, progress=False)
         return np.asarray(r.x, dtype=np.float64)
@@ -78,7 +50,7 @@ class ClassSearcher:
     pair: Pair
     seed: int = 0
 
-    def __call__(self, lo: np.ndarray, hi: np.ndarray, prop: object, seconds: float) -> np.ndarray | None:
+    def __call__(self, lo: Array, hi: Array, prop: object, seconds: float) -> Array | None:
         r = attack(self.pair, None, Box(np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)),
                    "disagreement", "auto", budget_seconds=seconds, seed=self.seed, progress=False)
         return np.asarray(r.x, dtype=np.float64) if r.disagreement else None
@@ -86,7 +58,7 @@ class ClassSearcher:
 
 def milp_witness(pair: Pair, budget_seconds: float = WITNESS_SECONDS, seed: int = 0) -> MilpWitness:
     """The MILP witness for `pair` (see `MilpWitness`)."""
-    return MilpWitness(pair, budget_seconds, seed)
+    return MilpWitness(pair, attack, budget_seconds, seed)
 
 
 def reach_search(pair: Pair, seed: int = 0) -> ReachSearch:
@@ -99,12 +71,20 @@ def class_search(pair: Pair, seed: int = 0) -> ClassSearcher:
     return ClassSearcher(pair, seed)
 
 
-def certify_searches(method: str, pair: Pair, seed: int = 0) -> dict:
+class CertifySearches(TypedDict, total=False):
+    """The keyword arguments of `certify` that inject searches (see `certify_searches`)."""
+
+    class_search: ClassSearcher
+    witness: MilpWitness
+    reach: ReachSearch
+
+
+def certify_searches(method: str, pair: Pair, seed: int = 0) -> CertifySearches:
     """Every search a caller of `certify` injects (certify sits below adversarial, docs/architecture.md):
     the counterexample search of complete verdicts (`class_search`) always, and for the methods that
     use one, `milp`'s witness (its one trust in a solver's word, checked by attack) or `bab`'s
     starting attack (`reach`). The CLI and the audit pass `**certify_searches(...)` to certify."""
-    out: dict = {"class_search": class_search(pair, seed)}
+    out = CertifySearches(class_search=class_search(pair, seed))
     if method == "milp":
         out["witness"] = milp_witness(pair, seed=seed)
     elif method == "bab":

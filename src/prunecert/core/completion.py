@@ -17,7 +17,7 @@ import torch
 
 from prunecert.core.pair import Pair, architecture_mismatch
 from prunecert.core.surgery import _next_in, cut_layer, layer_spans
-from prunecert.errors import PairingError
+from prunecert.errors import ConfigError, PairingError
 from prunecert.io import weights_sha256
 from prunecert.network import Conv2d, Linear, Network, Op
 
@@ -139,6 +139,18 @@ def complete(pruned: Network, original: Network) -> Network:
     meta["completed_from"] = pruned.name
     return Network(ops, original.input_shape, original.input_lo, original.input_hi,
                    name=f"{pruned.name}-completed", metadata=meta)
+
+
+def pair_of(original: Network | Pair, pruned: Network | None) -> Pair:
+    """`original` itself when it is a Pair (and `pruned` is None), else `make_pair(original, pruned)`."""
+    if isinstance(original, Pair):
+        if pruned is not None:
+            raise ConfigError(f"got a Pair and a pruned network ({pruned.name}); pass the Pair alone "
+                              f"(pruned=None), or the original and the pruned network")
+        return original
+    if pruned is None:
+        raise ConfigError(f"no pruned network to pair with {original.name}; pass it, or a Pair alone")
+    return make_pair(original, pruned)
 
 
 def make_pair(original: Network, pruned: Network) -> Pair:

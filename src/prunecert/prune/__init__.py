@@ -10,20 +10,24 @@ uniform, topk, magnitude), `surgery` (cutting tensors), `bounds` (beta_hat, prov
 
 from __future__ import annotations
 
+from prunecert.data import Dataset
+from prunecert.errors import ConfigError
 from prunecert.network import Network
 from prunecert.prune.bounds import beta_hat, min_sample_size, provable_epsilon
 from prunecert.core.completion import complete
 from prunecert.prune.coreset import coreset_layer, coreset_neuron
 from prunecert.prune.driver import prune_network
+from prunecert.prune.finetune import fine_tune as _fine_tune
 from prunecert.prune.importance import CRITERIA
+from prunecert.prune.targets import Keep
 
 __all__ = ["prune", "complete", "provable_epsilon", "min_sample_size", "beta_hat", "coreset_neuron",
            "coreset_layer", "CRITERIA"]
 
 
-def prune(network: Network, method: str = "coreset", keep=None, compression=None, epsilon: float | None = None,
-          delta: float = 0.1, seed: int = 0, fine_tune: int = 0, data=None, distill: bool = True,
-          progress: bool = True) -> Network:
+def prune(network: Network, method: str = "coreset", keep: Keep | None = None, compression: float | None = None,
+          epsilon: float | None = None, delta: float = 0.1, seed: int = 0, fine_tune: int = 0,
+          data: str | Dataset | None = None, distill: bool = True, progress: bool = True) -> Network:
     """Prune the hidden layers of `network`; returns the compact pruned network with metadata["pruning"].
 
     method: "coreset" (sensitivity sampling, the paper), "uniform" (uniform sampling, same re-weighting)
@@ -34,11 +38,9 @@ def prune(network: Network, method: str = "coreset", keep=None, compression=None
     afterwards void the provable bound (the record says so).
     """
     if not isinstance(network, Network):
-        from prunecert.errors import ConfigError
         raise ConfigError(f"prune expects a prunecert Network, got {type(network).__name__}")
     pruned = prune_network(network, method, keep=keep, compression=compression, epsilon=epsilon, delta=delta,
                            seed=seed, progress=progress)
     if fine_tune:
-        from prunecert.prune.finetune import fine_tune as _fine_tune
         pruned = _fine_tune(pruned, network, data, fine_tune, seed=seed, distill=distill, progress=progress)
     return pruned

@@ -20,6 +20,7 @@ on top (`_float_terms`).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ import torch.nn.functional as F
 from prunecert.core.interval import Bounds, affine_interval, interval_bounds
 from prunecert.core.rounding import UNIT_ROUNDOFF, gamma
 from prunecert.errors import ConfigError
-from prunecert.network import Conv2d, Network
+from prunecert.prune.coreset import Array
+from prunecert.network import AffineOp, Conv2d, Network
 from prunecert.core.surgery import layer_spans
 
 _REL = 1e-12  # relative slack for evaluating the formula itself in float64
@@ -55,7 +57,8 @@ def out_op_input_bounds(net: Network, index: int, pre: list[Bounds] | None = Non
         b = pre[index - 1].relu()
     span = layer_spans(net)[index]
     for i in range(span.start, span.stop - 1):
-        b = affine_interval(net.ops[i], b.lower, b.upper)
+        # Network.validate admits only AffineOp and ReLU, and a layer's span ends before its ReLU
+        b = affine_interval(cast(AffineOp, net.ops[i]), b.lower, b.upper)
     return b
 
 
@@ -81,8 +84,8 @@ def beta_hat(net: Network, index: int, pre: list[Bounds] | None = None) -> float
 
 # ----------------------------------------------------------------------------- provable epsilon
 
-def _terms(coeffs: np.ndarray, a: np.ndarray, q: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _terms(coeffs: Array, a: Array, q: Array
+           ) -> tuple[Array, Array, Array, Array]:
     """Per next-layer neuron j: sum_r sqrt(V_jr), the range c_j of one term, M_j = max_i |X| and
     sum_r max_i |c[j,i,r]| a_i / q_i (the last two only enter the floating-point terms)."""
     coeffs = np.asarray(coeffs, dtype=np.float64)
@@ -103,7 +106,7 @@ def _terms(coeffs: np.ndarray, a: np.ndarray, q: np.ndarray
     return rad, spread, big, per_r
 
 
-def _float_terms(n: int, big: np.ndarray, per_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _float_terms(n: int, big: Array, per_r: Array) -> tuple[Array, Array]:
     """(constant, coefficient of 1/sqrt(m)) covering float64 effects (theory.md, "Floating point").
 
     The sampler's realised probabilities q' satisfy sum |q' - q| <= L1 = (n + 1)^2 2^-51 (rounded
@@ -125,8 +128,8 @@ def check_delta(delta: float) -> float:
     return float(delta)
 
 
-def provable_epsilon(m: int, delta: float, coeffs: np.ndarray, a: np.ndarray, q: np.ndarray, *,
-                     union: int = 1, sequential: bool = False) -> np.ndarray:
+def provable_epsilon(m: int, delta: float, coeffs: Array, a: Array, q: Array, *,
+                     union: int = 1, sequential: bool = False) -> Array:
     """eps_j for each of the K next-layer neurons (shape (K,)); see the module docstring.
 
     `coeffs` (K, n, R): next-layer weights per neuron and offset; `a` (n,): beta_hat * ||p_i||;
@@ -144,7 +147,7 @@ def provable_epsilon(m: int, delta: float, coeffs: np.ndarray, a: np.ndarray, q:
     return eps * (1.0 + _REL)
 
 
-def min_sample_size(epsilon: float, delta: float, coeffs: np.ndarray, a: np.ndarray, q: np.ndarray, *,
+def min_sample_size(epsilon: float, delta: float, coeffs: Array, a: Array, q: Array, *,
                     union: int = 1) -> int:
     """Smallest fixed m with max_j provable_epsilon(m, ...) <= epsilon (absolute, next-layer units)."""
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):

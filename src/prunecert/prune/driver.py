@@ -10,47 +10,71 @@ of g's weights on f's inputs, which `certify` measures.
 from __future__ import annotations
 
 import time
+from typing import NotRequired, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from prunecert import __version__
-from prunecert.core.interval import interval_bounds
+from prunecert.core.interval import Bounds, interval_bounds
+from prunecert.io import weights_sha256
 from prunecert.network import Network
 from prunecert.prune.bounds import beta_hat, check_delta
 from prunecert.prune.importance import LayerView, Selection, criterion
 from prunecert.core.surgery import check_finite, cut_layer, geometry, layer_spans
-from prunecert.prune.targets import resolve_targets
+from prunecert.prune.targets import Keep, resolve_targets
 from prunecert.progress import stage_line
 
 
-def _floats(a) -> list[float]:
+class LayerRecord(TypedDict):
+    """One layer of metadata["pruning"]["layers"] (the sampling keys only for sampling criteria)."""
+
+    index: int
+    name: str
+    n_total: int
+    n_kept: int
+    kept: list[int]
+    scale: list[float]
+    beta_hat: float
+    next_neurons: int
+    t: float | None                  # total sensitivity (coreset)
+    eps_max: float | None            # provable bound: None without one (top-k, magnitude)
+    eps: list[float] | None
+    provable_bound_valid: bool
+    counts: NotRequired[list[int]]
+    probabilities: NotRequired[list[float]]
+    m: NotRequired[int]
+    draw_rule: NotRequired[str]
+    delta: NotRequired[float]
+    union_point_sets: NotRequired[int]
+    eps_relative_max: NotRequired[float]
+
+
+def _floats(a: npt.ArrayLike) -> list[float]:
     return [float(x) for x in np.asarray(a, dtype=np.float64).ravel()]
 
 
-def _record(view: LayerView, sel: Selection, n_kept_next: int) -> dict:
-    g = view.geom
-    rec = {
-        "index": g.index, "name": g.name, "n_total": g.n, "n_kept": int(len(sel.kept)),
-        "kept": [int(i) for i in sel.kept], "scale": _floats(sel.scale),
-        "beta_hat": float(view.beta_hat), "next_neurons": int(n_kept_next),
-    }
-    if sel.q is not None:
-        eps = np.asarray(sel.eps, dtype=np.float64)
-        total = np.abs(g.coeffs).sum(axis=2) @ view.a  # S_j = sum_i w_j(i) a_i: the trivial bound on |G_j|
-        rel = np.divide(eps, total, out=np.zeros_like(eps), where=total > 0)
-        rec.update({
-            "counts": [int(c) for c in sel.counts], "probabilities": _floats(sel.q[sel.kept]),
-            "m": int(sel.m), "draw_rule": "until_k_distinct" if sel.sequential else ("fixed_m" if sel.m else "none"),
-            "t": None if sel.t is None else float(sel.t), "delta": float(view.delta), "union_point_sets": view.union,
-            "eps_max": float(eps.max()) if eps.size else 0.0, "eps": _floats(eps),
-            "eps_relative_max": float(rel.max()) if rel.size else 0.0, "provable_bound_valid": True,
-        })
-    else:
-        rec.update({"t": None, "eps_max": None, "eps": None, "provable_bound_valid": False})
-    return rec
+def _record(view: LayerView, sel: Selection, n_kept_next: int) -> LayerRecord:
+    geom = view.geom
+    if sel.q is None or sel.counts is None:
+        return LayerRecord(index=geom.index, name=geom.name, n_total=geom.n, n_kept=int(len(sel.kept)),
+                           kept=[int(i) for i in sel.kept], scale=_floats(sel.scale), beta_hat=float(view.beta_hat),
+                           next_neurons=int(n_kept_next), t=None, eps_max=None, eps=None, provable_bound_valid=False)
+    eps = np.asarray(sel.eps, dtype=np.float64)
+    total = np.abs(geom.coeffs).sum(axis=2) @ view.a  # S_j = sum_i w_j(i) a_i: the trivial bound on |G_j|
+    rel = np.divide(eps, total, out=np.zeros_like(eps), where=total > 0)
+    return LayerRecord(
+        index=geom.index, name=geom.name, n_total=geom.n, n_kept=int(len(sel.kept)),
+        kept=[int(i) for i in sel.kept], scale=_floats(sel.scale), beta_hat=float(view.beta_hat),
+        next_neurons=int(n_kept_next),
+        counts=[int(c) for c in sel.counts], probabilities=_floats(sel.q[sel.kept]),
+        m=int(sel.m), draw_rule="until_k_distinct" if sel.sequential else ("fixed_m" if sel.m else "none"),
+        t=None if sel.t is None else float(sel.t), delta=float(view.delta), union_point_sets=view.union,
+        eps_max=float(eps.max()) if eps.size else 0.0, eps=_floats(eps),
+        eps_relative_max=float(rel.max()) if rel.size else 0.0, provable_bound_valid=True)
 
 
-def _view(f: Network, g: Network, index: int, pre_f, delta: float) -> LayerView:
+def _view(f: Network, g: Network, index: int, pre_f: list[Bounds], delta: float) -> LayerView:
     gg, gf = geometry(g, index), geometry(f, index)
     beta = max(beta_hat(f, index, pre_f), beta_hat(g, index))
     same = gg.points.shape == gf.points.shape and np.array_equal(gg.points, gf.points)
@@ -61,18 +85,18 @@ def _view(f: Network, g: Network, index: int, pre_f, delta: float) -> LayerView:
     return LayerView(gg, a, beta, 1 if same else 2, delta)
 
 
-def prune_network(network: Network, method: str = "coreset", keep=None, compression=None, epsilon=None,
+def prune_network(network: Network, method: str = "coreset", keep: Keep | None = None,
+                  compression: float | None = None, epsilon: float | None = None,
                   delta: float = 0.1, seed: int = 0, progress: bool = True) -> Network:
     """Prune every targeted hidden layer of `network` in order; returns the compact pruned network."""
-    from prunecert.io import weights_sha256
-
     check_finite(network)
     crit = criterion(method)
     delta = check_delta(delta)
     targets, spec = resolve_targets(network, keep, compression, epsilon)
     lo, hi = network.domain()
     pre_f = interval_bounds(network, lo, hi)
-    g, records = network, []
+    g = network
+    records: list[LayerRecord] = []
     n_layers = len(layer_spans(network))
     for index in sorted(targets):
         t0 = time.perf_counter()

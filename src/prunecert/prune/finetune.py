@@ -18,26 +18,27 @@ distill=False for plain CE (advisable for top-k and short schedules). Adam lr 1e
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from prunecert.data import Dataset, load_dataset
 from prunecert.errors import ConfigError
+from prunecert.io.torch_io import network_from_module, network_to_module
 from prunecert.network import Network
 from prunecert.objectives import Adversarial
+from prunecert.train import evaluate, fit
 
-FINE_TUNE = {"lr": 1e-3, "batch_size": 64, "temperature": 4.0, "alpha": 0.9}
+FINE_TUNE: dict[str, float] = {"lr": 1e-3, "batch_size": 64, "temperature": 4.0, "alpha": 0.9}
 
 
-def fine_tune(pruned: Network, original: Network, data, epochs: int, seed: int = 0, distill: bool = True,
-              progress: bool = True, augment: str | None = None, adversarial: Adversarial | dict | None = None,
-              **overrides) -> Network:
+def fine_tune(pruned: Network, original: Network, data: str | Dataset | None, epochs: int, seed: int = 0,
+              distill: bool = True, progress: bool = True, augment: str | None = None,
+              adversarial: Adversarial | dict[str, Any] | None = None, **overrides: float) -> Network:
     """Train the compact `pruned` network for `epochs` on `data` (a spec like 'mnist5k' or a Dataset).
 
     `adversarial`: an `Adversarial` (or a dict of its fields: eps, steps, weight) for deviation-aware
     distillation; `augment`: 'shift' or 'shift-flip'."""
-    from prunecert.data import Dataset, load_dataset
-    from prunecert.io.torch_io import network_from_module, network_to_module
-    from prunecert.train import evaluate, fit
-
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"fine_tune must be a positive number of epochs, got {epochs!r}")
     if data is None:
@@ -53,7 +54,7 @@ def fine_tune(pruned: Network, original: Network, data, epochs: int, seed: int =
     ds = data if isinstance(data, Dataset) else load_dataset(str(data))
     before = evaluate(pruned, ds.x_test, ds.y_test)
     module = network_to_module(pruned)
-    fit(module, ds, epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], seed=seed,
+    fit(module, ds, epochs=epochs, lr=settings["lr"], batch_size=int(settings["batch_size"]), seed=seed,
         teacher=original if distill else None, temperature=settings["temperature"], alpha=settings["alpha"],
         progress=progress, augment=augment, adversarial=adversarial,
         input_range=(float(np.min(original.domain()[0])), float(np.max(original.domain()[1]))))

@@ -23,7 +23,7 @@ import numpy as np
 
 from prunecert.errors import ConfigError
 from prunecert.prune.bounds import min_sample_size, provable_epsilon
-from prunecert.prune.coreset import MAX_DRAWS, Sample, probabilities, sample_fixed, sample_until, sensitivities
+from prunecert.prune.coreset import MAX_DRAWS, Array, Counts, Indices, Sample, probabilities, sample_fixed, sample_until, sensitivities
 from prunecert.core.surgery import LayerGeometry
 
 
@@ -32,7 +32,7 @@ class LayerView:
     """What a criterion sees of one hidden layer."""
 
     geom: LayerGeometry
-    a: np.ndarray          # (n,) beta_hat * max(||p_i^f||, ||p_i^g||)
+    a: Array          # (n,) beta_hat * max(||p_i^f||, ||p_i^g||)
     beta_hat: float
     union: int             # point sets the guarantee covers at once (1, or 2: f's and g's rows)
     delta: float
@@ -48,15 +48,15 @@ class Target:
 
 @dataclass
 class Selection:
-    kept: np.ndarray                     # sorted original indices
-    scale: np.ndarray                    # factor on the next layer's column of each kept neuron
-    counts: np.ndarray | None = None     # draw counts (sampling criteria)
-    q: np.ndarray | None = None          # sampling distribution over all n neurons
+    kept: Indices                        # sorted original indices
+    scale: Array                    # factor on the next layer's column of each kept neuron
+    counts: Counts | None = None         # draw counts (sampling criteria)
+    q: Array | None = None          # sampling distribution over all n neurons
     t: float | None = None               # total sensitivity (coreset)
     m: int = 0                           # number of draws
     sequential: bool = False             # m is a stopping time
-    eps: np.ndarray | None = None        # provable epsilon per next-layer neuron
-    extra: dict = field(default_factory=dict)
+    eps: Array | None = None        # provable epsilon per next-layer neuron
+    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Criterion:
@@ -74,7 +74,7 @@ class SamplingCriterion(Criterion):
 
     provable = True
 
-    def probabilities(self, view: LayerView) -> tuple[np.ndarray, float | None]:
+    def probabilities(self, view: LayerView) -> tuple[Array, float | None]:
         raise NotImplementedError
 
     def select(self, view: LayerView, target: Target, rng: np.random.Generator) -> Selection:
@@ -89,8 +89,10 @@ class SamplingCriterion(Criterion):
             sample = sample_fixed(q, m, rng)
         elif target.keep == n:  # keeping every neuron unchanged is exact: no sampling, eps = 0
             return Selection(np.arange(n), np.ones(n), np.zeros(n, dtype=np.int64), q, t, 0, False, np.zeros(view.geom.next_neurons))
+        elif target.keep is not None:
+            sample = sample_until(q, target.keep, rng)
         else:
-            sample = sample_until(q, int(target.keep), rng)
+            raise ConfigError("a layer target needs a keep count or an epsilon")
         eps = provable_epsilon(sample.m, view.delta, coeffs, view.a, q, union=view.union,
                                sequential=sample.sequential)
         kept, scale, counts = sample.kept, sample.scale(q), sample.counts
@@ -99,7 +101,8 @@ class SamplingCriterion(Criterion):
         return Selection(kept, scale, counts, q, t, sample.m, sample.sequential, eps)
 
 
-def _fill_zero_probability(sample: Sample, q: np.ndarray, scale: np.ndarray, k: int):
+def _fill_zero_probability(sample: Sample, q: Array, scale: Array, k: int
+                           ) -> tuple[Indices, Array, Counts]:
     """Top up with neurons of q_i = 0 (they contribute nothing anywhere), kept unchanged (scale 1)."""
     extra = np.flatnonzero(q <= 0)[: k - len(sample.kept)]
     kept = np.concatenate([sample.kept, extra])
@@ -114,7 +117,7 @@ class CoresetCriterion(SamplingCriterion):
 
     name = "coreset"
 
-    def probabilities(self, view: LayerView) -> tuple[np.ndarray, float]:
+    def probabilities(self, view: LayerView) -> tuple[Array, float]:
         return probabilities(sensitivities(view.a, view.geom.coeffs))
 
 
@@ -123,7 +126,7 @@ class UniformCriterion(SamplingCriterion):
 
     name = "uniform"
 
-    def probabilities(self, view: LayerView) -> tuple[np.ndarray, None]:
+    def probabilities(self, view: LayerView) -> tuple[Array, None]:
         n = view.geom.n
         return np.full(n, 1.0 / n), None
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
+from typing import TypedDict
 
 import numpy as np
 
@@ -19,8 +21,19 @@ from prunecert.network import Network
 from prunecert.prune.importance import Target
 from prunecert.core.surgery import cut_layer, geometry, hidden_layers
 
+# keep: neurons (int) or a fraction (float) for every hidden layer, or per layer {index: int | float}
+Keep = float | Mapping[int, float] | Mapping[str, float]
 
-def _count(value, n: int, where: str) -> int:
+
+class TargetSpec(TypedDict, total=False):
+    """What was asked, as the pruning record stores it (exactly one key)."""
+
+    keep: float | dict[str, float]
+    compression: float
+    epsilon: float
+
+
+def _count(value: object, n: int, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{where}: keep must be an int (neurons) or a float fraction in (0, 1], got {value!r}")
     if isinstance(value, numbers.Integral):
@@ -41,10 +54,10 @@ def _layer_label(net: Network, index: int) -> str:
     return f"{net.name} layer {index} ({net.layers()[index].name}, {geometry(net, index).n} neurons)"
 
 
-def keep_targets(net: Network, keep) -> dict[int, Target]:
+def keep_targets(net: Network, keep: Keep) -> dict[int, Target]:
     hidden = hidden_layers(net)
-    if isinstance(keep, dict):
-        out = {}
+    if isinstance(keep, Mapping):
+        out: dict[int, Target] = {}
         for key, value in keep.items():
             try:
                 index = int(key)
@@ -67,7 +80,7 @@ def params_for_fraction(net: Network, fraction: float) -> tuple[int, dict[int, i
     return g.n_params(), keeps
 
 
-def compression_targets(net: Network, compression) -> dict[int, Target]:
+def compression_targets(net: Network, compression: float) -> dict[int, Target]:
     if isinstance(compression, bool) or not isinstance(compression, numbers.Real) \
             or not (0.0 < float(compression) < 1.0):
         raise ConfigError(f"compression must be a fraction of parameters to remove in (0, 1), got {compression!r}")
@@ -90,14 +103,15 @@ def compression_targets(net: Network, compression) -> dict[int, Target]:
     return {i: Target(keep=k) for i, k in keeps.items()}
 
 
-def epsilon_targets(net: Network, epsilon) -> dict[int, Target]:
+def epsilon_targets(net: Network, epsilon: float) -> dict[int, Target]:
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) \
             or not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
         raise ConfigError(f"epsilon must be a positive number, got {epsilon!r}")
     return {i: Target(epsilon=float(epsilon)) for i in hidden_layers(net)}
 
 
-def resolve_targets(net: Network, keep=None, compression=None, epsilon=None) -> tuple[dict[int, Target], dict]:
+def resolve_targets(net: Network, keep: Keep | None = None, compression: float | None = None,
+                    epsilon: float | None = None) -> tuple[dict[int, Target], TargetSpec]:
     """Per-layer targets and a JSON-able description of what was asked."""
     given = [name for name, v in (("keep", keep), ("compression", compression), ("epsilon", epsilon)) if v is not None]
     if len(given) != 1:
@@ -105,8 +119,9 @@ def resolve_targets(net: Network, keep=None, compression=None, epsilon=None) -> 
     if not hidden_layers(net):
         raise ConfigError(f"{net.name}: no hidden layer to prune (a single affine layer)")
     if keep is not None:
-        spec = {str(k): v for k, v in keep.items()} if isinstance(keep, dict) else keep
-        return keep_targets(net, keep), {"keep": spec}
+        spec = {str(k): v for k, v in keep.items()} if isinstance(keep, Mapping) else keep
+        return keep_targets(net, keep), TargetSpec(keep=spec)
     if compression is not None:
-        return compression_targets(net, compression), {"compression": float(compression)}
-    return epsilon_targets(net, epsilon), {"epsilon": float(epsilon)}
+        return compression_targets(net, compression), TargetSpec(compression=float(compression))
+    assert epsilon is not None  # exactly one of the three was given (checked above)
+    return epsilon_targets(net, epsilon), TargetSpec(epsilon=float(epsilon))

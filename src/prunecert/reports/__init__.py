@@ -6,19 +6,18 @@
 """
 
 from prunecert.reports.model import SCHEMA, Audit
+from prunecert.reports.render_md import render_markdown
 from prunecert.reports.schema import ReportError, load_schema, read_report, validate
 from prunecert.reports.write import check_writable, render_all, write_report
 
 
 def render_html(audit: Audit) -> str:
-    """report.html as a string (see `prunecert.reports.render_html`)."""
-    from prunecert.reports.render_html import render_html as _render
-    return _render(audit)
-
-
-def render_markdown(audit: Audit) -> str:
-    """report.md as a string (see `prunecert.reports.render_md`)."""
-    from prunecert.reports.render_md import render_markdown as _render
+    """report.html as a string (see `prunecert.reports.html`)."""
+    # imported here: the HTML renderer loads matplotlib and jinja2, 1.7-1.8 s (python -X importtime,
+    # load 8) that JSON/Markdown-only callers and `prunecert.reports` itself should not pay.
+    # (The module is html.py: a submodule named render_html, once imported, replaced this function
+    # as the package's attribute `render_html`.)
+    from prunecert.reports.html import render_html as _render
     return _render(audit)
 
 

@@ -17,11 +17,18 @@ import platform
 import sys
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+from prunecert.certify.result import CertifyResult
+from prunecert.core.pair import Pair
+from prunecert.core.regions import Array, Region
+from prunecert.data import Dataset
+from prunecert.io import weights_sha256
+from prunecert.network import Network
 from prunecert.reports.model import (EXIT_STATUS, Audit, ClassScore, Compression, Counterexample, LayerReport,
                                      LocalE2E, Metrics, ModelInfo, Provable, Ratios, RegionReport, Reproducibility,
                                      Stage, Verdict)
@@ -29,27 +36,82 @@ from prunecert.reports.model import (EXIT_STATUS, Audit, ClassScore, Compression
 PACKAGES = ("prunecert", "torch", "numpy", "scipy", "cvxpy", "highspy", "clarabel", "matplotlib", "jinja2")
 
 
+class DataMeasures(TypedDict):
+    """`audit.measure_data`: the pair on the test set."""
+
+    accuracy_f: float
+    accuracy_g: float
+    agreement: float                     # top-1 agreement of f and g
+    end_to_end: Array                    # (layers,) largest |Delta_l| over the test points
+    local: Array                         # (layers,) largest local |Delta_l|
+    worst_index: npt.NDArray[np.int64]   # (layers,) test point reaching end_to_end
+
+
+class AttackPoints(TypedDict):
+    """`audit.attack_regions`: the points the attacks found."""
+
+    points: list[list[Array]]                          # per region, every point found
+    disagreements: dict[int, tuple[Array, int, int]]   # region -> (x, class of f, class of g)
+    objectives: int                                    # attack objectives run
+    truncated: int                                     # attacks cut short by the time budget
+    attacks: int                                       # attacks run (objectives x their regions)
+
+
+class PointMeasures(TypedDict):
+    """`audit.evaluate_points`: per region and layer, the largest |Delta| over its points."""
+
+    end_to_end: Array           # (regions, layers)
+    local: Array                # (regions, layers)
+    best: list[list[Array]]     # [region][layer] the point reaching end_to_end
+
+
+class Found(AttackPoints, PointMeasures):
+    """What the audit's attack stage found: its points (and certify's), measured at every layer."""
+
+
+class AuditSettings(Protocol):
+    """What `build_audit` reads of the audit's plan (`prunecert.audit.AuditPlan`, a floor above)."""
+
+    original: Network
+    pruned: Network | None
+    dataset: Dataset
+    data_spec: str
+    centers: list[int]
+    eps: list[float]
+    domain: bool
+    tolerances: list[float | None]
+    certify_method: str
+    attack_method: str
+    attack_budget: float
+    samples: int
+    seed: int
+    command: str | None
+    sources: dict[str, str | None]
+    max_panels: int
+    load_seconds: float
+    certify_budget: float | None
+
+
 @dataclass
 class Findings:
     """Everything `run_audit` measured (arrays are (regions, layers) unless noted)."""
 
-    pair: Any
-    pruned: Any                 # the compact pruned Network (what is deployed)
-    regions: list
-    data: dict                  # measure_data(): accuracies, agreement, per-layer maxima, worst test index
-    cert: Any                   # CertifyResult
-    cert_e2e: np.ndarray
-    cert_local: np.ndarray
-    found: dict                 # attack_regions() + evaluate_points()
+    pair: Pair
+    pruned: Network             # the compact pruned Network (what is deployed)
+    regions: list[Region]
+    data: DataMeasures
+    cert: CertifyResult
+    cert_e2e: Array
+    cert_local: Array
+    found: Found
 
 
-def _model_info(net, source: str | None) -> ModelInfo:
-    from prunecert.io import weights_sha256
+def _model_info(net: Network, source: str | None) -> ModelInfo:
     return ModelInfo(net.name, source, weights_sha256(net), net.n_params(), net.flops(),
                      [layer.n_neurons for layer in net.layers()])
 
 
-def _input_domain(net) -> dict:
+def _input_domain(net: Network) -> dict[str, float | str]:
     """The input box every region lies in (and where it came from: the model file or --input-domain)."""
     lo, hi = net.domain()
     given = net.metadata.get("input_domain", {}).get("source")
@@ -57,20 +119,20 @@ def _input_domain(net) -> dict:
             "hi_max": float(hi.max()), "source": given or "model file"}
 
 
-def _provable(pruned, n_layers: int) -> dict[int, Provable]:
+def _provable(pruned: Network, n_layers: int) -> dict[int, Provable]:
     """Layer l+1 -> the eps that pruning layer l guarantees for it (from the pruning record)."""
     rec = (pruned.metadata or {}).get("pruning") or {}
     valid_all = bool(rec.get("provable_bound_valid", False)) and not rec.get("fine_tune")
-    out = {}
+    out: dict[int, Provable] = {}
     for r in rec.get("layers", []) or []:
-        l, eps = r.get("index"), r.get("eps_max")
-        if isinstance(l, int) and eps is not None and 0 <= l < n_layers - 1:
-            out[l + 1] = Provable(float(eps), float(r.get("delta", rec.get("delta", 0.1))), l,
-                                  valid_all and bool(r.get("provable_bound_valid", True)))
+        index, eps = r.get("index"), r.get("eps_max")
+        if isinstance(index, int) and eps is not None and 0 <= index < n_layers - 1:
+            out[index + 1] = Provable(float(eps), float(r.get("delta", rec.get("delta", 0.1))), index,
+                                      valid_all and bool(r.get("provable_bound_valid", True)))
     return out
 
 
-def _pruning_summary(pruned, given: bool) -> dict | None:
+def _pruning_summary(pruned: Network, given: bool) -> dict[str, Any] | None:
     rec = (pruned.metadata or {}).get("pruning")
     if not isinstance(rec, dict):
         return None
@@ -80,7 +142,7 @@ def _pruning_summary(pruned, given: bool) -> dict | None:
     return out
 
 
-def _top3(pair, x: np.ndarray, classes: tuple[str, ...]) -> tuple[list[ClassScore], list[ClassScore]]:
+def _top3(pair: Pair, x: Array, classes: tuple[str, ...]) -> tuple[list[ClassScore], list[ClassScore]]:
     with torch.no_grad():
         xt = torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(1, *pair.input_shape))
         out = []
@@ -93,26 +155,27 @@ def _top3(pair, x: np.ndarray, classes: tuple[str, ...]) -> tuple[list[ClassScor
     return out[0], out[1]
 
 
-def _max_abs(pair, x: np.ndarray, layer: int) -> float:
+def _max_abs(pair: Pair, x: Array, layer: int) -> float:
     """max |Delta_layer| at x alone (batch of one, as every reported value)."""
     with torch.no_grad():
         d = pair.deltas(torch.from_numpy(np.asarray(x, dtype=np.float64).reshape(1, *pair.input_shape)))[layer]
     return float(d.abs().max())
 
 
-def _source(region) -> str:
-    return region.describe().get("source") or region.describe()["kind"]
+def _source(region: Region) -> str:
+    return str(region.describe().get("source") or region.describe()["kind"])
 
 
 class _Panels:
     """Collects counterexample panels (at most `limit`, violations first), one per point."""
 
-    def __init__(self, plan, fx: Findings):
-        self.plan, self.fx, self.items = plan, fx, []
+    def __init__(self, plan: AuditSettings, fx: Findings):
+        self.plan, self.fx = plan, fx
+        self.items: list[Counterexample] = []
         self.classes = tuple(plan.dataset.classes)
 
-    def add(self, cid: str, kind: str, region: int, layer: int, x: np.ndarray, note: str,
-            center: np.ndarray | None = None, force: bool = False) -> str | None:
+    def add(self, cid: str, kind: str, region: int, layer: int, x: Array, note: str,
+            center: Array | None = None, force: bool = False) -> str | None:
         if any(c.id == cid for c in self.items):
             return cid
         flat = [float(v) for v in np.ravel(x)]
@@ -131,7 +194,7 @@ class _Panels:
         return cid
 
 
-def _layer_verdict(plan, fx: Findings, l: int, panels: _Panels) -> tuple[str | None, str | None]:
+def _layer_verdict(plan: AuditSettings, fx: Findings, l: int, panels: _Panels) -> tuple[str | None, str | None]:
     tol = plan.tolerances[l]
     if tol is None:
         return None, None
@@ -153,8 +216,15 @@ def _layer_verdict(plan, fx: Findings, l: int, panels: _Panels) -> tuple[str | N
     return "violated", cid
 
 
-def _region_verdict(plan, fx: Findings, b: int) -> str:
-    l, tol = fx.pair.n_layers - 1, plan.tolerances[-1]
+def _logits_tolerance(plan: AuditSettings) -> float:
+    tol = plan.tolerances[-1]
+    if tol is None:  # pragma: no cover - plan_audit always gives the logits one
+        raise ValueError("an audit needs a tolerance on the logits")
+    return tol
+
+
+def _region_verdict(plan: AuditSettings, fx: Findings, b: int) -> str:
+    l, tol = fx.pair.n_layers - 1, _logits_tolerance(plan)
     if fx.cert_e2e[b, l] <= tol:
         return "certified"
     return "violated" if fx.found["end_to_end"][b, l] > tol else "unknown"
@@ -179,19 +249,19 @@ def _ratio(num: float | None, den: float) -> float | None:
     return float(num / den)
 
 
-def _headline(plan, fx: Findings, overall: str, gated: list[int], verdicts: dict[int, str | None]) -> str:
+def _headline(plan: AuditSettings, fx: Findings, overall: str, gated: list[int], verdicts: dict[int, str | None]) -> str:
     last = fx.pair.n_layers - 1
     cert, emp = float(fx.cert_e2e[:, last].max()), float(fx.found["end_to_end"][:, last].max())
     n = len(fx.regions)
     if overall == "certified":
-        return (f"max |Δ logit| <= {cert:.4g} is certified on all {n} regions (tolerance {plan.tolerances[-1]:g})"
+        return (f"max |Δ logit| <= {cert:.4g} is certified on all {n} regions (tolerance {_logits_tolerance(plan):g})"
                 + (f"; hidden layers {', '.join(map(str, gated[:-1]))} certified too" if len(gated) > 1 else ""))
     if overall == "violated":
         bad = [l for l in gated if verdicts[l] == "violated"]
         return (f"a counterexample exceeds the tolerance at layer(s) {', '.join(map(str, bad))}; best attack "
-                f"max |Δ logit| = {emp:.4g} (tolerance {plan.tolerances[-1]:g})")
+                f"max |Δ logit| = {emp:.4g} (tolerance {_logits_tolerance(plan):g})")
     return (f"not decided: certified max |Δ logit| <= {cert:.4g}, best attack {emp:.4g}, tolerance "
-            f"{plan.tolerances[-1]:g} lies between them (or a gated hidden layer is undecided)")
+            f"{_logits_tolerance(plan):g} lies between them (or a gated hidden layer is undecided)")
 
 
 def _versions() -> dict[str, str]:
@@ -204,7 +274,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
+def build_audit(plan: AuditSettings, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
     """The Audit for `plan` from the measurements `fx` (see the module docstring for the rules)."""
     pair, n_layers, n_r = fx.pair, fx.pair.n_layers, len(fx.regions)
     panels = _Panels(plan, fx)
@@ -212,7 +282,9 @@ def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
     emp_e2e, emp_loc = fx.found["end_to_end"], fx.found["local"]
     dom = n_r - 1 if plan.domain else None
     kept = [layer.n_neurons for layer in fx.pruned.layers()]
-    layers, verdicts, notes = [], {}, []
+    layers: list[LayerReport] = []
+    verdicts: dict[int, str | None] = {}
+    notes: list[str] = []
     for l, lf in enumerate(pair.layers_f):
         prov = provable.get(l)
         cert = LocalE2E(float(fx.cert_local[:, l].max()), float(fx.cert_e2e[:, l].max()))
@@ -248,9 +320,9 @@ def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
                             getattr(r, "eps", None), fx.cert_e2e[b].tolist(), fx.cert_local[b].tolist(),
                             emp_e2e[b].tolist(), emp_loc[b].tolist(), agreement[b], _region_verdict(plan, fx, b))
                for b, r in enumerate(fx.regions)]
-    for b, (x, cf, cg) in sorted(fx.found["disagreements"].items())[:3]:
+    for b, (x, class_f, class_g) in sorted(fx.found["disagreements"].items())[:3]:
         panels.add(f"cx-disagree-r{b}", "disagreement", b, n_layers - 1, x,
-                   f"{_source(fx.regions[b])}: f picks {cf}, g picks {cg}")
+                   f"{_source(fx.regions[b])}: f picks {class_f}, g picks {class_g}")
     for b in np.argsort(-emp_e2e[:, -1], kind="stable"):
         if panels.add(f"cx-worst-r{int(b)}", "worst", int(b), n_layers - 1, fx.found["best"][int(b)][-1],
                       f"largest logit deviation found in {_source(fx.regions[int(b)])}") is None:
@@ -276,7 +348,7 @@ def build_audit(plan, fx: Findings, timings: list[tuple[str, float]]) -> Audit:
     ds = plan.dataset
     return Audit(
         title=f"prunecert audit: {f.name} vs {g.name}",
-        verdict=Verdict(overall, EXIT_STATUS[overall], plan.tolerances[-1], gated,
+        verdict=Verdict(overall, EXIT_STATUS[overall], _logits_tolerance(plan), gated,
                         _headline(plan, fx, overall, gated, verdicts)),
         original=_model_info(f, plan.sources.get("original")),
         pruned=_model_info(g, plan.sources.get("pruned")),

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
 from prunecert.errors import PrunecertError
-from prunecert.reports.model import EXIT_STATUS, Audit, LocalE2E, Ratios, Stage, Verdict
+from prunecert.reports.model import (EXIT_STATUS, Audit, Counterexample, LayerReport, LocalE2E, Ratios, RegionReport,
+                                     Stage, Verdict)
+from prunecert.reports.schema import validate
+
+# a report.json document (schema prunecert.audit/1, validated before it is merged), with its file name
+Named = tuple[str, dict[str, Any]]
 
 # settings that must agree; "points" and "center_indices" are what shards split
 SAME_SETTINGS = ("certify_method", "attack_method", "attack_budget_seconds", "eps", "domain", "samples")
@@ -27,7 +33,7 @@ class AuditMergeError(PrunecertError):
     """Audit reports that are not shards of one audit."""
 
 
-def _check(docs: list[tuple[str, dict]]) -> None:
+def _check(docs: list[Named]) -> None:
     name0, a = docs[0]
     for name, b in docs[1:]:
         if b["schema"] != a["schema"]:
@@ -69,18 +75,19 @@ def _ratio(num: float | None, den: float) -> float | None:
     return float(num / den)
 
 
-def merge_audits(docs: list[tuple[str, dict]]) -> dict:
+def merge_audits(docs: list[Named]) -> dict[str, Any]:
     """The report.json document of the audit the shards `docs` ((file name, document)) make up together."""
-    from prunecert.reports.schema import validate
-
     for name, d in docs:
         validate(d, name)
     _check(docs)
     shards = [Audit.from_json(copy.deepcopy(d)) for _, d in docs]
     out = shards[0]
-    regions, domain, panels, renumber = [], None, [], []
+    regions: list[RegionReport] = []
+    domain: RegionReport | None = None
+    panels: list[Counterexample] = []
+    renumber: list[dict[int, int | None]] = []  # per shard: old region index -> new (None: the domain)
     for s in shards:
-        index = {}
+        index: dict[int, int | None] = {}
         for r in s.regions:
             if r.kind == "domain":
                 if domain is None:
@@ -91,7 +98,7 @@ def merge_audits(docs: list[tuple[str, dict]]) -> dict:
                     domain.empirical = [max(a, b) for a, b in zip(domain.empirical, r.empirical)]
                     domain.empirical_local = [max(a, b) for a, b in zip(domain.empirical_local, r.empirical_local)]
                     domain.agreement = r.agreement if r.agreement == "refuted" else domain.agreement
-                index[r.index] = "domain"
+                index[r.index] = None
                 continue
             index[r.index] = len(regions)
             regions.append(copy.deepcopy(r))
@@ -106,10 +113,16 @@ def merge_audits(docs: list[tuple[str, dict]]) -> dict:
         r.verdict = "certified" if r.certified[last] <= tol else "violated" if r.empirical[last] > tol else "unknown"
     for s, index in zip(shards, renumber):
         for c in s.counterexamples:
-            c.region = domain.index if index[c.region] == "domain" else index[c.region]
+            new = index[c.region]
+            if new is None:
+                if domain is None:  # pragma: no cover - None is only recorded for a domain region
+                    raise AuditMergeError("a counterexample names a domain region that was not kept")
+                new = domain.index
+            c.region = new
             c.id = re.sub(r"-r\d+$", f"-r{c.region}", c.id)  # per-region panels named by the new index
             panels.append(c)
-    layers, verdicts = [], {}
+    layers: list[LayerReport] = []
+    verdicts: dict[int, str | None] = {}
     for l, layer in enumerate(out.layers):
         layer.certified = LocalE2E(max(r.certified_local[l] for r in regions), max(r.certified[l] for r in regions))
         layer.certified_domain = None if domain is None else LocalE2E(domain.certified_local[l], domain.certified[l])
@@ -148,7 +161,7 @@ def merge_audits(docs: list[tuple[str, dict]]) -> dict:
     return doc
 
 
-def _layer_verdict(layer, shards: list[Audit], l: int, domain: bool) -> tuple[str | None, str | None]:
+def _layer_verdict(layer: LayerReport, shards: list[Audit], l: int, domain: bool) -> tuple[str | None, str | None]:
     """As build_audit: certified if the max certified bound is within tolerance, violated if a point (an
     attack's or a test point) exceeds it (the shard panel with the largest value), else unknown."""
     tol = layer.tolerance
@@ -163,16 +176,16 @@ def _layer_verdict(layer, shards: list[Audit], l: int, domain: bool) -> tuple[st
     return "violated", ids[0] if ids else None  # the same id in every shard; _dedupe keeps the largest
 
 
-def _dedupe(panels: list) -> list:
+def _dedupe(panels: list[Counterexample]) -> list[Counterexample]:
     """Shard panels, one per id (the largest value wins: shards reuse ids like cx-layer2)."""
-    by_id: dict = {}
+    by_id: dict[str, Counterexample] = {}
     for c in panels:
         if c.id not in by_id or c.value > by_id[c.id].value:
             by_id[c.id] = c
     return list(by_id.values())
 
 
-def _headline(overall: str, layers, gated: list[int], n: int) -> str:
+def _headline(overall: str, layers: list[LayerReport], gated: list[int], n: int) -> str:
     last = layers[-1]
     cert, emp, tol = last.certified.end_to_end, last.empirical.end_to_end, last.tolerance
     if overall == "certified":

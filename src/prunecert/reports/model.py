@@ -187,21 +187,23 @@ class Audit:
     notes: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ JSON
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The report.json document (validated against audit.schema.json before it is written)."""
         d = dataclasses.asdict(self)
         return {"schema": d.pop("schema"), **_clean(d)}
 
     @classmethod
-    def from_json(cls, doc: dict) -> "Audit":
+    def from_json(cls, doc: dict[str, Any]) -> Audit:
         """Rebuild an Audit from `to_json()` output (e.g. a saved report.json, schema-validated first)."""
-        return _build(cls, doc)
+        audit: Audit = _build(cls, doc)
+        return audit
 
     def counterexample(self, cid: str | None) -> Counterexample | None:
         return next((c for c in self.counterexamples if c.id == cid), None)
 
 
-def _clean(value):
+# JSON values: what _clean returns and _build reads (any JSON document: typed by the schema, not here)
+def _clean(value: Any) -> Any:
     """JSON-safe copy: non-finite floats become None (JSON has no inf/NaN)."""
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
@@ -212,13 +214,15 @@ def _clean(value):
     return value
 
 
-def _build(tp, value):
-    """Construct `tp` (a dataclass, list[...], dict[...], Optional[...] or a primitive) from JSON data."""
+def _build(tp: Any, value: Any) -> Any:
+    """Construct `tp` (a dataclass, list[...], dict[...], Optional[...] or a primitive) from JSON data.
+
+    `tp` is a type expression read from the dataclasses' own annotations, hence Any."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _build(args[0], value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         kwargs = {f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(tp) if f.name in value}
         return tp(**kwargs)

@@ -11,14 +11,19 @@ import base64
 import io
 import math
 import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from prunecert.reports.model import Audit, LayerReport
 
-RC = {"svg.hashsalt": "prunecert", "svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
+if TYPE_CHECKING:  # matplotlib.typing exists from 3.8; only the checker reads it
+    from matplotlib.typing import RcKeyType
+
+RC: dict[RcKeyType, Any] = {"svg.hashsalt": "prunecert", "svg.fonttype": "none", "font.size": 9, "axes.spines.top": False,
       "axes.spines.right": False}
 TINY = 1e-200  # sound bounds of a deviation that is exactly 0 can be subnormal (outward rounding): drawn as 0
 COLORS = {"provable": "#7b3294", "certified": "#0571b0", "certified (domain)": "#92c5de",
@@ -99,7 +104,7 @@ def radius_plot(audit: Audit, prefix: str = "radius") -> str:
     with rc_context(RC):
         fig = Figure(figsize=(3.1 * len(layers), 2.8))
         axes = fig.subplots(1, len(layers), squeeze=False)[0]
-        eps = sorted({r.eps for r in balls})
+        eps = sorted({r.eps for r in balls if r.eps is not None})
         for ax, layer in zip(axes, layers):
             l = layer.index
             for key, label in (("empirical", "attack"), ("certified", "certified")):  # certified on top
@@ -126,7 +131,7 @@ def radius_plot(audit: Audit, prefix: str = "radius") -> str:
         return _svg(fig, prefix)
 
 
-def _grid(values: np.ndarray, shape: list[int]) -> np.ndarray:
+def _grid(values: npt.ArrayLike, shape: list[int]) -> npt.NDArray[np.float64]:
     """An (H, W) or (H, W, 3) array to show: images as they are, other inputs as a near-square grid."""
     v = np.asarray(values, dtype=np.float64)
     if len(shape) == 3 and shape[0] in (1, 3):
@@ -142,7 +147,7 @@ def _grid(values: np.ndarray, shape: list[int]) -> np.ndarray:
     return out.reshape(h, w)
 
 
-def png_data_uri(values, shape: list[int], kind: str = "input", vmax: float | None = None) -> str:
+def png_data_uri(values: npt.ArrayLike, shape: list[int], kind: str = "input", vmax: float | None = None) -> str:
     """A PNG data: URI of an input (grey, [0, 1]) or a perturbation (diverging, symmetric around 0)."""
     from matplotlib import colormaps
 

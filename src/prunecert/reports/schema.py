@@ -11,6 +11,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from prunecert.errors import PrunecertError
 
@@ -20,13 +21,14 @@ class ReportError(PrunecertError):
 
 
 @functools.lru_cache(maxsize=1)
-def load_schema() -> dict:
+def load_schema() -> dict[str, Any]:
     """audit.schema.json, shipped with the package."""
     text = resources.files("prunecert.reports").joinpath("audit.schema.json").read_text("utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
-def validate(doc: dict, source: str = "report") -> None:
+def validate(doc: dict[str, Any], source: str = "report") -> None:
     """Raise ReportError naming the first offending path if `doc` does not follow the schema."""
     import jsonschema
 
@@ -39,7 +41,7 @@ def validate(doc: dict, source: str = "report") -> None:
         raise ReportError(f"{source}: invalid audit report at {where}: {err.message[:200]}{more}")
 
 
-def read_report(path: str | os.PathLike) -> dict:
+def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a report.json."""
     path = Path(path)
     try:

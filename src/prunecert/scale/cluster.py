@@ -15,15 +15,19 @@ that raised.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from prunecert.errors import ConfigError
-from prunecert.scale.executor import Executor, WorkerError, _ordered
-from prunecert.threads import threads_per_worker
+from prunecert.scale.executor import Executor, Pending, Task, WorkerError, _ordered
+from prunecert.threads import threads_per_worker, usable_cores
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-def _run_task(fn: Callable, shared: Any, item: Any, threads: int) -> Any:
+def _run_task(fn: Task[T, R], shared: Any, item: T, threads: int) -> R:
+    """On a worker: Dask has replaced the future `shared` by the object it holds (hence Any)."""
     import torch
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -44,10 +48,9 @@ class DaskExecutor(Executor):
             raise ConfigError(f"--scheduler needs dask[distributed] ({exc})") from exc
         self.threads = threads_per_worker(1, threads)  # per task; start workers with --nthreads <= cores/threads
         self.retries = retries
-        self._cluster = None
+        self._cluster: LocalCluster | None = None
         try:
             if scheduler == "local":
-                from prunecert.threads import usable_cores
                 n = int(workers) if workers else usable_cores()
                 # the statistical profiler samples the task thread 100 times a second for the dashboard,
                 # which an embedded cluster never shows
@@ -64,14 +67,14 @@ class DaskExecutor(Executor):
         self.workers = max(1, slots)
         self.scheduler = "local" if self._cluster is not None else scheduler
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, str | int]:
         return {**super().describe(), "scheduler": self.scheduler}
 
-    def share(self, obj):
+    def share(self, obj: object) -> object:
         return self.client.scatter(obj, broadcast=True, hash=False)
 
-    def map(self, fn, shared, items):
-        def submit(item):
+    def map(self, fn: Task[T, R], shared: object, items: Iterable[T]) -> Iterator[R]:
+        def submit(item: T) -> Pending[R]:
             return self.client.submit(_run_task, fn, shared, item, self.threads, pure=False, retries=self.retries)
         try:
             yield from _ordered(submit, items, 2 * self.workers)

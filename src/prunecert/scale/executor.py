@@ -32,10 +32,27 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self, TypeVar
 
 from prunecert.errors import ConfigError, PrunecertError
 from prunecert.threads import threads_per_worker, usable_cores
+
+
+T = TypeVar("T")  # an item
+R = TypeVar("R")  # fn's result on one item
+# fn's first argument is the object given to `share`; `map` receives the handle `share` returned (the
+# object itself, a pickle's path, or a Dask future), which becomes that object again on the worker:
+# no static type relates the two, hence Any
+Task = Callable[[Any, T], R]
+R_co = TypeVar("R_co", covariant=True)
+
+
+class Pending(Protocol[R_co]):
+    """A submitted item: a concurrent.futures or a Dask future."""
+
+    def result(self) -> R_co: ...
+
+    def cancel(self) -> bool: ...
 
 
 class WorkerError(PrunecertError):
@@ -49,14 +66,14 @@ class Executor:
     workers = 1
     threads = 1
 
-    def share(self, obj: Any) -> Any:
+    def share(self, obj: object) -> object:
         """A handle `map` turns back into `obj` on the worker (each worker receives it once)."""
         return obj
 
-    def map(self, fn: Callable[[Any, Any], Any], shared: Any, items: Iterable[Any]) -> Iterator[Any]:
+    def map(self, fn: Task[T, R], shared: object, items: Iterable[T]) -> Iterator[R]:
         raise NotImplementedError
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, str | int]:
         return {"kind": self.kind, "workers": self.workers, "threads_per_worker": self.threads}
 
     def close(self) -> None:
@@ -65,7 +82,7 @@ class Executor:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -78,7 +95,7 @@ class InProcessExecutor(Executor):
     def __init__(self, threads: int | None = None):
         self.threads = threads_per_worker(1, threads)
 
-    def map(self, fn, shared, items):
+    def map(self, fn: Task[T, R], shared: object, items: Iterable[T]) -> Iterator[R]:
         import torch
 
         previous = torch.get_num_threads()
@@ -107,7 +124,7 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _run_shared(fn: Callable, path: str, item: Any) -> Any:
+def _run_shared(fn: Task[T, R], path: str, item: T) -> R:
     """In a worker: load the shared object of `path` once (our own file, written by `share`), run fn."""
     obj = _WORKER_CACHE.get(path)
     if obj is None:
@@ -133,7 +150,7 @@ class LocalProcessExecutor(Executor):
         self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_worker_start, initargs=(self.threads, os.getpid()))
 
-    def share(self, obj):
+    def share(self, obj: object) -> str:
         """Pickle `obj` once into the private folder; workers load it on their first item that needs it.
         Only the two latest shared objects are kept (an audit shares one per attack objective): a
         handle older than that must not be mapped again."""
@@ -144,9 +161,9 @@ class LocalProcessExecutor(Executor):
         (self._dir / f"shared-{self._count - 2}.pickle").unlink(missing_ok=True)
         return str(path)
 
-    def map(self, fn, shared, items):
-        def submit(item) -> Future:
-            return self._pool.submit(_run_shared, fn, shared, item)
+    def map(self, fn: Task[T, R], shared: object, items: Iterable[T]) -> Iterator[R]:
+        def submit(item: T) -> Future[R]:
+            return self._pool.submit(_run_shared, fn, str(shared), item)
         try:
             yield from _ordered(submit, items, self.window)
         except BrokenProcessPool as exc:
@@ -158,9 +175,9 @@ class LocalProcessExecutor(Executor):
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def _ordered(submit: Callable[[Any], Future], items: Iterable[Any], window: int) -> Iterator[Any]:
+def _ordered(submit: Callable[[T], Pending[R]], items: Iterable[T], window: int) -> Iterator[R]:
     """Results of `submit(item)` in item order, with at most `window` futures pending."""
-    pending: deque[Future] = deque()
+    pending: deque[Pending[R]] = deque()
     it = iter(items)
     try:
         for item in it:
@@ -197,6 +214,8 @@ def open_executor(workers: int | None = None, scheduler: str | None = None, thre
     if threads is not None and int(threads) < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     if scheduler:
+        # imported here, not at the top: cluster imports dask.distributed, 0.7-1.1 s (measured with
+        # python -X importtime at load 8) that runs without --scheduler should not pay
         from prunecert.scale.cluster import DaskExecutor
         return DaskExecutor(scheduler, workers, threads)
     n = default_workers() if workers is None else int(workers)

@@ -4,19 +4,26 @@ hold 10,000 regions (about 30 KB each for a 28x28 box) in memory at once: chunks
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TypeVar, overload
+
+T = TypeVar("T")
 
 
-class LazyRegions(Sequence):
+class LazyRegions(Sequence[T]):
     """`n` regions; item i is `make(i)`, built on every access (cheap: a data-set row and a box)."""
 
-    def __init__(self, n: int, make: Callable[[int], Any]):
+    def __init__(self, n: int, make: Callable[[int], T]):
         self._n, self._make = int(n), make
 
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
         if isinstance(index, slice):
             return [self._make(i) for i in range(*index.indices(self._n))]
         if index < 0:

@@ -11,8 +11,17 @@ from __future__ import annotations
 
 import hashlib
 
+from typing import Protocol
+
 import numpy as np
+import numpy.typing as npt
 import torch
+
+
+class Boxed(Protocol):
+    """What a region's identity is made of (`prunecert.core.regions.Region`, a floor above this one)."""
+
+    def bounding_box(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 
 
 def region_seed(seed: int, index: int) -> int:
@@ -22,17 +31,17 @@ def region_seed(seed: int, index: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
 
-def region_key(region) -> int:
+def region_key(region: Boxed) -> int:
     """A 63-bit identity of a region: sha256 of its float64 bounding box (and radius for L2 balls)."""
     lo, hi = (np.ascontiguousarray(a, dtype=np.float64) for a in region.bounding_box())
     h = hashlib.sha256(lo.tobytes() + hi.tobytes())
-    radius = getattr(region, "radius", None)
+    radius = getattr(region, "radius", None)  # L2 balls
     if radius is not None:
         h.update(np.float64(radius).tobytes())
     return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
 
 
-def region_generator(seed: int, region) -> torch.Generator:
+def region_generator(seed: int, region: Boxed) -> torch.Generator:
     """The torch generator of `region` in a run seeded `seed` (every random choice made for that
     region comes from it); see the module docstring."""
     return torch.Generator().manual_seed(region_seed(seed, region_key(region)))

@@ -22,7 +22,7 @@ def _environment() -> Environment:
     return env
 
 
-def _panel(audit: Audit, c: Counterexample) -> dict:
+def _panel(audit: Audit, c: Counterexample) -> dict[str, object]:
     """Images and top-3 rows of one counterexample panel."""
     x = np.asarray(c.x, dtype=np.float64)
     panel = {"c": c, "input_uri": png_data_uri(x, c.shape, "input"), "pert_uri": None, "pert_max": None,
