@@ -5,8 +5,9 @@
 executor (in-process, local workers or Dask: `prunecert.scale`); each chunk is bounded by one batched
 call of the method, searched for counterexamples and, when asked, settled (complete verdicts). The
 result is a `CertifyResult` (per-layer local and end-to-end bounds, verdicts, `to_json()`), the same
-whatever the executor. Methods share the signature `(pair, lo, hi, ...) -> PairBounds` and are
-registered in `certify.methods` (unknown options are rejected there). certify imports no attack: the
+whatever the executor. Each chunk's regions reach the method as one `RegionBatch` (boxes, and L2
+balls), built here once per chunk and checked only there; methods share the signature
+`(pair, region, ...) -> PairBounds` and are registered in `certify.methods` (unknown options are rejected there). certify imports no attack: the
 searches that check a solver (`witness=`, `reach=`) or settle a verdict (`class_search=`) are passed
 in by the caller, as picklable objects (`prunecert.adversarial.witness`).
 """
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from prunecert.certify.chunks import CertifySetup, certify_chunk, concat_results, region_chunks
+from prunecert.certify.chunks import CertifySetup, RegionChunk, certify_chunk, concat_results, region_chunks
 from prunecert.certify.classprop import ClassProperty
 from prunecert.certify.formulation import check_encodable
 from prunecert.certify.methods import METHODS, BoundMethod, get_method
@@ -166,7 +167,7 @@ def certify_stream(original: Network | Pair | str | os.PathLike, pruned: Network
         setup = CertifySetup(pair, registered, kwargs, int(samples), int(seed), tolerance, search,
                              checked_logits, prop_delta, None if complete is None else float(complete), class_search)
         shared = executor.share(setup)
-        chunks = ((s.start, regions[s]) for s in slices)
+        chunks = (RegionChunk.of(s.start, list(regions[s]), pair.input_shape) for s in slices)
         with progress_task(f"certify ({method})", len(regions), progress) as task:
             for s, part in zip(slices, executor.map(certify_chunk, shared, chunks)):
                 task.advance(s.stop - s.start)

@@ -1,8 +1,9 @@
 """Certification of one chunk of regions, the unit an executor (`prunecert.scale`) ships to a worker.
 
 `CertifySetup` is what every chunk shares (the pair, the method and its options, the search): it is
-shipped once per worker. A chunk is `(first_index, regions)`; `certify_chunk` bounds it with one
-batched method call, searches each region with that region's own generator (seeded from the run
+shipped once per worker. A chunk (`RegionChunk`) is the index of its first region, the regions and
+their `RegionBatch`, built once where the chunk is cut; `certify_chunk` bounds it with one batched
+method call, searches each region with that region's own generator (seeded from the run
 seed and the region's identity, `prunecert.scale.seeds`), checks the bounds against what the search found, and returns a
 `CertifyResult` for the chunk. Chunks are fixed by the region list and `batch_size` alone, so the
 results do not depend on which executor ran them or how many workers it had.
@@ -10,7 +11,7 @@ results do not depend on which executor ran them or how many workers it had.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,8 @@ from prunecert.certify.refute import SearchResult, sample_search
 from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds, truncated_regions
 from prunecert.certify.settle import ClassSearch, settle
 from prunecert.core.pair import Pair
-from prunecert.core.regions import L2Ball, Region, stack_boxes
+from prunecert.core.region_batch import RegionBatch
+from prunecert.core.regions import L2Ball, Region
 from prunecert.scale import region_generator
 
 
@@ -44,9 +46,22 @@ class CertifySetup:
     class_search: ClassSearch | None = None    # the search settle runs before branch and bound
 
 
-def region_chunks(regions: list[Region], batch_size: int) -> list[slice]:
-    """Consecutive runs of at most `batch_size` regions, all L2 balls or none (so a method that takes
-    `l2` gets it for every region of a chunk)."""
+@dataclass(frozen=True)
+class RegionChunk:
+    """Consecutive regions of a run, from region `first` on, and the batch the bound method sees."""
+
+    first: int
+    regions: list[Region]
+    batch: RegionBatch
+
+    @classmethod
+    def of(cls, first: int, regions: list[Region], input_shape: tuple[int, ...]) -> "RegionChunk":
+        return cls(first, regions, RegionBatch.of_regions(regions, input_shape))
+
+
+def region_chunks(regions: Sequence[Region], batch_size: int) -> list[slice]:
+    """Consecutive runs of at most `batch_size` regions, all L2 balls or none (so a chunk's batch
+    carries a ball for every region, or none)."""
     out, start = [], 0
     for i in range(1, len(regions) + 1):
         if i == len(regions) or i - start == batch_size or \
@@ -56,26 +71,12 @@ def region_chunks(regions: list[Region], batch_size: int) -> list[slice]:
     return out
 
 
-def _l2(regions: list[Region], pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(centres (B, *input_shape), radii (B,)) when every region is an L2 ball, else None."""
-    if not all(isinstance(r, L2Ball) for r in regions):
-        return None
-    centres = torch.from_numpy(np.stack([r.center.reshape(pair.input_shape) for r in regions]))
-    return centres, torch.tensor([r.radius for r in regions], dtype=torch.float64)
-
-
-def certify_chunk(setup: CertifySetup, chunk: tuple[int, list[Region]]) -> CertifyResult:
+def certify_chunk(setup: CertifySetup, chunk: RegionChunk) -> CertifyResult:
     """Bound, search, check and (when asked) settle one chunk; region indices in messages are the run's."""
-    first, regions = chunk
+    first, regions, batch = chunk.first, chunk.regions, chunk.batch
     pair = setup.pair
-    kwargs = dict(setup.kwargs)
-    lo, hi = stack_boxes(regions)
-    lo, hi = lo.reshape(len(regions), *pair.input_shape), hi.reshape(len(regions), *pair.input_shape)
-    if "l2" in setup.method.options:
-        l2 = _l2(regions, pair)
-        if l2 is not None:
-            kwargs["l2"] = l2
-    bounds = setup.method.bounds(pair, lo, hi, **kwargs)
+    lo, hi = batch.lo, batch.hi
+    bounds = setup.method.bounds(pair, batch, **setup.kwargs)
     check_finite(bounds, setup.method.name)
     search = setup.search or sample_search
     found = [search(pair, r, setup.samples, region_generator(setup.seed, r)) for r in regions]
