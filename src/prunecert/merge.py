@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from prunecert.certify.result import combine_verdicts
+from prunecert.certify.verdicts import ClassTally, combine_verdicts
 from prunecert.errors import PrunecertError
 
 
@@ -31,7 +32,7 @@ SAME_CERTIFY = ("method", "seed", "tolerance", "logits")
 SAME_ATTACK = ("objective", "method", "seed")
 
 
-def read_document(path: str | os.PathLike) -> dict:
+def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A JSON document from `path` (MergeError naming the file if it is not one)."""
     try:
         doc = json.loads(Path(path).read_text("utf-8"))
@@ -42,7 +43,7 @@ def read_document(path: str | os.PathLike) -> dict:
     return doc
 
 
-def _hashes(doc: dict, name: str, models_key: str = "models") -> tuple[str | None, str | None]:
+def _hashes(doc: dict[str, Any], name: str, models_key: str = "models") -> tuple[str | None, str | None]:
     if models_key == "audit":
         return doc["original"]["sha256"], doc["pruned"]["sha256"]
     models = doc.get("models")
@@ -52,7 +53,7 @@ def _hashes(doc: dict, name: str, models_key: str = "models") -> tuple[str | Non
     return (models.get("original") or {}).get("sha256"), (models.get("pruned") or {}).get("sha256")
 
 
-def check_same(docs: list[tuple[str, dict]], fields: tuple[str, ...], models_key: str = "models") -> None:
+def check_same(docs: list[tuple[str, dict[str, Any]]], fields: tuple[str, ...], models_key: str = "models") -> None:
     """MergeError unless every document has the first one's schema, model hashes and `fields`."""
     name0, first = docs[0]
     h0 = _hashes(first, name0, models_key)
@@ -69,7 +70,7 @@ def check_same(docs: list[tuple[str, dict]], fields: tuple[str, ...], models_key
                 raise MergeError(f"{name}: setting {f} = {doc.get(f)!r} differs from {name0}'s {first.get(f)!r}")
 
 
-def merge_documents(docs: list[tuple[str, dict]], out: str | os.PathLike | None = None) -> dict:
+def merge_documents(docs: list[tuple[str, dict[str, Any]]], out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The merged document of `docs` ((file name, document) pairs, in region order). `out` (the merged
     file's path) is needed for attack results, whose x_path entries are rewritten relative to it."""
     if len(docs) < 2:
@@ -87,14 +88,14 @@ def merge_documents(docs: list[tuple[str, dict]], out: str | os.PathLike | None 
     raise MergeError(f"{docs[0][0]}: schema {schema!r} is not one merge knows ({CERTIFY}, {ATTACK}, {AUDIT})")
 
 
-def merge_certify(docs: list[dict]) -> dict:
+def merge_certify(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """Certify documents of consecutive shards -> the document one run over all their regions gives."""
     first = docs[0]
     meta = [(L["index"], L["name"], L["shape"]) for L in first["layers"]]
     for d in docs[1:]:
         if [(L["index"], L["name"], L["shape"]) for L in d["layers"]] != meta:
             raise MergeError("certify results with different layers (index, name, shape) cannot be merged")
-    regions = []
+    regions: list[dict[str, Any]] = []
     for d in docs:
         for r in d["regions"]:
             regions.append({**r, "index": len(regions)})
@@ -112,16 +113,17 @@ def merge_certify(docs: list[dict]) -> dict:
            "seconds": sum(d["seconds"] for d in docs), "tolerance": first["tolerance"], "logits": first.get("logits"),
            "verdict": combine_verdicts(verdicts) if verdicts and verdicts[0] is not None else None,
            "max_abs_logit_deviation": max(r["max_abs_logit_deviation"] for r in regions),
-           "agreement": _class_overall(regions, "agreement"), "truncated": bool(truncated),
+           "agreement": ClassTally.of(r["agreement"] for r in regions).to_json(), "truncated": bool(truncated),
            "truncated_regions": truncated, "regions": regions, "layers": layers}
     if "delta_top1" in first:
-        out["delta_top1"] = {"delta": first["delta_top1"]["delta"], **_class_overall(regions, "delta_top1")}
+        out["delta_top1"] = {"delta": first["delta_top1"]["delta"],
+                             **ClassTally.of(r["delta_top1"] for r in regions).to_json()}
     if "models" in first:
         out["models"] = first["models"]
     return out
 
 
-def _truncated(docs: list[dict], index: int) -> bool:
+def _truncated(docs: list[dict[str, Any]], index: int) -> bool:
     """Whether the merged run's region `index` was cut short (each shard numbers its regions from 0)."""
     for d in docs:
         n = len(d["regions"])
@@ -131,18 +133,7 @@ def _truncated(docs: list[dict], index: int) -> bool:
     return False
 
 
-def _class_overall(regions: list[dict], key: str) -> dict:
-    """A class verdict over all regions (refuted if any is, proved if all are), with the first refutation."""
-    verdicts = [r[key]["verdict"] for r in regions]
-    out: dict = {"verdict": "refuted" if "refuted" in verdicts else
-                 "proved" if all(v == "proved" for v in verdicts) else "unknown"}
-    refuted = next((r for r in regions if r[key]["verdict"] == "refuted"), None)
-    if refuted is not None:
-        out.update(region=refuted["index"], point=refuted[key]["point"])
-    return out
-
-
-def merge_attack(docs: list[tuple[str, dict]], out_dir: Path) -> dict:
+def merge_attack(docs: list[tuple[str, dict[str, Any]]], out_dir: Path) -> dict[str, Any]:
     """Attack result.json files (one region, or a folder's summary) -> one summary over every region."""
     regions = []
     for name, doc in docs:

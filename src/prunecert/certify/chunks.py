@@ -20,8 +20,9 @@ import torch
 from prunecert.certify.classprop import ClassProperty, open_classes, replay
 from prunecert.certify.methods import BoundMethod
 from prunecert.certify.refute import SearchResult, sample_search
-from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds, truncated_regions
+from prunecert.certify.result import BabRegionInfo, CertifyResult, LayerResult, PairBounds, truncated_regions
 from prunecert.certify.settle import ClassSearch, settle
+from prunecert.certify.verdicts import Agreement
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch
 from prunecert.core.regions import L2Ball, Region
@@ -35,7 +36,7 @@ class CertifySetup:
 
     pair: Pair
     method: BoundMethod
-    kwargs: dict
+    kwargs: dict[str, object]                  # the method's options (`BoundMethod.arguments`)
     samples: int
     seed: int
     tolerance: float | None
@@ -55,14 +56,15 @@ class RegionChunk:
     batch: RegionBatch
 
     @classmethod
-    def of(cls, first: int, regions: list[Region], input_shape: tuple[int, ...]) -> "RegionChunk":
+    def of(cls, first: int, regions: list[Region], input_shape: tuple[int, ...]) -> RegionChunk:
         return cls(first, regions, RegionBatch.of_regions(regions, input_shape))
 
 
 def region_chunks(regions: Sequence[Region], batch_size: int) -> list[slice]:
     """Consecutive runs of at most `batch_size` regions, all L2 balls or none (so a chunk's batch
     carries a ball for every region, or none)."""
-    out, start = [], 0
+    out: list[slice] = []
+    start = 0
     for i in range(1, len(regions) + 1):
         if i == len(regions) or i - start == batch_size or \
                 isinstance(regions[i], L2Ball) != isinstance(regions[start], L2Ball):
@@ -80,8 +82,8 @@ def certify_chunk(setup: CertifySetup, chunk: RegionChunk) -> CertifyResult:
     check_finite(bounds, setup.method.name)
     search = setup.search or sample_search
     found = [search(pair, r, setup.samples, region_generator(setup.seed, r)) for r in regions]
-    infos = bounds.info.get("bab") or [None] * len(found)
-    found = [_with_method_point(pair, r, info) for r, info in zip(found, infos)]
+    if "bab" in bounds.info:
+        found = [_with_method_point(pair, r, info) for r, info in zip(found, bounds.info["bab"])]
     result = make_result(pair, regions, bounds, found, setup.method.name, setup.tolerance, setup.seed, 0.0, first,
                          setup.logits)
     result.truncated = truncated_regions(bounds.info, len(regions))
@@ -94,10 +96,10 @@ def certify_chunk(setup: CertifySetup, chunk: RegionChunk) -> CertifyResult:
     return result
 
 
-def _with_method_point(pair: Pair, res: SearchResult, info: dict | None) -> SearchResult:
+def _with_method_point(pair: Pair, res: SearchResult, info: BabRegionInfo) -> SearchResult:
     """The search's result, or the method's own reached point (bab's attack) when that goes further:
     re-evaluated here by a float64 forward pass, so a tolerance it exceeds is refuted with that input."""
-    point = None if info is None else info.get("point")
+    point = info.get("point")
     if point is None:
         return res
     x = torch.as_tensor(np.asarray(point, dtype=np.float64)).reshape(1, *pair.input_shape)
@@ -130,7 +132,7 @@ def _settle_region(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, bounds: PairB
     if isinstance(region, L2Ball):
         return   # the complete stage works on boxes; an L2 ball keeps the bounds' verdict
     lists = [(result.agreement, ClassProperty.agreement())]
-    if result.delta_top1 is not None:
+    if result.delta_top1 is not None and result.delta is not None:
         lists.append((result.delta_top1, ClassProperty.delta_top1(result.delta)))
     for verdicts, prop in lists:
         if verdicts[b].verdict != "unknown":
@@ -196,7 +198,8 @@ def concat_results(parts: list[CertifyResult], seconds: float) -> CertifyResult:
                                              for a in ("local_lower", "local_upper", "end_to_end_lower",
                                                        "end_to_end_upper")))
               for l, L in enumerate(first.layers)]
-    bounds = None if any(p.bounds is None for p in parts) else PairBounds.concat([p.bounds for p in parts])
+    known = [p.bounds for p in parts if p.bounds is not None]
+    bounds = PairBounds.concat(known) if len(known) == len(parts) else None
     delta_top1 = None if first.delta_top1 is None else [a for p in parts for a in p.delta_top1 or []]
     return CertifyResult(first.method, [d for p in parts for d in p.regions], layers,
                          np.concatenate([p.max_abs_logit_deviation for p in parts]),

@@ -32,7 +32,7 @@ from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.relax import DeltaRelax, SideRelax
 from prunecert.certify.rows import FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
-from prunecert.certify.result import PairBounds, meet, sub_bounds
+from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
 
@@ -206,11 +206,11 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     crown = _run(pair, region, False, deadline)
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
                prior=crown)
-    truncated = out.info["truncated"] or crown.info["truncated"]
+    truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
     out = out.intersect(crown).intersect(diff_interval_bounds(pair, region))
     out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
-                "truncated": [truncated] * region.batch}
+                "truncated": truncated}
     return out
 
 
@@ -225,7 +225,7 @@ def crown_diff_bounds(pair: Pair, region: RegionBatch, time_limit: float | None 
     `time_limit` as for `diff_linear_bounds`.
     """
     out = _run(pair, region, False, _deadline(time_limit, region.batch))
-    out.info = {"method": "crown-diff", "truncated": [out.info["truncated"]] * region.batch}
+    out.info = {"method": "crown-diff", "truncated": out.info["truncated"]}
     return out
 
 
@@ -269,14 +269,14 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
             st.delta.append(DeltaRelax.of(af, ag, d, sf, sg))
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
-    info = {"optimized": False}
+    info: MethodInfo = {"optimized": False}
     if optimize and pair.n_layers > 1 and not st.stop():
         opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline)
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
     margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
-    info["truncated"] = st.truncated
+    info["truncated"] = [st.truncated] * region.batch
     return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
 
 

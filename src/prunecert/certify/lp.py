@@ -30,7 +30,7 @@ from prunecert.certify.highs import HighsModel
 from prunecert.core.interval import Bounds
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
-from prunecert.certify.result import PairBounds
+from prunecert.certify.result import MethodInfo, PairBounds
 from prunecert.progress import stage_line
 
 
@@ -196,8 +196,8 @@ def to_pair_bounds(pair: Pair, results: list[RegionLP], init: PairBounds, method
         if r.margin is not None:
             m = torch.as_tensor(r.margin)
             margin[b, r.label] = torch.maximum(margin[b, r.label], m)
-    info = dict(init.info)
-    info.update(method=method, solves=[r.solves for r in results], complete=[r.complete for r in results])
+    info: MethodInfo = {**init.info, "method": method, "solves": [r.solves for r in results],
+                        "complete": [r.complete for r in results]}
     return PairBounds(f, g, delta, local, margin, info)
 
 
