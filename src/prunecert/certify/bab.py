@@ -280,4 +280,5 @@ def bab_bounds(pair: Pair, region: RegionBatch, tolerance: float | None = None, 
                    f"bound {info['upper']:.6g}, reached {info['reached']:.6g}", progress)
     out = to_pair_bounds(pair, results, init, "bab")
     out.info["bab"] = infos
+    out.info["truncated"] = [i.get("stop") == "time" for i in infos]
     return out

@@ -196,8 +196,9 @@ def to_pair_bounds(pair: Pair, results: list[RegionLP], init: PairBounds, method
         if r.margin is not None:
             m = torch.as_tensor(r.margin)
             margin[b, r.label] = torch.maximum(margin[b, r.label], m)
+    complete = [r.complete for r in results]
     info: MethodInfo = {**init.info, "method": method, "solves": [r.solves for r in results],
-                        "complete": [r.complete for r in results]}
+                        "complete": complete, "truncated": [not c for c in complete]}
     return PairBounds(f, g, delta, local, margin, info)
 
 

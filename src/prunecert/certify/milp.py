@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable, op_matrix
-from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, HighsModel
+from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, UNCONFIRMED, HighsModel
 from prunecert.certify.lp import initial_bounds, refine_region, to_pair_bounds
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
@@ -274,6 +274,12 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
     return rb, info
 
 
+def _out_of_time(status: str) -> bool:
+    """An objective the time limit left open: not started, stopped by it, or without its second opinion
+    (objectives skipped because max |Delta| was already decided are not: `max_abs_only`)."""
+    return status in ("not_started", UNCONFIRMED) or "time" in status.lower()
+
+
 @boxes_or_batch
 def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0, layers=None, local: bool = True,
                 max_abs_only: bool = False, tighten_time_limit: float | None = None,
@@ -310,4 +316,5 @@ def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0, layer
                    f"closed={info['closed']}", progress)
     out = to_pair_bounds(pair, results, init, "milp")
     out.info["milp"] = infos
+    out.info["truncated"] = [any(_out_of_time(s) for s in i["statuses"]) for i in infos]
     return out

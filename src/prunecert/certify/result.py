@@ -68,7 +68,7 @@ class MethodInfo(TypedDict, total=False):
 
     method: str
     optimized: bool                  # diff-linear: the logits' Delta relaxation was optimised
-    truncated: list[bool]            # diff-linear, crown-diff: the time limit left walks out
+    truncated: list[bool]            # the time limit cut the method short (see `truncated_regions`)
     complete: list[bool]             # lp, milp, bab: the LP pass finished before its deadline
     solves: list[int]                # lp, milp, bab: LPs solved
     milp: list[MilpRegionInfo]
@@ -280,17 +280,10 @@ class CertifyResult:
 
 
 def truncated_regions(info: MethodInfo, batch: int) -> list[bool]:
-    """Per region, whether the method that produced `info` stopped early (a time limit): diff-linear
-    and crown-diff say `truncated`, lp says `complete`, milp/bab report per-region details."""
-    if "truncated" in info:
-        return [bool(t) for t in info["truncated"]]
-    if "complete" in info:
-        return [not c for c in info["complete"]]
-    if "milp" in info and len(info["milp"]) == batch:
-        return [bool(d["skipped"]) or any("time" in s.lower() for s in d["statuses"]) for d in info["milp"]]
-    if "bab" in info and len(info["bab"]) == batch:
-        return [d.get("stop") == "time" for d in info["bab"]]
-    return [False] * batch
+    """Per region, whether the method that produced `info` stopped early (a time limit): every method
+    with a time limit says so in `truncated` (lp: its LP pass did not finish; milp: an objective was
+    not solved in time; bab: the budget ran out before the gap closed)."""
+    return list(info["truncated"]) if "truncated" in info else [False] * batch
 
 
 def load_schema() -> dict[str, Any]:
