@@ -83,7 +83,7 @@ def certify_chunk(setup: CertifySetup, chunk: RegionChunk) -> CertifyResult:
     search = setup.search or sample_search
     found = [search(pair, r, setup.samples, region_generator(setup.seed, r)) for r in regions]
     if "bab" in bounds.info:
-        found = [_with_method_point(pair, r, info) for r, info in zip(found, bounds.info["bab"])]
+        found = [_with_method_point(pair, region, r, info) for region, r, info in zip(regions, found, bounds.info["bab"])]
     result = make_result(pair, regions, bounds, found, setup.method.name, setup.tolerance, setup.seed, 0.0, first,
                          setup.logits)
     result.truncated = truncated_regions(bounds.info, len(regions))
@@ -96,13 +96,16 @@ def certify_chunk(setup: CertifySetup, chunk: RegionChunk) -> CertifyResult:
     return result
 
 
-def _with_method_point(pair: Pair, res: SearchResult, info: BabRegionInfo) -> SearchResult:
+def _with_method_point(pair: Pair, region: Region, res: SearchResult, info: BabRegionInfo) -> SearchResult:
     """The search's result, or the method's own reached point (bab's attack) when that goes further:
-    re-evaluated here by a float64 forward pass, so a tolerance it exceeds is refuted with that input."""
+    re-evaluated here by a float64 forward pass, so a tolerance it exceeds is refuted with that input.
+    Only a point of the region counts: bab searches an L2 ball's bounding box."""
     point = info.get("point")
     if point is None:
         return res
     x = torch.as_tensor(np.asarray(point, dtype=np.float64)).reshape(1, *pair.input_shape)
+    if not region.contains(x.reshape(1, *region.shape)):
+        return res
     with torch.no_grad():
         value = float(pair.deltas(x)[-1].abs().max())
     if value <= res.max_abs_logit_deviation:
