@@ -39,7 +39,8 @@ from common import EPS, RESULTS, lenet_pair, machine, mnist_boxes  # noqa: E402
 from prunecert.adversarial.witness import milp_witness, reach_search  # noqa: E402
 from prunecert.certify import get_method  # noqa: E402
 from prunecert.core.completion import make_pair  # noqa: E402
-from prunecert.core.regions import Domain, stack_boxes  # noqa: E402
+from prunecert.core.region_batch import RegionBatch  # noqa: E402
+from prunecert.core.regions import Domain  # noqa: E402
 from prunecert.fileutil import atomic_write_text  # noqa: E402
 
 BATCHED = ("naive", "diff-interval", "diff-linear", "crown-diff", "alpha-crown-diff")
@@ -57,20 +58,20 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _run_method(pair, method: str, lo: torch.Tensor, hi: torch.Tensor, options: dict, batched: bool, conn) -> None:
-    """In a forked child: run `method` on the boxes, send back bounds, times, solver details, peak RSS."""
+def _run_method(pair, method: str, regions: RegionBatch, options: dict, batched: bool, conn) -> None:
+    """In a forked child: run `method` on the regions, send back bounds, times, solver details, peak RSS."""
     torch.set_num_threads(1)
     fn = get_method(method).bounds
     rows = []
-    parts = [(lo, hi)] if batched else [(lo[i:i + 1], hi[i:i + 1]) for i in range(len(lo))]
-    for l, h in parts:
+    parts = [regions] if batched else [regions.select(slice(i, i + 1)) for i in range(regions.batch)]
+    for part in parts:
         start = time.perf_counter()
-        pb = fn(pair, l, h, **options)
-        seconds = (time.perf_counter() - start) / len(l)
+        pb = fn(pair, part, **options)
+        seconds = (time.perf_counter() - start) / part.batch
         bound = pb.max_abs_logit_deviation().numpy()
-        width = pb.delta[-1].width.reshape(len(l), -1).mean(1).numpy()
-        extra = pb.info.get("milp") or pb.info.get("bab") or [{}] * len(l)
-        for b in range(len(l)):
+        width = pb.delta[-1].width.reshape(part.batch, -1).mean(1).numpy()
+        extra = pb.info.get("milp") or pb.info.get("bab") or [{}] * part.batch
+        for b in range(part.batch):
             e = extra[b]
             rows.append({"bound": float(bound[b]), "width": float(width[b]), "seconds": seconds,
                          "reached": e.get("reached_max_abs", e.get("reached")), "closed": e.get("closed"),
@@ -80,11 +81,11 @@ def _run_method(pair, method: str, lo: torch.Tensor, hi: torch.Tensor, options: 
     conn.close()
 
 
-def measure(pair, method: str, lo, hi, options: dict, batched: bool) -> dict:
+def measure(pair, method: str, regions: RegionBatch, options: dict, batched: bool) -> dict:
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     base = _rss_mb()
-    proc = ctx.Process(target=_run_method, args=(pair, method, lo, hi, options, batched, child))
+    proc = ctx.Process(target=_run_method, args=(pair, method, regions, options, batched, child))
     proc.start()
     out = parent.recv()
     proc.join()
@@ -122,21 +123,21 @@ def run(args) -> dict:
     pair_info["test_accuracy"] = {"original": float(np.mean(pair.f.predict(ds.x_test) == ds.y_test)),
                                   "pruned": float(np.mean(pair.g.predict(ds.x_test) == ds.y_test))}
     dlo, dhi = pair.domain()
-    sets = [(f"eps={eps:g}", stack_boxes(mnist_boxes(pair.input_shape, dlo, dhi, args.images, eps)))
-            for eps in args.eps]
-    sets.append(("domain", stack_boxes([Domain(dlo, dhi)])))
+    sets = [(f"eps={eps:g}", RegionBatch.of_regions(mnist_boxes(pair.input_shape, dlo, dhi, args.images, eps),
+                                                    pair.input_shape)) for eps in args.eps]
+    sets.append(("domain", RegionBatch.of_regions([Domain(dlo, dhi)], pair.input_shape)))
     options = {"naive": {}, "diff-interval": {}, "diff-linear": {}, "crown-diff": {}, "alpha-crown-diff": {},
                "lp": {"local": False, "margins": False, "time_limit": args.lp_seconds},
                "milp": {"time_limit": args.milp_seconds, "local": False, "max_abs_only": True,
                         "tighten_time_limit": args.lp_seconds, "witness": milp_witness(pair, seed=args.seed)},
                "bab": {"time_limit": args.bab_seconds, "seed": args.seed, "reach": reach_search(pair, args.seed)}}
     results, start = [], time.perf_counter()
-    for name, (lo, hi) in sets:
-        n_exp = min(args.exact_images, len(lo))
-        outs = {m: measure(pair, m, lo[:n_exp], hi[:n_exp], options[m], batched=False) for m in EXPENSIVE}
+    for name, regions in sets:
+        n_exp = min(args.exact_images, regions.batch)
+        outs = {m: measure(pair, m, regions.select(slice(0, n_exp)), options[m], batched=False) for m in EXPENSIVE}
         exact = {i: r["reached"] for i, r in enumerate(outs["milp"]["rows"]) if r["closed"]}
         for m in BATCHED:
-            outs[m] = measure(pair, m, lo, hi, options[m], batched=True)
+            outs[m] = measure(pair, m, regions, options[m], batched=True)
         for m in BATCHED + EXPENSIVE:
             results.append(summarise(m, name, outs[m], exact))
             r = results[-1]

@@ -37,7 +37,8 @@ from common import CACHE, RESULTS, machine, mnist_boxes  # noqa: E402
 from prunecert.adversarial import attack_many  # noqa: E402
 from prunecert.certify import get_method  # noqa: E402
 from prunecert.core.completion import make_pair  # noqa: E402
-from prunecert.core.regions import Domain, stack_boxes  # noqa: E402
+from prunecert.core.region_batch import RegionBatch  # noqa: E402
+from prunecert.core.regions import Domain  # noqa: E402
 from prunecert.fileutil import atomic_write_text  # noqa: E402
 from prunecert.io import load_model, save_model  # noqa: E402
 
@@ -69,22 +70,22 @@ def vgg_pairs(distilled: bool) -> dict[str, tuple]:
     return out
 
 
-def _child(pair, method, lo, hi, options, conn) -> None:
+def _child(pair, method, regions: RegionBatch, options, conn) -> None:
     torch.set_num_threads(1)
-    fn = get_method(method)
+    fn = get_method(method).bounds
     start = time.perf_counter()
-    pb = fn(pair, lo, hi, **options)
-    seconds = (time.perf_counter() - start) / len(lo)
+    pb = fn(pair, regions, **options)
+    seconds = (time.perf_counter() - start) / regions.batch
     conn.send({"bound": pb.max_abs_logit_deviation().tolist(), "seconds": seconds,
                "truncated": any(pb.info.get("truncated", [])),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     conn.close()
 
 
-def measure(pair, method, lo, hi, options) -> dict:
+def measure(pair, method, regions: RegionBatch, options) -> dict:
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(pair, method, lo, hi, options, child))
+    proc = ctx.Process(target=_child, args=(pair, method, regions, options, child))
     proc.start()
     out = parent.recv()
     proc.join()
@@ -106,9 +107,7 @@ def run(args) -> dict:
         sets = [(f"eps {e:g}", mnist_boxes(pair.input_shape, *pair.domain(), args.images, e)) for e in EPS]
         sets.append(("domain", [Domain(*pair.domain())]))
         for region_name, regions in sets:
-            lo, hi = stack_boxes(regions)
-            lo = torch.as_tensor(lo).reshape(len(regions), *pair.input_shape)
-            hi = torch.as_tensor(hi).reshape(len(regions), *pair.input_shape)
+            batch = RegionBatch.of_regions(regions, pair.input_shape)
             found = best_attacks(pair, regions, args.attack_seconds)
             print(f"{pair_name} {region_name}: attack median {np.median(found):.4g}", file=sys.stderr, flush=True)
             for method in BATCHED:
@@ -117,7 +116,7 @@ def run(args) -> dict:
                     if mode == "single" and len(regions) == 1:
                         continue
                     n = len(regions) if mode == "batched" else 1
-                    out = measure(pair, method, lo[:n], hi[:n], opts)
+                    out = measure(pair, method, batch.select(slice(0, n)), opts)
                     ratio = [b / a for b, a in zip(out["bound"], found[:n]) if a > 0]
                     rows.append({"pair": pair_name, "region": region_name, "method": method, "mode": mode,
                                  "regions": n, "seconds_per_region": out["seconds"],

@@ -21,15 +21,15 @@ from prunecert.network import Linear, Network
 SPY: list[dict] = []
 
 
-def spy_bounds(pair, lo, hi, l2=None, time_limit=None):
+def spy_bounds(pair, region, time_limit=None):
     """A registered test method: records what certify() passed, returns naive bounds."""
-    SPY.append(dict(lo=lo, hi=hi, l2=l2, time_limit=time_limit))
-    return naive_bounds(pair, lo, hi)
+    SPY.append(dict(lo=region.lo, hi=region.hi, l2=region.l2, time_limit=time_limit))
+    return naive_bounds(pair, region)
 
 
-def unsound_bounds(pair, lo, hi):
+def unsound_bounds(pair, region):
     """A broken method claiming Delta = 0 everywhere (certify() must catch it)."""
-    b = naive_bounds(pair, lo, hi)
+    b = naive_bounds(pair, region)
     for d in b.delta:
         d.lower.zero_(), d.upper.zero_()
     return b
@@ -121,7 +121,7 @@ def test_agreement_proved_on_identical_networks_and_refuted_when_classes_swap():
     assert doc["agreement"]["verdict"] == "refuted" and len(doc["agreement"]["point"]) == 3
 
 
-def test_l2_regions_reach_methods_that_take_them(pair, monkeypatch):
+def test_l2_regions_reach_the_methods_in_the_batch(pair, monkeypatch):
     monkeypatch.setitem(METHODS, "spy", BoundMethod("spy", spy_bounds, "records its calls"))
     SPY.clear()
     lo, hi = pair.domain()
@@ -188,9 +188,11 @@ def test_registry_rejects_options_a_method_does_not_take(pair):
         {"time_limit": 1.0, "layers": [0]}
 
 
-def test_a_method_must_take_pair_lo_hi():
-    with pytest.raises(TypeError, match=r"must start \(pair, lo, hi\)"):
-        BoundMethod("odd", lambda lo, hi, pair: None, "wrong order")
+def test_a_method_must_take_pair_region():
+    with pytest.raises(TypeError, match=r"must start \(pair, region\)"):
+        BoundMethod("odd", lambda region, pair: None, "wrong order")
+    with pytest.raises(TypeError, match=r"must start \(pair, region\)"):
+        BoundMethod("old", lambda pair, lo, hi: None, "raw boxes")
 
 
 def test_paths_and_compact_models_load(tmp_path, pair):

@@ -12,7 +12,7 @@ from prunecert.certify import certify
 from prunecert.certify.bab import bab_bounds
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import milp_bounds
-from prunecert.core.regions import Box
+from prunecert.core.regions import Box, L2Ball
 from prunecert.errors import ConfigError
 
 FWD = 1e-12
@@ -108,3 +108,15 @@ def test_certify_dispatches_to_the_method(method):
     res = certify(pair, None, [box], method=method, tolerance=10.0, time_limit=10, progress=False)
     assert res.method == method and res.verdict == "certified"
     assert res.max_abs_logit_deviation[0] >= res.sampled_max_abs_logit_deviation[0]
+
+
+def test_bab_on_an_l2_ball_reports_only_points_of_the_ball():
+    """bab bounds and attacks an L2 ball's bounding box (sound for the bound); the point it reaches
+    counts only when it lies in the ball (it used to be reported, with its larger value, from a corner)."""
+    pair = random_pair(np.random.default_rng(0), 3, (6, 5), 3, twin="perturb")
+    ball = L2Ball(np.full(3, 0.5), 0.4, 0.0, 1.0)
+    r = certify(pair, None, [ball], method="bab", time_limit=2, tolerance=0.1, progress=False, samples=16)
+    assert ball.contains(r.sampled_points[0])
+    assert r.sampled_max_abs_logit_deviation[0] <= r.max_abs_logit_deviation[0]
+    if r.verdicts[0] == "violated":
+        assert ball.contains(np.asarray(r.to_json()["regions"][0]["counterexample"]))

@@ -77,3 +77,17 @@ def test_auto_attack_keeps_gradient_results_without_lp(conv_case, monkeypatch):
     res = attack(pair, None, Box(lo, hi), method="auto", budget_seconds=1, progress=False)
     bound = float(diff_linear_bounds(pair, lo, hi).max_abs_logit_deviation()[0])
     assert 0 < res.value <= bound and not walks
+
+
+@pytest.mark.parametrize("method", ["lp", "milp", "bab"])
+def test_solver_methods_cut_short_say_so_in_the_json(method):
+    """lp / milp / bab report their own truncation (they used to pass on diff-linear's initial-bounds
+    flag, which is always False there, so a run cut short said "truncated": false)."""
+    from pairs import random_pair
+    pair = random_pair(np.random.default_rng(3), 3, (6, 5), 3)
+    boxes = [Box.around(np.full(3, 0.5), 0.3, 0.0, 1.0)]
+    cut = certify(pair, None, boxes, method=method, time_limit=1e-6, progress=False, samples=16).to_json()
+    jsonschema.validate(cut, load_schema())
+    assert cut["truncated"] is True and cut["truncated_regions"] == [0]
+    full = certify(pair, None, boxes, method=method, time_limit=30, progress=False, samples=16).to_json()
+    assert full["truncated"] is False and full["truncated_regions"] == []

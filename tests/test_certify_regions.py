@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunecert.core.region_options import expand_center_specs, regions_from_options
-from prunecert.core.regions import Box, Domain, L2Ball, stack_boxes
+from prunecert.core.region_batch import RegionBatch
+from prunecert.core.regions import Box, Domain, L2Ball
 from prunecert.errors import DataError, RegionError
 
 ZERO, ONE = np.zeros(3), np.ones(3)
@@ -112,9 +113,10 @@ def test_domain_region_is_the_whole_input_box():
                             "domain": {"lower": 0.0, "upper": 1.0, "uniform": True}}
 
 
-def test_stack_boxes_batches_the_bounding_boxes():
+def test_a_region_batch_stacks_the_bounding_boxes():
     regions = [Box.around(np.full(3, c), 0.1, ZERO, ONE) for c in (0.2, 0.5)] + [Domain(ZERO, ONE)]
-    lo, hi = stack_boxes(regions)
+    batch = RegionBatch.of_regions(regions, (3,))
+    lo, hi = batch.lo, batch.hi
     assert lo.shape == (3, 3) and lo.dtype == torch.float64
     assert float(lo[2].max()) == 0.0 and float(hi[2].min()) == 1.0
 

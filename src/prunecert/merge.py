@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prunecert.certify.result import combine_verdicts
+from prunecert.certify.verdicts import ClassTally, combine_verdicts
 from prunecert.errors import PrunecertError
 from prunecert.reports.merge import merge_audits
 
@@ -118,10 +118,11 @@ def merge_certify(docs: list[Doc]) -> Doc:
            "seconds": sum(d["seconds"] for d in docs), "tolerance": first["tolerance"], "logits": first.get("logits"),
            "verdict": combine_verdicts(verdicts) if verdicts and verdicts[0] is not None else None,
            "max_abs_logit_deviation": max(r["max_abs_logit_deviation"] for r in regions),
-           "agreement": _class_overall(regions, "agreement"), "truncated": bool(truncated),
+           "agreement": ClassTally.of(r["agreement"] for r in regions).to_json(), "truncated": bool(truncated),
            "truncated_regions": truncated, "regions": regions, "layers": layers}
     if "delta_top1" in first:
-        out["delta_top1"] = {"delta": first["delta_top1"]["delta"], **_class_overall(regions, "delta_top1")}
+        out["delta_top1"] = {"delta": first["delta_top1"]["delta"],
+                             **ClassTally.of(r["delta_top1"] for r in regions).to_json()}
     if "models" in first:
         out["models"] = first["models"]
     return out
@@ -135,17 +136,6 @@ def _truncated(docs: list[Doc], index: int) -> bool:
             return index in d.get("truncated_regions", [])
         index -= n
     return False
-
-
-def _class_overall(regions: list[Doc], key: str) -> Doc:
-    """A class verdict over all regions (refuted if any is, proved if all are), with the first refutation."""
-    verdicts = [r[key]["verdict"] for r in regions]
-    out: Doc = {"verdict": "refuted" if "refuted" in verdicts else
-                 "proved" if all(v == "proved" for v in verdicts) else "unknown"}
-    refuted = next((r for r in regions if r[key]["verdict"] == "refuted"), None)
-    if refuted is not None:
-        out.update(region=refuted["index"], point=refuted[key]["point"])
-    return out
 
 
 def merge_attack(docs: list[Named], out_dir: Path) -> Doc:

@@ -5,8 +5,9 @@
 executor (in-process, local workers or Dask: `prunecert.scale`); each chunk is bounded by one batched
 call of the method, searched for counterexamples and, when asked, settled (complete verdicts). The
 result is a `CertifyResult` (per-layer local and end-to-end bounds, verdicts, `to_json()`), the same
-whatever the executor. Methods share the signature `(pair, lo, hi, ...) -> PairBounds` and are
-registered in `certify.methods` (unknown options are rejected there). certify imports no attack: the
+whatever the executor. Each chunk's regions reach the method as one `RegionBatch` (boxes, and L2
+balls), built here once per chunk and checked only there; methods share the signature
+`(pair, region, ...) -> PairBounds` and are registered in `certify.methods` (unknown options are rejected there). certify imports no attack: the
 searches that check a solver (`witness=`, `reach=`) or settle a verdict (`class_search=`) are passed
 in by the caller, as picklable objects (`prunecert.adversarial.witness`).
 """
@@ -17,11 +18,11 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from prunecert.certify.chunks import CertifySetup, certify_chunk, concat_results, region_chunks
+from prunecert.certify.chunks import CertifySetup, RegionChunk, certify_chunk, concat_results, region_chunks
 from prunecert.certify.classprop import ClassProperty
 from prunecert.certify.formulation import check_encodable
 from prunecert.certify.methods import METHODS, BoundMethod, get_method
@@ -41,20 +42,25 @@ __all__ = ["certify", "certify_stream", "METHODS", "BoundMethod", "get_method", 
            "Domain", "Region", "PairBounds", "CertifyResult"]
 
 
-def _as_pair(original, pruned) -> Pair:
+ModelPath = str | os.PathLike[str]
+
+
+def _as_pair(original: Network | Pair | ModelPath, pruned: Network | ModelPath | None) -> Pair:
     if isinstance(original, Pair):
         return original
-    if isinstance(original, (str, os.PathLike)) or isinstance(pruned, (str, os.PathLike)):
+    if pruned is None:
+        raise ConfigError("certify needs the pruned network (or a Pair as `original`)")
+    if not isinstance(original, Network) or not isinstance(pruned, Network):
         from prunecert.io import load_model
-        original = load_model(original) if not isinstance(original, Network) else original
-        pruned = load_model(pruned) if not isinstance(pruned, Network) else pruned
+        original = original if isinstance(original, Network) else load_model(original)
+        pruned = pruned if isinstance(pruned, Network) else load_model(pruned)
     return make_pair(original, pruned)
 
 
-def _check_regions(pair: Pair, regions) -> Sequence[Region]:
+def _check_regions(pair: Pair, given: Region | Iterable[Region]) -> Sequence[Region]:
     # a Sequence (a list, or a LazyRegions that builds regions as chunks need them) is kept as it is
-    regions = [regions] if isinstance(regions, Region) else regions if isinstance(regions, Sequence) \
-        else list(regions)
+    regions: Sequence[Region] = [given] if isinstance(given, Region) else given if isinstance(given, Sequence) \
+        else list(given)
     if not regions:
         raise RegionError("no regions to certify over")
     dlo, dhi = pair.domain()
@@ -92,13 +98,13 @@ def _check_logits(pair: Pair, logits: Sequence[int] | None) -> list[int] | None:
     return out
 
 
-def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str | os.PathLike | None,
+def certify(original: Network | Pair | ModelPath, pruned: Network | ModelPath | None,
             regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
             time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = CERTIFY_SAMPLES,
             batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
             logits: Sequence[int] | None = None, delta: float | None = None, complete: float | None = None,
             class_search: ClassSearch | None = None, workers: int | None = 1, scheduler: str | None = None,
-            threads: int | None = None, executor: Executor | None = None, **method_options) -> CertifyResult:
+            threads: int | None = None, executor: Executor | None = None, **method_options: object) -> CertifyResult:
     """Certify max |a_l^f - a_l^g| per layer (local and end-to-end) and top-1 agreement over regions.
 
     `original`/`pruned` are Networks (a compact pruned one is completed onto the original) or model
@@ -126,7 +132,7 @@ def certify(original: Network | Pair | str | os.PathLike, pruned: Network | str 
     return concat_results(parts, time.perf_counter() - start)
 
 
-def certify_stream(original: Network | Pair | str | os.PathLike, pruned: Network | str | os.PathLike | None,
+def certify_stream(original: Network | Pair | ModelPath, pruned: Network | ModelPath | None,
                    regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
                    time_limit: float | None = None, progress: bool = True, seed: int = 0,
                    samples: int = CERTIFY_SAMPLES,
@@ -134,7 +140,7 @@ def certify_stream(original: Network | Pair | str | os.PathLike, pruned: Network
                    logits: Sequence[int] | None = None, delta: float | None = None, complete: float | None = None,
                    class_search: ClassSearch | None = None, workers: int | None = 1,
                    scheduler: str | None = None, threads: int | None = None, executor: Executor | None = None,
-                   **method_options) -> Iterator[tuple[int, CertifyResult]]:
+                   **method_options: object) -> Iterator[tuple[int, CertifyResult]]:
     """`certify`, chunk by chunk: yields (index of the chunk's first region, its CertifyResult) in order,
     holding only a few chunks at a time (write each one out to keep memory flat)."""
     pair = _as_pair(original, pruned)
@@ -166,7 +172,7 @@ def certify_stream(original: Network | Pair | str | os.PathLike, pruned: Network
         setup = CertifySetup(pair, registered, kwargs, int(samples), int(seed), tolerance, search,
                              checked_logits, prop_delta, None if complete is None else float(complete), class_search)
         shared = executor.share(setup)
-        chunks = ((s.start, regions[s]) for s in slices)
+        chunks = (RegionChunk.of(s.start, list(regions[s]), pair.input_shape) for s in slices)
         with progress_task(f"certify ({method})", len(regions), progress) as task:
             for s, part in zip(slices, executor.map(certify_chunk, shared, chunks)):
                 task.advance(s.stop - s.start)

@@ -22,7 +22,8 @@ import time
 import torch
 
 from prunecert.certify.alpha import MIN_GAIN, PATIENCE, SEARCH_DTYPE, _Adam
-from prunecert.certify.backsub import Engine, Form, RegionBatch, concretise
+from prunecert.certify.backsub import Engine, Form, concretise
+from prunecert.core.region_batch import RegionBatch
 from prunecert.certify.relax import DeltaParams
 from prunecert.core.interval import Bounds
 
@@ -81,7 +82,11 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
     region32, rows32 = region.to(SEARCH_DTYPE), rows.to(SEARCH_DTYPE)
     adam = _Adam(leaves)
     best = torch.full((b, 2 * n), torch.inf, dtype=SEARCH_DTYPE)
-    previous, stalled, cut, steps, spent = torch.inf, 0, False, 0, 0.0
+    # each region stops on its own (its own stall count): a region's slopes then do not depend on which
+    # other regions share its batch, so shards and worker counts give the same bounds
+    previous = torch.full((b,), torch.inf, dtype=SEARCH_DTYPE)
+    stalled = torch.zeros(b, dtype=torch.int64)
+    cut, steps, spent = False, 0, 0.0
     for _ in range(iterations):
         start = time.perf_counter()
         if deadline is not None and start + 2 * spent > deadline:   # room for a step and the final evaluation
@@ -94,12 +99,17 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
             best = torch.where(better, ub, best)
             for i, (cur, keep) in enumerate(zip(leaves, best_leaves)):
                 best_leaves[i] = torch.where(better.reshape(b, 2 * n, *([1] * (cur.dim() - 2))), cur, keep)
-            total = float(best.sum())
-            stalled = stalled + 1 if previous - total <= MIN_GAIN * abs(total) else 0
+            total = best.sum(dim=1)
+            stalled = torch.where(previous - total <= MIN_GAIN * total.abs(), stalled + 1, 0)
             previous = total
-        if stalled >= PATIENCE:
+            active = stalled < PATIENCE
+        if not bool(active.any()):
             break
+        frozen = [t.detach().clone() for t in leaves]
         adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True))
+        with torch.no_grad():   # a region that has stopped keeps its slopes
+            for cur, old in zip(leaves, frozen):
+                cur.copy_(torch.where(active.reshape(b, *([1] * (cur.dim() - 1))), cur, old))
         spent = time.perf_counter() - start
     if steps == 0:   # no time left for any step: leave the default bound (met by the caller) alone
         inf = torch.full((b, *shape), torch.inf, dtype=torch.float64)

@@ -31,8 +31,9 @@ import torch
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.bab_input import input_bab, stop_reason, within_gap
-from prunecert.certify.lp import RegionLP, as_batch, initial_bounds, refine_region, to_pair_bounds, unit
+from prunecert.certify.lp import RegionLP, initial_bounds, refine_region, to_pair_bounds, unit
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.result import PairBounds
 from prunecert.errors import ConfigError
 from prunecert.progress import stage_line
@@ -217,7 +218,8 @@ def bab_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, tol
     return rb, info
 
 
-def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: float = BAB_SECONDS,
+@boxes_or_batch
+def bab_bounds(pair: Pair, region: RegionBatch, tolerance: float | None = None, time_limit: float = BAB_SECONDS,
                rel_gap: float = 0.01, seed: int = 0, local: bool = False,
                branching: str = "auto", progress: bool = False, logits: Sequence[int] | None = None,
                reach: ReachSearch | None = None) -> PairBounds:
@@ -241,8 +243,9 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: f
         raise ConfigError(f"bab: branching must be auto, input or relu, got {branching!r}")
     if branching == "auto":
         branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
-    lo, hi = as_batch(pair, lo, hi)
-    init = initial_bounds(pair, lo, hi)
+    region = region.bounding_boxes()   # branch and bound splits boxes; a ball's box contains it (sound)
+    lo, hi = region.lo, region.hi
+    init = initial_bounds(pair, region)
     cols = list(range(pair.n_classes)) if logits is None else [int(k) for k in logits]
     d = init.delta[-1]
     fast = torch.maximum(d.upper, -d.lower).reshape(lo.shape[0], -1)[:, cols].max(1).values
@@ -278,4 +281,5 @@ def bab_bounds(pair: Pair, lo, hi, tolerance: float | None = None, time_limit: f
                    f"bound {info['upper']:.6g}, reached {info['reached']:.6g}", progress)
     out = to_pair_bounds(pair, results, init, "bab")
     out.info["bab"] = infos
+    out.info["truncated"] = [i.get("stop") == "time" for i in infos]
     return out

@@ -18,6 +18,7 @@ import torch
 
 from prunecert.certify.lp import initial_bounds
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch
 from prunecert.threads import one_torch_thread
 
 BATCH = 64   # leaves split per step (each gives two children, bounded in one batched call)
@@ -25,7 +26,7 @@ BATCH = 64   # leaves split per step (each gives two children, bounded in one ba
 
 def _leaf_bounds(pair: Pair, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) lower/upper bounds on the logits' Delta over each box."""
-    pb = initial_bounds(pair, lo, hi, optimize=False)
+    pb = initial_bounds(pair, RegionBatch(lo, hi), optimize=False)
     d = pb.delta[-1]
     n = lo.shape[0]
     return d.lower.reshape(n, -1), d.upper.reshape(n, -1)

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecert.core.interval import Bounds
-from prunecert.certify.naive import centre_radius
 from prunecert.certify.layout import DENSE, Layout, dense_backward, dot
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, relax_delta, relax_side
+from prunecert.core.region_batch import RegionBatch
 from prunecert.core.rounding import gamma, margin
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
@@ -214,32 +213,6 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------- concretisation
-@dataclass
-class RegionBatch:
-    """A batch of input regions prepared for concretisation: boxes in centre/radius form, optional L2
-    balls (not `core.regions.Region`, the user-facing description of one region)."""
-
-    lo: torch.Tensor                      # (B, *input_shape)
-    hi: torch.Tensor
-    l2: tuple[torch.Tensor, torch.Tensor] | None = None   # centres (B, *input_shape), radii (B,)
-
-    def __post_init__(self):
-        self.c, self.r = centre_radius(Bounds(self.lo, self.hi))
-        self.rc = torch.stack([self.r.flatten(1), self.c.abs().flatten(1) + self.r.flatten(1)], dim=2)  # (B, n, 2)
-
-    @property
-    def batch(self) -> int:
-        return int(self.lo.shape[0])
-
-    def select(self, idx: slice) -> "RegionBatch":
-        l2 = None if self.l2 is None else (self.l2[0][idx], self.l2[1][idx])
-        return RegionBatch(self.lo[idx], self.hi[idx], l2)
-
-    def to(self, dtype: torch.dtype) -> "RegionBatch":
-        l2 = None if self.l2 is None else (self.l2[0].to(dtype), self.l2[1].to(dtype))
-        return RegionBatch(self.lo.to(dtype), self.hi.to(dtype), l2)
-
-
 def _dot2(absl: torch.Tensor, rc: torch.Tensor) -> torch.Tensor:
     """(Bl, R, *s) against (B, n, k) -> (B, R, k) in one pass over `absl`."""
     flat = absl.flatten(2)

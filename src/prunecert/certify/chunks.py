@@ -1,8 +1,9 @@
 """Certification of one chunk of regions, the unit an executor (`prunecert.scale`) ships to a worker.
 
 `CertifySetup` is what every chunk shares (the pair, the method and its options, the search): it is
-shipped once per worker. A chunk is `(first_index, regions)`; `certify_chunk` bounds it with one
-batched method call, searches each region with that region's own generator (seeded from the run
+shipped once per worker. A chunk (`RegionChunk`) is the index of its first region, the regions and
+their `RegionBatch`, built once where the chunk is cut; `certify_chunk` bounds it with one batched
+method call, searches each region with that region's own generator (seeded from the run
 seed and the region's identity, `prunecert.scale.seeds`), checks the bounds against what the search found, and returns a
 `CertifyResult` for the chunk. Chunks are fixed by the region list and `batch_size` alone, so the
 results do not depend on which executor ran them or how many workers it had.
@@ -10,7 +11,7 @@ results do not depend on which executor ran them or how many workers it had.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +20,12 @@ import torch
 from prunecert.certify.classprop import ClassProperty, open_classes, replay
 from prunecert.certify.methods import BoundMethod
 from prunecert.certify.refute import SearchResult, sample_search
-from prunecert.certify.result import Agreement, CertifyResult, LayerResult, PairBounds, truncated_regions
+from prunecert.certify.result import BabRegionInfo, CertifyResult, LayerResult, PairBounds, truncated_regions
 from prunecert.certify.settle import ClassSearch, settle
+from prunecert.certify.verdicts import Agreement
 from prunecert.core.pair import Pair
-from prunecert.core.regions import L2Ball, Region, stack_boxes
+from prunecert.core.region_batch import RegionBatch
+from prunecert.core.regions import L2Ball, Region
 from prunecert.scale import region_generator
 
 
@@ -33,7 +36,7 @@ class CertifySetup:
 
     pair: Pair
     method: BoundMethod
-    kwargs: dict
+    kwargs: dict[str, object]                  # the method's options (`BoundMethod.arguments`)
     samples: int
     seed: int
     tolerance: float | None
@@ -44,10 +47,24 @@ class CertifySetup:
     class_search: ClassSearch | None = None    # the search settle runs before branch and bound
 
 
-def region_chunks(regions: list[Region], batch_size: int) -> list[slice]:
-    """Consecutive runs of at most `batch_size` regions, all L2 balls or none (so a method that takes
-    `l2` gets it for every region of a chunk)."""
-    out, start = [], 0
+@dataclass(frozen=True)
+class RegionChunk:
+    """Consecutive regions of a run, from region `first` on, and the batch the bound method sees."""
+
+    first: int
+    regions: list[Region]
+    batch: RegionBatch
+
+    @classmethod
+    def of(cls, first: int, regions: list[Region], input_shape: tuple[int, ...]) -> RegionChunk:
+        return cls(first, regions, RegionBatch.of_regions(regions, input_shape))
+
+
+def region_chunks(regions: Sequence[Region], batch_size: int) -> list[slice]:
+    """Consecutive runs of at most `batch_size` regions, all L2 balls or none (so a chunk's batch
+    carries a ball for every region, or none)."""
+    out: list[slice] = []
+    start = 0
     for i in range(1, len(regions) + 1):
         if i == len(regions) or i - start == batch_size or \
                 isinstance(regions[i], L2Ball) != isinstance(regions[start], L2Ball):
@@ -56,31 +73,17 @@ def region_chunks(regions: list[Region], batch_size: int) -> list[slice]:
     return out
 
 
-def _l2(regions: list[Region], pair: Pair) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(centres (B, *input_shape), radii (B,)) when every region is an L2 ball, else None."""
-    if not all(isinstance(r, L2Ball) for r in regions):
-        return None
-    centres = torch.from_numpy(np.stack([r.center.reshape(pair.input_shape) for r in regions]))
-    return centres, torch.tensor([r.radius for r in regions], dtype=torch.float64)
-
-
-def certify_chunk(setup: CertifySetup, chunk: tuple[int, list[Region]]) -> CertifyResult:
+def certify_chunk(setup: CertifySetup, chunk: RegionChunk) -> CertifyResult:
     """Bound, search, check and (when asked) settle one chunk; region indices in messages are the run's."""
-    first, regions = chunk
+    first, regions, batch = chunk.first, chunk.regions, chunk.batch
     pair = setup.pair
-    kwargs = dict(setup.kwargs)
-    lo, hi = stack_boxes(regions)
-    lo, hi = lo.reshape(len(regions), *pair.input_shape), hi.reshape(len(regions), *pair.input_shape)
-    if "l2" in setup.method.options:
-        l2 = _l2(regions, pair)
-        if l2 is not None:
-            kwargs["l2"] = l2
-    bounds = setup.method.bounds(pair, lo, hi, **kwargs)
+    lo, hi = batch.lo, batch.hi
+    bounds = setup.method.bounds(pair, batch, **setup.kwargs)
     check_finite(bounds, setup.method.name)
     search = setup.search or sample_search
     found = [search(pair, r, setup.samples, region_generator(setup.seed, r)) for r in regions]
-    infos = bounds.info.get("bab") or [None] * len(found)
-    found = [_with_method_point(pair, r, info) for r, info in zip(found, infos)]
+    if "bab" in bounds.info:
+        found = [_with_method_point(pair, region, r, info) for region, r, info in zip(regions, found, bounds.info["bab"])]
     result = make_result(pair, regions, bounds, found, setup.method.name, setup.tolerance, setup.seed, 0.0, first,
                          setup.logits)
     result.truncated = truncated_regions(bounds.info, len(regions))
@@ -93,13 +96,16 @@ def certify_chunk(setup: CertifySetup, chunk: tuple[int, list[Region]]) -> Certi
     return result
 
 
-def _with_method_point(pair: Pair, res: SearchResult, info: dict | None) -> SearchResult:
+def _with_method_point(pair: Pair, region: Region, res: SearchResult, info: BabRegionInfo) -> SearchResult:
     """The search's result, or the method's own reached point (bab's attack) when that goes further:
-    re-evaluated here by a float64 forward pass, so a tolerance it exceeds is refuted with that input."""
-    point = None if info is None else info.get("point")
+    re-evaluated here by a float64 forward pass, so a tolerance it exceeds is refuted with that input.
+    Only a point of the region counts: bab searches an L2 ball's bounding box."""
+    point = info.get("point")
     if point is None:
         return res
     x = torch.as_tensor(np.asarray(point, dtype=np.float64)).reshape(1, *pair.input_shape)
+    if not region.contains(x.reshape(1, *region.shape)):
+        return res
     with torch.no_grad():
         value = float(pair.deltas(x)[-1].abs().max())
     if value <= res.max_abs_logit_deviation:
@@ -129,7 +135,7 @@ def _settle_region(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, bounds: PairB
     if isinstance(region, L2Ball):
         return   # the complete stage works on boxes; an L2 ball keeps the bounds' verdict
     lists = [(result.agreement, ClassProperty.agreement())]
-    if result.delta_top1 is not None:
+    if result.delta_top1 is not None and result.delta is not None:
         lists.append((result.delta_top1, ClassProperty.delta_top1(result.delta)))
     for verdicts, prop in lists:
         if verdicts[b].verdict != "unknown":
@@ -195,7 +201,8 @@ def concat_results(parts: list[CertifyResult], seconds: float) -> CertifyResult:
                                              for a in ("local_lower", "local_upper", "end_to_end_lower",
                                                        "end_to_end_upper")))
               for l, L in enumerate(first.layers)]
-    bounds = None if any(p.bounds is None for p in parts) else PairBounds.concat([p.bounds for p in parts])
+    known = [p.bounds for p in parts if p.bounds is not None]
+    bounds = PairBounds.concat(known) if len(known) == len(parts) else None
     delta_top1 = None if first.delta_top1 is None else [a for p in parts for a in p.delta_top1 or []]
     return CertifyResult(first.method, [d for p in parts for d in p.regions], layers,
                          np.concatenate([p.max_abs_logit_deviation for p in parts]),

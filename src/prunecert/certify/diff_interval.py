@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from prunecert.core.interval import Bounds, affine_interval
-from prunecert.certify.naive import affine_sum, as_batch, centre_radius, margin_op, naive_bounds, op_bounds
+from prunecert.certify.naive import affine_sum, centre_radius, margin_op, naive_bounds, op_bounds
 from prunecert.core.rounding import UNIT_ROUNDOFF
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.result import PairBounds, interval_margins, meet, sub_bounds
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
@@ -92,10 +93,11 @@ def _chain(pair_ops, xf: Bounds, xg: Bounds, dx: Bounds | None) -> tuple[Bounds,
     return xf, xg, dx, list(last_in)
 
 
-def diff_interval_bounds(pair: Pair, lo, hi) -> PairBounds:
-    """ReluDiff bounds on every layer's Delta over the boxes [lo, hi] ((B, *input_shape) or one box)."""
-    lo, hi = as_batch(pair, lo, hi)
-    naive = naive_bounds(pair, lo, hi)
+@boxes_or_batch
+def diff_interval_bounds(pair: Pair, region: RegionBatch) -> PairBounds:
+    """ReluDiff bounds on every layer's Delta over the regions' boxes."""
+    lo, hi = region.lo, region.hi
+    naive = naive_bounds(pair, region)
     ops = [[(of, og, difference_op(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
     hf = hg = Bounds(lo, hi)
     dh: Bounds | None = None  # Delta of the layer input; exactly 0 at the network input

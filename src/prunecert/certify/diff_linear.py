@@ -25,18 +25,17 @@ import torch
 
 from prunecert.certify.alpha import optimise_rows
 from prunecert.certify.alpha_diff import optimise_diff_rows
-from prunecert.certify.backsub import Engine, Form, OpCtx, RegionBatch, concretise
+from prunecert.certify.backsub import Engine, Form, OpCtx, concretise
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
 from prunecert.core.interval import Bounds
-from prunecert.certify.naive import MAX_MARGIN_CLASSES, as_batch, margins_from_inputs
+from prunecert.certify.naive import MAX_MARGIN_CLASSES, margins_from_inputs
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.relax import DeltaRelax, SideRelax
 from prunecert.certify.rows import FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
-from prunecert.certify.result import PairBounds, meet, sub_bounds
-from prunecert.errors import ConfigError, RegionError
+from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
+from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
-
-L2 = tuple[torch.Tensor, torch.Tensor]
 
 
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
@@ -90,26 +89,6 @@ def _contexts(ops, inputs) -> tuple[list[OpCtx], list[OpCtx]]:
                         dx_zero=dx is None))
         cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs()))
     return cf, cg
-
-
-def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
-    if l2 is None:
-        return None
-    try:
-        centre, radius = l2
-    except (TypeError, ValueError) as exc:
-        raise RegionError(f"l2 must be a (centres, radii) pair, got {type(l2).__name__}") from exc
-    centre = torch.as_tensor(centre, dtype=torch.float64)
-    if centre.numel() != batch * math.prod(pair.input_shape):
-        raise RegionError(f"l2 centres of shape {tuple(centre.shape)} do not match {batch} regions of input "
-                          f"shape {pair.input_shape}")
-    centre = centre.reshape(batch, *pair.input_shape)
-    radius = torch.as_tensor(radius, dtype=torch.float64).reshape(-1)
-    if radius.shape[0] != batch or not torch.isfinite(radius).all() or (radius < 0).any():
-        raise RegionError(f"l2 radii must be {batch} finite values >= 0, got {radius.tolist()[:8]}")
-    if not torch.isfinite(centre).all():
-        raise RegionError("l2 centres contain a non-finite value")
-    return centre, radius
 
 
 class _Bounder:
@@ -209,13 +188,13 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
     return a if b is None else meet(a, b)
 
 
-def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None,
+@boxes_or_batch
+def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, iterations: int = 20,
                        time_limit: float | None = None) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
-    `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
-    radii (B,)); each region is then the box intersected with its ball. `optimize`: tune the Delta
-    relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
+    `region`: the boxes, each intersected with its L2 ball when the batch has balls. `optimize`: tune
+    the Delta relaxation of the logits for `iterations` Adam steps (any parameters give sound bounds; the
     result is never looser than without). The result is intersected with `crown_diff_bounds` (with
     `optimize`: `alpha_crown_diff_bounds` with the same `iterations`) and `diff_interval_bounds`, so it
     is never looser than either, neuron by neuron. `time_limit`:
@@ -224,22 +203,21 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
-    lo, hi = as_batch(pair, lo, hi)
-    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     deadline = _deadline(time_limit, region.batch)
     # (alpha-)CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
     crown = _run(pair, region, False, deadline, diff_iterations=iterations if optimize else 0)
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
                prior=crown)
-    truncated = out.info["truncated"] or crown.info["truncated"]
+    truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
-    out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
+    out = out.intersect(crown).intersect(diff_interval_bounds(pair, region))
     out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
-                "truncated": [truncated] * region.batch}
+                "truncated": truncated}
     return out
 
 
-def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None, time_limit: float | None = None) -> PairBounds:
+@boxes_or_batch
+def crown_diff_bounds(pair: Pair, region: RegionBatch, time_limit: float | None = None) -> PairBounds:
     """CROWN on the merged difference network x -> f(x) - g(x) (shared input, f and g side by side).
 
     Its hidden neurons are f's and g's, so its intermediate bounds are each network's own CROWN
@@ -248,14 +226,13 @@ def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None, time_limit: floa
     the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals.
     `time_limit` as for `diff_linear_bounds`.
     """
-    lo, hi = as_batch(pair, lo, hi)
-    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     out = _run(pair, region, False, _deadline(time_limit, region.batch))
-    out.info = {"method": "crown-diff", "truncated": [out.info["truncated"]] * region.batch}
+    out.info = {"method": "crown-diff", "truncated": out.info["truncated"]}
     return out
 
 
-def alpha_crown_diff_bounds(pair: Pair, lo, hi, iterations: int = 20, l2: L2 | None = None,
+@boxes_or_batch
+def alpha_crown_diff_bounds(pair: Pair, region: RegionBatch, iterations: int = 20,
                             time_limit: float | None = None) -> PairBounds:
     """alpha-CROWN on the merged difference network: `crown_diff_bounds`, then the f and g lower slopes
     of the logits' paired rows tuned for `iterations` projected Adam steps (`alpha_diff.py`); per row
@@ -264,11 +241,9 @@ def alpha_crown_diff_bounds(pair: Pair, lo, hi, iterations: int = 20, l2: L2 | N
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
-    lo, hi = as_batch(pair, lo, hi)
-    region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     out = _run(pair, region, False, _deadline(time_limit, region.batch), diff_iterations=iterations)
     out.info = {"method": "alpha-crown-diff", "optimized": out.info["diff_optimized"],
-                "truncated": [out.info["truncated"]] * region.batch}
+                "truncated": out.info["truncated"]}
     return out
 
 
@@ -313,7 +288,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
             st.delta.append(DeltaRelax.of(af, ag, d, sf, sg))
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
-    info = {"optimized": False, "diff_optimized": False}
+    info: MethodInfo = {"optimized": False, "diff_optimized": False}
     if diff_iterations > 0 and pair.n_layers > 1 and not st.stop():
         opt, cut = optimise_diff_rows(st.f, st.g, pair.n_layers - 1, region, diff_iterations, deadline)
         d_b[-1] = _refine(f_b[-1], g_b[-1], meet(d_b[-1], opt))[2]
@@ -325,7 +300,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
     margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
-    info["truncated"] = st.truncated
+    info["truncated"] = [st.truncated] * region.batch
     return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
 
 

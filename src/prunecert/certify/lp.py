@@ -27,24 +27,22 @@ from prunecert.certify.diff_interval import diff_interval_bounds
 from prunecert.certify.diff_linear import diff_linear_bounds
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable
 from prunecert.certify.highs import HighsModel
-from prunecert.certify.naive import as_batch
 from prunecert.core.interval import Bounds
 from prunecert.core.pair import Pair
-from prunecert.certify.result import PairBounds
-from prunecert.errors import ConfigError, RegionError
+from prunecert.core.region_batch import RegionBatch, boxes_or_batch
+from prunecert.certify.result import MethodInfo, PairBounds
 from prunecert.progress import stage_line
 
 
-def initial_bounds(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, l2=None, optimize: bool = True) -> PairBounds:
+@boxes_or_batch
+def initial_bounds(pair: Pair, region: RegionBatch, optimize: bool = True) -> PairBounds:
     """The tightest cheap sound bounds: diff-linear intersected with ReluDiff intervals.
 
     `optimize=False` skips diff-linear's slope optimisation (faster; for many small leaves).
     """
-    bounds = diff_interval_bounds(pair, lo, hi)
-    kwargs = {"l2": l2} if l2 is not None else {}
-    if not optimize:
-        kwargs["optimize"] = False
-    return diff_linear_bounds(pair, lo, hi, **kwargs).intersect(bounds)
+    bounds = diff_interval_bounds(pair, region)
+    kwargs = {} if optimize else {"optimize": False}
+    return diff_linear_bounds(pair, region, **kwargs).intersect(bounds)
 
 
 @dataclass
@@ -198,41 +196,36 @@ def to_pair_bounds(pair: Pair, results: list[RegionLP], init: PairBounds, method
         if r.margin is not None:
             m = torch.as_tensor(r.margin)
             margin[b, r.label] = torch.maximum(margin[b, r.label], m)
-    info = dict(init.info)
-    info.update(method=method, solves=[r.solves for r in results], complete=[r.complete for r in results])
+    complete = [r.complete for r in results]
+    info: MethodInfo = {**init.info, "method": method, "solves": [r.solves for r in results],
+                        "complete": complete, "truncated": [not c for c in complete]}
     return PairBounds(f, g, delta, local, margin, info)
 
 
-def lp_bounds(pair: Pair, lo, hi, l2=None, tighten: bool = True, layers=None, local: bool = True,
+@boxes_or_batch
+def lp_bounds(pair: Pair, region: RegionBatch, tighten: bool = True, layers=None, local: bool = True,
               margins: bool = True, time_limit: float | None = None, progress: bool = False) -> PairBounds:
     """LP (triangle relaxation) bounds on Delta_l, local_l, f and g for a batch of regions.
 
-    `lo`/`hi`: one box or (B, *input_shape). `l2` = (centres (B, *shape), radii (B,)) intersects each
-    box with an L2 ball (second-order cone, Clarabel) for the logits' LPs; hidden layers are bounded
-    over the bounding box (sound, as the ball lies inside it). `layers`: which layers get LPs for Delta (all by
-    default). `time_limit`: seconds per region; past it, remaining quantities keep initial bounds.
+    A region with an L2 ball is its box intersected with the ball (second-order cone, Clarabel) for the
+    logits' LPs; hidden layers are bounded over the bounding box (sound, as the ball lies inside it).
+    `layers`: which layers get LPs for Delta (all by default). `time_limit`: seconds per region; past
+    it, remaining quantities keep initial bounds.
     """
-    lo, hi = as_batch(pair, lo, hi)
     check_encodable(pair, "lp", "use diff-linear or crown-diff (they scale to conv nets)")
-    init = initial_bounds(pair, lo, hi, l2)
+    lo, hi = region.lo, region.hi
+    init = initial_bounds(pair, region)
     final = None
     results = []
-    if l2 is not None:
-        centres, radii = l2
-        centres = torch.as_tensor(centres, dtype=torch.float64).reshape(lo.shape)
-        radii = torch.as_tensor(radii, dtype=torch.float64).reshape(-1)
-        if len(radii) != lo.shape[0] or (radii < 0).any():
-            raise RegionError(f"l2: need {lo.shape[0]} non-negative radii, got {radii.tolist()}")
     layers = None if layers is None else {int(l) % pair.n_layers for l in layers}
     for b in range(lo.shape[0]):
-        if l2 is not None:
+        if region.l2 is not None:
             from prunecert.certify.cone import cone_factory
+            centres, radii = region.l2
             final = cone_factory(centres[b].reshape(-1).numpy(), float(radii[b]))
         deadline = None if time_limit is None else time.perf_counter() + float(time_limit)
         rb = RegionBounds.from_pair_bounds(init, b)
         results.append(refine_region(pair, lo[b].numpy(), hi[b].numpy(), rb, HighsModel, tighten, layers, local,
                                      margins, deadline, final))
         stage_line(f"lp: region {b + 1}/{lo.shape[0]}: {results[-1].solves} LPs", progress)
-    if not results:
-        raise ConfigError("lp_bounds: no regions")
     return to_pair_bounds(pair, results, init, "lp")

@@ -1,9 +1,10 @@
 """The bound methods in one typed registry: name -> function, its options, and a one-line summary.
 
-Every method has the signature `(pair, lo, hi, **options) -> PairBounds`; its options are the
-keyword parameters after `lo, hi`, read once from the function itself, so the registry and the code
-cannot disagree. `certify` forwards its own arguments (time_limit, tolerance, seed, progress, l2) to
-the methods that take them, and rejects any other option a method does not take, naming the valid
+Every method has the signature `(pair, region, **options) -> PairBounds`, `region` being the
+`core.region_batch.RegionBatch` certify builds once per chunk (boxes, and L2 balls when the chunk's
+regions are balls); its options are the keyword parameters after `region`, read once from the
+function itself, so the registry and the code cannot disagree. `certify` forwards its own arguments
+(time_limit, tolerance, seed, progress, logits) to the methods that take them, and rejects any other option a method does not take, naming the valid
 ones: a misspelt `itertions=500` is an error, never silently ignored. The CLI builds its `--method`
 choices and help from `METHODS`.
 """
@@ -29,16 +30,16 @@ class BoundMethod:
     """One registered bound method."""
 
     name: str
-    bounds: Callable[..., PairBounds]   # (pair, lo, hi, **options) -> PairBounds
+    bounds: Callable[..., PairBounds]   # (pair, region, **options) -> PairBounds
     summary: str                        # one line for --help and docs
     encodes_pair: bool = False          # one LP/MILP of the whole pair: refused up front on large nets
     options: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         params = list(inspect.signature(self.bounds).parameters.values())
-        if [p.name for p in params[:3]] != ["pair", "lo", "hi"]:
-            raise TypeError(f"bound method {self.name!r}: signature must start (pair, lo, hi), got {params[:3]}")
-        object.__setattr__(self, "options", tuple(p.name for p in params[3:]))
+        if [p.name for p in params[:2]] != ["pair", "region"]:
+            raise TypeError(f"bound method {self.name!r}: signature must start (pair, region), got {params[:2]}")
+        object.__setattr__(self, "options", tuple(p.name for p in params[2:]))
 
     def arguments(self, common: Mapping[str, object], extra: Mapping[str, object]) -> dict[str, object]:
         """Keyword arguments for one call: the `common` ones (certify's own) this method takes and are

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable, op_matrix
-from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, HighsModel
+from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, UNCONFIRMED, HighsModel
 from prunecert.certify.lp import initial_bounds, refine_region, to_pair_bounds
-from prunecert.certify.naive import as_batch
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.result import PairBounds
 from prunecert.core.rounding import TINY, gamma
 from prunecert.errors import ConfigError, RegionError
@@ -74,10 +74,14 @@ def _region_box(pair: Pair, region) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(lo, dtype=np.float64).reshape(pair.input_shape), np.asarray(hi, np.float64).reshape(pair.input_shape)
 
 
+def _one_box(lo: np.ndarray, hi: np.ndarray) -> RegionBatch:
+    return RegionBatch(torch.as_tensor(lo, dtype=torch.float64)[None], torch.as_tensor(hi, dtype=torch.float64)[None])
+
+
 def tighten_bounds(pair: Pair, lo: np.ndarray, hi: np.ndarray, pre: PairBounds | RegionBounds | None = None,
                    deadline: float | None = None) -> RegionBounds:
     """Sound, LP-tightened neuron and Delta bounds for one box: the MILP's big-M constants and cuts."""
-    init = initial_bounds(pair, torch.as_tensor(lo)[None], torch.as_tensor(hi)[None])
+    init = initial_bounds(pair, _one_box(lo, hi))
     rb = RegionBounds.from_pair_bounds(init, 0)
     if isinstance(pre, PairBounds):
         rb = rb.intersect(RegionBounds.from_pair_bounds(pre, 0))
@@ -108,8 +112,7 @@ class PairMILP:
         self.hi = np.asarray(hi, dtype=np.float64).reshape(pair.input_shape)
         if tighten or pre_bounds is None or isinstance(pre_bounds, PairBounds):
             self.bounds = tighten_bounds(pair, self.lo, self.hi, pre_bounds) if tighten else \
-                RegionBounds.from_pair_bounds(initial_bounds(pair, torch.as_tensor(self.lo)[None],
-                                                             torch.as_tensor(self.hi)[None]), 0)
+                RegionBounds.from_pair_bounds(initial_bounds(pair, _one_box(self.lo, self.hi)), 0)
         else:
             self.bounds = pre_bounds
         self.enc: Encoding = build_encoding(pair, self.lo, self.hi, self.bounds, milp=True)
@@ -271,7 +274,14 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
     return rb, info
 
 
-def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local: bool = True,
+def _out_of_time(status: str) -> bool:
+    """An objective the time limit left open: not started, stopped by it, or without its second opinion
+    (objectives skipped because max |Delta| was already decided are not: `max_abs_only`)."""
+    return status in ("not_started", UNCONFIRMED) or "time" in status.lower()
+
+
+@boxes_or_batch
+def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0, layers=None, local: bool = True,
                 max_abs_only: bool = False, tighten_time_limit: float | None = None,
                 progress: bool = False, witness: WitnessFactory | None = None) -> PairBounds:
     """Exact (MILP) bounds on Delta of the logits (and `layers`) for a batch of boxes.
@@ -286,9 +296,10 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
         time_limit = 60.0
     if time_limit <= 0:
         raise ConfigError(f"milp: time_limit must be > 0 seconds, got {time_limit}")
-    lo, hi = as_batch(pair, lo, hi)
     check_encodable(pair, "milp", "use diff-linear or crown-diff (they scale to conv nets)")
-    init = initial_bounds(pair, lo, hi)
+    region = region.bounding_boxes()   # the MILP encodes boxes; a ball's box contains it (sound)
+    lo, hi = region.lo, region.hi
+    init = initial_bounds(pair, region)
     wanted = {pair.n_layers - 1} | ({int(l) % pair.n_layers for l in layers} if layers is not None else set())
     results, infos = [], []
     for b in range(lo.shape[0]):
@@ -305,4 +316,5 @@ def milp_bounds(pair: Pair, lo, hi, time_limit: float = 60.0, layers=None, local
                    f"closed={info['closed']}", progress)
     out = to_pair_bounds(pair, results, init, "milp")
     out.info["milp"] = infos
+    out.info["truncated"] = [any(_out_of_time(s) for s in i["statuses"]) for i in infos]
     return out

@@ -15,8 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from prunecert.core.interval import Bounds, affine_interval, interval_bounds, layer_interval
+from prunecert.core.interval import Bounds, affine_interval, centre_radius, interval_bounds, layer_interval
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.result import PairBounds, interval_margins, sub_bounds
 from prunecert.core.rounding import UNIT_ROUNDOFF, margin, widen
 from prunecert.network import AffineOp, Linear, Network
@@ -25,14 +26,6 @@ from prunecert.network import AffineOp, Linear, Network
 Part = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], Bounds]
 
 MAX_MARGIN_CLASSES = 64  # beyond this, C^2 margin rows cost more than they are worth
-
-
-def centre_radius(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
-    """c, r with [c - r, c + r] containing [lower, upper] despite the rounding of (l+u)/2, (u-l)/2."""
-    c = (b.lower + b.upper) / 2
-    r = (b.upper - b.lower) / 2
-    r = torch.maximum(r, torch.maximum(c - b.lower, b.upper - c))
-    return c, torch.nextafter(r, torch.full_like(r, torch.inf))
 
 
 def affine_sum(parts: Sequence[Part], bias: torch.Tensor | float, fan_in: int,
@@ -104,13 +97,15 @@ def network_bounds(net: Network, lo: torch.Tensor, hi: torch.Tensor) -> list[Bou
     return interval_bounds(net, lo, hi)
 
 
-def naive_bounds(pair: Pair, lo, hi, per_network: Callable[[Network, torch.Tensor, torch.Tensor], list[Bounds]]
-                 | None = None) -> PairBounds:
-    """Bound f and g separately over the boxes [lo, hi] ((B, *input_shape) or one box), subtract.
+@boxes_or_batch
+def naive_bounds(pair: Pair, region: RegionBatch,
+                 per_network: Callable[[Network, torch.Tensor, torch.Tensor], list[Bounds]] | None = None
+                 ) -> PairBounds:
+    """Bound f and g separately over the regions' boxes, subtract.
 
     `per_network` (default: interval propagation) can be any sound per-network bound, e.g. CROWN.
     """
-    lo, hi = as_batch(pair, lo, hi)
+    lo, hi = region.lo, region.hi
     bound = per_network or network_bounds
     bf, bg = bound(pair.f, lo, hi), bound(pair.g, lo, hi)
     delta = [sub_bounds(a, b) for a, b in zip(bf, bg)]
@@ -122,16 +117,3 @@ def naive_bounds(pair: Pair, lo, hi, per_network: Callable[[Network, torch.Tenso
     in_g = last_op_input(pair.layers_g, bg[-2].relu() if pair.n_layers > 1 else Bounds(lo, hi))
     margins = margins_from_inputs(pair, in_f, in_g, bf[-1], bg[-1])
     return PairBounds(bf, bg, delta, local, margins, {"method": "naive"})
-
-
-def as_batch(pair: Pair, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 tensors (B, *input_shape) from one box or a batch of boxes (numpy or torch)."""
-    lo = torch.as_tensor(lo, dtype=torch.float64)
-    hi = torch.as_tensor(hi, dtype=torch.float64)
-    if tuple(lo.shape) == tuple(pair.input_shape):
-        lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
-    if tuple(lo.shape[1:]) != tuple(pair.input_shape) or lo.shape != hi.shape:
-        from prunecert.errors import RegionError
-        raise RegionError(f"box bounds of shape {tuple(lo.shape)} / {tuple(hi.shape)} do not match "
-                          f"(B, {', '.join(map(str, pair.input_shape))})")
-    return lo, hi

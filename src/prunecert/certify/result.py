@@ -7,15 +7,21 @@ be combined by `intersect` (both sound, so the intersection is sound).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from importlib import resources
+from typing import Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+from prunecert.certify.verdicts import Agreement, ClassTally, combine_verdicts
 from prunecert.core.interval import Bounds
 
 SCHEMA = "prunecert.certify/1"
+Array = npt.NDArray[np.float64]
 
 
 def sub_bounds(a: Bounds, b: Bounds) -> Bounds:
@@ -28,6 +34,46 @@ def sub_bounds(a: Bounds, b: Bounds) -> Bounds:
 def meet(a: Bounds, b: Bounds) -> Bounds:
     """Intersection of two sound bounds on the same quantity."""
     return Bounds(torch.maximum(a.lower, b.lower), torch.minimum(a.upper, b.upper))
+
+
+class MilpRegionInfo(TypedDict):
+    """What `milp_bounds` did on one region."""
+
+    binaries: int
+    solved: int                 # MILPs solved
+    skipped: int                # objectives not started (time)
+    statuses: list[str]         # per objective: "optimal", "time limit", "not_started", ...
+    reached_max_abs: float      # the largest |Delta logit| reached at a checked point
+    unsound_events: int         # solver optima the witness refuted (then not trusted)
+    closed: bool                # every objective solved to optimality
+
+
+class BabRegionInfo(TypedDict, total=False):
+    """What `bab_bounds` did on one region."""
+
+    nodes: int
+    open: int                   # leaves left open
+    upper: float                # certified max |Delta logit|
+    reached: float              # the largest value reached at a point
+    finished: bool              # the gap closed (within rel_gap)
+    point: Array | None         # where `reached` was reached
+    branching: str              # "input", "relu" or "none" (the fast bounds decided)
+    stop: str                   # why it stopped: "certified", "violated", "gap", "time"
+    steps: int                  # input splits: batched split steps
+    seconds: float
+
+
+class MethodInfo(TypedDict, total=False):
+    """What a bound method reports beside the bounds; the per-region lists have one entry per region."""
+
+    method: str
+    optimized: bool                  # diff-linear: the logits' Delta relaxation was optimised
+    diff_optimized: bool             # diff-linear, alpha-crown-diff: the logits' f/g slopes were optimised
+    truncated: list[bool]            # the time limit cut the method short (see `truncated_regions`)
+    complete: list[bool]             # lp, milp, bab: the LP pass finished before its deadline
+    solves: list[int]                # lp, milp, bab: LPs solved
+    milp: list[MilpRegionInfo]
+    bab: list[BabRegionInfo]
 
 
 @dataclass
@@ -47,7 +93,7 @@ class PairBounds:
     delta: list[Bounds]
     local: list[Bounds]
     margin_lower: torch.Tensor | None = None
-    info: dict = field(default_factory=dict)
+    info: MethodInfo = field(default_factory=lambda: MethodInfo())
 
     @property
     def n_layers(self) -> int:
@@ -57,7 +103,7 @@ class PairBounds:
     def batch(self) -> int:
         return int(self.delta[-1].lower.shape[0])
 
-    def intersect(self, other: "PairBounds") -> "PairBounds":
+    def intersect(self, other: PairBounds) -> PairBounds:
         """Element-wise intersection with another sound result for the same pair and regions."""
         if self.margin_lower is None or other.margin_lower is None:
             margin = self.margin_lower if other.margin_lower is None else other.margin_lower
@@ -69,23 +115,23 @@ class PairBounds:
                           [meet(a, b) for a, b in zip(self.local, other.local)],
                           margin, {**other.info, **self.info})
 
-    def select(self, index) -> "PairBounds":
+    def select(self, index: slice | torch.Tensor) -> PairBounds:
         """The bounds of a subset of the batch (a slice or an index tensor)."""
-        def pick(bs):
+        def pick(bs: list[Bounds]) -> list[Bounds]:
             return [Bounds(b.lower[index], b.upper[index]) for b in bs]
         margin = None if self.margin_lower is None else self.margin_lower[index]
-        return PairBounds(pick(self.f), pick(self.g), pick(self.delta), pick(self.local), margin, dict(self.info))
+        return PairBounds(pick(self.f), pick(self.g), pick(self.delta), pick(self.local), margin, self.info.copy())
 
     @staticmethod
-    def concat(parts: Sequence["PairBounds"]) -> "PairBounds":
+    def concat(parts: Sequence[PairBounds]) -> PairBounds:
         """Join results computed on consecutive chunks of the batch."""
-        def cat(attr):
-            return [Bounds(torch.cat([getattr(p, attr)[l].lower for p in parts]),
-                           torch.cat([getattr(p, attr)[l].upper for p in parts]))
-                    for l in range(len(getattr(parts[0], attr)))]
+        def cat(attr: str) -> list[Bounds]:
+            layers: list[list[Bounds]] = [getattr(p, attr) for p in parts]
+            return [Bounds(torch.cat([bs[l].lower for bs in layers]), torch.cat([bs[l].upper for bs in layers]))
+                    for l in range(len(layers[0]))]
         margins = [p.margin_lower for p in parts]
-        margin = None if any(m is None for m in margins) else torch.cat(margins)
-        return PairBounds(cat("f"), cat("g"), cat("delta"), cat("local"), margin, dict(parts[0].info))
+        margin = None if any(m is None for m in margins) else torch.cat([m for m in margins if m is not None])
+        return PairBounds(cat("f"), cat("g"), cat("delta"), cat("local"), margin, parts[0].info.copy())
 
     def max_abs_logit_deviation(self, logits: Sequence[int] | None = None) -> torch.Tensor:
         """(B,) upper bound on max_k |Delta_logit_k| over each region (k in `logits`, all by default)."""
@@ -129,54 +175,23 @@ class LayerResult:
 
     index: int
     name: str
-    local_lower: np.ndarray
-    local_upper: np.ndarray
-    end_to_end_lower: np.ndarray
-    end_to_end_upper: np.ndarray
+    local_lower: Array
+    local_upper: Array
+    end_to_end_lower: Array
+    end_to_end_upper: Array
 
     @property
-    def max_abs_end_to_end(self) -> np.ndarray:
+    def max_abs_end_to_end(self) -> Array:
         """(B,) bound on max |Delta_l| over the layer's neurons."""
         b = self.end_to_end_lower.shape[0]
-        return np.maximum(-self.end_to_end_lower, self.end_to_end_upper).reshape(b, -1).max(axis=1)
+        out: Array = np.maximum(-self.end_to_end_lower, self.end_to_end_upper).reshape(b, -1).max(axis=1)
+        return out
 
     @property
-    def max_abs_local(self) -> np.ndarray:
+    def max_abs_local(self) -> Array:
         b = self.local_lower.shape[0]
-        return np.maximum(-self.local_lower, self.local_upper).reshape(b, -1).max(axis=1)
-
-
-@dataclass
-class Agreement:
-    """A class verdict on one region (top-1 agreement, or delta-top-1 equivalence): "proved" (with the
-    class when both networks keep one class everywhere), "refuted" (point, classes) or "unknown".
-    `stage`: what decided it ("bounds", "search", "input-bab", "relu-bab"; "time" when the complete
-    stage ran out of time, with what was left in `details`)."""
-
-    verdict: str
-    label: int | None = None
-    point: np.ndarray | None = None
-    class_f: int | None = None
-    class_g: int | None = None
-    stage: str | None = None
-    seconds: float | None = None
-    details: dict | None = None
-
-    def to_json(self) -> dict:
-        d: dict = {"verdict": self.verdict}
-        if self.label is not None:
-            d["class"] = int(self.label)
-        if self.point is not None:
-            d["point"] = [float(v) for v in self.point.reshape(-1)]
-            d["class_f"], d["class_g"] = int(self.class_f), int(self.class_g)
-        if self.stage is not None:
-            d["stage"] = self.stage
-        if self.seconds is not None:
-            d["seconds"] = float(self.seconds)
-        if self.details:
-            d["details"] = {k: (None if v is None else float(v) if isinstance(v, float) else int(v))
-                            for k, v in self.details.items()}
-        return d
+        out: Array = np.maximum(-self.local_lower, self.local_upper).reshape(b, -1).max(axis=1)
+        return out
 
 
 @dataclass
@@ -184,11 +199,11 @@ class CertifyResult:
     """Certified deviation bounds for B regions, with verdicts. `to_json()` is the stable format."""
 
     method: str
-    regions: list[dict]
+    regions: list[dict[str, Any]]              # each region's `describe()`
     layers: list[LayerResult]
-    max_abs_logit_deviation: np.ndarray      # (B,) certified upper bound
-    sampled_max_abs_logit_deviation: np.ndarray  # (B,) best value found by the search (a lower bound)
-    sampled_points: list[np.ndarray]           # (B,) input reaching it
+    max_abs_logit_deviation: Array             # (B,) certified upper bound
+    sampled_max_abs_logit_deviation: Array     # (B,) best value found by the search (a lower bound)
+    sampled_points: list[Array]                # (B,) input reaching it
     agreement: list[Agreement]
     tolerance: float | None
     seconds: float
@@ -208,7 +223,7 @@ class CertifyResult:
         """Per region against the tolerance: certified / violated / unknown (None without a tolerance)."""
         if self.tolerance is None:
             return [None] * self.n_regions
-        out = []
+        out: list[str | None] = []
         for bound, found in zip(self.max_abs_logit_deviation, self.sampled_max_abs_logit_deviation):
             out.append("certified" if bound <= self.tolerance else
                        "violated" if found > self.tolerance else "unknown")
@@ -221,21 +236,18 @@ class CertifyResult:
 
     @property
     def agreement_verdict(self) -> str:
-        return class_verdict(self.agreement)
+        return ClassTally.of_agreements(self.agreement).verdict
 
     @property
     def delta_top1_verdict(self) -> str | None:
-        return None if self.delta_top1 is None else class_verdict(self.delta_top1)
+        return None if self.delta_top1 is None else ClassTally.of_agreements(self.delta_top1).verdict
 
-    def _overall_agreement(self) -> dict:
-        return _overall(self.agreement)
-
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The stable JSON document (schema "prunecert.certify/1", see docs/certify.md)."""
         regions = []
         verdicts = self.verdicts
         for b, desc in enumerate(self.regions):
-            entry = {"index": b, "region": desc,
+            entry: dict[str, Any] = {"index": b, "region": desc,
                      "max_abs_logit_deviation": float(self.max_abs_logit_deviation[b]),
                      "sampled_max_abs_logit_deviation": float(self.sampled_max_abs_logit_deviation[b]),
                      "agreement": self.agreement[b].to_json(), "verdict": verdicts[b]}
@@ -250,62 +262,33 @@ class CertifyResult:
                    "max_abs_local": [float(v) for v in L.max_abs_local],
                    "max_abs_end_to_end": [float(v) for v in L.max_abs_end_to_end]}
                   for L in self.layers]
-        out = {
+        out: dict[str, Any] = {
             "schema": SCHEMA, "method": self.method, "seed": int(self.seed), "seconds": float(self.seconds),
             "tolerance": None if self.tolerance is None else float(self.tolerance),
             "logits": self.logits,
             "verdict": self.verdict,
             "max_abs_logit_deviation": float(np.max(self.max_abs_logit_deviation)),
-            "agreement": self._overall_agreement(),
+            "agreement": ClassTally.of(r["agreement"] for r in regions).to_json(),
             "truncated": any(self.truncated),
             "truncated_regions": [b for b, t in enumerate(self.truncated) if t],
             "regions": regions, "layers": layers,
         }
         if self.delta_top1 is not None:
-            out["delta_top1"] = {"delta": float(self.delta), **_overall(self.delta_top1)}
+            assert self.delta is not None, "delta-top-1 verdicts without their delta"
+            out["delta_top1"] = {"delta": float(self.delta),
+                                 **ClassTally.of(r["delta_top1"] for r in regions).to_json()}
         return out
 
 
-def class_verdict(verdicts: Sequence[Agreement]) -> str:
-    """Over all regions: refuted if any is, proved if all are, else unknown."""
-    vs = [a.verdict for a in verdicts]
-    return "refuted" if "refuted" in vs else "proved" if all(v == "proved" for v in vs) else "unknown"
+def truncated_regions(info: MethodInfo, batch: int) -> list[bool]:
+    """Per region, whether the method that produced `info` stopped early (a time limit): every method
+    with a time limit says so in `truncated` (lp: its LP pass did not finish; milp: an objective was
+    not solved in time; bab: the budget ran out before the gap closed)."""
+    return list(info["truncated"]) if "truncated" in info else [False] * batch
 
 
-def _overall(verdicts: Sequence[Agreement]) -> dict:
-    d: dict = {"verdict": class_verdict(verdicts)}
-    for b, a in enumerate(verdicts):
-        if a.verdict == "refuted":  # the first refuted region's point
-            d.update(region=b, point=a.to_json()["point"])
-            break
-    return d
-
-
-def truncated_regions(info: dict, batch: int) -> list[bool]:
-    """Per region, whether the method that produced `info` stopped early (a time limit): diff-linear
-    and crown-diff say `truncated`, lp says `complete`, milp/bab report per-region details."""
-    if "truncated" in info:
-        return [bool(t) for t in info["truncated"]]
-    if "complete" in info:
-        return [not c for c in info["complete"]]
-    if isinstance(info.get("milp"), list) and len(info["milp"]) == batch:
-        return [bool(d.get("skipped")) or any("time" in str(s).lower() for s in d.get("statuses", []))
-                for d in info["milp"]]
-    if isinstance(info.get("bab"), list) and len(info["bab"]) == batch:
-        return [d.get("stop") == "time" for d in info["bab"]]
-    return [False] * batch
-
-
-def combine_verdicts(verdicts: Sequence[str | None]) -> str | None:
-    if not verdicts or verdicts[0] is None:
-        return None
-    if "violated" in verdicts:
-        return "violated"
-    return "certified" if all(v == "certified" for v in verdicts) else "unknown"
-
-
-def load_schema() -> dict:
+def load_schema() -> dict[str, Any]:
     """The JSON schema of `CertifyResult.to_json()` (certify.schema.json, shipped with the package)."""
-    import json
-    from importlib import resources
-    return json.loads(resources.files("prunecert.certify").joinpath("certify.schema.json").read_text("utf-8"))
+    schema: dict[str, Any] = json.loads(
+        resources.files("prunecert.certify").joinpath("certify.schema.json").read_text("utf-8"))
+    return schema

@@ -35,6 +35,7 @@ from prunecert.certify.lp import initial_bounds
 from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import PairBounds
 from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch
 from prunecert.stage_budgets import SETTLE_SEARCH_SHARE as SEARCH_SHARE  # the time split is policy (stage_budgets)
 from prunecert.threads import one_torch_thread
 
@@ -69,7 +70,7 @@ def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budg
     lo = np.asarray(lo, dtype=np.float64).reshape(pair.input_shape)
     hi = np.asarray(hi, dtype=np.float64).reshape(pair.input_shape)
     if bounds is None:
-        bounds = initial_bounds(pair, torch.as_tensor(lo)[None], torch.as_tensor(hi)[None])
+        bounds = initial_bounds(pair, RegionBatch(torch.as_tensor(lo)[None], torch.as_tensor(hi)[None]))
     if not bool(open_classes(bounds, prop).any()):
         return Settled("proved", "bounds", seconds=time.perf_counter() - start)
     if samples is None:
@@ -150,7 +151,7 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, 
             found = _refuted(pair, mid[int(bad[0])].numpy(), prop, "input-bab", start, nodes=nodes)
             if found is not None:
                 return found
-        still = open_classes(initial_bounds(pair, c_lo, c_hi, optimize=False), prop).any(dim=1)
+        still = open_classes(initial_bounds(pair, RegionBatch(c_lo, c_hi), optimize=False), prop).any(dim=1)
         leaf_lo = torch.cat([leaf_lo[take:], c_lo[still]])
         leaf_hi = torch.cat([leaf_hi[take:], c_hi[still]])
     return Settled("proved", "input-bab", details={"nodes": nodes})

@@ -15,26 +15,28 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Any, Self
 
 import numpy as np
 
-from prunecert.certify.result import SCHEMA, CertifyResult, combine_verdicts
+from prunecert.certify.result import SCHEMA, CertifyResult
+from prunecert.certify.verdicts import ClassTally, combine_verdicts
 from prunecert.errors import PrunecertError
 from prunecert.fileutil import atomic_path
 
-_ARRAYS = (("local", "lower"), ("local", "upper"), ("end_to_end", "lower"), ("end_to_end", "upper"),
+_Key = tuple[str] | tuple[int, str, str | None]   # ("regions",) or (layer, array, side)
+_ARRAYS: tuple[tuple[str, str | None], ...] = (("local", "lower"), ("local", "upper"), ("end_to_end", "lower"), ("end_to_end", "upper"),
            ("max_abs_local", None), ("max_abs_end_to_end", None))
 
 
-def _dumps(value) -> str:
+def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
 class CertifyWriter:
     """Running summary of a certify run (and, with a path, its JSON document built on disk)."""
 
-    def __init__(self, path: str | Path | None, models: dict | None = None):
+    def __init__(self, path: str | Path | None, models: dict[str, Any] | None = None):
         self.path = None if path is None else Path(path)
         self.models = models
         self.n_regions = 0
@@ -44,17 +46,15 @@ class CertifyWriter:
         self.max_abs_logit_deviation: list[float] = []  # one float per region (8 bytes; export needs it)
         self.sampled_max = 0.0
         self.verdicts: list[str | None] = []
-        self.agreement_counts = {"proved": 0, "refuted": 0, "unknown": 0}
-        self.first_refuted: dict | None = None
+        self.agreement = ClassTally()
         self.logits: list[int] | None = None
         self.truncated_regions: list[int] = []
         self.delta: float | None = None
-        self.delta_counts = {"proved": 0, "refuted": 0, "unknown": 0}
-        self.first_delta_refuted: dict | None = None
-        self.layer_meta: list[dict] = []
+        self.delta_top1 = ClassTally()
+        self.layer_meta: list[dict[str, Any]] = []
         self.layer_max: list[list[float]] = []  # per layer: [max |local|, max |end-to-end|] over regions
         self._tmp: Path | None = None
-        self._files: dict[tuple, IO[str]] = {}
+        self._files: dict[_Key, IO[str]] = {}
 
     # ------------------------------------------------------------------ summaries
     @property
@@ -63,14 +63,21 @@ class CertifyWriter:
 
     @property
     def agreement_verdict(self) -> str:
-        return self._class_verdict(self.agreement_counts)
+        return self.agreement.verdict
 
     @property
     def delta_top1_verdict(self) -> str | None:
-        return None if self.delta is None else self._class_verdict(self.delta_counts)
+        return None if self.delta is None else self.delta_top1.verdict
 
-    def _class_verdict(self, c: dict[str, int]) -> str:
-        return "refuted" if c["refuted"] else "proved" if c["proved"] == self.n_regions else "unknown"
+    @property
+    def agreement_counts(self) -> dict[str, int]:
+        """Regions per top-1 agreement verdict (proved / refuted / unknown)."""
+        return self.agreement.counts
+
+    @property
+    def delta_counts(self) -> dict[str, int]:
+        """Regions per delta-top-1 verdict."""
+        return self.delta_top1.counts
 
     def add(self, first: int, part: CertifyResult) -> None:
         """Take the next chunk (its regions must start at `first`, right after the previous chunk's)."""
@@ -86,15 +93,9 @@ class CertifyWriter:
                 self._open()
         for entry in doc["regions"]:
             entry["index"] += first
-            v = entry["agreement"]["verdict"]
-            self.agreement_counts[v] += 1
-            if v == "refuted" and self.first_refuted is None:
-                self.first_refuted = {"region": entry["index"], "point": entry["agreement"]["point"]}
+            self.agreement.add(entry["index"], entry["agreement"])
             if "delta_top1" in entry:
-                d = entry["delta_top1"]["verdict"]
-                self.delta_counts[d] += 1
-                if d == "refuted" and self.first_delta_refuted is None:
-                    self.first_delta_refuted = {"region": entry["index"], "point": entry["delta_top1"]["point"]}
+                self.delta_top1.add(entry["index"], entry["delta_top1"])
             self._write(("regions",), entry)
         self.verdicts += part.verdicts
         self.truncated_regions += [first + b for b, t in enumerate(part.truncated) if t]
@@ -122,12 +123,12 @@ class CertifyWriter:
         for i, key in enumerate(keys):
             self._files[key] = open(self._tmp / f"{i}.json", "w+", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
-    def _write(self, key: tuple, value) -> None:
+    def _write(self, key: _Key, value: Any) -> None:
         fh = self._files.get(key)
         if fh is not None:
             fh.write(("," if fh.tell() else "") + _dumps(value))
 
-    def _copy(self, key: tuple, out: IO[str]) -> None:
+    def _copy(self, key: _Key, out: IO[str]) -> None:
         fh = self._files[key]
         fh.seek(0)
         out.write("[")
@@ -138,19 +139,14 @@ class CertifyWriter:
         """Assemble the document into `path` (one atomic rename); returns the path (None without one)."""
         if self.path is None:
             return None
-        agreement: dict = {"verdict": self.agreement_verdict}
-        if self.first_refuted is not None:
-            agreement.update(self.first_refuted)
         # the keys in CertifyResult.to_json()'s order, so a streamed document equals the whole-run one
         head = {"schema": SCHEMA, "method": self.method, "seed": int(self.seed), "seconds": float(seconds),
                 "tolerance": self.tolerance, "logits": self.logits, "verdict": self.verdict,
-                "max_abs_logit_deviation": max(self.max_abs_logit_deviation), "agreement": agreement,
+                "max_abs_logit_deviation": max(self.max_abs_logit_deviation), "agreement": self.agreement.to_json(),
                 "truncated": bool(self.truncated_regions), "truncated_regions": self.truncated_regions}
         tail = ""
         if self.delta is not None:
-            overall: dict = {"delta": float(self.delta), "verdict": self.delta_top1_verdict}
-            overall.update(self.first_delta_refuted or {})
-            tail = ',"delta_top1":' + _dumps(overall)
+            tail = ',"delta_top1":' + _dumps({"delta": float(self.delta), **self.delta_top1.to_json()})
         try:
             with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as out:
                 out.write(_dumps(head)[:-1] + ',"regions":')
@@ -185,5 +181,5 @@ class CertifyWriter:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -30,6 +30,14 @@ class Bounds:
         return self.upper - self.lower
 
 
+def centre_radius(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """c, r with [c - r, c + r] containing [lower, upper] despite the rounding of (l+u)/2, (u-l)/2."""
+    c = (b.lower + b.upper) / 2
+    r = (b.upper - b.lower) / 2
+    r = torch.maximum(r, torch.maximum(c - b.lower, b.upper - c))
+    return c, torch.nextafter(r, torch.full_like(r, torch.inf))
+
+
 def affine_interval(op: AffineOp, lower: torch.Tensor, upper: torch.Tensor) -> Bounds:
     """Sound bounds of op(x) for lower <= x <= upper (float64)."""
     c = (lower + upper) / 2

@@ -11,7 +11,7 @@ box we certify contains the real-number ball the user asked for, never less.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -319,11 +319,3 @@ def _check_radius(value: float, name: str) -> float:
     if not math.isfinite(v) or v < 0:
         raise RegionError(f"{name} must be a finite number >= 0, got {value!r}")
     return v
-
-
-def stack_boxes(regions: Sequence[Region]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounding boxes of all regions as float64 tensors (B, *shape)."""
-    boxes = [r.bounding_box() for r in regions]
-    lo = torch.from_numpy(np.stack([b[0] for b in boxes]))
-    hi = torch.from_numpy(np.stack([b[1] for b in boxes]))
-    return lo, hi
