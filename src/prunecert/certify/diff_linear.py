@@ -67,6 +67,39 @@ def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
     return inputs, (xf, xg, dx)
 
 
+def _zero_delta(ops, zero_in: torch.Tensor | None) -> torch.Tensor | None:
+    """Where Delta is exactly 0 at the output of a layer's op chain, for every input of the domain: a
+    bool tensor of the output shape, or None when it is 0 everywhere. `zero_in`: the same at the
+    chain's input (None: everywhere, e.g. the network input).
+
+    Delta y_i = sum_j D_ij x^f_j + sum_j A^g_ij Delta x_j + (b^f_i - b^g_i) is exactly 0 when row i of
+    D = A^f - A^g and its bias are 0 and A^g_ij = 0 wherever Delta x_j may be non-zero; ReLU keeps it
+    (relu(a) - relu(a) = 0). A completed pruned twin has such neurons: a removed neuron keeps f's
+    incoming weights, so its Delta is 0 while its inputs' Deltas are. Tested with non-negative sums
+    (|D| 1 + |b_D| and |A^g| [Delta x may be non-zero]), which are 0 in floating point only when every
+    term is."""
+    z = zero_in
+    for opf, opg, dop in ops:
+        if z is None and dop is None:
+            continue
+        one = opf.bias.new_ones((1, *opf.in_shape))
+        live = torch.zeros_like(one) if z is None else (~z).to(one.dtype).unsqueeze(0)
+        reach = opg.abs_linear(live)[0]
+        if dop is not None:
+            reach = reach + dop.abs_linear(one)[0] + dop.bias.abs()
+        z = (reach == 0).expand(opf.out_shape)
+    return z
+
+
+def _zero_out(b: Bounds, zero: torch.Tensor | None) -> Bounds:
+    """Bounds set to exactly 0 where `zero` (None: everywhere) says the quantity is structurally 0."""
+    if zero is None:
+        return Bounds(torch.zeros_like(b.lower), torch.zeros_like(b.upper))
+    if not bool(zero.any()):
+        return b
+    return Bounds(b.lower.masked_fill(zero, 0.0), b.upper.masked_fill(zero, 0.0))
+
+
 def _box_exact(ops, region: RegionBatch) -> tuple[bool, bool]:
     """Whether intervals are already exact on layer 0 over a box, for a^f/a^g and for Delta: true when
     every op before the last maps boxes to boxes (Flatten, Scale) -- and, for Delta, is the same in f and g."""
@@ -118,6 +151,7 @@ class _Bounder:
                  deadline: float | None = None, prior: PairBounds | None = None):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
         self.deadline, self.truncated = deadline, False
+        self.zero: list[torch.Tensor | None] = []    # per layer: where Delta a_l is structurally 0
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
         self.side_f: list[SideRelax] = []
@@ -161,11 +195,14 @@ class _Bounder:
         if not nets_exact:
             walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
             walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
-            if hidden and self.prior is not None:
+            if self.prior is not None:     # its logit rows included CROWN on f - g
                 f, g = self.prior.f[l], self.prior.g[l]
+                cd = None if hidden else self.prior.delta[l]
             elif hidden:   # each network's bounds matter where it is unstable
                 f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
-                g = self._bounds(l, walk_g, _unstable(ag).reshape(b, n))
+                # where Delta is structurally 0, a^g = a^f: `_refine` copies f's bounds to g
+                same = _unstable(af) if self.zero[l] is None else _unstable(af) & self.zero[l]
+                g = self._bounds(l, walk_g, (_unstable(ag) & ~same).reshape(b, n))
             elif not self.stop():   # the logits: every neuron, and CROWN on f - g from the same walks
                 sel = Selection.of(None, n)
                 f, g, cd = (_spread(sel, x, shape, b) for x in
@@ -226,7 +263,7 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     deadline = _deadline(time_limit, region.batch)
     # CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
-    crown = _run(pair, region, False, deadline)
+    crown = _run(pair, region, False, deadline, margins=False)   # the second pass bounds the margins
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
                prior=crown)
     truncated = out.info["truncated"] or crown.info["truncated"]
@@ -262,23 +299,29 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None) -> PairBounds:
+         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
-    `prior`: bounds of an earlier pass whose hidden-layer a^f, a^g are taken instead of walking again."""
+    `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g (and logit Delta) are taken
+    instead of walking again. `margins` False: no agreement margins."""
     ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
     last_inputs = None
+    zero: torch.Tensor | None = None
     for l in range(pair.n_layers):
         inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
+        zero = _zero_delta(ops[l], zero)
+        st.zero.append(zero)
+        d = _zero_out(d, zero)
         cf, cg = _contexts(ops[l], inputs)
         st.ctx_f.append(cf)
         st.ctx_g.append(cg)
         local_ctx, loc = None, None
         if l > 0:
             linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
+            loc = _zero_out(loc, _zero_delta(ops[l], None))
             local_ctx = _contexts(ops[l], linputs)[0]
         hidden = l < pair.n_layers - 1
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
@@ -299,9 +342,9 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
-    margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
+    margin = _margins(pair, st, f_b[-1], g_b[-1], last_inputs) if margins else None
     info["truncated"] = st.truncated
-    return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
+    return PairBounds(f_b, g_b, d_b, loc_b, margin, info)
 
 
 def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:
