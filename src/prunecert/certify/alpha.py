@@ -74,35 +74,57 @@ def _search_engine(engine: Engine) -> Engine:
                   [d.to(SEARCH_DTYPE) for d in engine.delta], exact=False)
 
 
-def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None = None
-                  ) -> Bounds:
+def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None = None,
+                  rows: torch.Tensor | None = None) -> Bounds:
     """Optimised sound bounds on +-e_i of layer `top`'s Delta (the pair engine `engine`); the search
-    stops early at `deadline` (perf_counter). Regions are optimised in groups small enough that one
-    (regions x rows x widest hidden layer) tensor stays under REGION_BUDGET elements: the autograd
-    graph holds dozens of them (on the vgg-small pair, 10 regions at once peaked at 3 GB)."""
-    n = math.prod(engine.ctx[top][-1].op.out_shape)
-    widest = max([math.prod(s.s.shape[1:]) for s in engine.side[:top]] + [1])
-    group = max(1, REGION_BUDGET // (2 * n * widest))
-    if region.batch <= group:
-        return _optimise(engine, top, region, iterations, deadline)
-    parts = [_optimise(engine.select(slice(a, a + group)), top, region.select(slice(a, a + group)), iterations,
-                       deadline) for a in range(0, region.batch, group)]
-    return Bounds(torch.cat([p.lower for p in parts]), torch.cat([p.upper for p in parts]))
-
-
-def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None) -> Bounds:
+    stops early at `deadline` (perf_counter). `rows`: optional (B, 2n) mask of the rows to optimise
+    per region (row i < n: +e_i, the upper bound; row n + i: -e_i, the lower bound); the others get
+    infinite bounds. Regions are optimised in groups small enough that one (regions x rows x widest
+    hidden layer) tensor stays under REGION_BUDGET elements: the autograd graph holds dozens of them
+    (on the vgg-small pair, 10 regions at once peaked at 3 GB)."""
     shape = engine.ctx[top][-1].op.out_shape
     n = math.prod(shape)
-    b = region.batch
-    rows = torch.cat([torch.eye(n), -torch.eye(n)]).reshape(1, 2 * n, *shape).to(torch.float64)
+    if rows is None:
+        rows = torch.ones(region.batch, 2 * n, dtype=torch.bool)
+    m = int(rows.sum(1).max())
+    if m == 0:
+        inf = torch.full((region.batch, *shape), torch.inf, dtype=torch.float64)
+        return Bounds(-inf, inf)
+    # per region its m chosen rows first (padding rows after them: all-zero coefficients)
+    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :m]
+    valid = torch.gather(rows, 1, order)
+    widest = max([math.prod(s.s.shape[1:]) for s in engine.side[:top]] + [1])
+    group = max(1, REGION_BUDGET // (m * widest))
+    parts = [_optimise(engine.select(sl), top, region.select(sl), iterations, deadline, order[sl], valid[sl])
+             for sl in (slice(a, a + group) for a in range(0, region.batch, group))]
+    ub = torch.full((region.batch, 2 * n), torch.inf, dtype=torch.float64)
+    ub.scatter_(1, order, torch.where(valid, torch.cat(parts), torch.inf))
+    return Bounds(-ub[:, n:].reshape(-1, *shape), ub[:, :n].reshape(-1, *shape))
+
+
+def _unit_rows(order: torch.Tensor, valid: torch.Tensor, shape) -> torch.Tensor:
+    """(B, m, *shape) float64 rows: +e_i for order < n, -e_(order - n) above, 0 where not valid."""
+    n = math.prod(shape)
+    sign = torch.where(order < n, 1.0, -1.0).to(torch.float64) * valid
+    rows = torch.zeros(*order.shape, n, dtype=torch.float64)
+    rows.scatter_(2, (order % n).unsqueeze(2), sign.unsqueeze(2))
+    return rows.reshape(*order.shape, *shape)
+
+
+def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, deadline: float | None,
+              order: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, m) sound upper bounds of the rows `order` (see `_unit_rows`) after the parameter search."""
+    shape = engine.ctx[top][-1].op.out_shape
+    b, m = order.shape
+    rows = _unit_rows(order, valid, shape)
     search = _search_engine(engine)
-    params = _initial_params(engine, top, 2 * n)
+    params = _initial_params(engine, top, m)
     best_params = [DeltaParams(*[t.detach().clone() for t in p.tensors()]) for p in params]
     region32 = region.to(SEARCH_DTYPE)
     rows32 = rows.to(SEARCH_DTYPE)
     leaves = [t for p in params for t in p.tensors()]
     adam = _Adam(leaves)
-    best = torch.full((b, 2 * n), torch.inf, dtype=SEARCH_DTYPE)
+    best = torch.full((b, m), torch.inf, dtype=SEARCH_DTYPE)
     previous, stalled = torch.inf, 0
     for _ in range(iterations):
         form = search.from_layer(top, Form.rows_of(None, rows32), params)
@@ -113,7 +135,7 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
             for p, q in zip(params, best_params):
                 for field in DeltaParams.FIELDS:
                     cur, keep = getattr(p, field), getattr(q, field)
-                    mask = better.reshape(b, 2 * n, *([1] * (cur.dim() - 2)))
+                    mask = better.reshape(b, m, *([1] * (cur.dim() - 2)))
                     setattr(q, field, torch.where(mask, cur.detach(), keep))
             total = float(best.sum())
             stalled = stalled + 1 if previous - total <= MIN_GAIN * abs(total) else 0
@@ -123,5 +145,4 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
         grads = torch.autograd.grad(ub.sum(), leaves, allow_unused=True)
         adam.step(grads)
     final = [DeltaParams(*[t.to(torch.float64) for t in q.tensors()]) for q in best_params]
-    ub64 = concretise(engine.from_layer(top, Form.rows_of(None, rows), final), region)
-    return Bounds(-ub64[:, n:].reshape(b, *shape), ub64[:, :n].reshape(b, *shape))
+    return concretise(engine.from_layer(top, Form.rows_of(None, rows), final), region)
