@@ -125,7 +125,7 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
     leaves = [t for p in params for t in p.tensors()]
     adam = _Adam(leaves)
     best = torch.full((b, m), torch.inf, dtype=SEARCH_DTYPE)
-    previous, stalled = torch.inf, 0
+    previous, stalled = best.clone(), 0
     for _ in range(iterations):
         form = search.from_layer(top, Form.rows_of(None, rows32), params)
         ub = concretise(form, region32, exact=False)
@@ -137,9 +137,9 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
                     cur, keep = getattr(p, field), getattr(q, field)
                     mask = better.reshape(b, m, *([1] * (cur.dim() - 2)))
                     setattr(q, field, torch.where(mask, cur.detach(), keep))
-            total = float(best.sum())
-            stalled = stalled + 1 if previous - total <= MIN_GAIN * abs(total) else 0
-            previous = total
+            gain = torch.nan_to_num(previous - best, nan=torch.inf)    # inf - inf: the first step
+            stalled = stalled + 1 if bool((gain <= MIN_GAIN * best.abs()).all()) else 0
+            previous = best
         if stalled >= PATIENCE or (deadline is not None and time.perf_counter() > deadline):
             break
         grads = torch.autograd.grad(ub.sum(), leaves, allow_unused=True)

@@ -36,7 +36,7 @@ from prunecert.errors import ConfigError, RegionError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
 
 L2 = tuple[torch.Tensor, torch.Tensor]
-OPTIMISE_SHARE = 0.5   # the logit rows optimised: bound >= this share of the region's largest |Delta| bound
+OPTIMISE_SHARE = 0.8   # the logit rows optimised: bound >= this share of the region's largest |Delta| bound
 
 
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
