@@ -106,7 +106,7 @@ class OpCtx:
     dmag: torch.Tensor | None = None
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
 
-    def select(self, idx: slice) -> "OpCtx":
+    def select(self, idx: slice | torch.Tensor) -> "OpCtx":
         """The same op context for a sub-batch of the regions."""
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
                      self.dx_zero)
@@ -136,7 +136,7 @@ class Engine:
                  exact: bool = True):
         self.ctx, self.side, self.delta, self.exact = ctx, side, delta, exact
 
-    def select(self, idx: slice) -> "Engine":
+    def select(self, idx: slice | torch.Tensor) -> "Engine":
         """The same walk restricted to a sub-batch of the regions (per-region tensors sliced)."""
         return Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
                       None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
@@ -231,7 +231,7 @@ class RegionBatch:
     def batch(self) -> int:
         return int(self.lo.shape[0])
 
-    def select(self, idx: slice) -> "RegionBatch":
+    def select(self, idx: slice | torch.Tensor) -> "RegionBatch":
         l2 = None if self.l2 is None else (self.l2[0][idx], self.l2[1][idx])
         return RegionBatch(self.lo[idx], self.hi[idx], l2)
 

@@ -48,6 +48,11 @@ def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
     return None if all(not getattr(dop, k).any() for k in parts) else dop
 
 
+def _op_pairs(pair: Pair) -> list[list[tuple[AffineOp, AffineOp, AffineOp | None]]]:
+    """Per layer, (f's op, g's op, their difference op or None)."""
+    return [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
+
+
 def _amax(b: Bounds | None) -> torch.Tensor | None:
     return None if b is None else torch.maximum(b.lower.abs(), b.upper.abs())
 
@@ -264,9 +269,10 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     region = RegionBatch(lo, hi, _check_l2(pair, l2, lo.shape[0]))
     deadline = _deadline(time_limit, region.batch)
     # CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
-    crown = _run(pair, region, False, deadline, margins=False)   # the second pass bounds the margins
+    ops = _op_pairs(pair)
+    crown = _run(pair, region, False, deadline, margins=False, ops=ops)   # the second pass bounds the margins
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
-               prior=crown)
+               prior=crown, ops=ops)
     truncated = out.info["truncated"] or crown.info["truncated"]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
     out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
@@ -300,11 +306,12 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True) -> PairBounds:
+         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True, ops: list | None = None
+         ) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g (and logit Delta) are taken
     instead of walking again. `margins` False: no agreement margins."""
-    ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
+    ops = ops or _op_pairs(pair)
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None

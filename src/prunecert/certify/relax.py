@@ -79,7 +79,7 @@ class SideRelax:
         return SideRelax(s, t, default_alpha(b.lower, b.upper), (b.lower < 0) & (b.upper > 0),
                          torch.maximum(b.lower.abs(), b.upper.abs()))
 
-    def select(self, idx: slice) -> "SideRelax":
+    def select(self, idx: slice | torch.Tensor) -> "SideRelax":
         return SideRelax(self.s[idx], self.t[idx], self.alpha[idx], self.unstable[idx], self.amax[idx])
 
     def to(self, dtype: torch.dtype) -> "SideRelax":
@@ -117,7 +117,7 @@ class DeltaRelax:
         theta_lo = torch.where(both_stable | (sep_lo > sl * cd - tl), 1.0, 0.0).to(cf.dtype)
         return DeltaRelax(f, g, sd, td, sl, tl, dmax, theta_up, theta_lo, both_stable)
 
-    def select(self, idx: slice) -> "DeltaRelax":
+    def select(self, idx: slice | torch.Tensor) -> "DeltaRelax":
         return DeltaRelax(self.f.select(idx), self.g.select(idx), self.sd[idx], self.td[idx], self.sl[idx],
                           self.tl[idx], self.dmax[idx], self.theta_up[idx], self.theta_lo[idx], self.both_stable[idx])
 
