@@ -188,7 +188,9 @@ class Engine:
             mu_f, b, m = relax_side(self.side[l], lf, p.alpha_f, self.exact, form.layout)
             bias = self._acc(bias, b)
             mag = mag if m is None else mag + m
-        if ld is not None:
+        if ld is not None and self.delta is not None and self.delta[l].zero:
+            pass    # Delta h_l = 0 exactly (Delta a_l is): its coefficients contribute nothing
+        elif ld is not None:
             assert self.delta is not None
             m_f, mu_d, b, m = relax_delta(self.delta[l], ld, p, self.exact, form.layout)
             mu_f = _add(mu_f, m_f)
