@@ -23,7 +23,7 @@ from prunecert.certify.relax import DeltaParams
 
 LEARNING_RATE = 0.5
 DECAY = 0.9
-PATIENCE = 3          # stop after this many steps that improve the summed bound by < MIN_GAIN (relative)
+PATIENCE = 3          # stop after this many steps in which no row improves by MIN_GAIN (relative)
 MIN_GAIN = 1e-3
 SEARCH_DTYPE = torch.float32
 REGION_BUDGET = 2 ** 20   # elements of one (regions x rows x widest hidden layer) tensor in the search
