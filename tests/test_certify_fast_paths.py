@@ -101,6 +101,8 @@ def test_alpha_on_chosen_rows_only():
     ub = torch.cat([plain.delta[-1].upper, -plain.delta[-1].lower], 1)
     top = ub.max(1, keepdim=True).values
     assert picked.any(1).all() and (ub[picked] >= (top - 0.2 * top.abs()).expand_as(ub)[picked]).all()
+    width = plain.delta[-1].width
+    assert dl._rows_that_matter(plain.delta[-1], 0.0).equal(torch.cat([width, width], 1) > 0)   # all_rows
     mask = torch.zeros_like(picked)
     mask[0, 1], mask[2, :] = True, True          # one row of region 0, none of region 1, all of region 2
     captured = {}

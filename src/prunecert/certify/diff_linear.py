@@ -252,7 +252,7 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
 
 
 def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: int = 20, l2: L2 | None = None,
-                       time_limit: float | None = None) -> PairBounds:
+                       time_limit: float | None = None, all_rows: bool = False) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
     `lo`, `hi`: the boxes, (B, *input_shape) or one box. `l2`: optional (centres (B, *input_shape),
@@ -261,7 +261,8 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     result is never looser than without). The result is intersected with `crown_diff_bounds` and
     `diff_interval_bounds`, so it is never looser than either, neuron by neuron. `time_limit`:
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
-    stay) and `info["truncated"]` says so per region.
+    stay) and `info["truncated"]` says so per region. `all_rows`: optimise every logit row, not only
+    those that can carry the region's largest |Delta| bound (the LP/MILP start from every logit's bounds).
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
@@ -272,7 +273,7 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     ops = _op_pairs(pair)
     crown = _run(pair, region, False, deadline, margins=False, ops=ops)   # the second pass bounds the margins
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
-               prior=crown, ops=ops)
+               prior=crown, ops=ops, all_rows=all_rows)
     truncated = out.info["truncated"] or crown.info["truncated"]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
     out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
@@ -306,8 +307,8 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True, ops: list | None = None
-         ) -> PairBounds:
+         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True, ops: list | None = None,
+         all_rows: bool = False) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g (and logit Delta) are taken
     instead of walking again. `margins` False: no agreement margins."""
@@ -346,7 +347,8 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
             hf, hg = af.relu(), ag.relu()
     info = {"optimized": False}
     if optimize and pair.n_layers > 1 and not st.stop():
-        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline, _rows_that_matter(d_b[-1]))
+        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline,
+                            _rows_that_matter(d_b[-1], 0.0 if all_rows else OPTIMISE_SHARE))
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
@@ -355,15 +357,19 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     return PairBounds(f_b, g_b, d_b, loc_b, margin, info)
 
 
-def _rows_that_matter(d: Bounds) -> torch.Tensor:
+def _rows_that_matter(d: Bounds, share: float = OPTIMISE_SHARE) -> torch.Tensor:
     """(B, 2n) mask of the logit rows worth optimising per region (row i: Delta_i's upper bound, row
-    n + i: its lower bound): those whose bound is within OPTIMISE_SHARE of the region's largest
-    |Delta| bound, the quantity certify reports (optimisation moves a bound by ~0.1 % on LeNet, so
-    the others cannot become the largest); rows of a zero-width Delta have nothing to gain."""
+    n + i: its lower bound): those whose bound is within `share` of the region's largest |Delta|
+    bound, the quantity certify reports (optimisation moves a bound by ~0.1-3 % on LeNet, so the
+    others cannot become the largest; share 0: every row); rows of a zero-width Delta have nothing
+    to gain."""
     ub = torch.cat([d.upper.flatten(1), -d.lower.flatten(1)], dim=1)
-    top = ub.max(dim=1, keepdim=True).values
     width = (d.upper - d.lower).flatten(1)
-    return (ub >= top - (1.0 - OPTIMISE_SHARE) * top.abs()) & torch.cat([width, width], dim=1).gt(0)
+    keep = torch.cat([width, width], dim=1).gt(0)
+    if share <= 0:
+        return keep
+    top = ub.max(dim=1, keepdim=True).values
+    return (ub >= top - (1.0 - share) * top.abs()) & keep
 
 
 def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:

@@ -41,7 +41,8 @@ def initial_bounds(pair: Pair, lo: torch.Tensor, hi: torch.Tensor, l2=None, opti
     `optimize=False` skips diff-linear's slope optimisation (faster; for many small leaves).
     """
     bounds = diff_interval_bounds(pair, lo, hi)
-    kwargs = {"l2": l2} if l2 is not None else {}
+    kwargs: dict = {"l2": l2} if l2 is not None else {}
+    kwargs["all_rows"] = True     # every logit's bounds enter the encoding
     if not optimize:
         kwargs["optimize"] = False
     return diff_linear_bounds(pair, lo, hi, **kwargs).intersect(bounds)
