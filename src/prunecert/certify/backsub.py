@@ -47,9 +47,12 @@ def backward_terms(op: AffineOp) -> int:
     raise PairingError(f"back-substitution does not support op kind {op.kind!r}")
 
 
+_INF = {dt: torch.tensor(torch.inf, dtype=dt) for dt in (torch.float64, torch.float32)}
+
+
 def up(x: torch.Tensor) -> torch.Tensor:
     """One ulp toward +inf: covers the rounding of the operation that produced `x`."""
-    return torch.nextafter(x, torch.full_like(x, torch.inf))
+    return torch.nextafter(x, _INF[x.dtype])
 
 
 @dataclass

@@ -376,8 +376,8 @@ def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:
     """Use Delta = a^f - a^g among the three bounds (each step rounded outward)."""
     d = meet(d, sub_bounds(af, ag))
     ag = meet(ag, sub_bounds(af, d))
-    af = meet(af, Bounds(torch.nextafter(ag.lower + d.lower, torch.full_like(ag.lower, -torch.inf)),
-                         torch.nextafter(ag.upper + d.upper, torch.full_like(ag.upper, torch.inf))))
+    inf = torch.tensor(torch.inf, dtype=ag.lower.dtype)
+    af = meet(af, Bounds(torch.nextafter(ag.lower + d.lower, -inf), torch.nextafter(ag.upper + d.upper, inf)))
     return af, ag, d
 
 
