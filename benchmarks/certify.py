@@ -54,7 +54,8 @@ BATCHED = ("naive", "diff-interval", "diff-linear", "crown-diff")
 EXPENSIVE = ("lp", "milp", "bab")
 GOALS = {"diff-linear within 1.5x of exact (median)": ("diff-linear", "median_ratio", 1.5),
          "bab within 1.05x of exact given 10 s (worst)": ("bab", "worst_ratio", 1.05),
-         "diff-linear < 50 ms per region batched": ("diff-linear", "median_seconds", 0.05)}
+         "diff-linear < 50 ms per region batched": ("diff-linear", "median_seconds", 0.05),
+         "diff-linear <= 10 ms per region batched (issue 9)": ("diff-linear", "median_seconds", 0.01)}
 
 
 def _rss_mb() -> float:
@@ -194,7 +195,8 @@ def goals(results: list[dict]) -> dict:
     out = {}
     for text, (method, key, limit) in GOALS.items():
         vals = [r[key] for r in results if r["method"] == method and r[key] is not None and r["region"] != "domain"]
-        out[text] = {"worst_over_eps": max(vals) if vals else None, "met": bool(vals) and max(vals) <= limit}
+        if vals:    # a quick run (--methods) leaves some goals unmeasured
+            out[text] = {"worst_over_eps": max(vals), "met": max(vals) <= limit}
     tight = []
     for r in results:
         n = next((x for x in results if x["method"] == "naive" and x["region"] == r["region"]), None)
