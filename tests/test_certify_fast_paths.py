@@ -58,6 +58,7 @@ def test_structural_zeros_are_exact_and_the_bounds_sound(seed, hidden):
     pair, zero = completed_pair(rng, n_in, hidden, 3)
     lo, hi = random_box(rng, n_in)
     found = extremes(pair, lo, hi, 300, seed=seed)
+    found_local = extremes(pair, lo, hi, 300, seed=seed, local=True)
     cd, b = crown_diff_bounds(pair, lo, hi), diff_linear_bounds(pair, lo, hi)
     z = None
     for l, (opsf, opsg) in enumerate(zip(pair.layers_f, pair.layers_g)):
@@ -68,6 +69,9 @@ def test_structural_zeros_are_exact_and_the_bounds_sound(seed, hidden):
             assert_contains(r.delta[l].lower, r.delta[l].upper, found[l], f"{name} layer {l}")
             assert (r.delta[l].lower[0][mask] == 0).all() and (r.delta[l].upper[0][mask] == 0).all()
         assert (b.delta[l].lower >= cd.delta[l].lower).all() and (b.delta[l].upper <= cd.delta[l].upper).all()
+        if l > 0 and zero[l - 1].all():     # g's layer l sees f's input: local deviation = Delta (its bounds serve)
+            assert (b.local[l].lower >= b.delta[l].lower).all() and (b.local[l].upper <= b.delta[l].upper).all()
+        assert_contains(b.local[l].lower, b.local[l].upper, found_local[l], f"diff-linear local {l}")
 
 
 def test_structural_zeros_only_remove_work():

@@ -288,7 +288,8 @@ def crown_diff_bounds(pair: Pair, lo, hi, l2: L2 | None = None, time_limit: floa
     Its hidden neurons are f's and g's, so its intermediate bounds are each network's own CROWN
     bounds (intersected with intervals); its output rows e_k - e_k back-substitute through f and g
     separately and add at the input, where the two halves' terms cancel. Intermediate layers' Delta:
-    the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals.
+    the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals
+    (Delta's own bounds where the layer's input Delta is 0 everywhere: then they are the same quantity).
     `time_limit` as for `diff_linear_bounds`.
     """
     lo, hi = as_batch(pair, lo, hi)
@@ -328,14 +329,17 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         st.ctx_f.append(cf)
         st.ctx_g.append(cg)
         local_ctx, loc = None, None
-        if l > 0:
+        # Delta h_{l-1} = 0 everywhere (layer 0's input, or a structurally zero layer): g's layer l fed
+        # with f's input is g's layer l, so the local deviation is Delta itself (one walk serves both)
+        same = l == 0 or st.zero[l - 1] is None or bool(st.zero[l - 1].all())
+        if not same:
             linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
             loc = _zero_out(loc, _zero_delta(ops[l], None))
             local_ctx = _contexts(ops[l], linputs)[0]
         hidden = l < pair.n_layers - 1
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
         af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))
-        loc = d if l == 0 else _meet(loc, cloc)
+        loc = d if same else _meet(loc, cloc)
         f_b.append(af), g_b.append(ag), d_b.append(d), loc_b.append(loc)
         last_inputs = inputs[-1]
         if hidden:
