@@ -277,6 +277,9 @@ def diff_linear_bounds(pair: Pair, lo, hi, optimize: bool = True, iterations: in
     truncated = out.info["truncated"] or crown.info["truncated"]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
     out = out.intersect(crown).intersect(diff_interval_bounds(pair, lo, hi))
+    for l, same in enumerate(crown.info["local_is_delta"]):
+        if same:    # two bounds of one quantity
+            out.delta[l] = out.local[l] = meet(out.delta[l], out.local[l])
     out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
                 "truncated": [truncated] * region.batch}
     return out
@@ -318,6 +321,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
+    local_is_delta = []
     last_inputs = None
     zero: torch.Tensor | None = None
     for l in range(pair.n_layers):
@@ -340,6 +344,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
         af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))
         loc = d if same else _meet(loc, cloc)
+        local_is_delta.append(same)
         f_b.append(af), g_b.append(ag), d_b.append(d), loc_b.append(loc)
         last_inputs = inputs[-1]
         if hidden:
@@ -358,6 +363,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         info["optimized"] = True
     margin = _margins(pair, st, f_b[-1], g_b[-1], last_inputs) if margins else None
     info["truncated"] = st.truncated
+    info["local_is_delta"] = local_is_delta
     return PairBounds(f_b, g_b, d_b, loc_b, margin, info)
 
 
