@@ -121,8 +121,9 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
     adam = _Adam(leaves)
     best = torch.full((len(row),), torch.inf, dtype=SEARCH_DTYPE)
     previous, stalled = best.clone(), 0
+    start = search.through_layer(top, Form.rows_of(None, rows32))   # no parameters above layer top's input
     for _ in range(iterations):
-        form = search.from_layer(top, Form.rows_of(None, rows32), _params(leaves))
+        form = search.below(start, top, _params(leaves))
         ub = concretise(form, region32, exact=False)[:, 0]
         with torch.no_grad():
             better = ub < best
