@@ -113,20 +113,33 @@ class Linear(AffineOp):
         if self._bias.shape != (out_f,):
             raise ShapeMismatchError(f"{name}: bias shape {tuple(self._bias.shape)} does not match weight rows {out_f}")
         self.in_shape, self.out_shape = (in_f,), (out_f,)
-        self._abs = None
+        self._cache: dict[tuple[torch.dtype, bool], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     @property
     def bias(self) -> torch.Tensor:
         return self._bias
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_cache": {}}    # the cache is rebuilt on use, never shipped
+
+    def _weight(self, dtype: torch.dtype, absolute: bool = False) -> torch.Tensor:
+        """W (or |W|) in `dtype`, cached while `weight` is the same, unmodified tensor (bound methods
+        apply a layer hundreds of times per call)."""
+        w = self.weight
+        hit = self._cache.get((dtype, absolute))
+        if hit is None or hit[0] is not w or hit[1] != w._version:
+            hit = (w, w._version, (w.abs() if absolute else w).to(dtype))
+            self._cache[(dtype, absolute)] = hit
+        return hit[2]
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.to(x.dtype).T
+        return x @ self._weight(x.dtype).T
 
     def abs_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.abs().to(x.dtype).T
+        return x @ self._weight(x.dtype, True).T
 
     def backward(self, a: torch.Tensor) -> torch.Tensor:
-        return a @ self.weight.to(a.dtype)
+        return a @ self._weight(a.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self._bias}

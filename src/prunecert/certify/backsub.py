@@ -46,9 +46,12 @@ def backward_terms(op: AffineOp) -> int:
     raise PairingError(f"back-substitution does not support op kind {op.kind!r}")
 
 
+_INF = {dt: torch.tensor(torch.inf, dtype=dt) for dt in (torch.float64, torch.float32)}
+
+
 def up(x: torch.Tensor) -> torch.Tensor:
     """One ulp toward +inf: covers the rounding of the operation that produced `x`."""
-    return torch.nextafter(x, torch.full_like(x, torch.inf))
+    return torch.nextafter(x, _INF[x.dtype])
 
 
 @dataclass
@@ -105,7 +108,7 @@ class OpCtx:
     dmag: torch.Tensor | None = None
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
 
-    def select(self, idx: slice) -> "OpCtx":
+    def select(self, idx: slice | torch.Tensor) -> "OpCtx":
         """The same op context for a sub-batch of the regions."""
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
                      self.dx_zero)
@@ -135,7 +138,7 @@ class Engine:
                  exact: bool = True):
         self.ctx, self.side, self.delta, self.exact = ctx, side, delta, exact
 
-    def select(self, idx: slice) -> "Engine":
+    def select(self, idx: slice | torch.Tensor) -> "Engine":
         """The same walk restricted to a sub-batch of the regions (per-region tensors sliced)."""
         return Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
                       None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
@@ -187,7 +190,9 @@ class Engine:
             mu_f, b, m = relax_side(self.side[l], lf, p.alpha_f, self.exact, form.layout)
             bias = self._acc(bias, b)
             mag = mag if m is None else mag + m
-        if ld is not None:
+        if ld is not None and self.delta is not None and self.delta[l].zero:
+            pass    # Delta h_l = 0 exactly (Delta a_l is): its coefficients contribute nothing
+        elif ld is not None:
             assert self.delta is not None
             m_f, mu_d, b, m = relax_delta(self.delta[l], ld, p, self.exact, form.layout)
             mu_f = _add(mu_f, m_f)

@@ -37,6 +37,8 @@ from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
 
+OPTIMISE_SHARE = 0.8   # the logit rows optimised: bound >= this share of the region's largest |Delta| bound
+
 
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
     """The difference op, or None when f's and g's ops are bit-for-bit identical (Delta y = A Delta x)."""
@@ -45,6 +47,11 @@ def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
         return None
     parts = {Linear: ("weight", "_bias"), Conv2d: ("weight", "_bias"), Scale: ("scale", "shift")}[type(dop)]
     return None if all(not getattr(dop, k).any() for k in parts) else dop
+
+
+def _op_pairs(pair: Pair) -> list[list[tuple[AffineOp, AffineOp, AffineOp | None]]]:
+    """Per layer, (f's op, g's op, their difference op or None)."""
+    return [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
 
 
 def _amax(b: Bounds | None) -> torch.Tensor | None:
@@ -65,6 +72,39 @@ def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
     if dx is None:
         dx = Bounds(torch.zeros_like(xf.lower), torch.zeros_like(xf.lower))
     return inputs, (xf, xg, dx)
+
+
+def _zero_delta(ops, zero_in: torch.Tensor | None) -> torch.Tensor | None:
+    """Where Delta is exactly 0 at the output of a layer's op chain, for every input of the domain: a
+    bool tensor of the output shape, or None when it is 0 everywhere. `zero_in`: the same at the
+    chain's input (None: everywhere, e.g. the network input).
+
+    Delta y_i = sum_j D_ij x^f_j + sum_j A^g_ij Delta x_j + (b^f_i - b^g_i) is exactly 0 when row i of
+    D = A^f - A^g and its bias are 0 and A^g_ij = 0 wherever Delta x_j may be non-zero; ReLU keeps it
+    (relu(a) - relu(a) = 0). A completed pruned twin has such neurons: a removed neuron keeps f's
+    incoming weights, so its Delta is 0 while its inputs' Deltas are. Tested with non-negative sums
+    (|D| 1 + |b_D| and |A^g| [Delta x may be non-zero]), which are 0 in floating point only when every
+    term is."""
+    z = zero_in
+    for opf, opg, dop in ops:
+        if z is None and dop is None:
+            continue
+        one = opf.bias.new_ones((1, *opf.in_shape))
+        live = torch.zeros_like(one) if z is None else (~z).to(one.dtype).unsqueeze(0)
+        reach = opg.abs_linear(live)[0]
+        if dop is not None:
+            reach = reach + dop.abs_linear(one)[0] + dop.bias.abs()
+        z = (reach == 0).expand(opf.out_shape)
+    return z
+
+
+def _zero_out(b: Bounds, zero: torch.Tensor | None) -> Bounds:
+    """Bounds set to exactly 0 where `zero` (None: everywhere) says the quantity is structurally 0."""
+    if zero is None:
+        return Bounds(torch.zeros_like(b.lower), torch.zeros_like(b.upper))
+    if not bool(zero.any()):
+        return b
+    return Bounds(b.lower.masked_fill(zero, 0.0), b.upper.masked_fill(zero, 0.0))
 
 
 def _box_exact(ops, region: RegionBatch) -> tuple[bool, bool]:
@@ -98,6 +138,7 @@ class _Bounder:
                  deadline: float | None = None, prior: PairBounds | None = None):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
         self.deadline, self.truncated = deadline, False
+        self.zero: list[torch.Tensor | None] = []    # per layer: where Delta a_l is structurally 0
         self.ctx_f: list[list[OpCtx]] = []
         self.ctx_g: list[list[OpCtx]] = []
         self.side_f: list[SideRelax] = []
@@ -141,11 +182,14 @@ class _Bounder:
         if not nets_exact:
             walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
             walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
-            if hidden and self.prior is not None:
+            if self.prior is not None:     # its logit rows included CROWN on f - g
                 f, g = self.prior.f[l], self.prior.g[l]
+                cd = None if hidden else self.prior.delta[l]
             elif hidden:   # each network's bounds matter where it is unstable
                 f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
-                g = self._bounds(l, walk_g, _unstable(ag).reshape(b, n))
+                # where Delta is structurally 0, a^g = a^f: `_refine` copies f's bounds to g
+                same = _unstable(af) if self.zero[l] is None else _unstable(af) & self.zero[l]
+                g = self._bounds(l, walk_g, (_unstable(ag) & ~same).reshape(b, n))
             elif not self.stop():   # the logits: every neuron, and CROWN on f - g from the same walks
                 sel = Selection.of(None, n)
                 f, g, cd = (_spread(sel, x, shape, b) for x in
@@ -190,7 +234,7 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
 
 @boxes_or_batch
 def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, iterations: int = 20,
-                       time_limit: float | None = None) -> PairBounds:
+                       time_limit: float | None = None, all_rows: bool = False) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
     `region`: the boxes, each intersected with its L2 ball when the batch has balls. `optimize`: tune
@@ -199,18 +243,24 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     `optimize`: `alpha_crown_diff_bounds` with the same `iterations`) and `diff_interval_bounds`, so it
     is never looser than either, neuron by neuron. `time_limit`:
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
-    stay) and `info["truncated"]` says so per region.
+    stay) and `info["truncated"]` says so per region. `all_rows`: optimise every logit row, not only
+    those that can carry the region's largest |Delta| bound (the LP/MILP start from every logit's bounds).
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     deadline = _deadline(time_limit, region.batch)
     # (alpha-)CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
-    crown = _run(pair, region, False, deadline, diff_iterations=iterations if optimize else 0)
+    ops = _op_pairs(pair)
+    crown = _run(pair, region, False, deadline, margins=False, ops=ops,   # the second pass bounds the margins
+                 diff_iterations=iterations if optimize else 0)
     out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
-               prior=crown)
+               prior=crown, ops=ops, all_rows=all_rows)
     truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
     out = out.intersect(crown).intersect(diff_interval_bounds(pair, region))
+    for l, same in enumerate(crown.info["local_is_delta"]):
+        if same:    # two bounds of one quantity
+            out.delta[l] = out.local[l] = meet(out.delta[l], out.local[l])
     out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
                 "truncated": truncated}
     return out
@@ -223,7 +273,8 @@ def crown_diff_bounds(pair: Pair, region: RegionBatch, time_limit: float | None 
     Its hidden neurons are f's and g's, so its intermediate bounds are each network's own CROWN
     bounds (intersected with intervals); its output rows e_k - e_k back-substitute through f and g
     separately and add at the input, where the two halves' terms cancel. Intermediate layers' Delta:
-    the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals.
+    the same where both networks' rows are walked, else a^f - a^g. Local deviations: intervals
+    (Delta's own bounds where the layer's input Delta is 0 everywhere: then they are the same quantity).
     `time_limit` as for `diff_linear_bounds`.
     """
     out = _run(pair, region, False, _deadline(time_limit, region.batch))
@@ -256,29 +307,41 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None, diff_iterations: int = 0) -> PairBounds:
+         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True, ops: list | None = None,
+         all_rows: bool = False, diff_iterations: int = 0) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
-    `prior`: bounds of an earlier pass whose hidden-layer a^f, a^g are taken instead of walking again.
-    `diff_iterations` > 0: the logits' f - g rows also get optimised slopes (alpha-CROWN on f - g)."""
-    ops = [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
+    `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g (and logit Delta) are taken
+    instead of walking again. `margins` False: no agreement margins. `diff_iterations` > 0: the logits'
+    f - g rows also get optimised slopes (alpha-CROWN on f - g)."""
+    ops = ops or _op_pairs(pair)
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
+    local_is_delta = []
     last_inputs = None
+    zero: torch.Tensor | None = None
     for l in range(pair.n_layers):
         inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
+        zero = _zero_delta(ops[l], zero)
+        st.zero.append(zero)
+        d = _zero_out(d, zero)
         cf, cg = _contexts(ops[l], inputs)
         st.ctx_f.append(cf)
         st.ctx_g.append(cg)
         local_ctx, loc = None, None
-        if l > 0:
+        # Delta h_{l-1} = 0 everywhere (layer 0's input, or a structurally zero layer): g's layer l fed
+        # with f's input is g's layer l, so the local deviation is Delta itself (one walk serves both)
+        same = l == 0 or st.zero[l - 1] is None or bool(st.zero[l - 1].all())
+        if not same:
             linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
+            loc = _zero_out(loc, _zero_delta(ops[l], None))
             local_ctx = _contexts(ops[l], linputs)[0]
         hidden = l < pair.n_layers - 1
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
         af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))
-        loc = d if l == 0 else _meet(loc, cloc)
+        loc = d if same else _meet(loc, cloc)
+        local_is_delta.append(same)
         f_b.append(af), g_b.append(ag), d_b.append(d), loc_b.append(loc)
         last_inputs = inputs[-1]
         if hidden:
@@ -295,21 +358,38 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         st.truncated |= cut
         info["diff_optimized"] = True
     if optimize and pair.n_layers > 1 and not st.stop():
-        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline)
+        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline,
+                            _rows_that_matter(d_b[-1], 0.0 if all_rows else OPTIMISE_SHARE))
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
-    margins = _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
+    margin = _margins(pair, st, f_b[-1], g_b[-1], last_inputs) if margins else None
     info["truncated"] = [st.truncated] * region.batch
-    return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
+    info["local_is_delta"] = local_is_delta
+    return PairBounds(f_b, g_b, d_b, loc_b, margin, info)
+
+
+def _rows_that_matter(d: Bounds, share: float = OPTIMISE_SHARE) -> torch.Tensor:
+    """(B, 2n) mask of the logit rows worth optimising per region (row i: Delta_i's upper bound, row
+    n + i: its lower bound): those whose bound is within `share` of the region's largest |Delta|
+    bound, the quantity certify reports (optimisation moves a bound by ~0.1-3 % on LeNet, so the
+    others cannot become the largest; share 0: every row); rows of a zero-width Delta have nothing
+    to gain."""
+    ub = torch.cat([d.upper.flatten(1), -d.lower.flatten(1)], dim=1)
+    width = (d.upper - d.lower).flatten(1)
+    keep = torch.cat([width, width], dim=1).gt(0)
+    if share <= 0:
+        return keep
+    top = ub.max(dim=1, keepdim=True).values
+    return (ub >= top - (1.0 - share) * top.abs()) & keep
 
 
 def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:
     """Use Delta = a^f - a^g among the three bounds (each step rounded outward)."""
     d = meet(d, sub_bounds(af, ag))
     ag = meet(ag, sub_bounds(af, d))
-    af = meet(af, Bounds(torch.nextafter(ag.lower + d.lower, torch.full_like(ag.lower, -torch.inf)),
-                         torch.nextafter(ag.upper + d.upper, torch.full_like(ag.upper, torch.inf))))
+    inf = torch.tensor(torch.inf, dtype=ag.lower.dtype)
+    af = meet(af, Bounds(torch.nextafter(ag.lower + d.lower, -inf), torch.nextafter(ag.upper + d.upper, inf)))
     return af, ag, d
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Linear, Scale
 
 SPARSE_FRACTION = 0.5   # below this share of used columns, multiply only by the used rows of W
+LIVE_FRACTION = 0.875   # below this share of non-zero coefficient rows, multiply only those rows
 
 
 def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -66,13 +67,21 @@ class Dense:
 
 
 def dense_backward(op: AffineOp, lam: torch.Tensor) -> torch.Tensor:
-    """op.backward on (Bl, R, *out) coefficients. For a Linear whose coefficient columns are mostly
-    zero in every row (a completed pruned twin: removed neurons have zero outgoing weights), only the
-    used columns enter the product: the same terms, so the same rounding bound."""
+    """op.backward on (Bl, R, *out) coefficients. For a Linear, rows that are all zero (the padding
+    of regions with fewer selected neurons) are left out of the product, and when the coefficient
+    columns are mostly zero in every row (a completed pruned twin: removed neurons have zero outgoing
+    weights), only the used columns enter it: the same terms, so the same rounding bound."""
     b, r = lam.shape[:2]
     flat = lam.reshape(b * r, *lam.shape[2:])
     if isinstance(op, Linear) and flat.shape[0] > 1:
-        used = flat.ne(0).any(dim=0)
+        nonzero = flat.ne(0)
+        live = nonzero.any(dim=1)
+        n_live = int(live.sum())
+        if n_live < LIVE_FRACTION * flat.shape[0]:
+            out = flat.new_zeros(b * r, *op.in_shape)
+            out[live] = dense_backward(op, flat[live].unsqueeze(0))[0] if n_live else out[live]
+            return out.reshape(b, r, *op.in_shape)
+        used = nonzero.any(dim=0)
         k = int(used.sum())
         if k < SPARSE_FRACTION * flat.shape[1]:
             return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)

@@ -41,7 +41,8 @@ def initial_bounds(pair: Pair, region: RegionBatch, optimize: bool = True) -> Pa
     `optimize=False` skips diff-linear's slope optimisation (faster; for many small leaves).
     """
     bounds = diff_interval_bounds(pair, region)
-    kwargs = {} if optimize else {"optimize": False}
+    # every logit's bounds enter the encoding, so every logit row is optimised (all_rows)
+    kwargs = {"all_rows": True} if optimize else {"optimize": False, "all_rows": True}
     return diff_linear_bounds(pair, region, **kwargs).intersect(bounds)
 
 

@@ -79,7 +79,7 @@ class SideRelax:
         return SideRelax(s, t, default_alpha(b.lower, b.upper), (b.lower < 0) & (b.upper > 0),
                          torch.maximum(b.lower.abs(), b.upper.abs()))
 
-    def select(self, idx: slice) -> "SideRelax":
+    def select(self, idx: slice | torch.Tensor) -> "SideRelax":
         return SideRelax(self.s[idx], self.t[idx], self.alpha[idx], self.unstable[idx], self.amax[idx])
 
     def to(self, dtype: torch.dtype) -> "SideRelax":
@@ -100,6 +100,7 @@ class DeltaRelax:
     theta_up: torch.Tensor   # default weights of the separate family
     theta_lo: torch.Tensor
     both_stable: torch.Tensor
+    zero: bool = False       # Delta a is exactly 0 on the whole layer in every region: Delta h = 0
 
     @staticmethod
     def of(af: Bounds, ag: Bounds, d: Bounds, f: SideRelax | None = None, g: SideRelax | None = None
@@ -115,16 +116,18 @@ class DeltaRelax:
         sep_lo = (f.alpha - g.s) * cf + g.s * cd - g.t
         theta_up = torch.where(both_stable | (sep_up < sd * cd + td), 1.0, 0.0).to(cf.dtype)
         theta_lo = torch.where(both_stable | (sep_lo > sl * cd - tl), 1.0, 0.0).to(cf.dtype)
-        return DeltaRelax(f, g, sd, td, sl, tl, dmax, theta_up, theta_lo, both_stable)
+        zero = bool((d.lower == 0).all()) and bool((d.upper == 0).all())
+        return DeltaRelax(f, g, sd, td, sl, tl, dmax, theta_up, theta_lo, both_stable, zero)
 
-    def select(self, idx: slice) -> "DeltaRelax":
+    def select(self, idx: slice | torch.Tensor) -> "DeltaRelax":
         return DeltaRelax(self.f.select(idx), self.g.select(idx), self.sd[idx], self.td[idx], self.sl[idx],
-                          self.tl[idx], self.dmax[idx], self.theta_up[idx], self.theta_lo[idx], self.both_stable[idx])
+                          self.tl[idx], self.dmax[idx], self.theta_up[idx], self.theta_lo[idx], self.both_stable[idx],
+                          self.zero)
 
     def to(self, dtype: torch.dtype) -> "DeltaRelax":
         return DeltaRelax(self.f.to(dtype), self.g.to(dtype), self.sd.to(dtype), self.td.to(dtype), self.sl.to(dtype),
                           self.tl.to(dtype), self.dmax.to(dtype), self.theta_up.to(dtype), self.theta_lo.to(dtype),
-                          self.both_stable)
+                          self.both_stable, self.zero)
 
 
 @dataclass

@@ -68,6 +68,7 @@ class MethodInfo(TypedDict, total=False):
 
     method: str
     optimized: bool                  # diff-linear: the logits' Delta relaxation was optimised
+    local_is_delta: list[bool]       # diff-linear/crown-diff passes, per layer: local deviation = Delta there
     diff_optimized: bool             # diff-linear, alpha-crown-diff: the logits' f/g slopes were optimised
     truncated: list[bool]            # the time limit cut the method short (see `truncated_regions`)
     complete: list[bool]             # lp, milp, bab: the LP pass finished before its deadline

@@ -117,7 +117,7 @@ class RegionBatch:
         """The same boxes without the balls: a superset of every region, for methods that encode boxes only."""
         return self if self.l2 is None else RegionBatch(self.lo, self.hi)
 
-    def select(self, idx: slice) -> RegionBatch:
+    def select(self, idx: slice | torch.Tensor) -> RegionBatch:
         l2 = None if self.l2 is None else (self.l2[0][idx], self.l2[1][idx])
         return RegionBatch(self.lo[idx], self.hi[idx], l2)
 
