@@ -86,7 +86,7 @@ def test_milp_attack_does_not_claim_exactness_for_a_refuted_dual_bound(monkeypat
     def presolve_off(self, enc, integer=False):
         real_init(self, enc, integer)
         if integer:
-            self.h.setOptionValue("presolve", "off")
+            self.highs.setOptionValue("presolve", "off")
     monkeypatch.setattr(highs.HighsModel, "__init__", presolve_off)
     monkeypatch.setattr(highs, "OPINION_SEEDS", (0,))   # only the wrong opinion (the second corrects it)
     rng = np.random.default_rng(302)

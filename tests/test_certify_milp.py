@@ -162,7 +162,7 @@ def test_second_opinion_corrects_a_wrong_optimum():
     merged answer keeps the larger (correct) dual bound and the better point."""
     pair, lo, hi = _presolve_off_case()
     milp = PairMILP(pair, lo=lo, hi=hi)
-    milp.model.h.setOptionValue("presolve", "off")
+    milp.model.highs.setOptionValue("presolve", "off")
     objective = _delta(pair, 1, 1.0)
     c = milp.objective_vector(objective)
     milp.model.set_objective(c)
@@ -191,12 +191,12 @@ def test_witness_refutes_a_wrong_dual_bound_and_falls_back_to_the_lp_bound(monke
     monkeypatch.setattr(highs, "OPINION_SEEDS", (0,))   # one opinion only: the wrong one
     pair, lo, hi = _presolve_off_case()
     plain = PairMILP(pair, lo=lo, hi=hi)
-    plain.model.h.setOptionValue("presolve", "off")   # reproduce the solver's wrong "optimal"
+    plain.model.highs.setOptionValue("presolve", "off")   # reproduce the solver's wrong "optimal"
     objective = _delta(pair, 1, 1.0)
     wrong = plain.solve(objective, 30)
     assert wrong.status == "optimal" and wrong.upper < 0   # the unsound answer without a witness
     checked = PairMILP(pair, lo=lo, hi=hi, witness=milp_witness(pair))
-    checked.model.h.setOptionValue("presolve", "off")
+    checked.model.highs.setOptionValue("presolve", "off")
     r = checked.solve(objective, 30)
     lp = checked.lp_bound(checked.objective_vector(objective))
     assert r.value > wrong.upper and r.value == pytest.approx(checked.evaluate(objective, r.x), abs=0)
