@@ -77,6 +77,14 @@ def _fin(a: Array) -> Array:
     return np.where(np.isfinite(a), a, np.where(a > 0, INF, -INF))
 
 
+class LPModel(Protocol):
+    """An LP over an encoding, re-solved for many objectives: `HighsModel`, or `cone.ConeModel` for L2 balls."""
+
+    def maximize_lp(self, c: Array) -> LPSolution: ...
+
+    def set_col_bounds(self, cols: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike) -> None: ...
+
+
 class LinearRows(Protocol):
     """What `dual_terms` reads of a model: row and column bounds and the transposed constraint matrix."""
 
