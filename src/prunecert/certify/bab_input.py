@@ -121,8 +121,9 @@ def _input_bab(pair: Pair, lo: Array, hi: Array, tolerance: float | None, deadli
         closed_hi = torch.maximum(closed_hi, delta_hi[~keep].max(0).values) if (~keep).any() else closed_hi
         leaf_lo, leaf_hi, leaf_max = leaf_lo[keep], leaf_hi[keep], leaf_max[keep]
         delta_lo, delta_hi = delta_lo[keep], delta_hi[keep]
+        # closed leaves count on the chosen logits only, as open ones do (leaf_max)
         upper = max(float(leaf_max.max()) if len(leaf_max) else -np.inf,
-                    float(torch.maximum(closed_hi, -closed_lo).max()))
+                    float(torch.maximum(closed_hi, -closed_lo)[cols].max()))
         stop = "gap" if not len(leaf_max) else stop_reason(upper, reached, rel_gap, tolerance, deadline)
         if stop:
             break
