@@ -53,7 +53,7 @@ def _refuted(pair: Pair, x: Array, prop: ClassProperty, stage: str, start: float
     if classes is None:
         return None
     return Settled("refuted", stage, np.asarray(x, dtype=np.float64).reshape(pair.input_shape).copy(), *classes,
-                   seconds=time.perf_counter() - start, details=details)
+                   seconds=time.perf_counter() - start, details={**details})
 
 
 def settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, budget: float,
