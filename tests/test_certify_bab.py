@@ -7,7 +7,8 @@ import pytest
 from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pairs import random_box, random_pair, sample_deltas
+from pairs import _mlp, _twin_weights, random_box, random_mlp_weights, random_pair, sample_deltas
+from prunecert.core.pair import Pair
 from prunecert.certify import certify
 from prunecert.certify.bab import bab_bounds
 from prunecert.certify.lp import lp_bounds
@@ -77,6 +78,26 @@ def test_tolerance_stops_the_search_both_ways():
         assert refuted.info["bab"][0]["reached"] > 0.5 * sampled
         assert refuted.info["bab"][0]["stop"] == "violated"
         assert float(refuted.max_abs_logit_deviation()[0]) >= sampled - FWD
+
+
+def test_input_splits_certify_the_chosen_logits_despite_a_large_other_one():
+    """Logit 2 of g is f's + 100 (|Delta_2| = 100 everywhere); with logits=[0, 1] the input splits
+    used to count the closed leaves' bound on Delta_2 too, so the tolerance on logits 0, 1 was never
+    met: the search ran to its budget (1603 nodes, stop "time") with its final bound below it."""
+    rng = np.random.default_rng(14)
+    ws, bs = random_mlp_weights(rng, 3, (10, 8), 3)
+    w2, b2 = _twin_weights(rng, ws, bs, "perturb")
+    b2[-1] = np.asarray(b2[-1], dtype=np.float64) + np.array([0.0, 0.0, 100.0])
+    pair = Pair(_mlp(ws, bs, "f"), _mlp(w2, b2, "g"))
+    lo, hi = np.zeros(3), np.ones(3)
+    s_min, s_max = sample_deltas(pair, lo, hi, 2000)[-1]
+    sampled = float(max(s_max[:2].max(), -s_min[:2].min()))
+    bb = bab_bounds(pair, lo, hi, tolerance=1.5 * sampled, time_limit=20, rel_gap=0.0, branching="input",
+                    logits=[0, 1])
+    info = bb.info["bab"][0]
+    assert info["stop"] == "certified"
+    assert sampled - FWD <= info["upper"] <= 1.5 * sampled
+    assert float(bb.delta[-1].lower[0, 2]) <= -100.0 + 1e-6    # the other logit's bound stays sound
 
 
 @pytest.mark.parametrize("branching", ["input", "relu"])

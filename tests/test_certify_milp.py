@@ -9,7 +9,9 @@ from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pairs import random_box, random_pair, sample_deltas, sample_points
+from prunecert.certify.diff_linear import diff_linear_bounds
 from prunecert.certify.exhaustive import enumerate_max
+from prunecert.certify.formulation import RegionBounds
 from prunecert.certify.lp import lp_bounds
 from prunecert.certify.milp import PairMILP, milp_bounds
 from prunecert.core.regions import Box, L2Ball
@@ -149,25 +151,36 @@ def test_tolerance_margin_is_positive_and_small():
 
 
 def _presolve_off_case():
-    """The seed-302 pair on which HiGHS with presolve off reports max Delta_logit[1] = -1.78e-4 as
-    optimal although an input reaches 6.4e-4 (the reason presolve stays on, certify/highs.py)."""
+    """The seed-302 pair on which HiGHS with presolve off reports max Delta_logit[1] < 0 as optimal
+    although an input reaches 6.4e-4 (the reason presolve stays on, certify/highs.py)."""
     rng = np.random.default_rng(302)
     pair = random_pair(rng, 3, (8, 6), 3, "perturb")
     lo, hi = random_box(rng, 3)
     return pair, lo, hi
 
 
+def _wrong_optimum_milp(pair, lo, hi, **kwargs) -> PairMILP:
+    """The MILP of `_presolve_off_case` on which HiGHS 1.16 (presolve off, seed 0) errs. Whether it errs
+    depends on the big-M constants, so they come from diff-linear's bounds *without* the LP tightening
+    (which moved them when diff-linear got tighter); the first assert of each test below says so if a
+    later bound engine or HiGHS no longer reproduces the solver's mistake."""
+    pre = RegionBounds.from_pair_bounds(diff_linear_bounds(pair, lo, hi), 0)
+    milp = PairMILP(pair, pre_bounds=pre, lo=lo, hi=hi, tighten=False, **kwargs)
+    milp.model.highs.setOptionValue("presolve", "off")
+    return milp
+
+
 def test_second_opinion_corrects_a_wrong_optimum():
     """With presolve off HiGHS's seed-0 run declares a wrong optimum; the seed-1 run does not, and the
     merged answer keeps the larger (correct) dual bound and the better point."""
     pair, lo, hi = _presolve_off_case()
-    milp = PairMILP(pair, lo=lo, hi=hi)
-    milp.model.h.setOptionValue("presolve", "off")
+    milp = _wrong_optimum_milp(pair, lo, hi)
     objective = _delta(pair, 1, 1.0)
     c = milp.objective_vector(objective)
     milp.model.set_objective(c)
     runs = [milp.model._run_milp(seed, 30) for seed in (0, 1)]
-    assert runs[0].status == "optimal" and runs[0].dual_bound < 0 < runs[1].dual_bound   # one opinion is wrong
+    assert runs[0].status == "optimal" and runs[0].dual_bound < 0 < runs[1].dual_bound, \
+        f"the case no longer reproduces HiGHS's wrong optimum: {runs}"   # one opinion is wrong
     merged = milp.model.maximize_milp(c, 30)
     assert merged.dual_bound == max(r.dual_bound for r in runs) and merged.status == "optimal"
     r = milp.solve(objective, 30)
@@ -190,13 +203,11 @@ def test_witness_refutes_a_wrong_dual_bound_and_falls_back_to_the_lp_bound(monke
     from prunecert.certify.milp import REFUTED
     monkeypatch.setattr(highs, "OPINION_SEEDS", (0,))   # one opinion only: the wrong one
     pair, lo, hi = _presolve_off_case()
-    plain = PairMILP(pair, lo=lo, hi=hi)
-    plain.model.h.setOptionValue("presolve", "off")   # reproduce the solver's wrong "optimal"
+    plain = _wrong_optimum_milp(pair, lo, hi)   # reproduce the solver's wrong "optimal"
     objective = _delta(pair, 1, 1.0)
     wrong = plain.solve(objective, 30)
     assert wrong.status == "optimal" and wrong.upper < 0   # the unsound answer without a witness
-    checked = PairMILP(pair, lo=lo, hi=hi, witness=milp_witness(pair))
-    checked.model.h.setOptionValue("presolve", "off")
+    checked = _wrong_optimum_milp(pair, lo, hi, witness=milp_witness(pair))
     r = checked.solve(objective, 30)
     lp = checked.lp_bound(checked.objective_vector(objective))
     assert r.value > wrong.upper and r.value == pytest.approx(checked.evaluate(objective, r.x), abs=0)

@@ -16,7 +16,9 @@ import time
 import numpy as np
 import torch
 
+from prunecert.certify.formulation import Array
 from prunecert.certify.lp import initial_bounds
+from prunecert.certify.result import BabRegionInfo
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch
 from prunecert.threads import one_torch_thread
@@ -65,9 +67,9 @@ def stop_reason(upper: float, reached: float, rel_gap: float, tolerance: float |
     return None
 
 
-def input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | None, deadline: float,
-              rel_gap: float, reached: float, point: np.ndarray | None, logits: list[int] | None = None
-              ) -> tuple[np.ndarray, np.ndarray, dict]:
+def input_bab(pair: Pair, lo: Array, hi: Array, tolerance: float | None, deadline: float,
+              rel_gap: float, reached: float, point: Array | None, logits: list[int] | None = None
+              ) -> tuple[Array, Array, BabRegionInfo]:
     """Refine the logits' Delta bounds over the box [lo, hi] by bisecting inputs until done or out of time.
 
     Returns per-coordinate (lower, upper) over the whole box (max over all leaves, open or closed)
@@ -78,65 +80,70 @@ def input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | Non
         return _input_bab(pair, lo, hi, tolerance, deadline, rel_gap, reached, point, logits)
 
 
-def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, tolerance: float | None, deadline: float,
-               rel_gap: float, reached: float, point: np.ndarray | None, logits: list[int] | None
-               ) -> tuple[np.ndarray, np.ndarray, dict]:
+def _input_bab(pair: Pair, lo: Array, hi: Array, tolerance: float | None, deadline: float,
+               rel_gap: float, reached: float, point: Array | None, logits: list[int] | None
+               ) -> tuple[Array, Array, BabRegionInfo]:
     shape = pair.input_shape
     box_lo = torch.as_tensor(lo, dtype=torch.float64).reshape(1, *shape)
     box_hi = torch.as_tensor(hi, dtype=torch.float64).reshape(1, *shape)
     leaf_lo, leaf_hi = box_lo, box_hi
-    d_lo, d_hi = _leaf_bounds(pair, leaf_lo, leaf_hi)
-    closed_lo = torch.full_like(d_lo[0], np.inf)
-    closed_hi = torch.full_like(d_hi[0], -np.inf)
+    delta_lo, delta_hi = _leaf_bounds(pair, leaf_lo, leaf_hi)
+    closed_lo = torch.full_like(delta_lo[0], np.inf)
+    closed_hi = torch.full_like(delta_hi[0], -np.inf)
     nodes, steps = 1, 0
 
-    cols = slice(None) if logits is None else torch.as_tensor(logits)
+    cols: slice | torch.Tensor = slice(None) if logits is None else torch.as_tensor(logits)
 
-    def worst_of(dl, dh):
-        return torch.maximum(dh, -dl)[:, cols].max(1)
+    def worst_of(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per leaf, the bound on max_k |Delta_k| over the chosen logits, and which logit has it."""
+        values, indices = torch.maximum(upper, -lower)[:, cols].max(1)
+        return values, indices
 
     while True:
-        m, _ = worst_of(d_lo, d_hi)
+        leaf_max, _ = worst_of(delta_lo, delta_hi)
         # close leaves that cannot raise the max beyond what is reached
-        keep = m > reached
-        closed_lo = torch.minimum(closed_lo, d_lo[~keep].min(0).values) if (~keep).any() else closed_lo
-        closed_hi = torch.maximum(closed_hi, d_hi[~keep].max(0).values) if (~keep).any() else closed_hi
-        leaf_lo, leaf_hi, d_lo, d_hi, m = leaf_lo[keep], leaf_hi[keep], d_lo[keep], d_hi[keep], m[keep]
-        upper = max(float(m.max()) if len(m) else -np.inf, float(torch.maximum(closed_hi, -closed_lo).max()))
-        stop = "gap" if not len(m) else stop_reason(upper, reached, rel_gap, tolerance, deadline)
+        keep = leaf_max > reached
+        closed_lo = torch.minimum(closed_lo, delta_lo[~keep].min(0).values) if (~keep).any() else closed_lo
+        closed_hi = torch.maximum(closed_hi, delta_hi[~keep].max(0).values) if (~keep).any() else closed_hi
+        leaf_lo, leaf_hi, leaf_max = leaf_lo[keep], leaf_hi[keep], leaf_max[keep]
+        delta_lo, delta_hi = delta_lo[keep], delta_hi[keep]
+        # closed leaves count on the chosen logits only, as open ones do (leaf_max)
+        upper = max(float(leaf_max.max()) if len(leaf_max) else -np.inf,
+                    float(torch.maximum(closed_hi, -closed_lo)[cols].max()))
+        stop = "gap" if not len(leaf_max) else stop_reason(upper, reached, rel_gap, tolerance, deadline)
         if stop:
             break
-        order = torch.argsort(m, descending=True)
+        order = torch.argsort(leaf_max, descending=True)
         top, rest = order[:BATCH], order[BATCH:]
-        _, worst = worst_of(d_lo[top], d_hi[top])
+        _, worst = worst_of(delta_lo[top], delta_hi[top])
         if logits is not None:
             worst = torch.as_tensor(logits)[worst]
         dims = _split_dims(pair, leaf_lo[top], leaf_hi[top], worst)
-        p_lo, p_hi = leaf_lo[top].reshape(len(top), -1), leaf_hi[top].reshape(len(top), -1)
+        parent_lo, parent_hi = leaf_lo[top].reshape(len(top), -1), leaf_hi[top].reshape(len(top), -1)
         rows = torch.arange(len(top))
-        mid = (p_lo[rows, dims] + p_hi[rows, dims]) / 2
-        left_hi, right_lo = p_hi.clone(), p_lo.clone()
+        mid = (parent_lo[rows, dims] + parent_hi[rows, dims]) / 2
+        left_hi, right_lo = parent_hi.clone(), parent_lo.clone()
         left_hi[rows, dims] = mid
         right_lo[rows, dims] = mid
-        c_lo = torch.cat([p_lo, right_lo]).reshape(-1, *shape)
-        c_hi = torch.cat([left_hi, p_hi]).reshape(-1, *shape)
-        cd_lo, cd_hi = _leaf_bounds(pair, c_lo, c_hi)
-        nodes += len(c_lo)
+        child_lo = torch.cat([parent_lo, right_lo]).reshape(-1, *shape)
+        child_hi = torch.cat([left_hi, parent_hi]).reshape(-1, *shape)
+        child_delta_lo, child_delta_hi = _leaf_bounds(pair, child_lo, child_hi)
+        nodes += len(child_lo)
         steps += 1
         # lower bounds: the children's centres
         with torch.no_grad():
-            dev = pair.deltas((c_lo + c_hi) / 2)[-1].reshape(len(c_lo), -1)[:, cols].abs().max(1).values
+            dev = pair.deltas((child_lo + child_hi) / 2)[-1].reshape(len(child_lo), -1)[:, cols].abs().max(1).values
         best = int(dev.argmax())
         if float(dev[best]) > reached:
-            reached, point = float(dev[best]), ((c_lo[best] + c_hi[best]) / 2).numpy().copy()
-        leaf_lo = torch.cat([leaf_lo[rest], c_lo])
-        leaf_hi = torch.cat([leaf_hi[rest], c_hi])
-        d_lo = torch.cat([d_lo[rest], cd_lo])
-        d_hi = torch.cat([d_hi[rest], cd_hi])
-    out_lo = torch.minimum(closed_lo, d_lo.min(0).values) if len(d_lo) else closed_lo
-    out_hi = torch.maximum(closed_hi, d_hi.max(0).values) if len(d_hi) else closed_hi
+            reached, point = float(dev[best]), ((child_lo[best] + child_hi[best]) / 2).numpy().copy()
+        leaf_lo = torch.cat([leaf_lo[rest], child_lo])
+        leaf_hi = torch.cat([leaf_hi[rest], child_hi])
+        delta_lo = torch.cat([delta_lo[rest], child_delta_lo])
+        delta_hi = torch.cat([delta_hi[rest], child_delta_hi])
+    out_lo = torch.minimum(closed_lo, delta_lo.min(0).values) if len(delta_lo) else closed_lo
+    out_hi = torch.maximum(closed_hi, delta_hi.max(0).values) if len(delta_hi) else closed_hi
     up = float(torch.maximum(out_hi, -out_lo)[cols].max())
-    info = {"nodes": nodes, "open": int(len(d_lo)), "upper": up, "reached": reached, "steps": steps,
-            "finished": within_gap(up, reached, rel_gap), "point": point,
-            "branching": "input", "stop": stop}
+    info: BabRegionInfo = {"nodes": nodes, "open": int(len(delta_lo)), "upper": up, "reached": reached, "steps": steps,
+                           "finished": within_gap(up, reached, rel_gap), "point": point,
+                           "branching": "input", "stop": stop}
     return out_lo.numpy(), out_hi.numpy(), info

@@ -122,4 +122,4 @@ class Settled:
     class_f: int | None = None
     class_g: int | None = None
     seconds: float = 0.0
-    details: dict = field(default_factory=dict)  # nodes, open leaves / classes, volume left
+    details: dict[str, float | int | None] = field(default_factory=dict)  # nodes, open leaves / classes, volume left

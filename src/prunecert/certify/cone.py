@@ -14,12 +14,16 @@ rounding is covered by the same gamma margin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cvxpy as cp
 import numpy as np
+import numpy.typing as npt
 
-from prunecert.certify.formulation import Encoding
+from prunecert.certify.formulation import Array, Encoding
 from prunecert.certify.highs import LPSolution, dual_terms
 from prunecert.core.rounding import TINY, UNIT_ROUNDOFF, gamma
+from prunecert.errors import ConfigError
 
 MAX_CONE_COLUMNS = 20_000
 
@@ -27,9 +31,8 @@ MAX_CONE_COLUMNS = 20_000
 class ConeModel:
     """max c.v over the triangle-relaxation encoding intersected with an L2 ball on x."""
 
-    def __init__(self, enc: Encoding, center: np.ndarray, radius: float):
+    def __init__(self, enc: Encoding, center: npt.ArrayLike, radius: float) -> None:
         if enc.n_cols > MAX_CONE_COLUMNS:
-            from prunecert.errors import ConfigError
             raise ConfigError(f"lp with an L2 ball: the encoding has {enc.n_cols} columns, above the cone "
                               f"model's limit {MAX_CONE_COLUMNS}; use diff-linear for this network")
         self.enc, self.center, self.radius = enc, np.asarray(center, dtype=np.float64).reshape(-1), float(radius)
@@ -46,7 +49,7 @@ class ConeModel:
         self.c = cp.Parameter(enc.n_cols)
         self.lo_p, self.hi_p = cp.Parameter(enc.n_cols), cp.Parameter(enc.n_cols)
         A = enc.A.tocsr()
-        cons = {}
+        cons: dict[str, cp.Constraint] = {}
         if len(self.rows["eq"]):
             cons["eq"] = A[self.rows["eq"]] @ v == self.row_lo[self.rows["eq"]]
         if len(self.rows["up"]):
@@ -59,15 +62,15 @@ class ConeModel:
         self.problem = cp.Problem(cp.Maximize(self.c @ v), list(cons.values()) + extra)
         self.v = v
 
-    def set_col_bounds(self, cols, lo, hi) -> None:
-        cols = np.atleast_1d(np.asarray(cols))
-        self.col_lo[cols], self.col_hi[cols] = lo, hi
+    def set_col_bounds(self, cols: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike) -> None:
+        ids = np.atleast_1d(np.asarray(cols))
+        self.col_lo[ids], self.col_hi[ids] = lo, hi
 
-    def maximize_lp(self, c: np.ndarray) -> LPSolution:
+    def maximize_lp(self, c: Array) -> LPSolution:
         self.c.value = np.asarray(c, dtype=np.float64)
         self.lo_p.value, self.hi_p.value = self.col_lo, self.col_hi
         try:
-            self.problem.solve(solver=cp.CLARABEL)
+            self.problem.solve(solver=cp.CLARABEL)  # type: ignore[no-untyped-call]  # cvxpy leaves solve unannotated
         except cp.error.SolverError:
             return LPSolution(self.safe_bound(c, np.zeros(self.enc.n_rows)), np.nan, None, "solver_error")
         y = np.zeros(self.enc.n_rows)
@@ -83,7 +86,7 @@ class ConeModel:
                  - np.asarray(self.box[0].dual_value, dtype=np.float64).reshape(-1))[self.enc.x]
         return LPSolution(self.safe_bound(c, y, z), value, v, str(self.problem.status))
 
-    def safe_bound(self, c: np.ndarray, y: np.ndarray, z: np.ndarray | None = None) -> float:
+    def safe_bound(self, c: Array, y: Array, z: Array | None = None) -> float:
         """Weak-duality bound with the ball for the x columns (see module docstring)."""
         y, r, row_terms, col_terms = dual_terms(self, c, y)
         x = self.enc.x
@@ -100,8 +103,7 @@ class ConeModel:
                     + np.sum((np.abs(c) + self.absAt @ np.abs(y)) * mag_x))
         return float(np.nextafter(total + 2.0 * gamma(k) * mag + TINY, np.inf))
 
-
-    def _split_bound(self, rx: np.ndarray, z: np.ndarray) -> float:
+    def _split_bound(self, rx: Array, z: Array) -> float:
         """Bound r_x . x over box and ball by splitting r_x = z + s: z over the box, s over the ball."""
         z = np.where(np.isfinite(z), z, 0.0)
         s = rx - z
@@ -114,7 +116,7 @@ class ConeModel:
         return float(np.sum(box)) + ball + 2 * err + abs(ball) * 4 * UNIT_ROUNDOFF
 
 
-def cone_factory(center: np.ndarray, radius: float):
+def cone_factory(center: npt.ArrayLike, radius: float) -> Callable[[Encoding], ConeModel]:
     """A model factory for `lp.refine_region` that adds the ball to every encoding."""
     def make(enc: Encoding) -> ConeModel:
         return ConeModel(enc, center, radius)

@@ -16,26 +16,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from scipy.optimize import linprog
 
-from prunecert.certify.formulation import op_matrix
+from prunecert.certify.formulation import Array, op_matrix
 from prunecert.core.interval import interval_bounds
 from prunecert.core.pair import Pair
 from prunecert.errors import ConfigError
-from prunecert.network import Flatten
+from prunecert.network import Flatten, Layer
 
 MAX_LPS = 200_000
+
+AffineMap = tuple[Array, Array]  # (A, c): x -> A x + c
 
 
 @dataclass
 class EnumResult:
     value: float            # the best pattern LP's optimum (solver arithmetic)
-    x: np.ndarray | None    # its maximiser
+    x: Array | None         # its maximiser
     lps: int                # LPs solved
 
 
-def _layer_affine(layer, A: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _layer_affine(layer: Layer, A: Array, c: Array) -> AffineMap:
     """Push the affine map x -> A x + c (the layer input) through the layer's ops."""
     for op in layer.ops:
         if isinstance(op, Flatten):
@@ -45,36 +48,37 @@ def _layer_affine(layer, A: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.n
     return A, c
 
 
-def enumerate_max(pair: Pair, lo, hi, objective: tuple[int, np.ndarray, np.ndarray],
-                  max_lps: int = MAX_LPS, side: Sequence[tuple[np.ndarray, np.ndarray, float]] = ()) -> EnumResult:
+def enumerate_max(pair: Pair, lo: npt.ArrayLike, hi: npt.ArrayLike, objective: tuple[int, npt.ArrayLike, npt.ArrayLike],
+                  max_lps: int = MAX_LPS, side: Sequence[tuple[npt.ArrayLike, npt.ArrayLike, float]] = ()
+                  ) -> EnumResult:
     """max of cf . a_layer^f(x) + cg . a_layer^g(x) over the box [lo, hi], over all patterns.
 
     `side`: extra conditions sf . a_layer^f(x) + sg . a_layer^g(x) >= s0 on the objective's layer
     (e.g. f's confidence in a class); value -inf when no input of the box meets them."""
-    layer, cf, cg = objective
-    layer %= pair.n_layers
-    lo = np.asarray(lo, dtype=np.float64).reshape(-1)
-    hi = np.asarray(hi, dtype=np.float64).reshape(-1)
-    n = len(lo)
+    layer = objective[0] % pair.n_layers
+    lower = np.asarray(lo, dtype=np.float64).reshape(-1)
+    upper = np.asarray(hi, dtype=np.float64).reshape(-1)
+    n = len(lower)
     with torch.no_grad():
-        ib = {s: interval_bounds(net, torch.as_tensor(lo).reshape(pair.input_shape),
-                                 torch.as_tensor(hi).reshape(pair.input_shape))
+        ib = {s: interval_bounds(net, torch.as_tensor(lower).reshape(pair.input_shape),
+                                 torch.as_tensor(upper).reshape(pair.input_shape))
               for s, net in (("f", pair.f), ("g", pair.g))}
     best = EnumResult(-np.inf, None, 0)
-    cf = np.asarray(cf, dtype=np.float64).reshape(-1)
-    cg = np.asarray(cg, dtype=np.float64).reshape(-1)
+    cf = np.asarray(objective[1], dtype=np.float64).reshape(-1)
+    cg = np.asarray(objective[2], dtype=np.float64).reshape(-1)
 
-    def solve(G: np.ndarray, h: np.ndarray, obj: np.ndarray | None):
+    def solve(G: Array, h: Array, obj: Array | None) -> tuple[float, Array] | None:
+        """max obj.x over {G x <= h} in the box: (value, maximiser), None if infeasible (or failed)."""
         best.lps += 1
         if best.lps > max_lps:
             raise ConfigError(f"enumerate_max: more than {max_lps} LPs; the pair is too large for enumeration")
         c = np.zeros(n) if obj is None else -obj
-        res = linprog(c, A_ub=G if len(G) else None, b_ub=h if len(h) else None, bounds=list(zip(lo, hi)),
+        res = linprog(c, A_ub=G if len(G) else None, b_ub=h if len(h) else None, bounds=list(zip(lower, upper)),
                       method="highs")
-        return res if res.status == 0 else None
+        return (-float(res.fun), np.asarray(res.x, dtype=np.float64)) if res.status == 0 else None
 
-    def recurse(l: int, maps: dict, G: np.ndarray, h: np.ndarray) -> None:
-        new = {}
+    def recurse(l: int, maps: dict[str, AffineMap], G: Array, h: Array) -> None:
+        new: dict[str, AffineMap] = {}
         for s, layers in (("f", pair.layers_f), ("g", pair.layers_g)):
             new[s] = _layer_affine(layers[l], *maps[s])
         if l == layer:
@@ -86,16 +90,16 @@ def enumerate_max(pair: Pair, lo, hi, objective: tuple[int, np.ndarray, np.ndarr
                 G = np.concatenate([G, -(sf @ Af + sg @ Ag)[None]])
                 h = np.concatenate([h, [float(sf @ bf + sg @ bg) - s0]])
             res = solve(G, h, obj)
-            if res is not None and -res.fun + const > best.value:
-                best.value, best.x = -res.fun + const, res.x.copy()
+            if res is not None and res[0] + const > best.value:
+                best.value, best.x = res[0] + const, res[1].copy()
             return
-        rows = []  # (side, neuron) whose sign is free
-        fixed = {}
+        rows: list[tuple[str, int]] = []  # (side, neuron) whose sign is free
+        fixed: dict[str, Array] = {}
         for s in ("f", "g"):
             b_lo = ib[s][l].lower.reshape(-1).numpy()
             b_hi = ib[s][l].upper.reshape(-1).numpy()
             fixed[s] = np.where(b_lo >= 0, 1.0, 0.0)
-            rows += [(s, i) for i in np.flatnonzero((b_lo < 0) & (b_hi > 0))]
+            rows += [(s, int(i)) for i in np.flatnonzero((b_lo < 0) & (b_hi > 0))]
         for signs in itertools.product((0.0, 1.0), repeat=len(rows)):
             on = {s: fixed[s].copy() for s in ("f", "g")}
             G2, h2 = [G], [h]

@@ -21,12 +21,15 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
-from prunecert.core.interval import affine_interval
+from prunecert.certify.result import PairBounds
+from prunecert.core.interval import Bounds, affine_interval
 from prunecert.core.pair import Pair
 from prunecert.core.rounding import UNIT_ROUNDOFF
 from prunecert.errors import ConfigError
@@ -35,6 +38,12 @@ from prunecert.network import AffineOp, Flatten, Linear
 ZERO = -1  # column id of the constant 0 (the output of a ReLU that is always off)
 MAX_COLUMNS = 60_000
 MAX_NONZEROS = 8_000_000
+
+Array = npt.NDArray[np.float64]
+Columns = npt.NDArray[np.int64]         # column ids of an encoding (ZERO: the constant 0)
+Interval = tuple[Array, Array]          # (lower, upper), one entry per neuron of a layer
+OpTrace = tuple[AffineOp, Columns, Columns] | None  # (op, input columns, output columns); None: Flatten
+Block = tuple[str, int, int, Columns]   # (side "f"/"g"/"gf", layer, op index, output columns)
 
 _MATRICES: "weakref.WeakKeyDictionary[AffineOp, sp.csr_matrix]" = weakref.WeakKeyDictionary()
 
@@ -72,14 +81,14 @@ class RegionBounds:
     What an encoding needs for its ReLU constraints (and big-M constants) and its Delta cuts.
     """
 
-    f: list[tuple[np.ndarray, np.ndarray]]
-    g: list[tuple[np.ndarray, np.ndarray]]
-    delta: list[tuple[np.ndarray, np.ndarray]] | None = None
+    f: list[Interval]
+    g: list[Interval]
+    delta: list[Interval] | None = None
 
     @classmethod
-    def from_pair_bounds(cls, pb, b: int = 0) -> "RegionBounds":
+    def from_pair_bounds(cls, pb: PairBounds, b: int = 0) -> "RegionBounds":
         """Take batch entry `b` of a PairBounds (anything with f, g, delta lists of Bounds)."""
-        def flat(bounds):
+        def flat(bounds: Sequence[Bounds]) -> list[Interval]:
             return [(x.lower[b].reshape(-1).double().numpy().copy(), x.upper[b].reshape(-1).double().numpy().copy())
                     for x in bounds]
         delta = flat(pb.delta) if getattr(pb, "delta", None) is not None else None
@@ -87,7 +96,7 @@ class RegionBounds:
 
     def intersect(self, other: "RegionBounds") -> "RegionBounds":
         """Both are sound, so is their intersection (the tighter side of each)."""
-        def meet(a, b):
+        def meet(a: list[Interval], b: list[Interval]) -> list[Interval]:
             return [(np.maximum(x[0], y[0]), np.minimum(x[1], y[1])) for x, y in zip(a, b)]
         if self.delta is None or other.delta is None:
             delta = self.delta if other.delta is None else other.delta
@@ -96,7 +105,8 @@ class RegionBounds:
         return RegionBounds(meet(self.f, other.f), meet(self.g, other.g), delta)
 
     def copy(self) -> "RegionBounds":
-        dup = lambda bs: [(lo.copy(), hi.copy()) for lo, hi in bs]  # noqa: E731
+        def dup(bounds: list[Interval]) -> list[Interval]:
+            return [(lo.copy(), hi.copy()) for lo, hi in bounds]
         return RegionBounds(dup(self.f), dup(self.g), None if self.delta is None else dup(self.delta))
 
 
@@ -118,36 +128,37 @@ class Neuron:
 class Encoding:
     """Columns, rows and index maps of the pair's encoding (HiGHS ranged-row form)."""
 
-    col_lo: np.ndarray
-    col_hi: np.ndarray
-    integer: np.ndarray               # bool per column
+    col_lo: Array
+    col_hi: Array
+    integer: npt.NDArray[np.bool_]    # per column
     A: sp.csr_matrix                  # rows x columns
-    row_lo: np.ndarray
-    row_hi: np.ndarray
-    x: np.ndarray                     # columns of the (flattened) input
-    af: list[np.ndarray]              # per layer: columns of f's pre-activations
-    ag: list[np.ndarray]
-    gf: list[np.ndarray | None]       # per layer: g's layer l applied to f's layer input (local)
-    hf: list[np.ndarray]              # per hidden layer: columns of f's post-activations (ZERO = 0)
-    hg: list[np.ndarray]
+    row_lo: Array
+    row_hi: Array
+    x: Columns                        # columns of the (flattened) input
+    af: list[Columns]                 # per layer: columns of f's pre-activations
+    ag: list[Columns]
+    gf: list[Columns | None]          # per layer: g's layer l applied to f's layer input (local)
+    hf: list[Columns]                 # per hidden layer: columns of f's post-activations (ZERO = 0)
+    hg: list[Columns]
     neurons: list[Neuron] = field(default_factory=list)
     milp: bool = False
-    blocks: list = field(default_factory=list)  # (side "f"/"g"/"gf", layer, op index, output columns)
+    blocks: list[Block] = field(default_factory=list)
 
-    def embed(self, pair: Pair, x) -> np.ndarray:
+    def embed(self, pair: Pair, x: npt.ArrayLike) -> Array:
         """The column vector of a real input x (float64 forward pass): a feasible point, for tests
         and MILP start solutions. Satisfies every row up to the forward pass's rounding."""
         v = np.zeros(self.n_cols)
         xt = torch.as_tensor(np.asarray(x, dtype=np.float64)).reshape(1, *pair.input_shape)
         v[self.x] = xt.reshape(-1).numpy()
-        values: dict = {}
+        values: dict[tuple[str, int, int], Array] = {}
         with torch.no_grad():
-            inputs = {"f": xt, "g": xt}
+            inputs: dict[str, torch.Tensor | None] = {"f": xt, "g": xt}
             for l in range(len(self.af)):
                 for side, layers in (("f", pair.layers_f), ("g", pair.layers_g), ("gf", pair.layers_g)):
                     if side == "gf" and l == 0:
                         continue
                     h = inputs["f" if side == "gf" else side]
+                    assert h is not None  # layers l > 0 exist only after a ReLU layer set "f_next", "g_next"
                     for j, op in enumerate(layers[l].ops):
                         h = op.forward(h)
                         values[(side, l, j)] = h.reshape(-1).numpy()
@@ -176,19 +187,19 @@ class Encoding:
 class _Builder:
     """Accumulates columns (with bounds) and ranged rows, then emits CSR arrays."""
 
-    def __init__(self):
-        self.col_lo: list[np.ndarray] = []
-        self.col_hi: list[np.ndarray] = []
-        self.integer: list[np.ndarray] = []
-        self.tight: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    def __init__(self) -> None:
+        self.col_lo: list[Array] = []
+        self.col_hi: list[Array] = []
+        self.integer: list[npt.NDArray[np.bool_]] = []
+        self.tight: list[tuple[Columns, Array, Array]] = []
         self.n = 0
-        self.r_idx: list[np.ndarray] = []
-        self.c_idx: list[np.ndarray] = []
-        self.vals: list[np.ndarray] = []
+        self.r_idx: list[npt.NDArray[np.int64]] = []
+        self.c_idx: list[Columns] = []
+        self.vals: list[Array] = []
         self.row_lo: list[float] = []
         self.row_hi: list[float] = []
 
-    def cols(self, lo, hi, integer: bool = False) -> np.ndarray:
+    def cols(self, lo: npt.ArrayLike, hi: npt.ArrayLike, integer: bool = False) -> Columns:
         lo = np.asarray(lo, dtype=np.float64).ravel()
         hi = np.asarray(hi, dtype=np.float64).ravel()
         ids = np.arange(self.n, self.n + len(lo), dtype=np.int64)
@@ -201,11 +212,11 @@ class _Builder:
                               f"large for lp/milp/bab: use --method diff-linear")
         return ids
 
-    def tighten(self, cols: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    def tighten(self, cols: Columns, lo: Array, hi: Array) -> None:
         ok = cols >= 0
         self.tight.append((cols[ok], np.asarray(lo)[ok], np.asarray(hi)[ok]))
 
-    def row(self, cols, vals, lo: float, hi: float) -> int:
+    def row(self, cols: npt.ArrayLike, vals: npt.ArrayLike, lo: float, hi: float) -> int:
         cols = np.asarray(cols, dtype=np.int64)
         vals = np.asarray(vals, dtype=np.float64)
         keep = (cols != ZERO) & (vals != 0)
@@ -216,7 +227,7 @@ class _Builder:
         self.row_hi.append(float(hi))
         return len(self.row_lo) - 1
 
-    def finish(self):
+    def finish(self) -> tuple[Array, Array, npt.NDArray[np.bool_], sp.csr_matrix, Array, Array]:
         nnz = sum(len(v) for v in self.vals)
         if nnz > MAX_NONZEROS:
             raise ConfigError(f"the LP/MILP encoding of this pair has {nnz} non-zeros, above the limit {MAX_NONZEROS}; "
@@ -226,7 +237,8 @@ class _Builder:
             np.maximum.at(col_lo, cols, lo)
             np.minimum.at(col_hi, cols, hi)
         col_hi = np.maximum(col_hi, col_lo)  # empty intersections cannot happen for sound bounds; keep valid
-        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        def cat(parts: list[npt.NDArray[np.float64]] | list[npt.NDArray[np.int64]], dtype: type) -> npt.NDArray[Any]:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
         A = sp.csr_matrix((cat(self.vals, np.float64), (cat(self.r_idx, np.int64), cat(self.c_idx, np.int64))),
                           shape=(len(self.row_lo), self.n))
         A.sum_duplicates()
@@ -234,17 +246,19 @@ class _Builder:
                 np.asarray(self.row_lo, dtype=np.float64), np.asarray(self.row_hi, dtype=np.float64))
 
 
-def _row_signature(M: sp.csr_matrix, i: int, in_cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _row_signature(M: sp.csr_matrix, i: int, in_cols: Columns) -> tuple[Columns, Array]:
     """Row i of M as (column ids, coefficients) over the encoding's columns, sorted, zeros dropped."""
     s, e = M.indptr[i], M.indptr[i + 1]
-    cols, vals = in_cols[M.indices[s:e]], M.data[s:e]
+    cols: Columns = in_cols[M.indices[s:e]]
+    vals: Array = M.data[s:e]
     keep = cols != ZERO
     cols, vals = cols[keep], vals[keep]
     order = np.argsort(cols, kind="stable")
     return cols[order], vals[order]
 
 
-def _affine_block(b: _Builder, op: AffineOp, in_cols, in_lo, in_hi, twin=None):
+def _affine_block(b: _Builder, op: AffineOp, in_cols: Columns, in_lo: Array, in_hi: Array,
+                  twin: tuple[AffineOp, Columns, Columns] | None = None) -> tuple[Columns, Array, Array]:
     """Columns for op(input block) with rows `out - M in = bias`; returns (cols, lo, hi).
 
     `twin` = (f's op, f's input cols, f's output cols): a row of `op` that is exactly f's row over
@@ -262,8 +276,8 @@ def _affine_block(b: _Builder, op: AffineOp, in_cols, in_lo, in_hi, twin=None):
         f_op, f_in, f_out = twin
         Mf, bf = op_matrix(f_op), f_op.bias.reshape(-1).numpy()
         for i in np.flatnonzero(bias == bf):
-            gc, gv = _row_signature(M, i, in_cols)
-            fc, fv = _row_signature(Mf, i, f_in)
+            gc, gv = _row_signature(M, int(i), in_cols)
+            fc, fv = _row_signature(Mf, int(i), f_in)
             if np.array_equal(gc, fc) and np.array_equal(gv, fv):
                 out[i], shared[i] = f_out[i], True
     new = np.flatnonzero(~shared)
@@ -276,18 +290,16 @@ def _affine_block(b: _Builder, op: AffineOp, in_cols, in_lo, in_hi, twin=None):
     return out, lo, hi
 
 
-def _run_layer(b: _Builder, ops, in_cols, in_lo, in_hi, twin_trace=None):
+def _run_layer(b: _Builder, ops: Sequence[AffineOp], in_cols: Columns, in_lo: Array, in_hi: Array,
+               twin_trace: list[OpTrace] | None = None) -> tuple[Columns, Array, Array, list[OpTrace]]:
     """Encode one layer's ops; returns (cols, lo, hi, trace) with trace[j] = (op, in, out) per op."""
     cols, lo, hi = np.asarray(in_cols), np.asarray(in_lo, dtype=np.float64), np.asarray(in_hi, dtype=np.float64)
-    trace = []
+    trace: list[OpTrace] = []
     for j, op in enumerate(ops):
         if isinstance(op, Flatten):  # C-order flattening: the same columns
             trace.append(None)
             continue
-        twin = None
-        if twin_trace is not None and twin_trace[j] is not None:
-            f_op, f_in, f_out = twin_trace[j]
-            twin = (f_op, f_in, f_out)
+        twin = twin_trace[j] if twin_trace is not None else None
         new_cols, lo, hi = _affine_block(b, op, cols, lo, hi, twin)
         trace.append((op, cols, new_cols))
         cols = new_cols
@@ -307,7 +319,8 @@ def relu_upper_line(lo: float, hi: float) -> tuple[float, float]:
     return s, float(np.nextafter(t, np.inf))
 
 
-def _relu(b: _Builder, a, lo, hi, milp, relu_of, neurons, layer, who):
+def _relu(b: _Builder, a: Columns, lo: Array, hi: Array, milp: bool, relu_of: dict[int, Neuron | _Alias],
+          neurons: list[Neuron], layer: int, who: str) -> tuple[Columns, Array, Array]:
     """Post-activation columns of the block `a` (ZERO when off, `a` itself when on)."""
     h = np.empty_like(a)
     h_lo, h_hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
@@ -343,6 +356,8 @@ def _relu(b: _Builder, a, lo, hi, milp, relu_of, neurons, layer, who):
 
 @dataclass
 class _Alias:
+    """A stable neuron's pre-activation column that a twin of g meets again: its h column (ZERO or itself)."""
+
     h: int
 
 
@@ -374,7 +389,7 @@ def check_encodable(pair: Pair, what: str, advice: str) -> None:
                           f"{MAX_COLUMNS}); {advice}")
 
 
-def build_encoding(pair: Pair, lo, hi, pre: RegionBounds, milp: bool = False, local: bool = False,
+def build_encoding(pair: Pair, lo: npt.ArrayLike, hi: npt.ArrayLike, pre: RegionBounds, milp: bool = False, local: bool = False,
                    delta_cuts: bool = True, upto: int | None = None) -> Encoding:
     """Encode f and g over the box [lo, hi] given sound pre-activation bounds `pre` (one region).
 
@@ -387,14 +402,21 @@ def build_encoding(pair: Pair, lo, hi, pre: RegionBounds, milp: bool = False, lo
     hi = np.asarray(hi, dtype=np.float64).reshape(-1)
     x = b.cols(lo, hi)
     n_layers = pair.n_layers if upto is None else min(pair.n_layers, upto + 1)
-    af, ag, gf, hf, hg, neurons, blocks = [], [], [], [], [], [], []
-    relu_of: dict = {}
+    af: list[Columns] = []
+    ag: list[Columns] = []
+    gf: list[Columns | None] = []
+    hf: list[Columns] = []
+    hg: list[Columns] = []
+    neurons: list[Neuron] = []
+    blocks: list[Block] = []
+    relu_of: dict[int, Neuron | _Alias] = {}
     f_in, f_lo, f_hi = x, lo, hi
     g_in, g_lo, g_hi = x, lo, hi
     for l, (lf, lg) in enumerate(pair.layer_pairs()[:n_layers]):
         a_f, flo, fhi, trace = _run_layer(b, lf.ops, f_in, f_lo, f_hi)
         a_g, glo, ghi, trace_g = _run_layer(b, lg.ops, g_in, g_lo, g_hi, trace)
-        blocks += [(side, l, j, t[2]) for side, tr in (("f", trace), ("g", trace_g)) for j, t in enumerate(tr) if t]
+        blocks += [(side, l, j, t[2]) for side, tr in (("f", trace), ("g", trace_g))
+                   for j, t in enumerate(tr) if t is not None]
         flo, fhi = np.maximum(flo, pre.f[l][0]), np.minimum(fhi, pre.f[l][1])
         glo, ghi = np.maximum(glo, pre.g[l][0]), np.minimum(ghi, pre.g[l][1])
         same = a_f == a_g  # one quantity: both bound sets apply
@@ -408,7 +430,7 @@ def build_encoding(pair: Pair, lo, hi, pre: RegionBounds, milp: bool = False, lo
         if local and l > 0:
             cols, _, _, trace_gf = _run_layer(b, lg.ops, f_in, f_lo, f_hi, trace)
             gf.append(cols)
-            blocks += [("gf", l, j, t[2]) for j, t in enumerate(trace_gf) if t]
+            blocks += [("gf", l, j, t[2]) for j, t in enumerate(trace_gf) if t is not None]
         else:
             gf.append(a_g if l == 0 else None)
         if delta_cuts and pre.delta is not None:

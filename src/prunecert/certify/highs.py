@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import highspy
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
-from prunecert.certify.formulation import Encoding
+from prunecert.certify.formulation import Array, Encoding
 from prunecert.core.rounding import TINY, gamma
 from prunecert.solvers import silence_highs_banner
 
@@ -46,7 +48,7 @@ class LPSolution:
 
     bound: float           # sound: >= max over the encoding's feasible set (-inf: proven empty)
     value: float           # the solver's objective value (approximate; nan if none)
-    v: np.ndarray | None   # the solver's column values (None if none)
+    v: Array | None        # the solver's column values (None if none)
     status: str
 
 
@@ -54,7 +56,7 @@ class LPSolution:
 class MILPSolution:
     dual_bound: float      # HiGHS's bound on the optimum (before milp.py's tolerance margin)
     value: float           # best incumbent objective (solver's arithmetic), -inf if none
-    v: np.ndarray | None
+    v: Array | None
     status: str            # "optimal" | "time_limit" | "infeasible" | other HiGHS status
     gap: float             # HiGHS's relative gap
     rigorous: bool = False  # True when no binaries were left: dual_bound is the LP's sound bound
@@ -70,11 +72,30 @@ class MILPSolution:
                             max(self.gap, other.gap), opinions_missing=self.opinions_missing + other.opinions_missing)
 
 
-def _fin(a: np.ndarray) -> np.ndarray:
+def _fin(a: Array) -> Array:
+    """Infinities as HiGHS spells them (kHighsInf)."""
     return np.where(np.isfinite(a), a, np.where(a > 0, INF, -INF))
 
 
-def dual_terms(model, c: np.ndarray, y: np.ndarray):
+class LPModel(Protocol):
+    """An LP over an encoding, re-solved for many objectives: `HighsModel`, or `cone.ConeModel` for L2 balls."""
+
+    def maximize_lp(self, c: Array) -> LPSolution: ...
+
+    def set_col_bounds(self, cols: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike) -> None: ...
+
+
+class LinearRows(Protocol):
+    """What `dual_terms` reads of a model: row and column bounds and the transposed constraint matrix."""
+
+    row_lo: Array
+    row_hi: Array
+    col_lo: Array
+    col_hi: Array
+    At: Any  # scipy.sparse.csr_matrix (columns x rows); scipy ships no type information
+
+
+def dual_terms(model: LinearRows, c: Array, y: Array) -> tuple[Array, Array, Array, Array]:
     """The weak-duality pieces shared by every LP model's `safe_bound` (box or cone).
 
     Any row multipliers y give the bound c.v <= sum(row_terms) + sum(col_terms) over
@@ -94,7 +115,7 @@ def dual_terms(model, c: np.ndarray, y: np.ndarray):
 class HighsModel:
     """One HiGHS model of an encoding, re-solved (warm) for many objectives and bound changes."""
 
-    def __init__(self, enc: Encoding, integer: bool = False):
+    def __init__(self, enc: Encoding, integer: bool = False) -> None:
         self.enc = enc
         self.col_lo, self.col_hi = enc.col_lo.copy(), enc.col_hi.copy()
         self.row_lo, self.row_hi = enc.row_lo.copy(), enc.row_hi.copy()
@@ -102,9 +123,9 @@ class HighsModel:
         self.absAt = abs(self.At)
         self._col_nnz = np.diff(enc.A.tocsc().indptr)
         silence_highs_banner()
-        self.h = highspy.Highs()
-        self.h.silent()
-        opts = {"primal_feasibility_tolerance": PRIMAL_TOL, "dual_feasibility_tolerance": DUAL_TOL,
+        self.highs = highspy.Highs()
+        self.highs.silent()
+        opts: dict[str, float | str | bool] = {"primal_feasibility_tolerance": PRIMAL_TOL, "dual_feasibility_tolerance": DUAL_TOL,
                 "mip_feasibility_tolerance": INTEGRALITY_TOL, "mip_rel_gap": 1e-7, "mip_abs_gap": 1e-10}
         if not integer:
             # warm re-solves after a cost change: dual simplex without presolve and scaling was 5-8x
@@ -118,7 +139,7 @@ class HighsModel:
             # answer; with presolve on it finds 6.4e-4. Correctness over speed.
             opts.update(mip_heuristic_run_rins=False, mip_heuristic_run_rens=False)
         for k, v in opts.items():
-            self.h.setOptionValue(k, v)
+            self.highs.setOptionValue(k, v)
         csc = enc.A.tocsc()
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = enc.n_cols, enc.n_rows
@@ -133,56 +154,57 @@ class HighsModel:
         if integer and enc.integer.any():
             lp.integrality_ = [highspy.HighsVarType.kInteger if f else highspy.HighsVarType.kContinuous
                                for f in enc.integer]
-        self.h.passModel(lp)
+        self.highs.passModel(lp)
         self.integer = bool(integer and enc.integer.any())
 
     # ------------------------------------------------------------------ bound changes (branching)
-    def set_col_bounds(self, cols, lo, hi) -> None:
-        cols = np.atleast_1d(np.asarray(cols, dtype=np.int32))
-        lo, hi = np.broadcast_to(np.asarray(lo, float), cols.shape), np.broadcast_to(np.asarray(hi, float), cols.shape)
-        self.col_lo[cols], self.col_hi[cols] = lo, hi
-        self.h.changeColsBounds(len(cols), cols, _fin(lo.copy()), _fin(hi.copy()))
+    def set_col_bounds(self, cols: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike) -> None:
+        ids = np.atleast_1d(np.asarray(cols, dtype=np.int32))
+        lower = np.broadcast_to(np.asarray(lo, float), ids.shape)
+        upper = np.broadcast_to(np.asarray(hi, float), ids.shape)
+        self.col_lo[ids], self.col_hi[ids] = lower, upper
+        self.highs.changeColsBounds(len(ids), ids, _fin(lower.copy()), _fin(upper.copy()))
 
     def set_row_bounds(self, row: int, lo: float, hi: float) -> None:
         self.row_lo[row], self.row_hi[row] = lo, hi
-        self.h.changeRowBounds(int(row), float(_fin(np.array(lo))), float(_fin(np.array(hi))))
+        self.highs.changeRowBounds(int(row), float(_fin(np.array(lo))), float(_fin(np.array(hi))))
 
-    def add_side_row(self, cols: np.ndarray, vals: np.ndarray, lo: float, hi: float) -> int:
+    def add_side_row(self, cols: npt.ArrayLike, vals: npt.ArrayLike, lo: float, hi: float) -> int:
         """Append the row lo <= vals . v[cols] <= hi (a side condition on the inputs searched, e.g. f's
         confidence in a class); returns its index, to relax later with `set_row_bounds`. The rigorous
         bounds (`safe_bound`, `proves_infeasible`) see the new row too."""
-        cols = np.asarray(cols, dtype=np.int32)
-        vals = np.asarray(vals, dtype=np.float64)
-        self.h.addRow(float(_fin(np.array(lo))), float(_fin(np.array(hi))), len(cols), cols, vals)
+        ids = np.asarray(cols, dtype=np.int32)
+        coefs = np.asarray(vals, dtype=np.float64)
+        self.highs.addRow(float(_fin(np.array(lo))), float(_fin(np.array(hi))), len(ids), ids, coefs)
         self.row_lo, self.row_hi = np.append(self.row_lo, lo), np.append(self.row_hi, hi)
-        col = sp.csr_matrix((vals, (cols, np.zeros(len(cols), dtype=np.int32))), shape=(self.At.shape[0], 1))
+        col = sp.csr_matrix((coefs, (ids, np.zeros(len(ids), dtype=np.int32))), shape=(self.At.shape[0], 1))
         self.At = sp.hstack([self.At, col]).tocsr()
         self.absAt = abs(self.At)
         self._col_nnz = np.diff(self.At.indptr)
         return len(self.row_lo) - 1
 
-    def set_objective(self, c: np.ndarray) -> None:
+    def set_objective(self, c: Array) -> None:
         idx = np.arange(len(c), dtype=np.int32)
-        self.h.changeColsCost(len(c), idx, np.asarray(c, dtype=np.float64))
+        self.highs.changeColsCost(len(c), idx, np.asarray(c, dtype=np.float64))
 
     # ------------------------------------------------------------------ solves
-    def maximize_lp(self, c: np.ndarray) -> LPSolution:
+    def maximize_lp(self, c: Array) -> LPSolution:
         """max c.v over the LP relaxation, with a sound bound (see module docstring)."""
         self.set_objective(c)
-        self.h.run()
-        status = self.h.getModelStatus()
+        self.highs.run()
+        status = self.highs.getModelStatus()
         if status == highspy.HighsModelStatus.kOptimal:
-            sol = self.h.getSolution()
+            sol = self.highs.getSolution()
             y = np.asarray(sol.row_dual, dtype=np.float64)
             v = np.asarray(sol.col_value, dtype=np.float64)
             bound = self.safe_bound(c, y)
-            return LPSolution(bound, float(self.h.getInfo().objective_function_value), v, "optimal")
+            return LPSolution(bound, float(self.highs.getInfo().objective_function_value), v, "optimal")
         if status == highspy.HighsModelStatus.kInfeasible and self.proves_infeasible():
             return LPSolution(-np.inf, np.nan, None, "infeasible")
         # anything else: the box bound (y = 0) is always valid
         return LPSolution(self.safe_bound(c, np.zeros(self.enc.n_rows)), np.nan, None, str(status))
 
-    def safe_bound(self, c: np.ndarray, y: np.ndarray) -> float:
+    def safe_bound(self, c: Array, y: Array) -> float:
         """Sound upper bound on c.v over {row_lo <= A v <= row_hi, col_lo <= v <= col_hi} from any y."""
         y, r, row_terms, col_terms = dual_terms(self, c, y)
         mag_x = np.maximum(np.abs(self.col_lo), np.abs(self.col_hi))
@@ -197,7 +219,8 @@ class HighsModel:
     def proves_infeasible(self) -> bool:
         """Check HiGHS's dual ray as a Farkas certificate (in float64, with a rounding margin)."""
         try:
-            _, has_ray, ray = self.h.getDualRay()
+            # highspy 1.16's stubs omit getDualRay, though the binding has it (-> status, has_ray, ray)
+            _, has_ray, ray = self.highs.getDualRay()  # type: ignore[attr-defined]
         except Exception:  # pragma: no cover - older highspy
             return False
         if not has_ray:
@@ -218,7 +241,7 @@ class HighsModel:
                 return True
         return False
 
-    def maximize_milp(self, c: np.ndarray, time_limit: float) -> MILPSolution:
+    def maximize_milp(self, c: Array, time_limit: float) -> MILPSolution:
         """max c.v with integrality within `time_limit` seconds: HiGHS's numbers, cross-examined.
 
         HiGHS 1.16 sometimes declares a wrong optimum (a dual bound below a feasible integral point:
@@ -250,16 +273,16 @@ class HighsModel:
         return best
 
     def _run_milp(self, seed: int, time_limit: float) -> MILPSolution:
-        self.h.setOptionValue("random_seed", int(seed))
-        self.h.setOptionValue("time_limit", float(time_limit))
-        self.h.run()
-        status = self.h.getModelStatus()
-        info = self.h.getInfo()
+        self.highs.setOptionValue("random_seed", int(seed))
+        self.highs.setOptionValue("time_limit", float(time_limit))
+        self.highs.run()
+        status = self.highs.getModelStatus()
+        info = self.highs.getInfo()
         name = {highspy.HighsModelStatus.kOptimal: "optimal", highspy.HighsModelStatus.kTimeLimit: "time_limit",
                 highspy.HighsModelStatus.kInfeasible: "infeasible"}.get(status, str(status))
-        v = None
+        v: Array | None = None
         if info.primal_solution_status == highspy.kSolutionStatusFeasible:
-            v = np.asarray(self.h.getSolution().col_value, dtype=np.float64)
+            v = np.asarray(self.highs.getSolution().col_value, dtype=np.float64)
         value = float(info.objective_function_value) if v is not None else -np.inf
         dual = float(info.mip_dual_bound)
         if not np.isfinite(dual) or name not in ("optimal", "time_limit"):

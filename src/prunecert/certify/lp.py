@@ -16,23 +16,38 @@ objective as a Parameter and solved by Clarabel (`cone.py`).
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from prunecert.certify.diff_interval import diff_interval_bounds
 from prunecert.certify.diff_linear import diff_linear_bounds
-from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable
-from prunecert.certify.highs import HighsModel
+from prunecert.certify.formulation import (
+    Array,
+    Columns,
+    Encoding,
+    Interval,
+    RegionBounds,
+    build_encoding,
+    check_encodable,
+)
+from prunecert.certify.highs import HighsModel, LPModel
+from prunecert.certify.result import MethodInfo, PairBounds
 from prunecert.core.interval import Bounds
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
-from prunecert.certify.result import MethodInfo, PairBounds
+from prunecert.errors import ConfigError
+from prunecert.network import Flatten, TensorLike
 from prunecert.progress import stage_line
 
+ModelFactory = Callable[[Encoding], LPModel]
+# (centres (B, *input_shape), radii (B,)): each region's box intersected with an L2 ball
+L2Balls = tuple[TensorLike, TensorLike]
 
 @boxes_or_batch
 def initial_bounds(pair: Pair, region: RegionBatch, optimize: bool = True) -> PairBounds:
@@ -51,14 +66,14 @@ class RegionLP:
     """LP results for one region, flattened per layer: each entry (lower, upper) numpy arrays."""
 
     bounds: RegionBounds
-    local: list[tuple[np.ndarray, np.ndarray]]
-    margin: np.ndarray | None   # (C,) lower bounds on min(f_c - f_j, g_c - g_j) for c = `label`
+    local: list[Interval | None]  # per layer; None: not bounded by LP (to_pair_bounds puts -inf, inf)
+    margin: Array | None        # (C,) lower bounds on min(f_c - f_j, g_c - g_j) for c = `label`
     label: int | None
     solves: int
     complete: bool              # False when the deadline cut the pass short
 
 
-def unit(enc: Encoding, plus, minus=None) -> np.ndarray:
+def unit(enc: Encoding, plus: npt.ArrayLike, minus: npt.ArrayLike | None = None) -> Array:
     """Objective vector: +1 on column(s) `plus`, -1 on `minus` (shared columns cancel)."""
     c = np.zeros(enc.n_cols)
     np.add.at(c, np.atleast_1d(plus), 1.0)
@@ -67,15 +82,15 @@ def unit(enc: Encoding, plus, minus=None) -> np.ndarray:
     return c
 
 
-def _range(model, c: np.ndarray) -> tuple[float, float]:
+def _range(model: LPModel, c: Array) -> tuple[float, float]:
     """Sound (min, max) of c.v over the model's feasible set."""
     return -model.maximize_lp(-c).bound, model.maximize_lp(c).bound
 
 
-def refine_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds,
-                  model_factory: Callable[[Encoding], object] = HighsModel, tighten: bool = True,
+def refine_region(pair: Pair, lo: Array, hi: Array, rb: RegionBounds,
+                  model_factory: ModelFactory = HighsModel, tighten: bool = True,
                   delta_layers: set[int] | None = None, local: bool = True, margins: bool = True,
-                  deadline: float | None = None, final_factory: Callable[[Encoding], object] | None = None
+                  deadline: float | None = None, final_factory: ModelFactory | None = None
                   ) -> RegionLP:
     """One region, layer by layer: tighten unstable f/g neurons, then bound Delta_l and local_l by LP.
 
@@ -85,10 +100,14 @@ def refine_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds,
     `model_factory` for the last layer's LPs; hidden layers use the bounding box.
     """
     rb = rb.copy()
+    assert rb.delta is not None  # from_pair_bounds always fills Delta; cuts and LPs need it
     n_layers = pair.n_layers
     delta_layers = set(range(n_layers)) if delta_layers is None else set(delta_layers)
-    local_b = [(rb.delta[0][0].copy(), rb.delta[0][1].copy())] + [None] * (n_layers - 1)
-    solves, complete, margin_out, label = 0, True, None, None
+    local_b: list[Interval | None] = [(rb.delta[0][0].copy(), rb.delta[0][1].copy())]
+    local_b += [None] * (n_layers - 1)
+    solves, complete = 0, True
+    margin_out: Array | None = None
+    label: int | None = None
 
     def late() -> bool:
         return deadline is not None and time.perf_counter() > deadline
@@ -98,8 +117,8 @@ def refine_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds,
         hidden = l < n_layers - 1
         model = (final_factory or model_factory)(enc) if not hidden else model_factory(enc)
         if tighten and hidden and not (l == 0 and _single_weighted_op(pair, 0)):
-            for side, cols in (("f", enc.af[l]), ("g", enc.ag[l])):
-                blo, bhi = getattr(rb, side)[l]
+            for side_bounds, side, cols in ((rb.f, "f", enc.af[l]), (rb.g, "g", enc.ag[l])):
+                blo, bhi = side_bounds[l]
                 for i in np.flatnonzero((blo < 0) & (bhi > 0)):
                     if late():
                         complete = False
@@ -113,16 +132,16 @@ def refine_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds,
                     model.set_col_bounds(cols[i], blo[i], bhi[i])
         if l in delta_layers:
             dlo, dhi = rb.delta[l]
-            for i in range(len(enc.af[l])):
-                if enc.af[l][i] == enc.ag[l][i]:
-                    dlo[i] = dhi[i] = 0.0  # the same column: Delta is identically 0
+            for j in range(len(enc.af[l])):
+                if enc.af[l][j] == enc.ag[l][j]:
+                    dlo[j] = dhi[j] = 0.0  # the same column: Delta is identically 0
                     continue
                 if late():
                     complete = False
                     break
-                lo_i, hi_i = _range(model, unit(enc, enc.af[l][i], enc.ag[l][i]))
+                lo_j, hi_j = _range(model, unit(enc, enc.af[l][j], enc.ag[l][j]))
                 solves += 2
-                dlo[i], dhi[i] = max(dlo[i], lo_i), min(dhi[i], hi_i)
+                dlo[j], dhi[j] = max(dlo[j], lo_j), min(dhi[j], hi_j)
             if l > 0 and local and local_b[l] is None:
                 local_b[l] = _local_bounds(enc, model, l, late)
                 solves += 2 * len(enc.af[l])
@@ -134,26 +153,27 @@ def refine_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds,
 
 def _single_weighted_op(pair: Pair, l: int) -> bool:
     """Layer 0 with one op (plus flatten): interval bounds over a box are already exact."""
-    from prunecert.network import Flatten
     return sum(not isinstance(op, Flatten) for op in pair.layers_f[l].ops) == 1
 
 
-def _local_bounds(enc: Encoding, model, l: int, late) -> tuple[np.ndarray, np.ndarray] | None:
+def _local_bounds(enc: Encoding, model: LPModel, l: int, late: Callable[[], bool]) -> Interval | None:
+    """Bounds on layer l's local deviation a_l^f - L_l^g(h_{l-1}^f); None when `enc` has no g-on-f columns."""
+    local_cols: Columns | None = enc.gf[l]
+    if local_cols is None:
+        return None
     n = len(enc.af[l])
     lo, hi = np.full(n, -np.inf), np.full(n, np.inf)
     for i in range(n):
-        if enc.gf[l] is None:
-            return None
-        if enc.af[l][i] == enc.gf[l][i]:
+        if enc.af[l][i] == local_cols[i]:
             lo[i] = hi[i] = 0.0
             continue
         if late():
             break
-        lo[i], hi[i] = _range(model, unit(enc, enc.af[l][i], enc.gf[l][i]))
+        lo[i], hi[i] = _range(model, unit(enc, enc.af[l][i], local_cols[i]))
     return lo, hi
 
 
-def _margin_bounds(pair: Pair, enc: Encoding, model, lo, hi) -> tuple[int, np.ndarray]:
+def _margin_bounds(pair: Pair, enc: Encoding, model: LPModel, lo: Array, hi: Array) -> tuple[int, Array]:
     """For the class c that f predicts at the box centre: lower bounds on f_c - f_j and g_c - g_j."""
     centre = torch.as_tensor((np.asarray(lo) + np.asarray(hi)) / 2).reshape(1, *pair.input_shape)
     with torch.no_grad():
@@ -171,8 +191,8 @@ def _margin_bounds(pair: Pair, enc: Encoding, model, lo, hi) -> tuple[int, np.nd
 
 def to_pair_bounds(pair: Pair, results: list[RegionLP], init: PairBounds, method: str) -> PairBounds:
     """Stack per-region results into a PairBounds, intersected with the initial (sound) bounds."""
-    def stack(get, shape_of, base: list[Bounds]) -> list[Bounds]:
-        out = []
+    def stack(get: Callable[[RegionLP, int], Interval], base: list[Bounds]) -> list[Bounds]:
+        out: list[Bounds] = []
         for l in range(pair.n_layers):
             shape = shape_of(l)
             lo = torch.stack([torch.as_tensor(get(r, l)[0]).reshape(shape) for r in results])
@@ -180,17 +200,24 @@ def to_pair_bounds(pair: Pair, results: list[RegionLP], init: PairBounds, method
             out.append(Bounds(torch.maximum(lo, base[l].lower), torch.minimum(hi, base[l].upper)))
         return out
 
-    shape_of = lambda l: pair.layers_f[l].out_shape  # noqa: E731
-    f = stack(lambda r, l: r.bounds.f[l], shape_of, init.f)
-    g = stack(lambda r, l: r.bounds.g[l], shape_of, init.g)
-    delta = stack(lambda r, l: r.bounds.delta[l], shape_of, init.delta)
-    def local_of(r: RegionLP, l: int):
-        if r.local[l] is not None:
-            return r.local[l]
-        n = int(np.prod(shape_of(l)))
+    def shape_of(l: int) -> tuple[int, ...]:
+        return tuple(pair.layers_f[l].out_shape)
+
+    def delta_of(r: RegionLP, l: int) -> Interval:
+        assert r.bounds.delta is not None  # refine_region's bounds always carry Delta
+        return r.bounds.delta[l]
+
+    def local_of(r: RegionLP, l: int) -> Interval:
+        bounds = r.local[l]
+        if bounds is not None:
+            return bounds
+        n = math.prod(shape_of(l))
         return np.full(n, -np.inf), np.full(n, np.inf)
 
-    local = stack(local_of, shape_of, init.local)
+    f = stack(lambda r, l: r.bounds.f[l], init.f)
+    g = stack(lambda r, l: r.bounds.g[l], init.g)
+    delta = stack(delta_of, init.delta)
+    local = stack(local_of, init.local)
     local[0] = delta[0]
     margin = init.agreement_margins().clone()
     for b, r in enumerate(results):
@@ -204,7 +231,7 @@ def to_pair_bounds(pair: Pair, results: list[RegionLP], init: PairBounds, method
 
 
 @boxes_or_batch
-def lp_bounds(pair: Pair, region: RegionBatch, tighten: bool = True, layers=None, local: bool = True,
+def lp_bounds(pair: Pair, region: RegionBatch, tighten: bool = True, layers: Iterable[int] | None = None, local: bool = True,
               margins: bool = True, time_limit: float | None = None, progress: bool = False) -> PairBounds:
     """LP (triangle relaxation) bounds on Delta_l, local_l, f and g for a batch of regions.
 
@@ -214,19 +241,22 @@ def lp_bounds(pair: Pair, region: RegionBatch, tighten: bool = True, layers=None
     it, remaining quantities keep initial bounds.
     """
     check_encodable(pair, "lp", "use diff-linear or crown-diff (they scale to conv nets)")
-    lo, hi = region.lo, region.hi
+    lo_t, hi_t = region.lo, region.hi
     init = initial_bounds(pair, region)
-    final = None
-    results = []
-    layers = None if layers is None else {int(l) % pair.n_layers for l in layers}
-    for b in range(lo.shape[0]):
+    final: ModelFactory | None = None
+    results: list[RegionLP] = []
+    delta_layers = None if layers is None else {int(l) % pair.n_layers for l in layers}
+    for b in range(lo_t.shape[0]):
         if region.l2 is not None:
+            # imported here: cvxpy costs ~1.2 s at import (python -X importtime, load ~6), and only L2 regions need it
             from prunecert.certify.cone import cone_factory
             centres, radii = region.l2
             final = cone_factory(centres[b].reshape(-1).numpy(), float(radii[b]))
         deadline = None if time_limit is None else time.perf_counter() + float(time_limit)
         rb = RegionBounds.from_pair_bounds(init, b)
-        results.append(refine_region(pair, lo[b].numpy(), hi[b].numpy(), rb, HighsModel, tighten, layers, local,
-                                     margins, deadline, final))
-        stage_line(f"lp: region {b + 1}/{lo.shape[0]}: {results[-1].solves} LPs", progress)
+        results.append(refine_region(pair, lo_t[b].numpy(), hi_t[b].numpy(), rb, HighsModel, tighten, delta_layers,
+                                     local, margins, deadline, final))
+        stage_line(f"lp: region {b + 1}/{lo_t.shape[0]}: {results[-1].solves} LPs", progress)
+    if not results:
+        raise ConfigError("lp_bounds: no regions")
     return to_pair_bounds(pair, results, init, "lp")

@@ -21,18 +21,27 @@ the LP bounds of the tightening pass (sound, not exact).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from prunecert.certify.formulation import Encoding, RegionBounds, build_encoding, check_encodable, op_matrix
+from prunecert.certify.formulation import (
+    Array,
+    Encoding,
+    RegionBounds,
+    build_encoding,
+    check_encodable,
+    op_matrix,
+)
 from prunecert.certify.highs import DUAL_TOL, INTEGRALITY_TOL, PRIMAL_TOL, UNCONFIRMED, HighsModel
-from prunecert.certify.lp import initial_bounds, refine_region, to_pair_bounds
-from prunecert.core.pair import Pair
+from prunecert.certify.lp import RegionLP, initial_bounds, refine_region, to_pair_bounds
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
-from prunecert.certify.result import PairBounds
+from prunecert.certify.result import MilpRegionInfo, PairBounds
+from prunecert.core.pair import Pair
+from prunecert.core.regions import L2Ball, Region
 from prunecert.core.rounding import TINY, gamma
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Flatten
@@ -41,11 +50,11 @@ from prunecert.progress import stage_line
 SAFETY = 10.0  # multiplies the tolerance margin (see PairMILP.tolerance_margin)
 
 # (layer, cf, cg): maximise cf . a_layer^f + cg . a_layer^g (flattened pre-activations)
-LinearObjective = tuple[int, np.ndarray, np.ndarray]
+LinearObjective = tuple[int, npt.ArrayLike, npt.ArrayLike]
 # a search for inputs reaching more than the solver's point: (objective, solver's x or None) -> (value, x)
-Witness = Callable[[LinearObjective, "np.ndarray | None"], "tuple[float, np.ndarray] | None"]
+Witness = Callable[[LinearObjective, "Array | None"], "tuple[float, npt.ArrayLike] | None"]
 # builds the witness of one box (lo, hi); None where there is nothing to search (a single point)
-WitnessFactory = Callable[[np.ndarray, np.ndarray], "Witness | None"]
+WitnessFactory = Callable[[Array, Array], "Witness | None"]
 REFUTED = "dual_bound_refuted"  # a reached value exceeded HiGHS's dual bound (+ margin): LP bound used
 
 
@@ -55,7 +64,7 @@ class MaxResult:
 
     value: float            # reached at x (float64 forward pass); -inf if no point was found
     upper: float            # sound upper bound on the maximum
-    x: np.ndarray | None    # input of the network's shape
+    x: Array | None         # input of the network's shape
     status: str             # "optimal" | "unconfirmed" | "time_limit" | ...
     seconds: float
 
@@ -65,8 +74,7 @@ class MaxResult:
         return float(self.upper - self.value)
 
 
-def _region_box(pair: Pair, region) -> tuple[np.ndarray, np.ndarray]:
-    from prunecert.core.regions import L2Ball
+def _region_box(pair: Pair, region: Region) -> tuple[Array, Array]:
     if isinstance(region, L2Ball):
         raise RegionError(f"milp/bab encode boxes only, not the L2 ball {region.describe()}: HiGHS has no cone "
                           f"constraints; use --method lp (Clarabel) or diff-linear for L2 regions")
@@ -74,11 +82,11 @@ def _region_box(pair: Pair, region) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(lo, dtype=np.float64).reshape(pair.input_shape), np.asarray(hi, np.float64).reshape(pair.input_shape)
 
 
-def _one_box(lo: np.ndarray, hi: np.ndarray) -> RegionBatch:
+def _one_box(lo: Array, hi: Array) -> RegionBatch:
     return RegionBatch(torch.as_tensor(lo, dtype=torch.float64)[None], torch.as_tensor(hi, dtype=torch.float64)[None])
 
 
-def tighten_bounds(pair: Pair, lo: np.ndarray, hi: np.ndarray, pre: PairBounds | RegionBounds | None = None,
+def tighten_bounds(pair: Pair, lo: Array, hi: Array, pre: PairBounds | RegionBounds | None = None,
                    deadline: float | None = None) -> RegionBounds:
     """Sound, LP-tightened neuron and Delta bounds for one box: the MILP's big-M constants and cuts."""
     init = initial_bounds(pair, _one_box(lo, hi))
@@ -101,8 +109,9 @@ class PairMILP:
     the module docstring), e.g. `prunecert.adversarial.milp_witness(pair)`.
     """
 
-    def __init__(self, pair: Pair, region=None, pre_bounds: PairBounds | RegionBounds | None = None, *,
-                 lo=None, hi=None, tighten: bool = True, witness: WitnessFactory | None = None):
+    def __init__(self, pair: Pair, region: Region | None = None, pre_bounds: PairBounds | RegionBounds | None = None,
+                 *, lo: npt.ArrayLike | None = None, hi: npt.ArrayLike | None = None, tighten: bool = True,
+                 witness: WitnessFactory | None = None) -> None:
         self.pair = pair
         if region is not None:
             lo, hi = _region_box(pair, region)
@@ -125,7 +134,7 @@ class PairMILP:
     def n_binaries(self) -> int:
         return int(self.enc.integer.sum())
 
-    def objective_vector(self, objective: LinearObjective) -> np.ndarray:
+    def objective_vector(self, objective: LinearObjective) -> Array:
         layer, cf, cg = objective
         layer %= self.pair.n_layers
         c = np.zeros(self.enc.n_cols)
@@ -133,7 +142,7 @@ class PairMILP:
         np.add.at(c, self.enc.ag[layer], np.asarray(cg, dtype=np.float64).reshape(-1))
         return c
 
-    def evaluate(self, objective: LinearObjective, x: np.ndarray) -> float:
+    def evaluate(self, objective: LinearObjective, x: npt.ArrayLike) -> float:
         """The objective at input x by a float64 forward pass of both networks."""
         layer, cf, cg = objective
         with torch.no_grad():
@@ -141,15 +150,15 @@ class PairMILP:
         return float(af[layer].reshape(-1) @ torch.as_tensor(cf, dtype=torch.float64).reshape(-1)
                      + ag[layer].reshape(-1) @ torch.as_tensor(cg, dtype=torch.float64).reshape(-1))
 
-    def lp_bound(self, c: np.ndarray) -> float:
+    def lp_bound(self, c: Array) -> float:
         """Rigorous upper bound from the LP relaxation of the same encoding (dual-based)."""
         if self._lp is None:
             self._lp = HighsModel(build_encoding(self.pair, self.lo, self.hi, self.bounds, milp=False))
         # same column order for x/a/h; the LP encoding has no binaries, so map through its own indices
-        return self._lp.maximize_lp(self._lp_objective(c)).bound
+        return self._lp.maximize_lp(self._lp_objective(self._lp.enc, c)).bound
 
-    def _lp_objective(self, c: np.ndarray) -> np.ndarray:
-        enc = self._lp.enc
+    def _lp_objective(self, enc: Encoding, c: Array) -> Array:
+        """The MILP objective `c` (on the pre-activation columns) moved onto the LP encoding `enc`."""
         out = np.zeros(enc.n_cols)
         for cols_m, cols_l in zip(self.enc.af + self.enc.ag, enc.af + enc.ag):
             out[cols_l] = c[cols_m]
@@ -160,7 +169,8 @@ class PairMILP:
         start = time.perf_counter()
         c = self.objective_vector(objective)
         sol = self.model.maximize_milp(c, time_limit)
-        x, value = None, -np.inf
+        x: Array | None = None
+        value = -np.inf
         if sol.v is not None:
             x = self._into_box(sol.v[self.enc.x])
             value = self.evaluate(objective, x)
@@ -179,18 +189,18 @@ class PairMILP:
             upper, status = lp, REFUTED
         return MaxResult(value, float(upper), x, status, time.perf_counter() - start)
 
-    def _into_box(self, v) -> np.ndarray:
+    def _into_box(self, v: npt.ArrayLike) -> Array:
         """A point (solver columns or a witness's x) clipped into the box, in the network's input shape."""
         flat = np.asarray(v, dtype=np.float64).reshape(-1)
         return np.clip(flat, self.lo.reshape(-1), self.hi.reshape(-1)).reshape(self.pair.input_shape)
 
     def maximize(self, objective: LinearObjective, time_limit: float = 60.0
-                 ) -> tuple[float, np.ndarray | None, str, float]:
+                 ) -> tuple[float, Array | None, str, float]:
         """(value reached, x, status, gap = sound upper bound - value): the attack interface."""
         r = self.solve(objective, time_limit)
         return r.value, r.x, r.status, r.gap
 
-    def tolerance_margin(self, objective: LinearObjective, c: np.ndarray) -> float:
+    def tolerance_margin(self, objective: LinearObjective, c: Array) -> float:
         """How far HiGHS's dual bound may sit below the true maximum if it honours its tolerances.
 
         Every point the solver accepts violates rows and column bounds by <= PRIMAL_TOL (tp) and
@@ -231,8 +241,9 @@ def _delta_objective(pair: Pair, layer: int, k: int, sign: float) -> LinearObjec
     return layer, cf, -cf
 
 
-def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, layers: set[int], deadline: float,
-                max_abs_only: bool = False, witness: WitnessFactory | None = None) -> tuple[RegionBounds, dict]:
+def milp_region(pair: Pair, lo: Array, hi: Array, rb: RegionBounds, layers: set[int], deadline: float,
+                max_abs_only: bool = False, witness: WitnessFactory | None = None
+                ) -> tuple[RegionBounds, MilpRegionInfo]:
     """Exact bounds on Delta of `layers` for one box (LP-tightened `rb` in, exact-where-solved out).
 
     Coordinates are solved largest LP bound first, each with the time left. `max_abs_only`: skip a
@@ -240,17 +251,19 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
     """
     milp = PairMILP(pair, None, rb, lo=lo, hi=hi, tighten=False, witness=witness)
     rb = rb.copy()
-    jobs = []
+    assert rb.delta is not None  # refine_region's bounds always carry Delta
+    jobs: list[tuple[float, int, int, float]] = []   # (sound bound, layer, coordinate, sign)
     for l in sorted(layers):
         dlo, dhi = rb.delta[l]
         for k in range(len(dlo)):
             if milp.enc.af[l][k] == milp.enc.ag[l][k]:
                 continue
-            jobs += [(dhi[k], l, k, 1.0), (-dlo[k], l, k, -1.0)]
+            jobs += [(float(dhi[k]), l, k, 1.0), (float(-dlo[k]), l, k, -1.0)]
     jobs.sort(key=lambda j: -j[0])
     # max_k |Delta_k| >= 0 at every point: 0 is reached even when no coordinate needs a solve
     # (every logit structurally identical in f and g)
-    best_reached, statuses, solved, skipped = 0.0, [], 0, 0
+    best_reached, solved, skipped = 0.0, 0, 0
+    statuses: list[str] = []
     for bound, l, k, sign in jobs:
         left = deadline - time.perf_counter()
         if max_abs_only and bound <= best_reached:
@@ -268,9 +281,9 @@ def milp_region(pair: Pair, lo: np.ndarray, hi: np.ndarray, rb: RegionBounds, la
         else:
             dlo[k] = max(dlo[k], -r.upper)
         best_reached = max(best_reached, r.value)
-    info = {"binaries": milp.n_binaries, "solved": solved, "skipped": skipped, "statuses": statuses,
-            "reached_max_abs": float(best_reached), "unsound_events": milp.unsound_events,
-            "closed": all(s == "optimal" for s in statuses)}
+    info: MilpRegionInfo = {"binaries": milp.n_binaries, "solved": solved, "skipped": skipped, "statuses": statuses,
+                         "reached_max_abs": float(best_reached), "unsound_events": milp.unsound_events,
+                         "closed": all(s == "optimal" for s in statuses)}
     return rb, info
 
 
@@ -281,7 +294,8 @@ def _out_of_time(status: str) -> bool:
 
 
 @boxes_or_batch
-def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0, layers=None, local: bool = True,
+def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0,
+                layers: Iterable[int] | None = None, local: bool = True,
                 max_abs_only: bool = False, tighten_time_limit: float | None = None,
                 progress: bool = False, witness: WitnessFactory | None = None) -> PairBounds:
     """Exact (MILP) bounds on Delta of the logits (and `layers`) for a batch of boxes.
@@ -298,12 +312,13 @@ def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0, layer
         raise ConfigError(f"milp: time_limit must be > 0 seconds, got {time_limit}")
     check_encodable(pair, "milp", "use diff-linear or crown-diff (they scale to conv nets)")
     region = region.bounding_boxes()   # the MILP encodes boxes; a ball's box contains it (sound)
-    lo, hi = region.lo, region.hi
+    lo_t, hi_t = region.lo, region.hi
     init = initial_bounds(pair, region)
     wanted = {pair.n_layers - 1} | ({int(l) % pair.n_layers for l in layers} if layers is not None else set())
-    results, infos = [], []
-    for b in range(lo.shape[0]):
-        lo_b, hi_b = lo[b].numpy(), hi[b].numpy()
+    results: list[RegionLP] = []
+    infos: list[MilpRegionInfo] = []
+    for b in range(lo_t.shape[0]):
+        lo_b, hi_b = lo_t[b].numpy(), hi_t[b].numpy()
         rb = RegionBounds.from_pair_bounds(init, b)
         deadline = None if tighten_time_limit is None else time.perf_counter() + float(tighten_time_limit)
         res = refine_region(pair, lo_b, hi_b, rb, HighsModel, True, None, local, margins=True, deadline=deadline)
@@ -312,7 +327,7 @@ def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0, layer
         res.bounds = rb
         results.append(res)
         infos.append(info)
-        stage_line(f"milp: region {b + 1}/{lo.shape[0]}: {info['binaries']} binaries, {info['solved']} MILPs, "
+        stage_line(f"milp: region {b + 1}/{lo_t.shape[0]}: {info['binaries']} binaries, {info['solved']} MILPs, "
                    f"closed={info['closed']}", progress)
     out = to_pair_bounds(pair, results, init, "milp")
     out.info["milp"] = infos

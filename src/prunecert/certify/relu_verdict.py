@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from prunecert.certify.bab import apply_splits, pick_branch
+from prunecert.certify.bab import Splits, apply_splits, pick_branch
 from prunecert.certify.classprop import (
     ClassProperty,
     Settled,
@@ -27,14 +27,14 @@ from prunecert.certify.classprop import (
     open_classes,
     replay,
 )
-from prunecert.certify.formulation import RegionBounds, build_encoding
+from prunecert.certify.formulation import Array, Encoding, RegionBounds, build_encoding
 from prunecert.certify.highs import HighsModel
 from prunecert.certify.lp import unit
 from prunecert.certify.result import PairBounds
 from prunecert.core.pair import Pair
 
 
-def relu_settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, deadline: float,
+def relu_settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, deadline: float,
                 bounds: PairBounds) -> Settled:
     """Decide `prop` on one box by ReLU branch and bound (see the module docstring)."""
     enc = build_encoding(pair, lo, hi, RegionBounds.from_pair_bounds(bounds, 0))
@@ -43,7 +43,7 @@ def relu_settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty,
     with torch.no_grad():
         centre = int(pair.f.forward(torch.as_tensor((lo + hi) / 2)[None]).argmax())
     classes = sorted((int(c) for c in open_classes(bounds, prop)[0].nonzero().flatten()), key=lambda c: c != centre)
-    stats = {"nodes": 0, "unstable": len(enc.neurons)}
+    stats: dict[str, int] = {"nodes": 0, "unstable": len(enc.neurons)}
     gap = -np.inf
     for c in classes:
         rows = [model.add_side_row(np.array([enc.af[last][c], enc.af[last][j]]), np.array([1.0, -1.0]),
@@ -58,18 +58,22 @@ def relu_settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty,
         gap = max(gap, out)
     if gap > 0:
         return Settled("unknown", "time", details={**stats, "gap": float(gap)})
-    return Settled("proved", "relu-bab", details=stats)
+    return Settled("proved", "relu-bab", details={**stats})
 
 
-def _class_bab(pair: Pair, enc, model: HighsModel, prop: ClassProperty, c: int, deadline: float,
-               stats: dict) -> Settled | float:
+# an open leaf: (-bound, creation order, class j, forced phases, neuron to split next or None if exact)
+_Leaf = tuple[float, int, int, Splits, "int | None"]
+
+
+def _class_bab(pair: Pair, enc: Encoding, model: HighsModel, prop: ClassProperty, c: int, deadline: float,
+               stats: dict[str, int]) -> Settled | float:
     """Branch and bound over max_j (g_j - g_c) under f's side rows for class c: a counterexample, or
     the largest open bound (<= 0: class c is settled)."""
     last, n = pair.n_layers - 1, pair.n_classes
-    heap: list = []
+    heap: list[_Leaf] = []
     seq = itertools.count()
 
-    def bound(j: int, splits: tuple) -> Settled | None:
+    def bound(j: int, splits: Splits) -> Settled | None:
         apply_splits(enc, model, splits)
         try:
             sol = model.maximize_lp(unit(enc, enc.ag[last][j], enc.ag[last][c]))
@@ -85,9 +89,9 @@ def _class_bab(pair: Pair, enc, model: HighsModel, prop: ClassProperty, c: int, 
                 x, classes = moved   # the optimum sat on f's boundary; a point just inside refutes
             if classes is not None:
                 return Settled("refuted", "relu-bab", x.reshape(pair.input_shape).copy(), *classes,
-                               details=dict(stats))
+                               details={**stats})
         branch = pick_branch(enc, sol.v, splits)
-        heapq.heappush(heap, (-sol.bound, next(seq), j, splits, branch))
+        heapq.heappush(heap, (-float(sol.bound), next(seq), j, splits, branch))
         return None
 
     for j in range(n):

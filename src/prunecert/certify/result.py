@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -37,30 +37,30 @@ def meet(a: Bounds, b: Bounds) -> Bounds:
 
 
 class MilpRegionInfo(TypedDict):
-    """What `milp_bounds` did on one region."""
+    """One region's MILP record (`PairBounds.info["milp"][b]`, written by `milp_bounds`)."""
 
-    binaries: int
-    solved: int                 # MILPs solved
-    skipped: int                # objectives not started (time)
-    statuses: list[str]         # per objective: "optimal", "time limit", "not_started", ...
-    reached_max_abs: float      # the largest |Delta logit| reached at a checked point
-    unsound_events: int         # solver optima the witness refuted (then not trusted)
-    closed: bool                # every objective solved to optimality
+    binaries: int            # binary columns of the big-M model
+    solved: int              # MILPs run
+    skipped: int             # coordinates whose bound could not beat the reached max |Delta| (max_abs_only)
+    statuses: list[str]      # per coordinate: the solve's status, or "not_started" when out of time
+    reached_max_abs: float   # the largest |Delta| reached at a point
+    unsound_events: int      # dual bounds refuted by a reached value (see milp.REFUTED)
+    closed: bool             # every solve ended "optimal"
 
 
-class BabRegionInfo(TypedDict, total=False):
-    """What `bab_bounds` did on one region."""
+class BabRegionInfo(TypedDict):
+    """One region's branch-and-bound record (`PairBounds.info["bab"][b]`, written by `bab_bounds`)."""
 
-    nodes: int
-    open: int                   # leaves left open
-    upper: float                # certified max |Delta logit|
-    reached: float              # the largest value reached at a point
-    finished: bool              # the gap closed (within rel_gap)
-    point: Array | None         # where `reached` was reached
-    branching: str              # "input", "relu" or "none" (the fast bounds decided)
-    stop: str                   # why it stopped: "certified", "violated", "gap", "time"
-    steps: int                  # input splits: batched split steps
-    seconds: float
+    nodes: int              # boxes or LP nodes bounded
+    open: int               # leaves still open when it stopped
+    upper: float            # the certified bound on max_k |Delta_k|
+    reached: float          # the largest value reached at an evaluated point
+    finished: bool          # upper within rel_gap of reached
+    point: Array | None     # where `reached` was reached
+    branching: str          # "input", "relu" or "none" (the fast bounds already decided)
+    stop: str | None        # why it stopped (see `bab_input.stop_reason`)
+    steps: NotRequired[int]       # input splits: bisection rounds
+    seconds: NotRequired[float]   # set by bab_bounds
 
 
 class MethodInfo(TypedDict, total=False):

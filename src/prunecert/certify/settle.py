@@ -31,6 +31,7 @@ from prunecert.certify.classprop import (
     replay,
     violations,
 )
+from prunecert.certify.formulation import Array
 from prunecert.certify.lp import initial_bounds
 from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import PairBounds
@@ -44,18 +45,19 @@ BATCH = 256            # leaves bisected per step (their children are bounded in
 SAMPLES = 2048         # uniform points checked before the injected search
 
 # (lo, hi, property, seconds) -> an input refuting the property, or None
-ClassSearch = Callable[[np.ndarray, np.ndarray, ClassProperty, float], "np.ndarray | None"]
+ClassSearch = Callable[[Array, Array, ClassProperty, float], "Array | None"]
 
 
-def _refuted(pair: Pair, x: np.ndarray, prop: ClassProperty, stage: str, start: float, **details) -> Settled | None:
+def _refuted(pair: Pair, x: Array, prop: ClassProperty, stage: str, start: float, **details: int
+             ) -> Settled | None:
     classes = replay(pair, x, prop)
     if classes is None:
         return None
     return Settled("refuted", stage, np.asarray(x, dtype=np.float64).reshape(pair.input_shape).copy(), *classes,
-                   seconds=time.perf_counter() - start, details=details)
+                   seconds=time.perf_counter() - start, details={**details})
 
 
-def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budget: float,
+def settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, budget: float,
            bounds: PairBounds | None = None, search: ClassSearch | None = None,
            branching: str = "auto", samples: int | None = None) -> Settled:
     """Decide `prop` on the box [lo, hi] within `budget` seconds (see the module docstring).
@@ -96,7 +98,7 @@ def settle(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, budg
     return out
 
 
-def _sampled(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, start: float,
+def _sampled(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, start: float,
              samples: int) -> Settled | None:
     """The centre and `samples` seeded uniform points: a cheap first search, batched."""
     gen = torch.Generator().manual_seed(0)
@@ -120,17 +122,17 @@ def _split(pair: Pair, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor
     width = (hi - lo).reshape(n, -1)
     score = grad.abs().reshape(n, -1) * width
     dims = torch.where(score.max(1).values > 0, score.argmax(1), width.argmax(1))
-    p_lo, p_hi = lo.reshape(n, -1), hi.reshape(n, -1)
+    parent_lo, parent_hi = lo.reshape(n, -1), hi.reshape(n, -1)
     rows = torch.arange(n)
-    mid = (p_lo[rows, dims] + p_hi[rows, dims]) / 2
-    left_hi, right_lo = p_hi.clone(), p_lo.clone()
+    mid = (parent_lo[rows, dims] + parent_hi[rows, dims]) / 2
+    left_hi, right_lo = parent_hi.clone(), parent_lo.clone()
     left_hi[rows, dims] = mid
     right_lo[rows, dims] = mid
     shape = lo.shape[1:]
-    return torch.cat([p_lo, right_lo]).reshape(-1, *shape), torch.cat([left_hi, p_hi]).reshape(-1, *shape)
+    return torch.cat([parent_lo, right_lo]).reshape(-1, *shape), torch.cat([left_hi, parent_hi]).reshape(-1, *shape)
 
 
-def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, deadline: float,
+def _input_bab(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, deadline: float,
                start: float) -> Settled:
     """Bisect the input box until no leaf is open (proved), a leaf centre refutes, or time is up."""
     leaf_lo = torch.as_tensor(lo)[None]
@@ -143,15 +145,15 @@ def _input_bab(pair: Pair, lo: np.ndarray, hi: np.ndarray, prop: ClassProperty, 
             return Settled("unknown", "time", details={"nodes": nodes, "open": len(leaf_lo),
                                                        "open_volume": left / total if total > 0 else None})
         take = min(BATCH, len(leaf_lo))
-        c_lo, c_hi = _split(pair, leaf_lo[:take], leaf_hi[:take])
-        nodes += len(c_lo)
-        mid = (c_lo + c_hi) / 2
+        child_lo, child_hi = _split(pair, leaf_lo[:take], leaf_hi[:take])
+        nodes += len(child_lo)
+        mid = (child_lo + child_hi) / 2
         bad = violations(pair, mid, prop).nonzero().flatten()
         if len(bad):
             found = _refuted(pair, mid[int(bad[0])].numpy(), prop, "input-bab", start, nodes=nodes)
             if found is not None:
                 return found
-        still = open_classes(initial_bounds(pair, RegionBatch(c_lo, c_hi), optimize=False), prop).any(dim=1)
-        leaf_lo = torch.cat([leaf_lo[take:], c_lo[still]])
-        leaf_hi = torch.cat([leaf_hi[take:], c_hi[still]])
+        still = open_classes(initial_bounds(pair, RegionBatch(child_lo, child_hi), optimize=False), prop).any(dim=1)
+        leaf_lo = torch.cat([leaf_lo[take:], child_lo[still]])
+        leaf_hi = torch.cat([leaf_hi[take:], child_hi[still]])
     return Settled("proved", "input-bab", details={"nodes": nodes})
