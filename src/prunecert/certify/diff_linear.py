@@ -37,6 +37,7 @@ from prunecert.errors import ConfigError, RegionError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
 
 L2 = tuple[torch.Tensor, torch.Tensor]
+FAST_HIDDEN = True  # hidden layers' rows may take float32 conv transposes (the logits' rows stay float64)
 DELTA_GAIN = 1e-3   # nets with costly layers: the full Delta pass runs where the first beats CROWN on f - g by this
 
 
@@ -87,10 +88,16 @@ def _contexts(ops, inputs) -> tuple[list[OpCtx], list[OpCtx]]:
         dmag = opf.bias.new_zeros(()) if dop is None else dop.abs_linear(mf) + dop.bias.abs()
         if md is not None:
             dmag = dmag + opg.abs_linear(md)
+        xsum_f = _up_sum(mf) if md is None else _up_sum(mf) + _up_sum(md)
         cf.append(OpCtx(opf, opf.abs_linear(mf) + opf.bias.abs(), dop, opg, dmag.expand(mf.shape[0], *opf.out_shape),
-                        dx_zero=dx is None))
-        cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs()))
+                        dx_zero=dx is None, xsum=xsum_f))
+        cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs(), xsum=_up_sum(mg)))
     return cf, cg
+
+
+def _up_sum(x: torch.Tensor) -> torch.Tensor:
+    """(B,) an upper bound on the sum of each region's (non-negative) entries (`OpCtx.xsum`)."""
+    return x.flatten(1).sum(1) * (1 + 2.0 ** -30)
 
 
 def _check_l2(pair: Pair, l2, batch: int) -> L2 | None:
@@ -173,6 +180,9 @@ class _Bounder:
         """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
         f - g, Delta and the local deviation. Neurons not bounded get infinite bounds."""
         af, ag, d, loc = cheap
+        for e in (self.f, self.g, self.d):   # hidden layers' bounds: float32 conv transposes (docs/theory.md)
+            e.fast = hidden and FAST_HIDDEN
+        self._sub = {}
         shape = self.pair.layers_f[l].out_shape
         n, b = math.prod(shape), self.region.batch
         nets_exact, delta_exact = _box_exact(self.ops[0], self.region) if l == 0 else (False, False)
