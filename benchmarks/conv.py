@@ -72,7 +72,7 @@ def vgg_pairs(distilled: bool) -> dict[str, tuple]:
 
 def _child(pair, method, lo, hi, options, conn) -> None:
     torch.set_num_threads(1)
-    fn = get_method(method)
+    fn = get_method(method).bounds
     start = time.perf_counter()
     pb = fn(pair, lo, hi, **options)
     seconds = (time.perf_counter() - start) / len(lo)
