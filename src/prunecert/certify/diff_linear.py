@@ -13,6 +13,9 @@ Then, for the logits: alpha-CROWN-style optimisation of the Delta rows' relaxati
 (`alpha.optimise_rows`), and agreement margins f_c - f_j, g_c - g_j back-substituted through each
 network for the class c predicted at each region's centre. The result is finally intersected with
 an independent `diff_interval_bounds` run, so it is never looser than diff-interval (or naive).
+On nets with costly layers (conv nets) a first Delta pass leaves out the relaxation rows of (3) and
+the optimisation; only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and
+hidden layers' conv transposes run in float32 with their own margin (`layout.fast_ok`).
 Derivations and the rounding argument: docs/theory.md, "Differential linear bounds".
 """
 
