@@ -13,6 +13,7 @@ and the whole domain [0, 1]^784. Quantity: the certified upper bound on max_k |D
 - peak RSS: ru_maxrss of a forked child that ran only that method (pages it touched itself).
 
     python benchmarks/conv.py [--images 20] [--time-limit 60] [--attack-seconds 2] [--no-distilled]
+                              [--eps 0.005 ...] [--no-domain]      (quick: --images 4 --eps 0.005 --no-domain)
 
 writes benchmarks/results/conv.json and conv.md. One torch thread.
 """
@@ -104,8 +105,9 @@ def run(args) -> dict:
     load = {"before": open("/proc/loadavg").read().split()[:3]}
     for pair_name, (f, g) in vgg_pairs(args.distilled).items():
         pair = make_pair(f, g)
-        sets = [(f"eps {e:g}", mnist_boxes(pair.input_shape, *pair.domain(), args.images, e)) for e in EPS]
-        sets.append(("domain", [Domain(*pair.domain())]))
+        sets = [(f"eps {e:g}", mnist_boxes(pair.input_shape, *pair.domain(), args.images, e)) for e in args.eps]
+        if args.domain:
+            sets.append(("domain", [Domain(*pair.domain())]))
         for region_name, regions in sets:
             batch = RegionBatch.of_regions(regions, pair.input_shape)
             found = best_attacks(pair, regions, args.attack_seconds)
@@ -155,6 +157,8 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--attack-seconds", type=float, default=2.0)
     ap.add_argument("--no-distilled", dest="distilled", action="store_false")
+    ap.add_argument("--eps", type=float, nargs="+", default=list(EPS), help="box radii (quick runs: --eps 0.005)")
+    ap.add_argument("--no-domain", dest="domain", action="store_false", help="leave out the whole-domain region")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     res = run(args)

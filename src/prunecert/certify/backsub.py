@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecert.certify.layout import DENSE, Layout, dense_backward, dot
+from prunecert.certify.layout import DENSE, Layout, dense_backward, dot, fast_ok, fast_tiny
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, relax_delta, relax_side
 from prunecert.core.region_batch import RegionBatch
-from prunecert.core.rounding import gamma, margin
+from prunecert.core.rounding import UNIT_ROUNDOFF_32, gamma, margin
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
 
@@ -107,11 +107,16 @@ class OpCtx:
     opg: AffineOp | None = None
     dmag: torch.Tensor | None = None
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
+    xsum: torch.Tensor | None = None   # (B,) >= sum |x|max + sum |Delta x|max; given: convs may run in float32
 
     def select(self, idx: slice | torch.Tensor) -> "OpCtx":
         """The same op context for a sub-batch of the regions."""
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
-                     self.dx_zero)
+                     self.dx_zero, None if self.xsum is None else self.xsum[idx])
+
+    def fast(self, op: AffineOp | None, lam_abs: torch.Tensor) -> bool:
+        """Whether op's transpose of coefficients `lam_abs` (their |.|) runs in float32 (`layout.fast_ok`)."""
+        return self.xsum is not None and op is not None and isinstance(op, (Conv2d, AvgPool2d)) and fast_ok(op, float(lam_abs.max()))
 
     @property
     def count(self) -> int:
@@ -132,7 +137,10 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
 class Engine:
     """Back-substitution through the layers of one network (`ctx`, `side`), or of the pair when
     `delta` (the Delta relaxations per hidden layer) is given. Tensors of any float dtype; only
-    `exact=True` (float64) results are sound, the others serve the slope optimisation."""
+    `exact=True` (float64) results are sound, the others serve the slope optimisation. `fast`: conv
+    transposes may run in float32 (where the op context allows, `OpCtx.fast`), with their own margin."""
+
+    fast = False
 
     def __init__(self, ctx: list[list[OpCtx]], side: list[SideRelax], delta: list[DeltaRelax] | None = None,
                  exact: bool = True):
@@ -140,8 +148,10 @@ class Engine:
 
     def select(self, idx: slice | torch.Tensor) -> "Engine":
         """The same walk restricted to a sub-batch of the regions (per-region tensors sliced)."""
-        return Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
-                      None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
+        out = Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
+                     None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
+        out.fast = self.fast
+        return out
 
     # ------------------------------------------------------------------ steps
     def through_layer(self, l: int, form: Form, ctx: list[OpCtx] | None = None) -> Form:
@@ -157,23 +167,37 @@ class Engine:
                         None if ld is None or c.dx_zero else dense_backward(c.op, ld), form.bias, form.err, lay)
         new_lay = lay
         new_f = new_d = None
-        if lf is not None:
-            new_f, new_lay = lay.backward(c.op, lf)
         bias, mag = form.bias, torch.zeros_like(form.err)
+        fast_mag, fast_n = torch.zeros_like(form.err), 0   # magnitudes of the float32 transposes, their count
         if lf is not None:
+            absf = lf.abs()
+            fast = self.exact and self.fast and c.fast(c.op, absf)
+            new_f, new_lay = lay.backward(c.op, lf, fast)
             bias = self._acc(bias, lay.dot(lf, c.op.bias))
             if self.exact:
-                mag = mag + lay.dot(lf.abs(), c.mag)
+                mag_f = lay.dot(absf, c.mag)
+                mag = mag + mag_f
+                if fast:
+                    fast_mag, fast_n = fast_mag + mag_f, 1
         if ld is not None:
+            absd = ld.abs() if self.exact else ld
+            fast_d = self.exact and self.fast and c.fast(c.dop, absd)
+            fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, absd)
             if c.dop is not None:
-                t, new_lay = lay.backward(c.dop, ld)
+                t, new_lay = lay.backward(c.dop, ld, fast_d)
                 new_f = _add(new_f, t)
                 bias = self._acc(bias, lay.dot(ld, c.dop.bias))
             if not c.dx_zero:
-                new_d, new_lay = lay.backward(c.opg, ld)
+                new_d, new_lay = lay.backward(c.opg, ld, fast_g)
             if self.exact:
-                mag = mag + lay.dot(ld.abs(), c.dmag)
+                mag_d = lay.dot(absd, c.dmag)
+                mag = mag + mag_d
+                if fast_d or fast_g:
+                    fast_mag, fast_n = fast_mag + mag_d, fast_n + int(fast_d) + int(fast_g)
         err = up(form.err + margin(mag, c.count)) if self.exact else form.err
+        if fast_n:   # float32 transposes: their relative error on the same magnitudes, and underflow
+            tiny = fast_n * max(fast_tiny(op) for op in (c.op, c.dop, c.opg) if op is not None) * c.xsum.unsqueeze(1)
+            err = up(up(err + margin(fast_mag, backward_terms(c.op) + 2, UNIT_ROUNDOFF_32)) + tiny * (1 + 2.0 ** -40))
         return Form(new_f, new_d, bias, err, new_lay)
 
     def _acc(self, bias: torch.Tensor, term: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ Then, for the logits: alpha-CROWN-style optimisation of the Delta rows' relaxati
 (`alpha.optimise_rows`), and agreement margins f_c - f_j, g_c - g_j back-substituted through each
 network for the class c predicted at each region's centre. The result is finally intersected with
 an independent `diff_interval_bounds` run, so it is never looser than diff-interval (or naive).
+On nets with costly layers (conv nets) a first Delta pass leaves out the relaxation rows of (3) and
+the optimisation; only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and
+hidden layers' conv transposes run in float32 with their own margin (`layout.fast_ok`).
 Derivations and the rounding argument: docs/theory.md, "Differential linear bounds".
 """
 
@@ -32,12 +35,15 @@ from prunecert.certify.naive import MAX_MARGIN_CLASSES, margins_from_inputs
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.relax import DeltaRelax, SideRelax
-from prunecert.certify.rows import FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, walk_width, widest
+from prunecert.certify.rows import (FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, bound_widest,
+                                    walk_width)
 from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
 
 OPTIMISE_SHARE = 0.8   # the logit rows optimised: bound >= this share of the region's largest |Delta| bound
+FAST_HIDDEN = True  # hidden layers' rows may take float32 conv transposes (the logits' rows stay float64)
+DELTA_GAIN = 1e-3   # nets with costly layers: the full Delta pass runs where the first beats CROWN on f - g by this
 
 
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
@@ -125,18 +131,25 @@ def _contexts(ops, inputs) -> tuple[list[OpCtx], list[OpCtx]]:
         dmag = opf.bias.new_zeros(()) if dop is None else dop.abs_linear(mf) + dop.bias.abs()
         if md is not None:
             dmag = dmag + opg.abs_linear(md)
+        xsum_f = _up_sum(mf) if md is None else _up_sum(mf) + _up_sum(md)
         cf.append(OpCtx(opf, opf.abs_linear(mf) + opf.bias.abs(), dop, opg, dmag.expand(mf.shape[0], *opf.out_shape),
-                        dx_zero=dx is None))
-        cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs()))
+                        dx_zero=dx is None, xsum=xsum_f))
+        cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs(), xsum=_up_sum(mg)))
     return cf, cg
+
+
+def _up_sum(x: torch.Tensor) -> torch.Tensor:
+    """(B,) an upper bound on the sum of each region's (non-negative) entries (`OpCtx.xsum`)."""
+    return x.flatten(1).sum(1) * (1 + 2.0 ** -30)
 
 
 class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
     def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True,
-                 deadline: float | None = None, prior: PairBounds | None = None):
+                 deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
+        self.relax_rows = relax_rows
         self.deadline, self.truncated = deadline, False
         self.zero: list[torch.Tensor | None] = []    # per layer: where Delta a_l is structurally 0
         self.ctx_f: list[list[OpCtx]] = []
@@ -147,6 +160,16 @@ class _Bounder:
         self.f = Engine(self.ctx_f, self.side_f)
         self.g = Engine(self.ctx_g, self.side_g)
         self.d = Engine(self.ctx_f, self.side_f, self.delta)
+        self._sub: dict = {}
+
+    def engines(self, idx: torch.Tensor | None) -> tuple[Engine, Engine, Engine]:
+        """The f, g and pair engines over the regions `idx` (None: all), kept while the layer lasts."""
+        if idx is None:
+            return self.f, self.g, self.d
+        key = (len(self.ctx_f), tuple(idx.tolist()))
+        if key not in self._sub:
+            self._sub = {key: (self.f.select(idx), self.g.select(idx), self.d.select(idx))}
+        return self._sub[key]
 
     def _down(self, l: int) -> list:
         return [opf for k in range(l, -1, -1) for opf, _, _ in reversed(self.ops[k])]
@@ -170,21 +193,29 @@ class _Bounder:
         rows = bound_rows(walk, sel, shape, self.region, self.chunk(l), self.stop)
         return _spread(sel, rows, shape, self.region.batch)
 
+    def _widest(self, l: int, walk, prior: Bounds, mask: torch.Tensor) -> Bounds | None:
+        if self.stop() or not bool(mask.any()):
+            return prior
+        return bound_widest(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
+                            self.stop)
+
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
         """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
         f - g, Delta and the local deviation. Neurons not bounded get infinite bounds."""
         af, ag, d, loc = cheap
+        for e in (self.f, self.g, self.d):   # hidden layers' bounds: float32 conv transposes (docs/theory.md)
+            e.fast = hidden and FAST_HIDDEN
+        self._sub = {}
         shape = self.pair.layers_f[l].out_shape
         n, b = math.prod(shape), self.region.batch
         nets_exact, delta_exact = _box_exact(self.ops[0], self.region) if l == 0 else (False, False)
         f = g = cd = dd = lb = None
         if not nets_exact:
-            walk_f = lambda lam, lay: self.f.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
-            walk_g = lambda lam, lay: self.g.from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
-            if self.prior is not None:     # its logit rows included CROWN on f - g
-                f, g = self.prior.f[l], self.prior.g[l]
-                cd = None if hidden else self.prior.delta[l]
+            walk_f = lambda lam, lay, idx: self.engines(idx)[0].from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            walk_g = lambda lam, lay, idx: self.engines(idx)[1].from_layer(l, Form.rows_of(lam, layout=lay))  # noqa: E731
+            if self.prior is not None:    # the CROWN pass's bounds (its f - g ones at the logits)
+                f, g, cd = self.prior.f[l], self.prior.g[l], self.prior.delta[l]
             elif hidden:   # each network's bounds matter where it is unstable
                 f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
                 # where Delta is structurally 0, a^g = a^f: `_refine` copies f's bounds to g
@@ -197,21 +228,26 @@ class _Bounder:
         if not self.delta_walks:
             return [f, g, cd, None]
         full = n * walk_width(self._down(l)) <= FULL_COST
+        walk_d = lambda lam, lay, idx: self.engines(idx)[2].from_layer(l, Form.rows_of(None, lam, lay))  # noqa: E731
         if not delta_exact:
             mask = (d.upper > d.lower).reshape(b, n)
-            if hidden and not full:    # a Delta bound matters where f or g is still unstable
-                still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
-                mask = mask & (still.reshape(b, n) | widest(_meet(d, cd), TOP_ROWS))
-            dd = self._bounds(l, lambda lam, lay: self.d.from_layer(l, Form.rows_of(None, lam, lay)), mask)
+            if hidden and not full:
+                dd = _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2]
+                if self.relax_rows:    # a Delta bound feeds the relaxation where f or g is still unstable
+                    still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
+                    dd = _meet(dd, self._bounds(l, walk_d, mask & still.reshape(b, n)))
+                dd = self._widest(l, walk_d, dd, mask)    # the layer's reported maximum
+            else:
+                dd = self._bounds(l, walk_d, mask)
         if local_ctx is not None:
-            def walk_local(lam, lay):
-                form = self.d.through_layer(l, Form.rows_of(None, lam, lay), local_ctx)
+            def walk_local(lam, lay, idx):
+                ef, _, ed = self.engines(idx)
+                ctx = local_ctx if idx is None else [c.select(idx) for c in local_ctx]
+                form = ed.through_layer(l, Form.rows_of(None, lam, lay), ctx)
                 form.lam_d = None    # g's layer l is fed with f's input: Delta h_{l-1} := 0
-                return self.f.below(form, l)
+                return ef.below(form, l)
             mask = (loc.upper > loc.lower).reshape(b, n)
-            if not full:
-                mask = mask & widest(loc, TOP_ROWS)
-            lb = self._bounds(l, walk_local, mask)
+            lb = self._bounds(l, walk_local, mask) if full else self._widest(l, walk_local, loc, mask)
         return [f, g, _meet_opt(cd, dd), lb]
 
 
@@ -249,21 +285,69 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     deadline = _deadline(time_limit, region.batch)
-    # (alpha-)CROWN on f - g first (the cheaper pass): its a^f, a^g bounds of hidden layers are reused below
     ops = _op_pairs(pair)
-    crown = _run(pair, region, False, deadline, margins=False, ops=ops,   # the second pass bounds the margins
-                 diff_iterations=iterations if optimize else 0)
-    out = _run(pair, region, True, deadline, optimize=optimize and iterations > 0, iterations=iterations,
-               prior=crown, ops=ops, all_rows=all_rows)
+    # (alpha-)CROWN on f - g first (the cheaper pass; it also bounds the agreement margins): its a^f, a^g
+    # bounds and its logit Delta are reused below
+    crown = _run(pair, region, False, deadline, ops=ops, diff_iterations=iterations if optimize else 0)
+    optimize = optimize and iterations > 0
+    costly = not _all_cheap(pair)
+    # on nets with costly layers, a first Delta pass without relaxation rows or optimisation says
+    # where the Delta walk improves on CROWN on f - g at all; only those regions get the full pass
+    out = _run(pair, region, True, deadline, optimize=optimize and not costly, iterations=iterations, prior=crown,
+               ops=ops, all_rows=all_rows, relax_rows=not costly)
     truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
+    out = out.intersect(crown)
+    optimized = out.info.get("optimized", False)
+    if costly:
+        idx = torch.nonzero(_gain(out, crown) > DELTA_GAIN).flatten()
+        if len(idx) and not (deadline is not None and time.perf_counter() > deadline):
+            sub = _run(pair, region.select(idx), True, deadline, optimize=optimize, iterations=iterations,
+                       prior=crown.select(idx), ops=ops, all_rows=all_rows)
+            for i, cut in zip(idx.tolist(), sub.info["truncated"]):
+                truncated[i] = truncated[i] or cut
+            optimized = optimized or sub.info.get("optimized", False)
+            out = _overlay(out, idx, sub)
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact
-    out = out.intersect(crown).intersect(diff_interval_bounds(pair, region))
+    out = out.intersect(diff_interval_bounds(pair, region))
     for l, same in enumerate(crown.info["local_is_delta"]):
         if same:    # two bounds of one quantity
             out.delta[l] = out.local[l] = meet(out.delta[l], out.local[l])
-    out.info = {"method": "diff-linear", "optimized": out.info.get("optimized", False),
-                "truncated": truncated}
+    out.info = {"method": "diff-linear", "optimized": optimized, "truncated": truncated}
     return out
+
+
+def _all_cheap(pair: Pair) -> bool:
+    """Whether every layer bounds every neuron's Delta and local deviation (`rows.FULL_COST`)."""
+    down: list[AffineOp] = []
+    for l, (lf, _) in enumerate(pair.layer_pairs()):
+        down = list(reversed(lf.ops)) + down
+        if math.prod(lf.out_shape) * walk_width(down) > FULL_COST:
+            return False
+    return True
+
+
+def _gain(out: PairBounds, crown: PairBounds) -> torch.Tensor:
+    """(B,) relative gain of `out` over `crown` on the max |Delta logit| of each region."""
+    a, c = out.max_abs_logit_deviation(), crown.max_abs_logit_deviation()
+    return torch.where(c > 0, (c - a) / c, torch.zeros_like(c))
+
+
+def _overlay(base: PairBounds, idx: torch.Tensor, part: PairBounds) -> PairBounds:
+    """`base` with the regions `idx` intersected with `part` (bounds of those regions only)."""
+    def put(bs: list[Bounds], ps: list[Bounds]) -> list[Bounds]:
+        out = []
+        for b, p in zip(bs, ps):
+            lo, up = b.lower.clone(), b.upper.clone()
+            lo[idx], up[idx] = torch.maximum(lo[idx], p.lower), torch.minimum(up[idx], p.upper)
+            out.append(Bounds(lo, up))
+        return out
+    margin = base.margin_lower
+    if margin is not None and part.margin_lower is not None:
+        margin = margin.clone()
+        margin[idx] = torch.maximum(margin[idx], part.margin_lower)
+    return PairBounds(put(base.f, part.f), put(base.g, part.g), put(base.delta, part.delta),
+                      put(base.local, part.local), margin, dict(base.info))
+
 
 
 @boxes_or_batch
@@ -307,14 +391,15 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None, margins: bool = True, ops: list | None = None,
-         all_rows: bool = False, diff_iterations: int = 0) -> PairBounds:
+         iterations: int = 0, prior: PairBounds | None = None, ops: list | None = None, all_rows: bool = False,
+         diff_iterations: int = 0, relax_rows: bool = True) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
-    `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g (and logit Delta) are taken
-    instead of walking again. `margins` False: no agreement margins. `diff_iterations` > 0: the logits'
-    f - g rows also get optimised slopes (alpha-CROWN on f - g)."""
+    `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
+    taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
+    slopes (alpha-CROWN on f - g). `relax_rows` False: no relaxation rows on costly layers (a cheap
+    first Delta pass)."""
     ops = ops or _op_pairs(pair)
-    st = _Bounder(pair, region, ops, delta_walks, deadline, prior)
+    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b, g_b, d_b, loc_b = [], [], [], []
@@ -363,10 +448,10 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         d_b[-1] = meet(d_b[-1], opt)
         d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
         info["optimized"] = True
-    margin = _margins(pair, st, f_b[-1], g_b[-1], last_inputs) if margins else None
+    margins = None if prior is not None else _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
     info["truncated"] = [st.truncated] * region.batch
     info["local_is_delta"] = local_is_delta
-    return PairBounds(f_b, g_b, d_b, loc_b, margin, info)
+    return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
 
 
 def _rows_that_matter(d: Bounds, share: float = OPTIMISE_SHARE) -> torch.Tensor:

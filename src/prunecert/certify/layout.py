@@ -16,6 +16,7 @@ hold unchanged.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,38 @@ from prunecert.network import AffineOp, AvgPool2d, Conv2d, Linear, Scale
 
 SPARSE_FRACTION = 0.5   # below this share of used columns, multiply only by the used rows of W
 LIVE_FRACTION = 0.875   # below this share of non-zero coefficient rows, multiply only those rows
+FAST_DTYPE = torch.float32   # conv transposes of float64 rows run in it (20x faster on CPU), see `fast_ok`
+FAST_RANGE = 2.0 ** 60       # coefficients this large or larger stay in float64 (no overflow in float32)
+FLOAT32_TINY = 2.0 ** -126   # smallest normal float32: the absolute error of one underflowing operation
+
+
+def fast_ok(op: AffineOp, lam_absmax: float) -> bool:
+    """Whether W^T lam may be computed in FAST_DTYPE: a conv or average pooling with no weight that
+    float32 would flush (subnormal) and coefficients of moderate size (no overflow). Rounding lam and
+    W to float32 and the float32 sums then err by at most gamma^32_{k+2} (|W|^T |lam|)_j +
+    `fast_tiny` per entry (docs/theory.md, "Conv transposes in float32")."""
+    if not isinstance(op, (Conv2d, AvgPool2d)) or not lam_absmax < FAST_RANGE:
+        return False
+    return _weights32(op)[0]
+
+
+def fast_tiny(op: AffineOp) -> float:
+    """FLOAT32_TINY (2 max_j colsum_j + 4 k): the underflow part of `fast_ok`'s error bound, per
+    entry, for either network's op (k: the transpose's fan-in, bounded by C_out kh kw)."""
+    return _weights32(op)[1] if isinstance(op, (Conv2d, AvgPool2d)) else 0.0
+
+
+_WEIGHTS32: "weakref.WeakKeyDictionary[AffineOp, tuple[bool, float]]" = weakref.WeakKeyDictionary()
+
+
+def _weights32(op: "Conv2d | AvgPool2d") -> tuple[bool, float]:
+    """(no weight subnormal or huge in float32, the underflow constant of `fast_tiny`), per op."""
+    if op not in _WEIGHTS32:
+        a = (op.weight if isinstance(op, Conv2d) else op._kernel).abs()
+        ok = bool(((a == 0) | ((a >= 2.0 ** -100) & (a < 2.0 ** 60))).all())
+        k = int(a.shape[0] * a.shape[2] * a.shape[3])
+        _WEIGHTS32[op] = (ok, FLOAT32_TINY * (2.0 * float(a.sum(dim=(0, 2, 3)).max()) * (1 + 2.0 ** -40) + 4 * k))
+    return _WEIGHTS32[op]
 
 
 def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -42,7 +75,6 @@ def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, vb.unsqueeze(2)).squeeze(2)
 
 
-
 class Dense:
     """Rows over a whole level: lam (Bl, R, *shape); per-neuron tensors broadcast over the rows."""
 
@@ -56,8 +88,8 @@ class Dense:
         """sum_i lam_i v_i per row: v is (B, *shape), (*shape) or per row (B|1, R, *shape)."""
         return dot(lam, v)
 
-    def backward(self, op: AffineOp, lam: torch.Tensor) -> tuple[torch.Tensor, "Dense"]:
-        return dense_backward(op, lam), self
+    def backward(self, op: AffineOp, lam: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, "Dense"]:
+        return dense_backward(op, lam, fast), self
 
     def width(self, shape) -> int:
         return math.prod(shape)
@@ -66,11 +98,12 @@ class Dense:
         return self
 
 
-def dense_backward(op: AffineOp, lam: torch.Tensor) -> torch.Tensor:
-    """op.backward on (Bl, R, *out) coefficients. For a Linear, rows that are all zero (the padding
-    of regions with fewer selected neurons) are left out of the product, and when the coefficient
-    columns are mostly zero in every row (a completed pruned twin: removed neurons have zero outgoing
-    weights), only the used columns enter it: the same terms, so the same rounding bound."""
+def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch.Tensor:
+    """op.backward on (Bl, R, *out) coefficients (`fast`: a conv computed in FAST_DTYPE). For a Linear,
+    rows that are all zero (the padding of regions with fewer selected neurons) are left out of the
+    product, and when the coefficient columns are mostly zero in every row (a completed pruned twin:
+    removed neurons have zero outgoing weights), only the used columns enter it: the same terms, so the
+    same rounding bound."""
     b, r = lam.shape[:2]
     flat = lam.reshape(b * r, *lam.shape[2:])
     if isinstance(op, Linear) and flat.shape[0] > 1:
@@ -85,6 +118,8 @@ def dense_backward(op: AffineOp, lam: torch.Tensor) -> torch.Tensor:
         k = int(used.sum())
         if k < SPARSE_FRACTION * flat.shape[1]:
             return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
+    if fast:
+        return op.backward(flat.to(FAST_DTYPE)).to(lam.dtype).reshape(b, r, *op.in_shape)
     return op.backward(flat).reshape(b, r, *op.in_shape)
 
 
@@ -142,8 +177,9 @@ class Patches:
         return Patches(self.corner[:, rows], self.size, self.shape)
 
     # ------------------------------------------------------------------ walking down
-    def backward(self, op: AffineOp, lam: torch.Tensor) -> tuple[torch.Tensor, "Dense | Patches"]:
-        """W^T applied to the windows: the new windows on op's input level (dense once they cover it)."""
+    def backward(self, op: AffineOp, lam: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, "Dense | Patches"]:
+        """W^T applied to the windows: the new windows on op's input level (dense once they cover it);
+        `fast`: a conv computed in FAST_DTYPE."""
         b, r = lam.shape[:2]
         flat = lam.reshape(b * r, *lam.shape[2:])
         if isinstance(op, Scale):
@@ -156,7 +192,11 @@ class Patches:
             k = op.kernel
         else:   # Flatten / Linear never see patches (their outputs are 1-D)
             raise TypeError(f"patches cannot go through a {op.kind} op")
-        new = F.conv_transpose2d(flat, weight, None, op.stride, 0, groups=groups)
+        if fast:
+            new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0,
+                                     groups=groups).to(lam.dtype)
+        else:
+            new = F.conv_transpose2d(flat, weight, None, op.stride, 0, groups=groups)
         corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
                               self.corner[..., 1] * op.stride[1] - op.padding[1]], dim=-1)
         size = (int(new.shape[2]), int(new.shape[3]))

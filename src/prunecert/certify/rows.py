@@ -3,13 +3,16 @@
 Back-substitution costs a walk per row, so the bounders start rows only where they can matter:
 - a^f, a^g of a hidden layer: the neurons unstable in f or in g under the cheap (interval) bounds,
   since a stable neuron's relaxation is exact whatever its bounds (the logits: every neuron);
-- Delta of a hidden layer: the same neurons -- the Delta relaxation of a neuron stable in both f and
-  g (after the a^f, a^g bounds just computed) is exact too -- plus the `TOP_ROWS` neurons with the
-  widest Delta bounds, which carry the layer's reported maximum; layers whose rows are cheap (neurons
-  x widest row <= `FULL_COST`, e.g. all of LeNet-300-100) bound every neuron's Delta and local deviation;
+- Delta and the local deviation of a layer whose rows are cheap (neurons x widest row <= `FULL_COST`,
+  e.g. all of LeNet-300-100): every neuron;
+- costlier layers (conv nets): the neurons that settle the layer's reported maximum |bound|, walked
+  widest first until no neuron left could raise it (`bound_widest`: the same maximum as walking every
+  neuron), plus -- only where diff-linear's first pass found the Delta walk worth it -- the Delta
+  rows of neurons still unstable in f or g (a both-stable neuron's Delta relaxation is exact);
 - CROWN on f - g comes for free from the f and g walks of the same rows: the f-walk of +e_i plus
   the g-walk of -e_i, added at the network input where the two halves' terms cancel.
-Neurons left out keep their (sound) interval bounds.
+Neurons left out keep their (sound) interval bounds. Regions selecting different numbers of rows
+are walked in groups of similar counts (`region_groups`), so a batch pays for little padding.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from prunecert.network import AffineOp, AvgPool2d, Conv2d
 
 ROW_BUDGET = 2 ** 22   # elements of one (regions x rows x width) coefficient tensor per chunk
 FULL_COST = 2 ** 18    # layers with neurons x row width up to this bound every neuron's Delta / local bound
-TOP_ROWS = 32          # costlier layers: also the neurons with the widest cheap Delta / local bounds
+TOP_ROWS = 4           # costlier layers: neurons per region in the first round of the widest-first walk
 
 
 @dataclass
@@ -61,14 +64,6 @@ class Selection:
         return out.scatter_(1, idx, torch.where(self.valid.expand(batch, -1), values, torch.full_like(values, fill)))
 
 
-def widest(b: Bounds, k: int) -> torch.Tensor:
-    """(B, n) mask of the k neurons of largest max(|lower|, |upper|) per region."""
-    amax = torch.maximum(b.lower.abs(), b.upper.abs()).flatten(1)
-    k = min(k, amax.shape[1])
-    mask = torch.zeros_like(amax, dtype=torch.bool)
-    return mask.scatter_(1, amax.topk(k, dim=1).indices, True)
-
-
 def unit_rows(idx: torch.Tensor, valid: torch.Tensor, shape) -> tuple[torch.Tensor, Layout]:
     """Rows [+e_idx; -e_idx] per region ((Ba, k) each): (Ba, 2k, *shape) dense, or 1x1 windows on a
     (C, H, W) level."""
@@ -97,13 +92,50 @@ def walk_width(ops_down: list[AffineOp]) -> int:
     return max(width, 1)
 
 
-Walk = Callable[[torch.Tensor, Layout], Form]
+Walk = Callable[[torch.Tensor, Layout, "torch.Tensor | None"], Form]   # rows, their layout, regions (None: all)
+GROUP_FILL = 0.75    # regions walked together when their row counts are within this ratio of the group's largest
+
+
+def region_groups(counts: torch.Tensor) -> list[torch.Tensor]:
+    """Regions (indices) with rows to walk, in groups of similar row counts: a group is padded to its
+    largest count, so grouping keeps the padding (walked at full cost) under 1 - GROUP_FILL."""
+    order = torch.argsort(counts, descending=True, stable=True).tolist()
+    groups: list[list[int]] = []
+    for r in order:
+        c = int(counts[r])
+        if c == 0:
+            break
+        if groups and c >= GROUP_FILL * int(counts[groups[-1][0]]):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return [torch.tensor(sorted(g)) for g in groups]
 
 
 def bound_rows(walk: Walk, sel: Selection, shape, region: RegionBatch, chunk: int,
                stop: Callable[[], bool] = lambda: False) -> Bounds:
-    """Bounds on the selected neurons of a layer ((B, m) each), walking chunks of `chunk` neurons;
-    once `stop()` says so (a time limit), the remaining neurons get infinite bounds."""
+    """Bounds on the selected neurons of a layer ((B, m) each), walking chunks of `chunk` neurons
+    (for the whole batch; a group of fewer regions takes proportionally more). Regions that select
+    different numbers of neurons are walked in groups of similar counts (`region_groups`); once
+    `stop()` says so (a time limit), the remaining neurons get infinite bounds."""
+    if sel.idx.shape[0] == 1:   # one selection shared by every region
+        return _bound_chunks(walk, sel, shape, region, None, chunk, stop)
+    b = region.batch
+    lo = torch.full((b, sel.m), -torch.inf, dtype=torch.float64)
+    up = torch.full((b, sel.m), torch.inf, dtype=torch.float64)
+    counts = sel.valid.sum(1)
+    for group in region_groups(counts):
+        m = int(counts[group].max())
+        sub = Selection(sel.idx[group, :m], sel.valid[group, :m], sel.n)
+        idx = None if len(group) == b else group
+        res = _bound_chunks(walk, sub, shape, region if idx is None else region.select(group), idx,
+                            max(1, chunk * b // len(group)), stop)
+        lo[group, :m], up[group, :m] = res.lower, res.upper
+    return Bounds(lo, up)
+
+
+def _bound_chunks(walk: Walk, sel: Selection, shape, region: RegionBatch, idx: torch.Tensor | None, chunk: int,
+                  stop: Callable[[], bool]) -> Bounds:
     ups, los = [], []
     for a in range(0, sel.m, chunk):
         z = min(sel.m, a + chunk)
@@ -113,10 +145,43 @@ def bound_rows(walk: Walk, sel: Selection, shape, region: RegionBatch, chunk: in
             los.append(-inf)
             break
         lam, lay = unit_rows(sel.idx[:, a:z], sel.valid[:, a:z], shape)
-        u = concretise(walk(lam, lay), region)
+        u = concretise(walk(lam, lay, idx), region)
         ups.append(u[:, :z - a])
         los.append(-u[:, z - a:])
     return Bounds(torch.cat(los, dim=1), torch.cat(ups, dim=1))
+
+
+def bound_widest(walk: Walk, prior: Bounds, cand: torch.Tensor, shape, region: RegionBatch, chunk: int,
+                 first: int, stop: Callable[[], bool] = lambda: False) -> Bounds:
+    """`prior` (B, *shape) tightened by walking candidate neurons (`cand`, (B, n)) widest first, until
+    each region's maximum |bound| over the layer is settled: once the widest neuron not yet walked has
+    a prior max(|lower|, |upper|) no larger than the current maximum, walking the rest cannot change
+    the layer's maximum (each walked bound is met with its prior). Rounds of `first`, 2 `first`, ...
+    neurons per region; the reported maximum equals the every-row walk's, at a few rows' cost."""
+    b = region.batch
+    lo, up = prior.lower.reshape(b, -1).clone(), prior.upper.reshape(b, -1).clone()
+    n = lo.shape[1]
+    key = torch.where(cand, torch.maximum(lo.abs(), up.abs()), torch.full_like(lo, -1.0))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    ranked = key.gather(1, order)
+    count = cand.sum(1)
+    walked = ~cand                          # neurons whose bound is final (not candidates, or walked)
+    done, k = 0, max(1, first)
+    while done < n and not stop():
+        amax = torch.where(walked, torch.maximum(lo.abs(), up.abs()), torch.zeros_like(lo)).max(1).values
+        active = (done < count) & (ranked[:, done] > amax)
+        if not bool(active.any()):
+            break
+        take = order[:, done:done + k]
+        mask = torch.zeros(b, n, dtype=torch.bool).scatter_(1, take, True) & cand & active.unsqueeze(1)
+        sel = Selection.of(mask, n)
+        if sel is not None:
+            res = bound_rows(walk, sel, shape, region, chunk, stop)
+            lo = torch.maximum(lo, sel.spread(res.lower, -torch.inf, b))
+            up = torch.minimum(up, sel.spread(res.upper, torch.inf, b))
+        walked |= mask
+        done, k = done + k, 2 * k
+    return Bounds(lo.reshape(b, *shape), up.reshape(b, *shape))
 
 
 def bound_rows_pair(walk_f: Walk, walk_g: Walk, sel: Selection, shape, region: RegionBatch, chunk: int
@@ -126,7 +191,7 @@ def bound_rows_pair(walk_f: Walk, walk_g: Walk, sel: Selection, shape, region: R
     for a in range(0, sel.m, chunk):
         z = min(sel.m, a + chunk)
         lam, lay = unit_rows(sel.idx[:, a:z], sel.valid[:, a:z], shape)
-        ff, fg = walk_f(lam, lay), walk_g(lam, lay)
+        ff, fg = walk_f(lam, lay, None), walk_g(lam, lay, None)
         k = z - a
         swap = torch.cat([torch.arange(k, 2 * k), torch.arange(k)])
         fd = ff.plus(fg.take(swap), region)     # rows: e_i over f - e_i over g, then the reverse

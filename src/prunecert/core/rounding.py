@@ -13,19 +13,21 @@ from __future__ import annotations
 import torch
 
 UNIT_ROUNDOFF = 2.0 ** -53
+UNIT_ROUNDOFF_32 = 2.0 ** -24   # float32 (the conv transposes of `certify.layout` may run in it)
 TINY = 2.2250738585072014e-308 * 4  # a few times the smallest normal float64: covers underflow
 
 
-def gamma(n: int) -> float:
-    """Higham's gamma_n for float64; valid while n * u < 1."""
-    nu = n * UNIT_ROUNDOFF
+def gamma(n: int, unit: float = UNIT_ROUNDOFF) -> float:
+    """Higham's gamma_n for float64 (or the format of unit roundoff `unit`); valid while n * u < 1."""
+    nu = n * unit
     return nu / (1.0 - nu)
 
 
-def margin(magnitude: torch.Tensor, fan_in: int) -> torch.Tensor:
-    """Absolute error bound of an affine op whose terms sum to at most `magnitude` in absolute value."""
+def margin(magnitude: torch.Tensor, fan_in: int, unit: float = UNIT_ROUNDOFF) -> torch.Tensor:
+    """Absolute error bound of an affine op whose terms sum to at most `magnitude` in absolute value
+    (computed in the format of unit roundoff `unit`; its underflow is the caller's to add)."""
     # one extra relative ulp so that computing the margin itself (a product) cannot round it down
-    return magnitude * (gamma(fan_in + 4) * (1.0 + 4 * UNIT_ROUNDOFF)) + TINY
+    return magnitude * (gamma(fan_in + 4, unit) * (1.0 + 4 * UNIT_ROUNDOFF)) + TINY
 
 
 def widen(lower: torch.Tensor, upper: torch.Tensor, err: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
