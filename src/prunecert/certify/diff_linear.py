@@ -22,6 +22,7 @@ Derivations and the rounding argument: docs/theory.md, "Differential linear boun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import time
 
 import torch
@@ -288,6 +289,10 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     ops = _op_pairs(pair)
     # (alpha-)CROWN on f - g first (the cheaper pass; it also bounds the agreement margins): its a^f, a^g
     # bounds and its logit Delta are reused below
+    # every logit row's f and g slopes are optimised, as alpha_crown_diff_bounds does, so the result is
+    # never looser than that method per neuron (a subset of rows would not do: Adam's early steps
+    # amplify the rounding differences of differently shaped batches, so a row's optimum depends on
+    # which rows it is optimised with)
     crown = _run(pair, region, False, deadline, ops=ops, diff_iterations=iterations if optimize else 0)
     optimize = optimize and iterations > 0
     costly = not _all_cheap(pair)
@@ -437,21 +442,44 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
     info: MethodInfo = {"optimized": False, "diff_optimized": False}
+    top = pair.n_layers - 1
     if diff_iterations > 0 and pair.n_layers > 1 and not st.stop():
-        opt, cut = optimise_diff_rows(st.f, st.g, pair.n_layers - 1, region, diff_iterations, deadline)
+        # every row (see diff_linear_bounds): the search is batched over regions, 2n rows each
+        opt, cut = optimise_diff_rows(st.f, st.g, top, region, diff_iterations, deadline)
         d_b[-1] = _refine(f_b[-1], g_b[-1], meet(d_b[-1], opt))[2]
         st.truncated |= cut
         info["diff_optimized"] = True
     if optimize and pair.n_layers > 1 and not st.stop():
-        opt = optimise_rows(st.d, pair.n_layers - 1, region, iterations, deadline,
-                            _rows_that_matter(d_b[-1], 0.0 if all_rows else OPTIMISE_SHARE))
-        d_b[-1] = meet(d_b[-1], opt)
-        d_b[-1] = _refine(f_b[-1], g_b[-1], d_b[-1])[2]
+        def delta_rows(rows: torch.Tensor) -> tuple[Bounds, bool]:
+            return optimise_rows(st.d, top, region, iterations, deadline, rows), False
+        d_b[-1], _ = _optimise_where_it_matters(d_b[-1], f_b[-1], g_b[-1], all_rows, delta_rows, st.stop)
         info["optimized"] = True
     margins = None if prior is not None else _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
     info["truncated"] = [st.truncated] * region.batch
     info["local_is_delta"] = local_is_delta
     return PairBounds(f_b, g_b, d_b, loc_b, margins, info)
+
+
+
+def _optimise_where_it_matters(d: Bounds, af: Bounds, ag: Bounds, all_rows: bool,
+                               optimise: Callable[[torch.Tensor], tuple[Bounds, bool]],
+                               stop: Callable[[], bool]) -> tuple[Bounds, bool]:
+    """The logits' Delta bounds `d` met with `optimise(rows)` (bounds of the chosen rows, and whether
+    a deadline cut it) on the rows that can carry the region's largest |Delta| (`_rows_that_matter`;
+    every row with `all_rows`). Optimising lowers that largest bound, which can bring rows not yet
+    optimised within OPTIMISE_SHARE of it: they are optimised in turn, until none is left. So every
+    row that is not optimised ends below OPTIMISE_SHARE x the reported maximum."""
+    done = torch.zeros(d.upper.shape[0], 2 * d.upper[0].numel(), dtype=torch.bool)
+    cut = False
+    while not stop():
+        want = _rows_that_matter(d, 0.0 if all_rows else OPTIMISE_SHARE) & ~done
+        if not bool(want.any()):
+            break
+        opt, part_cut = optimise(want)
+        d = _refine(af, ag, meet(d, opt))[2]
+        done |= want
+        cut = cut or part_cut
+    return d, cut
 
 
 def _rows_that_matter(d: Bounds, share: float = OPTIMISE_SHARE) -> torch.Tensor:
