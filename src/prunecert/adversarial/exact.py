@@ -38,11 +38,16 @@ def walk_search(pair: Pair, objectives: list[Objective], space: SearchSpace, sta
     """Per region: LP walks from the `walks` best points of `state` (distinct sub-objectives first).
 
     Region g may use the time left until start + budget * (g + 1). Returns per region the walks' end
-    points, the trace (best value after each LP) and whether the budget cut a walk short.
+    points, the trace (best value after each LP) and whether the budget cut a walk short. L2 balls
+    get no walk (the LP cannot express them): decided per region, so a region's result does not
+    depend on the other regions of its chunk.
     """
     out = []
     picks = state.best_per_group(space.n_groups, walks)
     for g, objective in enumerate(objectives):
+        if space.l2[g]:
+            out.append((torch.empty(0, *pair.input_shape, dtype=torch.float64), [], False))
+            continue
         deadline = start + budget * (g + 1)
         layer, cf, cg = objective.linear_form()
         lo, hi = (t.numpy() for t in (space.lo[g], space.hi[g]))
