@@ -174,8 +174,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     load = {"before": _load()}
     t0 = time.perf_counter()
+    build = 0.0
     for data in args.data:
-        for twin, (f, g) in vgg_pairs(data, args.distilled).items():
+        t_build = time.perf_counter()
+        pairs = vgg_pairs(data, args.distilled)
+        build += time.perf_counter() - t_build
+        for twin, (f, g) in pairs.items():
             pair = make_pair(f, g)
             name = f"{data}/{twin}"
             for region_name, regions in region_sets(pair, data, args.eps, args.images):
@@ -198,10 +202,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"  {_line(row)}", file=sys.stderr, flush=True)
                         if why:
                             break  # one row says it for both modes
+                save(args.out, result(args, load, commit, t0, build, rows, partial=True))
     load["after"] = _load()
+    return result(args, load, commit, t0, build, rows, partial=False)
+
+
+def result(args: argparse.Namespace, load: dict[str, list[str]], commit: str, t0: float, build: float,
+           rows: list[dict[str, Any]], partial: bool) -> dict[str, Any]:
+    """The JSON document; `partial` while the run is still going (written after every region set)."""
     return {"benchmark": "conv", "args": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine(),
-            "load_average": load, "commit": commit, "total_seconds": round(time.perf_counter() - t0, 1),
-            "rows": rows}
+            "load_average": {"after": _load(), **load}, "commit": commit, "partial": partial,
+            "total_seconds": round(time.perf_counter() - t0, 1), "build_seconds": round(build, 1), "rows": rows}
+
+
+def save(out: Path, res: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "conv.json", json.dumps(res, indent=1))
+    atomic_write_text(out / "conv.md", markdown(res))
 
 
 def _summary(out: dict[str, Any], found: list[float]) -> dict[str, Any]:
@@ -228,7 +245,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Conv-net certification benchmark (vgg-small; {', '.join(a['data'])})", "",
              f"commit {res['commit']}; {a['images']} boxes per eps; time limit {a['time_limit']} s/region for the "
              f"methods that take one; APGD {a['attack_seconds']} s/region; one torch thread; total "
-             f"{res['total_seconds']:.0f} s; load average before/after {' '.join(res['load_average']['before'])} / "
+             f"{res['total_seconds']:.0f} s (of which {res['build_seconds']:.0f} s training/pruning the models not "
+             f"yet cached){'; PARTIAL: the run was still going' if res['partial'] else ''}; load average before/after {' '.join(res['load_average']['before'])} / "
              f"{' '.join(res['load_average']['after'])} on {res['machine']['cpus']} cores "
              f"(load above ~1 inflates the wall times; CPU s/region is less affected).", "",
              "| pair | region | method | mode | s/region | CPU s/region | peak RSS MB | median bound | median attack "
@@ -271,15 +289,13 @@ def main() -> None:
     ap.add_argument("--methods", type=_names(tuple(METHODS) + DEFAULT_METHODS), default=list(DEFAULT_METHODS),
                     help="comma-separated bound methods")
     ap.add_argument("--images", type=int, default=20, help="boxes per eps (test images 0..N-1)")
-    ap.add_argument("--time-limit", type=float, default=10.0, help="seconds per region for methods taking one")
-    ap.add_argument("--attack-seconds", type=float, default=1.0, help="APGD seconds per region")
+    ap.add_argument("--time-limit", type=float, default=5.0, help="seconds per region for methods taking one")
+    ap.add_argument("--attack-seconds", type=float, default=0.5, help="APGD seconds per region")
     ap.add_argument("--no-distilled", dest="distilled", action="store_false", help="only the coreset twin")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "conv.json", json.dumps(res, indent=1))
-    atomic_write_text(args.out / "conv.md", markdown(res))
+    save(args.out, res)
     print(markdown(res))
 
 
