@@ -16,7 +16,8 @@ import torch
 from pairs import random_conv_pair, random_pair
 from prunecert.adversarial import attack_many, get_attack
 from prunecert.adversarial import api, batching
-from prunecert.adversarial.batching import MAX_CHUNK, activations_per_element, attack_chunk_size
+from prunecert.adversarial.batching import MAX_CHUNK, activations_per_element, attack_chunk_size, evaluation_batch
+from prunecert.audit import measure_data
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Box, Domain, L2Ball
 from prunecert.io.torch_io import network_from_module
@@ -93,3 +94,19 @@ def test_vgg_sized_attacks_get_small_chunks():
     assert attack_chunk_size(pair, get_attack("apgd"), 5, 20) == 2
     assert attack_chunk_size(pair, get_attack("auto"), 3, 20) == 4
     assert attack_chunk_size(pair, get_attack("auto"), 3, 1) == MAX_CHUNK  # a neuron objective: 3 elements
+
+
+def test_the_audit_test_set_pass_does_not_depend_on_its_batch():
+    pair = random_conv_pair(np.random.default_rng(9), twin="prune")
+    rng = np.random.default_rng(10)
+    x = rng.random((40, *pair.input_shape)).astype(np.float32)
+    y = rng.integers(0, pair.n_classes, 40)
+    reference = measure_data(pair, x, y, batch=1)
+    for batch in (7, None):
+        got = measure_data(pair, x, y, batch=batch)
+        assert got.keys() == reference.keys()
+        for k, v in reference.items():
+            assert np.array_equal(got[k], v), k
+    assert evaluation_batch(pair) == 512  # a small pair: the cap
+    big = Pair(*(network_from_module(small_vgg((1, 28, 28), 10), (1, 28, 28)) for _ in range(2)))
+    assert 200 < evaluation_batch(big) < 300  # vgg-small: ~2.2 MB per point within 512 MB

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from prunecert.errors import ConfigError, ShapeMismatchError
+from prunecert.adversarial.batching import evaluation_batch
 from prunecert.adversarial.witness import certify_searches
 from prunecert.network import Network
 from prunecert.progress import progress_task, stage_line
@@ -258,8 +259,10 @@ def _abs_max(t: torch.Tensor) -> torch.Tensor:
     return t.abs().reshape(t.shape[0], -1).amax(dim=1)
 
 
-def measure_data(pair, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
-    """Accuracy of f and g, top-1 agreement, and per layer the largest |Delta| (end-to-end, local) on (x, y)."""
+def measure_data(pair, x: np.ndarray, y: np.ndarray, batch: int | None = None) -> dict:
+    """Accuracy of f and g, top-1 agreement, and per layer the largest |Delta| (end-to-end, local) on (x, y).
+    `batch` (default: as many points as fit the attack's memory budget, at most 512) changes no result."""
+    batch = evaluation_batch(pair) if batch is None else batch
     n_layers = pair.n_layers
     e2e, loc = np.zeros(n_layers), np.zeros(n_layers)
     worst = np.zeros(n_layers, dtype=np.int64)

@@ -42,3 +42,10 @@ def attack_chunk_size(pair: Pair, method: AttackMethod, restarts: int, n_sub: in
     budget = MEMORY_BUDGET if budget is None else budget
     per_region = max(1, restarts * n_sub) * activations_per_element(pair) * BYTES_PER_ACTIVATION
     return max(1, min(MAX_CHUNK, budget // per_region))
+
+
+def evaluation_batch(pair: Pair, cap: int = 512, budget: int | None = None) -> int:
+    """Points per batch when every layer of f and g is evaluated (and kept) at once, e.g. an audit's pass
+    over the test set: as many as fit `budget` (default MEMORY_BUDGET), at most `cap`, at least 1."""
+    budget = MEMORY_BUDGET if budget is None else budget
+    return max(1, min(cap, budget // (activations_per_element(pair) * BYTES_PER_ACTIVATION)))
