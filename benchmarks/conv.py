@@ -19,7 +19,7 @@ Quantity: the certified upper bound on max_k |Delta_logit_k|.
 - peak RSS: ru_maxrss of the child (torch, the two networks and the call's own work); CPU: the child's
   process time per region (on a quiet machine wall ~ CPU: one torch thread).
 
-    python benchmarks/conv.py                                       # the full run (see README)
+    python benchmarks/conv.py --jobs 2                              # the full run (see README), ~15 min on 2 idle cores
     python benchmarks/conv.py --data mnist5k --eps 0.005 --methods crown-diff --images 4   # a quick subset
 
 writes benchmarks/results/conv.json and conv.md (`--out DIR` elsewhere). One torch thread.
