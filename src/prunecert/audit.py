@@ -36,6 +36,7 @@ import torch
 
 from prunecert.adversarial import METHODS as ATTACKS
 from prunecert.adversarial import attack_many
+from prunecert.adversarial.batching import evaluation_batch
 from prunecert.adversarial.witness import certify_searches
 from prunecert.certify import certify, get_method, make_pair
 from prunecert.certify.result import CertifyResult
@@ -277,9 +278,11 @@ def _abs_max(t: torch.Tensor) -> torch.Tensor:
     return t.abs().reshape(t.shape[0], -1).amax(dim=1)
 
 
-def measure_data(pair: Pair, x: npt.ArrayLike, y: npt.ArrayLike, batch: int = 512) -> DataMeasures:
-    """Accuracy of f and g, top-1 agreement, and per layer the largest |Delta| (end-to-end, local) on (x, y)."""
+def measure_data(pair: Pair, x: npt.ArrayLike, y: npt.ArrayLike, batch: int | None = None) -> DataMeasures:
+    """Accuracy of f and g, top-1 agreement, and per layer the largest |Delta| (end-to-end, local) on (x, y).
+    `batch` (default: as many points as fit the attack's memory budget, at most 512) changes no result."""
     x, y = np.asarray(x), np.asarray(y)
+    batch = evaluation_batch(pair) if batch is None else batch
     n_layers = pair.n_layers
     e2e, loc = np.zeros(n_layers), np.zeros(n_layers)
     worst = np.zeros(n_layers, dtype=np.int64)

@@ -9,10 +9,11 @@ Methods (all return a point inside the region whose value is a fresh float64 for
   auto     a budgeted portfolio: APGD, then LP walks from its best points (linear objectives, boxes)
 
 Reproducibility: every random choice for a region comes from a generator seeded by `seed` and the
-region's exact bounds (`prunecert.scale.seeds`), and regions are attacked in fixed chunks, so the
-executor and the number of workers never change a result; a run is bit-for-bit repeatable unless
-the time budget cut it short (`result.truncated`), in which case how far it got depends on the
-machine.
+region's exact bounds (`prunecert.scale.seeds`) and no batch operation mixes regions, so neither the
+executor, the number of workers nor the chunk size (regions per gradient batch, chosen by
+`batching.attack_chunk_size` to fit a memory budget) changes a result; a run is bit-for-bit
+repeatable unless the time budget cut it short (`result.truncated`), in which case how far it got
+depends on the machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prunecert.adversarial.gradient import (
     random_search,
     seed_starts,
 )
+from prunecert.adversarial.batching import MAX_CHUNK, attack_chunk_size
 from prunecert.adversarial.exact import MilpWitness, milp_search, walk_search
 from prunecert.adversarial.lpwalk import check_box
 from prunecert.adversarial.methods import get_attack
@@ -57,7 +59,6 @@ from prunecert.stage_budgets import ATTACK_SECONDS, AUTO_GRADIENT_SHARE, AUTO_WA
 from prunecert.threads import one_torch_thread
 
 RANDOM_SAMPLES = 20_000
-CHUNK_SIZE = 16  # regions per chunk: a gradient batch of 16 regions is ~160 MB on LeNet-300-100
 
 
 def attack(original: Network | Pair, pruned: Network | None, region: Region,
@@ -78,9 +79,9 @@ def attack_many(original: Network | Pair, pruned: Network | None, regions: Itera
                 budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
                 iterations: int | None = None, label: int | None = None, progress: bool = True,
                 workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
-                executor: Executor | None = None, chunk_size: int = CHUNK_SIZE) -> list[AttackResult]:
+                executor: Executor | None = None, chunk_size: int | None = None) -> list[AttackResult]:
     """`attack` over many regions, in order. Regions go in chunks of `chunk_size` (gradient stages run
-    a chunk in one torch batch) to `executor`, or one made from `workers` (None: every usable core) /
+    a chunk in one torch batch; None: as many as fit `batching.MEMORY_BUDGET`) to `executor`, or one made from `workers` (None: every usable core) /
     `scheduler` (a Dask address or "local"). Every region's random choices come from its own
     generator (seeded from `seed` and the region itself), so results do not depend on the executor.
     `budget_seconds` is per region. For many regions `attack_stream` yields chunks as they finish.
@@ -110,7 +111,7 @@ def attack_stream(original: Network | Pair, pruned: Network | None, regions: Ite
                   budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
                   iterations: int | None = None, label: int | None = None, progress: bool = True,
                   workers: int | None = 1, scheduler: str | None = None, threads: int | None = None,
-                  executor: Executor | None = None, chunk_size: int = CHUNK_SIZE
+                  executor: Executor | None = None, chunk_size: int | None = None
                   ) -> Iterator[tuple[int, list[AttackResult]]]:
     """`attack_many`, chunk by chunk: yields (index of the chunk's first region, its results) in order,
     holding only a few chunks at a time."""
@@ -118,7 +119,10 @@ def attack_stream(original: Network | Pair, pruned: Network | None, regions: Ite
     # a Sequence is kept as it is (LazyRegions: built per chunk)
     region_list = regions if isinstance(regions, Sequence) else list(regions)
     setup = _check(pair, region_list, objective, method, budget_seconds, seed, restarts, iterations, label,
-                   chunk_size)
+                   MAX_CHUNK if chunk_size is None else chunk_size)
+    if chunk_size is None:
+        n_sub = as_objective(objective).resolve(pair, region_list[0].center, label).n_sub
+        chunk_size = attack_chunk_size(pair, get_attack(method), setup.restarts, n_sub)
     slices = chunk_slices(len(region_list), chunk_size)
     with contextlib.ExitStack() as stack:
         if executor is None:
@@ -195,9 +199,10 @@ def _attack_regions(setup: AttackSetup, regions: Sequence[Region], gens: list[to
         # the MILP's optimum is checked by this module's own `auto` attack (injected: exact.py is below api.py)
         witness = MilpWitness(pair, attack, seed=setup.seed)
         return [milp_search(pair, objectives[g], space, g, budget, fields, log, witness) for g in range(len(regions))]
-    # a gradient stage followed by walks (auto) walks only where the pair's LP fits and the objective is linear;
-    # otherwise the whole budget goes to the gradient stage
-    do_walk = m.walks and (m.lp_only or (spec.is_linear and not any(space.l2) and fits))
+    # a gradient stage followed by walks (auto) walks only where the pair's LP fits and the objective is linear,
+    # and only on boxes (walk_search skips L2 balls region by region); otherwise the whole budget goes to the
+    # gradient stage
+    do_walk = m.walks and (m.lp_only or (spec.is_linear and not all(space.l2) and fits))
     state = seed_starts(pair, objectives, space, restarts if m.gradient else 1, gens,
                         oversample=4 if m.gradient else 64)
     log.stage("seed", state, start)
@@ -228,7 +233,7 @@ def _finish(pair: Pair, objectives: list[Objective], space: SearchSpace, state: 
             trace += [max(best, v) for v in wtrace]
             truncated = truncated or wtrunc
         res = best_result(pair, objective, space, cand_x, cand_g, g, trace=trace, truncated=truncated,
-                          evaluations=state.evaluations, seconds=time.perf_counter() - start, **fields)
+                          evaluations=int(state.evaluations[g]), seconds=time.perf_counter() - start, **fields)
         out.append(res)
     return out
 

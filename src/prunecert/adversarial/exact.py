@@ -103,12 +103,17 @@ def walk_search(pair: Pair, objectives: list[Objective], space: SearchSpace, sta
                 start: float, budget: float, log: StageLog) -> list[WalkResult]:
     """Per region: LP walks from the `walks` best points of `state` (distinct sub-objectives first).
 
-    Region k (0-based) may use the time left until start + budget * (k + 1). Returns per region the
-    walks' end points, the trace (best value after each LP) and whether the budget cut a walk short.
+    Region k (0-based) may use the time left until start + budget * (k + 1). Returns per region the walks' end
+    points, the trace (best value after each LP) and whether the budget cut a walk short. L2 balls
+    get no walk (the LP cannot express them): decided per region, so a region's result does not
+    depend on the other regions of its chunk.
     """
     out: list[WalkResult] = []
     picks = state.best_per_group(space.n_groups, walks)
     for group, objective in enumerate(objectives):
+        if space.l2[group]:
+            out.append((torch.empty(0, *pair.input_shape, dtype=torch.float64), [], False))
+            continue
         deadline = start + budget * (group + 1)
         layer, cf, cg = objective.linear_form()
         lo, hi = space.lo[group].numpy(), space.hi[group].numpy()

@@ -35,8 +35,14 @@ class SearchState:
     groups: torch.Tensor
     sub: torch.Tensor
     trace: list[list[float]] = field(default_factory=list)
-    evaluations: int = 0
+    evaluations: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # per region
     truncated: bool = False
+
+    def count(self, groups: torch.Tensor, n_groups: int) -> None:
+        """One more evaluation for each element's region: counted per region, so a region's count does
+        not depend on which other regions shared its batch."""
+        counts = torch.bincount(groups, minlength=n_groups)
+        self.evaluations = counts + self.evaluations if len(self.evaluations) else counts
 
     def record(self, n_groups: int) -> None:
         best = torch.full((n_groups,), -math.inf, dtype=torch.float64)
@@ -77,7 +83,7 @@ def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, res
                 generator: torch.Generator | Sequence[torch.Generator], oversample: int = 4) -> SearchState:
     """Per region and sub-objective, the `restarts` best of (centre + oversample*restarts samples)."""
     xs, vs, gs, ss = [], [], [], []
-    n_evals = 0
+    n_evals = []
     m = max(oversample * restarts - 1, 0)
     for g, objective in enumerate(objectives):
         cand = space.project(space.center(g)[None], torch.tensor([g]))
@@ -86,7 +92,7 @@ def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, res
             cand = torch.cat([cand, space.sample(counts, generator)[0]])
         with torch.no_grad():
             sv = sub_values(pair, objective, cand)  # (M, S)
-        n_evals += len(cand)
+        n_evals.append(len(cand))
         k = min(restarts, len(cand))
         top = torch.argsort(sv, dim=0, descending=True, stable=True)[:k]  # (k, S)
         for s in range(sv.shape[1]):
@@ -94,7 +100,7 @@ def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, res
             vs.append(sv[top[:, s], s])
             gs.append(torch.full((k,), g, dtype=torch.long))
             ss.append(torch.full((k,), s, dtype=torch.long))
-    return SearchState(torch.cat(xs), torch.cat(vs), torch.cat(gs), torch.cat(ss), evaluations=n_evals)
+    return SearchState(torch.cat(xs), torch.cat(vs), torch.cat(gs), torch.cat(ss), evaluations=torch.tensor(n_evals, dtype=torch.long))
 
 
 def random_search(pair: Pair, objectives: list[Objective], space: SearchSpace, n_samples: int,
@@ -116,7 +122,7 @@ def random_search(pair: Pair, objectives: list[Objective], space: SearchSpace, n
                 k = int(torch.argmax(v))
                 if v[k] > state.value[g]:
                     state.x[g], state.value[g], state.sub[g] = x[idx[k]], v[k], sub[k]
-        state.evaluations += len(x)
+        state.count(groups, G)
         state.record(G)
         done += n
         if time.perf_counter() > deadline and done < n_samples:
@@ -145,7 +151,7 @@ def ascend(pair: Pair, objectives: list[Objective], space: SearchSpace, state: S
     shape = (-1,) + (1,) * len(space.input_shape)
     x = space.project(state.x, groups)
     f, grad = _value_and_grad(pair, obj, x)
-    state.evaluations += len(x)
+    state.count(groups, space.n_groups)
     better = f > state.value
     best_x = torch.where(better.view(shape), x, state.x)
     best_v = torch.where(better, f, state.value)
@@ -172,7 +178,7 @@ def ascend(pair: Pair, objectives: list[Objective], space: SearchSpace, state: S
         else:
             x_new = z
         f_new, grad_new = _value_and_grad(pair, obj, x_new)
-        state.evaluations += n
+        state.count(groups, space.n_groups)
         successes += (f_new > f).long()
         improved = f_new > best_v
         best_x = torch.where(improved.view(shape), x_new, best_x)

@@ -151,10 +151,11 @@ class Objective:
 
 def _linear_form(kind: str, size: int, neuron: int, sign: float, label: int | None
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
-    eye = torch.eye(size, dtype=torch.float64)
-    if kind == "neuron":
-        e = eye[neuron:neuron + 1]
+    if kind == "neuron":  # one row: an identity of a conv layer's width would be ~1.3 GB
+        e = torch.zeros(1, size, dtype=torch.float64)
+        e[0, neuron] = 1.0
         return sign * e, -sign * e, [f"{'-' if sign < 0 else '+'}Delta[{neuron}]"]
+    eye = torch.eye(size, dtype=torch.float64)  # size: the number of logits
     if kind == "max-logit-deviation":
         # sub-objectives +Delta_j and -Delta_j for every logit j
         cf = torch.cat([eye, -eye])
