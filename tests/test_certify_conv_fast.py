@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from pairs import assert_contains, extremes, random_box, random_conv_pair, sample_deltas
 
 import prunecert.certify.diff_linear as dl
-from prunecert.certify.backsub import Engine, Form, OpCtx, RegionBatch
+from prunecert.certify.backsub import Engine, Form, OpCtx
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.layout import unit_patches
 from prunecert.certify.rows import Selection, bound_rows, bound_widest
 from prunecert.core.interval import Bounds
+from prunecert.core.region_batch import RegionBatch
 from prunecert.network import Conv2d
 
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 
-from prunecert.certify.backsub import Engine, Form, RegionBatch, concretise
+from prunecert.certify.backsub import Engine, Form, concretise
 from prunecert.core.interval import Bounds
+from prunecert.core.region_batch import RegionBatch
 from prunecert.certify.relax import DeltaParams
 
 LEARNING_RATE = 0.5
@@ -36,13 +38,14 @@ class _Adam:
     which costs seconds on the first call of every process (every CLI run).
     """
 
-    def __init__(self, leaves: list[torch.Tensor], lr: float = LEARNING_RATE, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, leaves: list[torch.Tensor], lr: float = LEARNING_RATE, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
         self.leaves, self.lr, self.betas, self.eps, self.t = leaves, lr, betas, eps, 0
         self.m = [torch.zeros_like(x) for x in leaves]
         self.v = [torch.zeros_like(x) for x in leaves]
 
     @torch.no_grad()
-    def step(self, grads) -> None:
+    def step(self, grads: Sequence[torch.Tensor | None]) -> None:
         self.t += 1
         b1, b2 = self.betas
         lr = self.lr * DECAY ** (self.t - 1) * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
@@ -57,6 +60,7 @@ class _Adam:
 def _initial_params(engine: Engine, top: int) -> list[torch.Tensor]:
     """Per hidden layer below `top`, one leaf (5, B, 1, *shape) holding the default parameters in
     DeltaParams.FIELDS order (one leaf per layer: fewer ops per search step than one per field)."""
+    assert engine.delta is not None   # the pair engine (alpha-CROWN on Delta)
     out = []
     for k in range(top):
         side, rel = engine.side[k], engine.delta[k]
@@ -71,6 +75,7 @@ def _params(leaves: list[torch.Tensor], dtype: torch.dtype | None = None) -> lis
 
 def _search_engine(engine: Engine) -> Engine:
     """The same walk in SEARCH_DTYPE without rounding margins (ops convert their weights on the fly)."""
+    assert engine.delta is not None   # the pair engine
     return Engine(engine.ctx, [s.to(SEARCH_DTYPE) for s in engine.side],
                   [d.to(SEARCH_DTYPE) for d in engine.delta], exact=False)
 
@@ -99,7 +104,7 @@ def optimise_rows(engine: Engine, top: int, region: RegionBatch, iterations: int
     return Bounds(-ub[:, n:].reshape(-1, *shape), ub[:, :n].reshape(-1, *shape))
 
 
-def _unit_rows(row: torch.Tensor, shape) -> torch.Tensor:
+def _unit_rows(row: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """(K, 1, *shape) float64 rows: +e_row for row < n, else -e_(row - n)."""
     n = math.prod(shape)
     out = torch.zeros(len(row), n, dtype=torch.float64)

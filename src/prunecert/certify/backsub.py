@@ -71,6 +71,7 @@ class Form:
     @staticmethod
     def rows_of(lam_f: torch.Tensor | None, lam_d: torch.Tensor | None = None, layout: Layout = DENSE) -> "Form":
         lam = lam_f if lam_f is not None else lam_d
+        assert lam is not None, "a form needs coefficients"
         zero = torch.zeros(lam.shape[:2], dtype=lam.dtype)
         return Form(lam_f, lam_d, zero, zero.clone(), layout)
 
@@ -79,13 +80,16 @@ class Form:
         f-walk of e_i and the g-walk of -e_i there). Each coefficient sum is one rounding: its error,
         at most u (|lam| + |lam'|) . max|x| over the region, joins `err`."""
         assert self.lam_d is None and other.lam_d is None
+        assert self.lam_f is not None and other.lam_f is not None
         size = _abs_rc(self.lam_f.abs() + other.lam_f.abs(), self.layout, region)[..., 1]    # (B, R)
         err = up(self.err + other.err + margin(size, 1))
         return Form(self.lam_f + other.lam_f, None, up(self.bias + other.bias), err, self.layout)
 
     def take(self, rows: torch.Tensor) -> "Form":
         """The form's rows `rows` (an index over dim 1)."""
-        pick = (lambda t: None if t is None else t[:, rows])  # noqa: E731
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, rows]
+
         return Form(pick(self.lam_f), pick(self.lam_d), self.bias[:, rows], self.err[:, rows],
                     self.layout.take(rows))
 
@@ -188,14 +192,17 @@ class Engine:
                 new_f = _add(new_f, t)
                 bias = self._acc(bias, lay.dot(ld, c.dop.bias))
             if not c.dx_zero:
+                assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
                 new_d, new_lay = lay.backward(c.opg, ld, fast_g)
             if self.exact:
+                assert c.dmag is not None   # so do its exact magnitudes
                 mag_d = lay.dot(absd, c.dmag)
                 mag = mag + mag_d
                 if fast_d or fast_g:
                     fast_mag, fast_n = fast_mag + mag_d, fast_n + int(fast_d) + int(fast_g)
         err = up(form.err + margin(mag, c.count)) if self.exact else form.err
         if fast_n:   # float32 transposes: their relative error on the same magnitudes, and underflow
+            assert c.xsum is not None   # `OpCtx.fast` allows float32 only with xsum
             tiny = fast_n * max(fast_tiny(op) for op in (c.op, c.dop, c.opg) if op is not None) * c.xsum.unsqueeze(1)
             err = up(up(err + margin(fast_mag, backward_terms(c.op) + 2, UNIT_ROUNDOFF_32)) + tiny * (1 + 2.0 ** -40))
         return Form(new_f, new_d, bias, err, new_lay)

@@ -15,10 +15,12 @@ than `naive_bounds`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from prunecert.core.interval import Bounds, affine_interval
-from prunecert.certify.naive import affine_sum, centre_radius, margin_op, naive_bounds, op_bounds
+from prunecert.core.interval import Bounds, affine_interval, centre_radius
+from prunecert.certify.naive import Part, affine_sum, margin_op, naive_bounds, op_bounds
 from prunecert.core.rounding import UNIT_ROUNDOFF
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
@@ -39,12 +41,16 @@ def difference_op(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
     """The op (A^f - A^g, b^f - b^g), or None when the ops carry no weights (identical maps)."""
     if isinstance(opf, (Flatten, AvgPool2d)):
         return None
+    # the twins' ops agree kind by kind (`Pair` checks it), so opg is opf's class
     if isinstance(opf, Linear):
+        assert isinstance(opg, Linear)
         return Linear(opf.weight - opg.weight, opf.bias - opg.bias, name="difference")
     if isinstance(opf, Conv2d):
+        assert isinstance(opg, Conv2d)
         return Conv2d(opf.weight - opg.weight, opf._bias - opg._bias, opf.in_shape, opf.stride, opf.padding,
                       name="difference")
     if isinstance(opf, Scale):
+        assert isinstance(opg, Scale)
         return Scale(opf.scale - opg.scale, opf.shift - opg.shift, opf.in_shape, name="difference")
     raise PairingError(f"differential bounds do not support op kind {opf.kind!r}")
 
@@ -54,7 +60,8 @@ def diff_step(opf: AffineOp, opg: AffineOp, dop: AffineOp | None, xf: Bounds, xg
     """Bounds on (y^f, y^g, Delta y) for one op pair; `dx` None means Delta x = 0 exactly."""
     yf = affine_interval(opf, xf.lower, xf.upper)
     yg = affine_interval(opg, xg.lower, xg.upper)
-    parts, fan_in = [], 0
+    parts: list[Part] = []
+    fan_in = 0
     if dop is not None:
         # +2: the difference weights and bias are rounded
         parts.append((dop.linear, dop.abs_linear, xf))
@@ -84,9 +91,10 @@ def relu_delta(af: Bounds, ag: Bounds, d: Bounds) -> Bounds:
     return Bounds(lower, upper)
 
 
-def _chain(pair_ops, xf: Bounds, xg: Bounds, dx: Bounds | None) -> tuple[Bounds, Bounds, Bounds | None, list]:
+def _chain(pair_ops: Sequence[tuple[AffineOp, AffineOp, AffineOp | None]], xf: Bounds, xg: Bounds, dx: Bounds | None
+           ) -> tuple[Bounds, Bounds, Bounds | None, list[Bounds | None]]:
     """Run a layer's op pairs; also return the bounds entering its last op (for margins)."""
-    last_in = (xf, xg, dx)
+    last_in: tuple[Bounds, Bounds, Bounds | None] = (xf, xg, dx)
     for opf, opg, dop in pair_ops:
         last_in = (xf, xg, dx)
         xf, xg, dx = diff_step(opf, opg, dop, xf, xg, dx)
@@ -101,8 +109,11 @@ def diff_interval_bounds(pair: Pair, region: RegionBatch) -> PairBounds:
     ops = [[(of, og, difference_op(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
     hf = hg = Bounds(lo, hi)
     dh: Bounds | None = None  # Delta of the layer input; exactly 0 at the network input
-    f_b, g_b, delta, local = [], [], [], []
-    last_in: list = []
+    f_b: list[Bounds] = []
+    g_b: list[Bounds] = []
+    delta: list[Bounds] = []
+    local: list[Bounds] = []
+    last_in: list[Bounds | None] = []
     for l in range(pair.n_layers):
         af, ag, d, last_in = _chain(ops[l], hf, hg, dh)
         assert d is not None
@@ -110,9 +121,13 @@ def diff_interval_bounds(pair: Pair, region: RegionBatch) -> PairBounds:
         if l == 0:
             loc = d
         else:  # g's layer fed with f's input: Delta x = 0
-            _, _, loc, _ = _chain(ops[l], hf, hf, None)
-            loc = meet(loc, naive.local[l])
-        f_b.append(af), g_b.append(ag), delta.append(d), local.append(loc)
+            _, _, loc_in, _ = _chain(ops[l], hf, hf, None)
+            assert loc_in is not None   # Delta of a layer's output is always bounded
+            loc = meet(loc_in, naive.local[l])
+        f_b.append(af)
+        g_b.append(ag)
+        delta.append(d)
+        local.append(loc)
         if l < pair.n_layers - 1:
             dh = relu_delta(af, ag, d)
             hf, hg = af.relu(), ag.relu()
@@ -121,7 +136,7 @@ def diff_interval_bounds(pair: Pair, region: RegionBatch) -> PairBounds:
     return PairBounds(f_b, g_b, delta, local, margins, {"method": "diff-interval"})
 
 
-def _margins(pair: Pair, last_in: list, logits_f: Bounds, logits_g: Bounds) -> torch.Tensor:
+def _margins(pair: Pair, last_in: list[Bounds | None], logits_f: Bounds, logits_g: Bounds) -> torch.Tensor:
     """(B, C, C) lower bounds on f_c - f_j and g_c - g_j: the margin maps run through `diff_step`."""
     c = pair.n_classes
     mf = margin_op(pair.layers_f[-1].ops[-1], c)
@@ -130,9 +145,11 @@ def _margins(pair: Pair, last_in: list, logits_f: Bounds, logits_g: Bounds) -> t
     if mf is None or mg is None:
         return fallback
     xf, xg, dx = last_in
+    assert xf is not None and xg is not None   # only Delta x may be None (exactly 0)
     # the margin ops' own weights are rounded differences: +2 terms in their margins
     yf, yg = op_bounds(mf, xf, 2), op_bounds(mg, xg, 2)
     dm = difference_op(mf, mg)
+    assert dm is not None   # two Linears always have a difference op
     parts = [(dm.linear, dm.abs_linear, xf)]
     fan_in = dm.fan_in + 2
     if dx is not None:

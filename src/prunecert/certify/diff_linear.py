@@ -22,7 +22,7 @@ Derivations and the rounding argument: docs/theory.md, "Differential linear boun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import time
 
 import torch
@@ -35,9 +35,10 @@ from prunecert.core.interval import Bounds
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, margins_from_inputs
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
+from prunecert.certify.layout import Layout
 from prunecert.certify.relax import DeltaRelax, SideRelax
-from prunecert.certify.rows import (FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, bound_rows, bound_rows_pair, bound_widest,
-                                    walk_width)
+from prunecert.certify.rows import (FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, Walk, bound_rows, bound_rows_pair,
+                                    bound_widest, walk_width)
 from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
@@ -45,6 +46,9 @@ from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
 OPTIMISE_SHARE = 0.8   # the logit rows optimised: bound >= this share of the region's largest |Delta| bound
 FAST_HIDDEN = True  # hidden layers' rows may take float32 conv transposes (the logits' rows stay float64)
 DELTA_GAIN = 1e-3   # nets with costly layers: the full Delta pass runs where the first beats CROWN on f - g by this
+
+_OpPair = tuple[AffineOp, AffineOp, AffineOp | None]    # f's op, g's op, their difference op (None: identical)
+_OpInputs = tuple[Bounds, Bounds, Bounds | None]        # bounds on x^f, x^g, Delta x (None: exactly 0)
 
 
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
@@ -56,7 +60,7 @@ def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
     return None if all(not getattr(dop, k).any() for k in parts) else dop
 
 
-def _op_pairs(pair: Pair) -> list[list[tuple[AffineOp, AffineOp, AffineOp | None]]]:
+def _op_pairs(pair: Pair) -> list[list[_OpPair]]:
     """Per layer, (f's op, g's op, their difference op or None)."""
     return [[(of, og, _difference(of, og)) for of, og in zip(lf.ops, lg.ops)] for lf, lg in pair.layer_pairs()]
 
@@ -65,12 +69,13 @@ def _amax(b: Bounds | None) -> torch.Tensor | None:
     return None if b is None else torch.maximum(b.lower.abs(), b.upper.abs())
 
 
-def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
+def _chain(ops: Sequence[_OpPair], xf: Bounds, xg: Bounds, dx: Bounds | None
+           ) -> tuple[list[_OpInputs], tuple[Bounds, Bounds, Bounds]]:
     """Interval (ReluDiff) pass through a layer's op pairs: the bounds entering each op, and the outputs.
 
     dx None means Delta = 0 structurally (the network input, or identical ops applied to it).
     """
-    inputs = []
+    inputs: list[_OpInputs] = []
     for opf, opg, dop in ops:
         inputs.append((xf, xg, dx))
         zero = dx is None and dop is None
@@ -81,7 +86,7 @@ def _chain(ops, xf: Bounds, xg: Bounds, dx: Bounds | None):
     return inputs, (xf, xg, dx)
 
 
-def _zero_delta(ops, zero_in: torch.Tensor | None) -> torch.Tensor | None:
+def _zero_delta(ops: Sequence[_OpPair], zero_in: torch.Tensor | None) -> torch.Tensor | None:
     """Where Delta is exactly 0 at the output of a layer's op chain, for every input of the domain: a
     bool tensor of the output shape, or None when it is 0 everywhere. `zero_in`: the same at the
     chain's input (None: everywhere, e.g. the network input).
@@ -114,7 +119,7 @@ def _zero_out(b: Bounds, zero: torch.Tensor | None) -> Bounds:
     return Bounds(b.lower.masked_fill(zero, 0.0), b.upper.masked_fill(zero, 0.0))
 
 
-def _box_exact(ops, region: RegionBatch) -> tuple[bool, bool]:
+def _box_exact(ops: Sequence[_OpPair], region: RegionBatch) -> tuple[bool, bool]:
     """Whether intervals are already exact on layer 0 over a box, for a^f/a^g and for Delta: true when
     every op before the last maps boxes to boxes (Flatten, Scale) -- and, for Delta, is the same in f and g."""
     if region.l2 is not None:
@@ -124,11 +129,12 @@ def _box_exact(ops, region: RegionBatch) -> tuple[bool, bool]:
     return nets, nets and all(dop is None for _, _, dop in head)
 
 
-def _contexts(ops, inputs) -> tuple[list[OpCtx], list[OpCtx]]:
+def _contexts(ops: Sequence[_OpPair], inputs: Sequence[_OpInputs]) -> tuple[list[OpCtx], list[OpCtx]]:
     """Op contexts for walking f (paired with g and the difference ops) and for walking g alone."""
     cf, cg = [], []
     for (opf, opg, dop), (xf, xg, dx) in zip(ops, inputs):
         mf, mg, md = _amax(xf), _amax(xg), _amax(dx)
+        assert mf is not None and mg is not None   # xf, xg are bounds (only dx may be None)
         dmag = opf.bias.new_zeros(()) if dop is None else dop.abs_linear(mf) + dop.bias.abs()
         if md is not None:
             dmag = dmag + opg.abs_linear(md)
@@ -147,7 +153,7 @@ def _up_sum(x: torch.Tensor) -> torch.Tensor:
 class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
-    def __init__(self, pair: Pair, region: RegionBatch, ops, delta_walks: bool = True,
+    def __init__(self, pair: Pair, region: RegionBatch, ops: list[list[_OpPair]], delta_walks: bool = True,
                  deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
         self.relax_rows = relax_rows
@@ -161,7 +167,7 @@ class _Bounder:
         self.f = Engine(self.ctx_f, self.side_f)
         self.g = Engine(self.ctx_g, self.side_g)
         self.d = Engine(self.ctx_f, self.side_f, self.delta)
-        self._sub: dict = {}
+        self._sub: dict[tuple[int, tuple[int, ...]], tuple[Engine, Engine, Engine]] = {}
 
     def engines(self, idx: torch.Tensor | None) -> tuple[Engine, Engine, Engine]:
         """The f, g and pair engines over the regions `idx` (None: all), kept while the layer lasts."""
@@ -172,7 +178,7 @@ class _Bounder:
             self._sub = {key: (self.f.select(idx), self.g.select(idx), self.d.select(idx))}
         return self._sub[key]
 
-    def _down(self, l: int) -> list:
+    def _down(self, l: int) -> list[AffineOp]:
         return [opf for k in range(l, -1, -1) for opf, _, _ in reversed(self.ops[k])]
 
     def chunk(self, l: int) -> int:
@@ -186,7 +192,7 @@ class _Bounder:
             self.truncated = True
         return self.truncated
 
-    def _bounds(self, l: int, walk, mask: torch.Tensor | None) -> Bounds | None:
+    def _bounds(self, l: int, walk: Walk, mask: torch.Tensor | None) -> Bounds | None:
         shape = self.pair.layers_f[l].out_shape
         sel = Selection.of(mask, math.prod(shape))
         if sel is None or self.stop():
@@ -194,7 +200,7 @@ class _Bounder:
         rows = bound_rows(walk, sel, shape, self.region, self.chunk(l), self.stop)
         return _spread(sel, rows, shape, self.region.batch)
 
-    def _widest(self, l: int, walk, prior: Bounds, mask: torch.Tensor) -> Bounds | None:
+    def _widest(self, l: int, walk: Walk, prior: Bounds, mask: torch.Tensor) -> Bounds:
         if self.stop() or not bool(mask.any()):
             return prior
         return bound_widest(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
@@ -220,10 +226,12 @@ class _Bounder:
             elif hidden:   # each network's bounds matter where it is unstable
                 f = self._bounds(l, walk_f, _unstable(af).reshape(b, n))
                 # where Delta is structurally 0, a^g = a^f: `_refine` copies f's bounds to g
-                same = _unstable(af) if self.zero[l] is None else _unstable(af) & self.zero[l]
+                zero_l = self.zero[l]
+                same = _unstable(af) if zero_l is None else _unstable(af) & zero_l
                 g = self._bounds(l, walk_g, (_unstable(ag) & ~same).reshape(b, n))
             elif not self.stop():   # the logits: every neuron, and CROWN on f - g from the same walks
                 sel = Selection.of(None, n)
+                assert sel is not None   # no mask: every neuron
                 f, g, cd = (_spread(sel, x, shape, b) for x in
                             bound_rows_pair(walk_f, walk_g, sel, shape, self.region, self.chunk(l)))
         if not self.delta_walks:
@@ -241,18 +249,19 @@ class _Bounder:
             else:
                 dd = self._bounds(l, walk_d, mask)
         if local_ctx is not None:
-            def walk_local(lam, lay, idx):
+            def walk_local(lam: torch.Tensor, lay: Layout, idx: torch.Tensor | None) -> Form:
                 ef, _, ed = self.engines(idx)
                 ctx = local_ctx if idx is None else [c.select(idx) for c in local_ctx]
                 form = ed.through_layer(l, Form.rows_of(None, lam, lay), ctx)
                 form.lam_d = None    # g's layer l is fed with f's input: Delta h_{l-1} := 0
                 return ef.below(form, l)
+            assert loc is not None   # `_run` bounds the local deviation whenever it passes local_ctx
             mask = (loc.upper > loc.lower).reshape(b, n)
             lb = self._bounds(l, walk_local, mask) if full else self._widest(l, walk_local, loc, mask)
         return [f, g, _meet_opt(cd, dd), lb]
 
 
-def _spread(sel: Selection, b: Bounds, shape, batch: int) -> Bounds:
+def _spread(sel: Selection, b: Bounds, shape: Sequence[int], batch: int) -> Bounds:
     return Bounds(sel.spread(b.lower, -torch.inf, batch).reshape(batch, *shape),
                   sel.spread(b.upper, torch.inf, batch).reshape(batch, *shape))
 
@@ -351,7 +360,7 @@ def _overlay(base: PairBounds, idx: torch.Tensor, part: PairBounds) -> PairBound
         margin = margin.clone()
         margin[idx] = torch.maximum(margin[idx], part.margin_lower)
     return PairBounds(put(base.f, part.f), put(base.g, part.g), put(base.delta, part.delta),
-                      put(base.local, part.local), margin, dict(base.info))
+                      put(base.local, part.local), margin, base.info.copy())
 
 
 
@@ -396,7 +405,7 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
-         iterations: int = 0, prior: PairBounds | None = None, ops: list | None = None, all_rows: bool = False,
+         iterations: int = 0, prior: PairBounds | None = None, ops: list[list[_OpPair]] | None = None, all_rows: bool = False,
          diff_iterations: int = 0, relax_rows: bool = True) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
@@ -407,9 +416,14 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
-    f_b, g_b, d_b, loc_b = [], [], [], []
-    local_is_delta = []
-    last_inputs = None
+    f_b: list[Bounds] = []
+    g_b: list[Bounds] = []
+    d_b: list[Bounds] = []
+    loc_b: list[Bounds] = []
+    local_is_delta: list[bool] = []
+    last_inputs: _OpInputs | None = None
+    local_ctx: list[OpCtx] | None
+    loc: Bounds | None
     zero: torch.Tensor | None = None
     for l in range(pair.n_layers):
         inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
@@ -422,7 +436,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         local_ctx, loc = None, None
         # Delta h_{l-1} = 0 everywhere (layer 0's input, or a structurally zero layer): g's layer l fed
         # with f's input is g's layer l, so the local deviation is Delta itself (one walk serves both)
-        same = l == 0 or st.zero[l - 1] is None or bool(st.zero[l - 1].all())
+        same = l == 0 or (zero_prev := st.zero[l - 1]) is None or bool(zero_prev.all())
         if not same:
             linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
             loc = _zero_out(loc, _zero_delta(ops[l], None))
@@ -430,9 +444,16 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         hidden = l < pair.n_layers - 1
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
         af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))
-        loc = d if same else _meet(loc, cloc)
+        if same:
+            loc = d
+        else:
+            assert loc is not None   # bounded above when not same
+            loc = _meet(loc, cloc)
         local_is_delta.append(same)
-        f_b.append(af), g_b.append(ag), d_b.append(d), loc_b.append(loc)
+        f_b.append(af)
+        g_b.append(ag)
+        d_b.append(d)
+        loc_b.append(loc)
         last_inputs = inputs[-1]
         if hidden:
             sf, sg = SideRelax.of(af), SideRelax.of(ag)
@@ -506,9 +527,11 @@ def _refine(af: Bounds, ag: Bounds, d: Bounds) -> tuple[Bounds, Bounds, Bounds]:
     return af, ag, d
 
 
-def _margins(pair: Pair, st: _Bounder, logits_f: Bounds, logits_g: Bounds, last_inputs) -> torch.Tensor:
+def _margins(pair: Pair, st: _Bounder, logits_f: Bounds, logits_g: Bounds, last_inputs: _OpInputs | None
+             ) -> torch.Tensor:
     """(B, C, C) lower bounds on both f_c - f_j and g_c - g_j: interval margins from the last op's input
     bounds everywhere, and back-substituted ones for the class c predicted at each region's centre."""
+    assert last_inputs is not None   # a pair has at least one layer
     xf, xg, _ = last_inputs
     base = margins_from_inputs(pair, xf, xg, logits_f, logits_g)
     c = pair.n_classes

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Sequence
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +93,7 @@ class Dense:
     def backward(self, op: AffineOp, lam: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, "Dense"]:
         return dense_backward(op, lam, fast), self
 
-    def width(self, shape) -> int:
+    def width(self, shape: Sequence[int]) -> int:
         return math.prod(shape)
 
     def take(self, rows: torch.Tensor) -> "Dense":
@@ -129,7 +131,7 @@ class Patches:
 
     dense = False
 
-    def __init__(self, corner: torch.Tensor, size: tuple[int, int], shape):
+    def __init__(self, corner: torch.Tensor, size: tuple[int, int], shape: Sequence[int]):
         self.corner, self.size, self.shape = corner, size, tuple(int(s) for s in shape)
         self._idx: torch.Tensor | None = None
         self._pad = 0
@@ -170,7 +172,7 @@ class Patches:
             return dot(lam, v)
         return dot(lam, self.at(v))
 
-    def width(self, shape) -> int:
+    def width(self, shape: Sequence[int]) -> int:
         return shape[0] * self.size[0] * self.size[1]
 
     def take(self, rows: torch.Tensor) -> "Patches":
@@ -182,6 +184,7 @@ class Patches:
         `fast`: a conv computed in FAST_DTYPE."""
         b, r = lam.shape[:2]
         flat = lam.reshape(b * r, *lam.shape[2:])
+        k: Sequence[int]   # the kernel's (kh, kw): a torch.Size for a conv, a tuple for pooling
         if isinstance(op, Scale):
             return lam * self.at(op.scale.to(lam.dtype)), self
         if isinstance(op, Conv2d):
@@ -230,10 +233,10 @@ class Patches:
 
 
 DENSE = Dense()
-Layout = "Dense | Patches"
+Layout: TypeAlias = Dense | Patches
 
 
-def unit_patches(neuron: torch.Tensor, sign: torch.Tensor, shape, dtype=torch.float64
+def unit_patches(neuron: torch.Tensor, sign: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float64
                  ) -> tuple[torch.Tensor, Patches]:
     """Rows sign * e_neuron over a (C, H, W) level as 1x1 windows: neuron, sign (Ba, R) (sign 0: a
     padding row)."""

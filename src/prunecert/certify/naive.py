@@ -20,7 +20,7 @@ from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.result import PairBounds, interval_margins, sub_bounds
 from prunecert.core.rounding import UNIT_ROUNDOFF, margin, widen
-from prunecert.network import AffineOp, Linear, Network
+from prunecert.network import AffineOp, Layer, Linear, Network
 
 # (linear map, absolute-value map, bounds on its argument)
 Part = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], Bounds]
@@ -37,14 +37,18 @@ def affine_sum(parts: Sequence[Part], bias: torch.Tensor | float, fan_in: int,
     M = sum_k |A_k| (|c_k| + r_k) + |bias| (see docs/theory.md, "Rounding margins"). `extra_err` is a
     further absolute error to cover (weights whose rounding is not relative to their own size).
     """
-    centre = radius = mag = None
+    centre: torch.Tensor | None = None
+    radius: torch.Tensor | None = None
+    mag: torch.Tensor | None = None
     for lin, abs_lin, b in parts:
         c, r = centre_radius(b)
         terms = (lin(c), abs_lin(r), abs_lin(c.abs() + r))
         if centre is None:
             centre, radius, mag = terms
         else:
+            assert radius is not None and mag is not None   # set together with centre
             centre, radius, mag = centre + terms[0], radius + terms[1], mag + terms[2]
+    assert centre is not None and radius is not None and mag is not None, "affine_sum needs at least one part"
     bias_t = torch.as_tensor(bias, dtype=torch.float64)
     centre = centre + bias_t
     mag = mag + bias_t.abs()
@@ -70,7 +74,7 @@ def margin_op(op: AffineOp, n_classes: int) -> Linear | None:
     return Linear(wm, bm, name="margin")
 
 
-def last_op_input(net_layers, last_in: Bounds) -> Bounds:
+def last_op_input(net_layers: Sequence[Layer], last_in: Bounds) -> Bounds:
     """Bounds on the input of the last op of the last layer, given bounds on that layer's input."""
     for op in net_layers[-1].ops[:-1]:
         last_in = affine_interval(op, last_in.lower, last_in.upper)

@@ -21,6 +21,7 @@ theta is kept on a 2^-30 grid so that 1 - theta is exact and the mix is a true c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +207,7 @@ def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool,
     return mu_f, mu_d, bias, mag
 
 
-def _theta(rel: DeltaRelax, theta: torch.Tensor, exact: bool, at=None) -> torch.Tensor:
+def _theta(rel: DeltaRelax, theta: torch.Tensor, exact: bool,
+           at: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     theta = quantise_theta(theta) if exact else theta.clamp(0.0, 1.0)
     return torch.where((at or _r)(rel.both_stable), torch.ones_like(theta), theta)

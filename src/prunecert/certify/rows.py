@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from prunecert.certify.backsub import Form, RegionBatch, concretise
+from prunecert.certify.backsub import Form, concretise
 from prunecert.certify.layout import DENSE, Layout, unit_patches
 from prunecert.core.interval import Bounds
+from prunecert.core.region_batch import RegionBatch
 from prunecert.network import AffineOp, AvgPool2d, Conv2d
 
 ROW_BUDGET = 2 ** 22   # elements of one (regions x rows x width) coefficient tensor per chunk
@@ -64,7 +65,7 @@ class Selection:
         return out.scatter_(1, idx, torch.where(self.valid.expand(batch, -1), values, torch.full_like(values, fill)))
 
 
-def unit_rows(idx: torch.Tensor, valid: torch.Tensor, shape) -> tuple[torch.Tensor, Layout]:
+def unit_rows(idx: torch.Tensor, valid: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, Layout]:
     """Rows [+e_idx; -e_idx] per region ((Ba, k) each): (Ba, 2k, *shape) dense, or 1x1 windows on a
     (C, H, W) level."""
     neuron = torch.cat([idx, idx], dim=1)
@@ -112,7 +113,7 @@ def region_groups(counts: torch.Tensor) -> list[torch.Tensor]:
     return [torch.tensor(sorted(g)) for g in groups]
 
 
-def bound_rows(walk: Walk, sel: Selection, shape, region: RegionBatch, chunk: int,
+def bound_rows(walk: Walk, sel: Selection, shape: Sequence[int], region: RegionBatch, chunk: int,
                stop: Callable[[], bool] = lambda: False) -> Bounds:
     """Bounds on the selected neurons of a layer ((B, m) each), walking chunks of `chunk` neurons
     (for the whole batch; a group of fewer regions takes proportionally more). Regions that select
@@ -134,7 +135,7 @@ def bound_rows(walk: Walk, sel: Selection, shape, region: RegionBatch, chunk: in
     return Bounds(lo, up)
 
 
-def _bound_chunks(walk: Walk, sel: Selection, shape, region: RegionBatch, idx: torch.Tensor | None, chunk: int,
+def _bound_chunks(walk: Walk, sel: Selection, shape: Sequence[int], region: RegionBatch, idx: torch.Tensor | None, chunk: int,
                   stop: Callable[[], bool]) -> Bounds:
     ups, los = [], []
     for a in range(0, sel.m, chunk):
@@ -151,7 +152,7 @@ def _bound_chunks(walk: Walk, sel: Selection, shape, region: RegionBatch, idx: t
     return Bounds(torch.cat(los, dim=1), torch.cat(ups, dim=1))
 
 
-def bound_widest(walk: Walk, prior: Bounds, cand: torch.Tensor, shape, region: RegionBatch, chunk: int,
+def bound_widest(walk: Walk, prior: Bounds, cand: torch.Tensor, shape: Sequence[int], region: RegionBatch, chunk: int,
                  first: int, stop: Callable[[], bool] = lambda: False) -> Bounds:
     """`prior` (B, *shape) tightened by walking candidate neurons (`cand`, (B, n)) widest first, until
     each region's maximum |bound| over the layer is settled: once the widest neuron not yet walked has
@@ -184,7 +185,7 @@ def bound_widest(walk: Walk, prior: Bounds, cand: torch.Tensor, shape, region: R
     return Bounds(lo.reshape(b, *shape), up.reshape(b, *shape))
 
 
-def bound_rows_pair(walk_f: Walk, walk_g: Walk, sel: Selection, shape, region: RegionBatch, chunk: int
+def bound_rows_pair(walk_f: Walk, walk_g: Walk, sel: Selection, shape: Sequence[int], region: RegionBatch, chunk: int
                     ) -> tuple[Bounds, Bounds, Bounds]:
     """CROWN bounds on a^f and a^g of the selected neurons, and CROWN on f - g for their Delta."""
     out: list[list[torch.Tensor]] = [[], [], []]
@@ -199,7 +200,7 @@ def bound_rows_pair(walk_f: Walk, walk_g: Walk, sel: Selection, shape, region: R
             dst.append(concretise(form, region))
     res = []
     for parts in out:
-        k = [p.shape[1] // 2 for p in parts]
-        res.append(Bounds(torch.cat([-p[:, h:] for p, h in zip(parts, k)], 1),
-                          torch.cat([p[:, :h] for p, h in zip(parts, k)], 1)))
+        halves = [p.shape[1] // 2 for p in parts]
+        res.append(Bounds(torch.cat([-p[:, h:] for p, h in zip(parts, halves)], 1),
+                          torch.cat([p[:, :h] for p, h in zip(parts, halves)], 1)))
     return res[0], res[1], res[2]
