@@ -45,7 +45,9 @@ class _Adam:
         self.v = [torch.zeros_like(x) for x in leaves]
 
     @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor | None]) -> None:
+    def step(self, grads: Sequence[torch.Tensor | None], active: torch.Tensor | None = None, dim: int = 0) -> None:
+        """One step. `active`: optional bool mask over dimension `dim` of every leaf (the searches' rows
+        or regions); entries it marks False keep their values, so each stops on its own."""
         self.t += 1
         b1, b2 = self.betas
         lr = self.lr * DECAY ** (self.t - 1) * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
@@ -54,7 +56,11 @@ class _Adam:
                 continue
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            x.addcdiv_(m, v.sqrt().add_(self.eps), value=-lr).clamp_(0.0, 1.0)
+            stepped = x.addcdiv(m, v.sqrt().add_(self.eps), value=-lr).clamp_(0.0, 1.0)
+            if active is None:
+                x.copy_(stepped)
+            else:
+                x.copy_(torch.where(active.reshape(*([1] * dim), -1, *([1] * (x.dim() - dim - 1))), stepped, x))
 
 
 def _initial_params(engine: Engine, top: int) -> list[torch.Tensor]:
@@ -144,10 +150,6 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
         if not bool(active.any()) or (deadline is not None and time.perf_counter() > deadline):
             break
         grads = torch.autograd.grad(ub.sum(), leaves, allow_unused=True)
-        frozen = [leaf.detach().clone() for leaf in leaves]
-        adam.step(grads)
-        with torch.no_grad():   # a row that has stopped keeps its parameters
-            for leaf, old in zip(leaves, frozen):
-                leaf.copy_(torch.where(active.reshape(1, -1, *([1] * (leaf.dim() - 2))), leaf, old))
+        adam.step(grads, active, dim=1)   # a row that has stopped keeps its parameters (leaves: (5, K, ...))
     final = _params(best_leaves, torch.float64)
     return concretise(engine.from_layer(top, Form.rows_of(None, rows), final), region)[:, 0]

@@ -105,11 +105,8 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
             active = stalled < PATIENCE
         if not bool(active.any()):
             break
-        frozen = [t.detach().clone() for t in leaves]
-        adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True))
-        with torch.no_grad():   # a region that has stopped keeps its slopes
-            for cur, old in zip(leaves, frozen):
-                cur.copy_(torch.where(active.reshape(b, *([1] * (cur.dim() - 1))), cur, old))
+        # a region that has stopped keeps its slopes (leaves: (B, R, ...))
+        adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True), active, dim=0)
         spent = time.perf_counter() - start
     if steps == 0:   # no time left for any step: leave the default bound (met by the caller) alone
         inf = torch.full((b, *shape), torch.inf, dtype=torch.float64)

@@ -471,9 +471,9 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         st.truncated |= cut
         info["diff_optimized"] = True
     if optimize and pair.n_layers > 1 and not st.stop():
-        def delta_rows(rows: torch.Tensor) -> tuple[Bounds, bool]:
-            return optimise_rows(st.d, top, region, iterations, deadline, rows), False
-        d_b[-1], _ = _optimise_where_it_matters(d_b[-1], f_b[-1], g_b[-1], all_rows, delta_rows, st.stop)
+        def delta_rows(rows: torch.Tensor) -> Bounds:
+            return optimise_rows(st.d, top, region, iterations, deadline, rows)
+        d_b[-1] = _optimise_where_it_matters(d_b[-1], f_b[-1], g_b[-1], all_rows, delta_rows, st.stop)
         info["optimized"] = True
     margins = None if prior is not None else _margins(pair, st, f_b[-1], g_b[-1], last_inputs)
     info["truncated"] = [st.truncated] * region.batch
@@ -483,24 +483,20 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
 
 
 def _optimise_where_it_matters(d: Bounds, af: Bounds, ag: Bounds, all_rows: bool,
-                               optimise: Callable[[torch.Tensor], tuple[Bounds, bool]],
-                               stop: Callable[[], bool]) -> tuple[Bounds, bool]:
-    """The logits' Delta bounds `d` met with `optimise(rows)` (bounds of the chosen rows, and whether
-    a deadline cut it) on the rows that can carry the region's largest |Delta| (`_rows_that_matter`;
-    every row with `all_rows`). Optimising lowers that largest bound, which can bring rows not yet
-    optimised within OPTIMISE_SHARE of it: they are optimised in turn, until none is left. So every
-    row that is not optimised ends below OPTIMISE_SHARE x the reported maximum."""
+                               optimise: Callable[[torch.Tensor], Bounds], stop: Callable[[], bool]) -> Bounds:
+    """The logits' Delta bounds `d` met with `optimise(rows)` (bounds of the chosen rows) on the rows
+    that can carry the region's largest |Delta| (`_rows_that_matter`; every row with `all_rows`).
+    Optimising lowers that largest bound, which can bring rows not yet optimised within OPTIMISE_SHARE
+    of it: they are optimised in turn, until none is left. So every row that is not optimised ends
+    below OPTIMISE_SHARE x the reported maximum."""
     done = torch.zeros(d.upper.shape[0], 2 * d.upper[0].numel(), dtype=torch.bool)
-    cut = False
     while not stop():
         want = _rows_that_matter(d, 0.0 if all_rows else OPTIMISE_SHARE) & ~done
         if not bool(want.any()):
             break
-        opt, part_cut = optimise(want)
-        d = _refine(af, ag, meet(d, opt))[2]
+        d = _refine(af, ag, meet(d, optimise(want)))[2]
         done |= want
-        cut = cut or part_cut
-    return d, cut
+    return d
 
 
 def _rows_that_matter(d: Bounds, share: float = OPTIMISE_SHARE) -> torch.Tensor:
