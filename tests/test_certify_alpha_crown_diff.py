@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pairs import assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair, sample_deltas
 
-import prunecert.certify.alpha_diff as ad
+import prunecert.certify.adam as adam
 import prunecert.certify.diff_linear as dl
 from prunecert.certify import Box, certify, get_method
 from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
@@ -99,13 +99,14 @@ def test_slope_search_tightens_crown_diff():
 
 
 def test_deadline_ends_the_search_soundly(monkeypatch):
-    """A deadline already past when the slope search starts: one evaluation, the result says it was
-    truncated, and it is still sound and within crown-diff."""
+    """A deadline already past when the slope search starts: no step, the result says it was
+    truncated, and it is still sound and within crown-diff; a deadline with room for two steps gives
+    finite bounds on the chosen rows."""
     rng = np.random.default_rng(3)
     pair = random_pair(rng, 4, (12, 10), 3, twin="prune")
     lo, hi = random_box(rng, 4, 0.2, 0.8)
     search = dl.optimise_diff_rows
-    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: search(*a[:-1], 0.0))
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a, **k: search(*a[:-1], 0.0, **k))
     cut = alpha_crown_diff_bounds(pair, lo, hi)
     assert cut.info["truncated"] == [True]
     e2e = sample_deltas(pair, lo, hi, 400)
@@ -113,12 +114,15 @@ def test_deadline_ends_the_search_soundly(monkeypatch):
     _not_looser(cut.delta[-1], crown_diff_bounds(pair, lo, hi).delta[-1], "cut search vs crown-diff")
     # a clock that ticks 1 s per reading and a deadline at 5 s: two steps fit, the third would not
     clock = iter(range(1, 1000))
-    monkeypatch.setattr(ad, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    monkeypatch.setattr(adam, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
     seen = []
-    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: seen.append(search(*a[:-1], 5.0)) or seen[-1])
+    monkeypatch.setattr(dl, "optimise_diff_rows",
+                        lambda *a, **k: seen.append((search(*a[:-1], 5.0, **k), k["rows"])) or seen[-1][0])
     two = alpha_crown_diff_bounds(pair, lo, hi)
-    (bounds, cut), = seen
-    assert cut and two.info["truncated"] == [True] and bool(torch.isfinite(bounds.upper).all())
+    ((bounds, cut), rows), = seen    # the deadline ends the rounds of row selection too
+    chosen = torch.cat([bounds.upper, -bounds.lower], 1)
+    assert cut and two.info["truncated"] == [True] and rows.any()
+    assert bool(torch.isfinite(chosen[rows]).all()) and bool(torch.isinf(chosen[~rows]).all())
     assert_contains(two.delta[-1].lower, two.delta[-1].upper, e2e[-1], "two steps")
     with pytest.raises(ConfigError, match="iterations"):
         alpha_crown_diff_bounds(pair, lo, hi, iterations=-1)
