@@ -21,9 +21,23 @@ from prunecert.core.interval import Bounds
 
 LEARNING_RATE = 0.5
 DECAY = 0.9           # the step size shrinks by this factor per step
-PATIENCE = 3          # a row stops after this many steps in a row that improve it by < MIN_GAIN (relative)
-MIN_GAIN = 1e-3
 SEARCH_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A row stops after `patience` steps in a row that improve its bound by < `min_gain` (relative)."""
+
+    patience: int
+    min_gain: float
+
+
+# Measured on the LeNet-300-100 benchmark pair (100 boxes per eps 0.005-0.05, benchmarks/certify.py):
+# a longer Delta-parameter search (alpha.py) moves no reported max |Delta|; the f - g slopes
+# (alpha_diff.py, warm-started at CROWN's) stopped with (3, 1e-3) come out up to 0.4 % looser than
+# searching all 20 steps, with (5, 3e-4) at most 0.01 % (8-14 steps instead of 6-10)
+DELTA_STOP = Stop(3, 1e-3)
+SLOPE_STOP = Stop(5, 3e-4)
 
 
 class ProjectedAdam:
@@ -73,10 +87,9 @@ class Search:
 
 
 def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[torch.Tensor], iterations: int,
-             deadline: float | None = None, dim: int = 0) -> Search:
+             stop: Stop, deadline: float | None = None, dim: int = 0) -> Search:
     """Projected Adam on K rows' upper bounds `upper(leaves)` (shape (K,)); dimension `dim` of every
-    leaf indexes the rows. Each row keeps the best leaves it has seen and stops once PATIENCE steps in
-    a row gain less than MIN_GAIN of its bound; the search ends when every row has stopped, after
+    leaf indexes the rows. Each row keeps the best leaves it has seen and stops as `stop` says; the search ends when every row has stopped, after
     `iterations` evaluations, or when the next one might not fit before `deadline` (perf_counter): a
     step starts only if twice the last one's time (the step and the callers' final float64
     evaluation) fits. The last evaluation takes no gradient (no step follows it)."""
@@ -102,8 +115,8 @@ def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[t
                 keep.copy_(torch.where(_along(better, dim, leaf.dim()), leaf, keep))
             gain = best - torch.where(better, ub, best)    # the first step: inf (or nan), never a stall
             best = torch.where(better, ub, best)
-            stalled = torch.where(gain <= MIN_GAIN * best.abs(), stalled + 1, 0)
-            active = stalled < PATIENCE
+            stalled = torch.where(gain <= stop.min_gain * best.abs(), stalled + 1, 0)
+            active = stalled < stop.patience
         if i == iterations - 1 or not bool(active.any()):
             break
         adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True), active, dim)

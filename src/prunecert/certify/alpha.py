@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import torch
 
-from prunecert.certify.adam import SEARCH_DTYPE, each_row, minimise, unit_rows
+from prunecert.certify.adam import DELTA_STOP, SEARCH_DTYPE, each_row, minimise, unit_rows
 from prunecert.certify.backsub import Engine, Form, concretise
 from prunecert.core.interval import Bounds
 from prunecert.core.region_batch import RegionBatch
@@ -77,7 +77,7 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
         return concretise(search.below(start, top, _params(leaves)), region32, exact=False)[:, 0]
 
     # leaves (5, K, ...): dimension 1 indexes the rows, each stopping on its own
-    found = minimise(upper, _initial_params(engine, top), iterations, deadline, dim=1)
+    found = minimise(upper, _initial_params(engine, top), iterations, DELTA_STOP, deadline, dim=1)
     if found.steps == 0:   # no time for any step: infinite bounds (the caller's default bound stands)
         return torch.full((len(row),), torch.inf, dtype=torch.float64)
     final = _params(found.best, torch.float64)

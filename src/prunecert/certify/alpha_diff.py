@@ -18,10 +18,11 @@ the result is never looser than CROWN on f - g.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from prunecert.certify.adam import SEARCH_DTYPE, each_row, minimise, unit_rows
+from prunecert.certify.adam import SEARCH_DTYPE, SLOPE_STOP, each_row, minimise, unit_rows
 from prunecert.certify.backsub import Engine, Form, concretise
 from prunecert.core.region_batch import RegionBatch
 from prunecert.certify.relax import DeltaParams
@@ -58,29 +59,30 @@ def _slopes(engine: Engine, top: int) -> list[torch.Tensor]:
     return [side.alpha.unsqueeze(1).to(SEARCH_DTYPE).clone().requires_grad_(True) for side in engine.side[:top]]
 
 
-def _upper(engine_f: Engine, engine_g: Engine, top: int, rows: torch.Tensor, region: RegionBatch,
-           alpha_f: list[torch.Tensor], alpha_g: list[torch.Tensor], exact: bool) -> torch.Tensor:
-    """(B, R) upper bounds of rows . (f - g) at layer `top` under the given slopes."""
-    pf, pg = [DeltaParams(alpha_f=a) for a in alpha_f], [DeltaParams(alpha_f=a) for a in alpha_g]
-    if not exact and all(c.dop is None for c in engine_f.ctx[0]):
-        # layer 0's ops are the same in f and g, so a^f_0 = a^g_0 for every input: the search adds the
-        # two forms there and takes layer 0's transpose (the widest) once
-        ff, fg = _to_first(engine_f, top, Form.rows_of(rows), pf), _to_first(engine_g, top, Form.rows_of(-rows), pg)
+def _search_upper(engine_f: Engine, engine_g: Engine, top: int, rows: torch.Tensor, region: RegionBatch
+                  ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The search's objective: leaves (f's slopes per hidden layer below `top`, then g's) -> (K,) upper
+    bounds of the one-row regions' rows . (f - g), in the engines' dtype without margins."""
+    start_f = engine_f.through_layer(top, Form.rows_of(rows))    # no slopes above layer top's input
+    start_g = engine_g.through_layer(top, Form.rows_of(-rows))
+    # layer 0's ops the same in f and g: a^f_0 = a^g_0 for every input, so the two forms are added
+    # there and layer 0's transpose (the widest) is taken once
+    merge = all(c.dop is None for c in engine_f.ctx[0])
+
+    def upper(leaves: list[torch.Tensor]) -> torch.Tensor:
+        pf, pg = [DeltaParams(alpha_f=a) for a in leaves[:top]], [DeltaParams(alpha_f=a) for a in leaves[top:]]
+        if merge:
+            ff, fg = _to_first(engine_f, top, start_f, pf), _to_first(engine_g, top, start_g, pg)
+        else:
+            ff, fg = engine_f.below(start_f, top, pf), engine_g.below(start_g, top, pg)
         assert ff.lam_f is not None and fg.lam_f is not None
-        form = engine_f.through_layer(0, Form(ff.lam_f + fg.lam_f, None, ff.bias + fg.bias, ff.err, ff.layout))
-        return concretise(form, region, exact=False)
-    ff = engine_f.from_layer(top, Form.rows_of(rows), pf)
-    fg = engine_g.from_layer(top, Form.rows_of(-rows), pg)
-    if exact:
-        return concretise(ff.plus(fg, region), region)
-    assert ff.lam_f is not None and fg.lam_f is not None    # rows over the logits reach the input
-    form = Form(ff.lam_f + fg.lam_f, None, ff.bias + fg.bias, ff.err, ff.layout)
-    return concretise(form, region, exact=False)
+        form = Form(ff.lam_f + fg.lam_f, None, ff.bias + fg.bias, ff.err, ff.layout)
+        return concretise(engine_f.through_layer(0, form) if merge else form, region, exact=False)[:, 0]
+    return upper
 
 
 def _to_first(engine: Engine, top: int, form: Form, params: list[DeltaParams]) -> Form:
-    """A form over layer `top`'s pre-activations walked down to layer 0's pre-activations (top >= 1)."""
-    form = engine.through_layer(top, form)
+    """A form over layer `top`'s input walked down to layer 0's pre-activations (top >= 1)."""
     for k in range(top - 1, 0, -1):
         form = engine.through_layer(k, engine.relax(k, form, params[k]))
     return engine.relax(0, form, params[0])
@@ -93,15 +95,12 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
     rows = unit_rows(row, engine_f.ctx[top][-1].op.out_shape)
     search_f, search_g = (Engine(e.ctx, [s.to(SEARCH_DTYPE) for s in e.side], exact=False)
                           for e in (engine_f, engine_g))
-    alpha_f, alpha_g = _slopes(engine_f, top), _slopes(engine_g, top)
-    k = len(alpha_f)
-    region32, rows32 = region.to(SEARCH_DTYPE), rows.to(SEARCH_DTYPE)
-
-    def upper(leaves: list[torch.Tensor]) -> torch.Tensor:
-        return _upper(search_f, search_g, top, rows32, region32, leaves[:k], leaves[k:], exact=False)[:, 0]
-
-    found = minimise(upper, alpha_f + alpha_g, iterations, deadline)    # leaves (K, 1, ...): one row each
+    upper = _search_upper(search_f, search_g, top, rows.to(SEARCH_DTYPE), region.to(SEARCH_DTYPE))
+    # leaves (K, 1, ...): one row each
+    found = minimise(upper, _slopes(engine_f, top) + _slopes(engine_g, top), iterations, SLOPE_STOP, deadline)
     if found.steps == 0:   # no time left for any step: leave the default bound (met by the caller) alone
         return torch.full((len(row),), torch.inf, dtype=torch.float64), found.cut
-    final = [t.to(torch.float64) for t in found.best]
-    return _upper(engine_f, engine_g, top, rows, region, final[:k], final[k:], exact=True)[:, 0], found.cut
+    final = [DeltaParams(alpha_f=t.to(torch.float64)) for t in found.best]
+    ff = engine_f.from_layer(top, Form.rows_of(rows), final[:top])
+    fg = engine_g.from_layer(top, Form.rows_of(-rows), final[top:])
+    return concretise(ff.plus(fg, region), region)[:, 0], found.cut
