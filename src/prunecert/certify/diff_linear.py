@@ -289,8 +289,9 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     `optimize`: `alpha_crown_diff_bounds` with the same `iterations`) and `diff_interval_bounds`, so it
     is never looser than either, neuron by neuron. `time_limit`:
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
-    stay) and `info["truncated"]` says so per region. `all_rows`: optimise every logit row, not only
-    those that can carry the region's largest |Delta| bound (the LP/MILP start from every logit's bounds).
+    stay) and `info["truncated"]` says so per region. `all_rows`: both slope searches optimise every
+    logit row, not only those that can carry the region's largest |Delta| bound (the LP/MILP start
+    from every logit's bounds).
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
@@ -382,7 +383,8 @@ def crown_diff_bounds(pair: Pair, region: RegionBatch, time_limit: float | None 
 def alpha_crown_diff_bounds(pair: Pair, region: RegionBatch, iterations: int = 20,
                             time_limit: float | None = None) -> PairBounds:
     """alpha-CROWN on the merged difference network: `crown_diff_bounds`, then the f and g lower slopes
-    of the logits' paired rows tuned for `iterations` projected Adam steps (`alpha_diff.py`); per row
+    of the logits' paired rows tuned for `iterations` projected Adam steps (`alpha_diff.py`) on the
+    rows that can carry the region's max |Delta_k| (`_optimise_where_it_matters`); per row
     the better of the tuned and the default bound, so never looser than crown-diff. Hidden layers are
     crown-diff's. `time_limit` as for `diff_linear_bounds` (it also ends the slope search).
     """
@@ -408,7 +410,8 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
     taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
-    slopes (alpha-CROWN on f - g). `relax_rows` False: no relaxation rows on costly layers (a cheap
+    slopes (alpha-CROWN on f - g); both searches optimise the rows `_optimise_where_it_matters` chooses
+    (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
     first Delta pass)."""
     ops = ops or _op_pairs(pair)
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows)
