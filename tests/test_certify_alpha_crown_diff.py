@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pairs import assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair, sample_deltas
 
-import prunecert.certify.alpha_diff as ad
+import prunecert.certify.adam as adam
 import prunecert.certify.diff_linear as dl
 from prunecert.certify import Box, certify, get_method
 from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
@@ -99,13 +99,14 @@ def test_slope_search_tightens_crown_diff():
 
 
 def test_deadline_ends_the_search_soundly(monkeypatch):
-    """A deadline already past when the slope search starts: one evaluation, the result says it was
-    truncated, and it is still sound and within crown-diff."""
+    """A deadline already past when the slope search starts: no step, the result says it was
+    truncated, and it is still sound and within crown-diff; a deadline with room for two steps gives
+    finite bounds on the chosen rows."""
     rng = np.random.default_rng(3)
     pair = random_pair(rng, 4, (12, 10), 3, twin="prune")
     lo, hi = random_box(rng, 4, 0.2, 0.8)
     search = dl.optimise_diff_rows
-    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: search(*a[:-1], 0.0))
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a, **k: search(*a[:-1], 0.0, **k))
     cut = alpha_crown_diff_bounds(pair, lo, hi)
     assert cut.info["truncated"] == [True]
     e2e = sample_deltas(pair, lo, hi, 400)
@@ -113,12 +114,15 @@ def test_deadline_ends_the_search_soundly(monkeypatch):
     _not_looser(cut.delta[-1], crown_diff_bounds(pair, lo, hi).delta[-1], "cut search vs crown-diff")
     # a clock that ticks 1 s per reading and a deadline at 5 s: two steps fit, the third would not
     clock = iter(range(1, 1000))
-    monkeypatch.setattr(ad, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
+    monkeypatch.setattr(adam, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(clock)))}))
     seen = []
-    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a: seen.append(search(*a[:-1], 5.0)) or seen[-1])
+    monkeypatch.setattr(dl, "optimise_diff_rows",
+                        lambda *a, **k: seen.append((search(*a[:-1], 5.0, **k), k["rows"])) or seen[-1][0])
     two = alpha_crown_diff_bounds(pair, lo, hi)
-    (bounds, cut), = seen
-    assert cut and two.info["truncated"] == [True] and bool(torch.isfinite(bounds.upper).all())
+    ((bounds, cut), rows), = seen    # the deadline ends the rounds of row selection too
+    chosen = torch.cat([bounds.upper, -bounds.lower], 1)
+    assert cut and two.info["truncated"] == [True] and rows.any()
+    assert bool(torch.isfinite(chosen[rows]).all()) and bool(torch.isinf(chosen[~rows]).all())
     assert_contains(two.delta[-1].lower, two.delta[-1].upper, e2e[-1], "two steps")
     with pytest.raises(ConfigError, match="iterations"):
         alpha_crown_diff_bounds(pair, lo, hi, iterations=-1)
@@ -162,3 +166,60 @@ def test_through_certify_with_options_and_time_limit():
     assert (cut.max_abs_logit_deviation >= full.max_abs_logit_deviation).all()
     with pytest.raises(ConfigError, match="itertions"):
         certify(pair, None, boxes, method="alpha-crown-diff", itertions=5, progress=False)
+
+
+def _spy_rows(monkeypatch) -> list[torch.Tensor]:
+    """Record the row masks every f - g slope search is given."""
+    seen: list[torch.Tensor] = []
+    search = dl.optimise_diff_rows
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a, **k: seen.append(k["rows"].clone()) or search(*a, **k))
+    return seen
+
+
+def _row_bounds(b) -> torch.Tensor:
+    """(B, 2n) upper bounds of the rows +e_k, -e_k (row k: Delta_k's upper bound, n + k: minus its lower)."""
+    return torch.cat([b.upper.flatten(1), -b.lower.flatten(1)], 1)
+
+
+def test_only_the_rows_that_can_carry_the_maximum_are_optimised(monkeypatch):
+    """alpha-crown-diff optimises the rows near each region's largest |Delta_k| bound, in rounds, so
+    every row left out ends below OPTIMISE_SHARE x the reported maximum; the one that carries
+    crown-diff's maximum is in the first round. diff-linear's pass chooses the same rows (with
+    `all_rows`, every row after those); the reported maximum is sound and never above crown-diff's."""
+    rng = np.random.default_rng(11)
+    left_out = 0
+    for twin in ("prune", "perturb", "quantise"):
+        pair = random_pair(rng, 5, (16, 12), 6, twin=twin)
+        boxes = [random_box(rng, 5, 0.2, 0.8) for _ in range(4)]
+        lo, hi = np.stack([b[0] for b in boxes]), np.stack([b[1] for b in boxes])
+        seen = _spy_rows(monkeypatch)
+        acd = alpha_crown_diff_bounds(pair, lo, hi)
+        chosen = torch.stack(seen).any(0)
+        ub, width = _row_bounds(acd.delta[-1]), acd.delta[-1].width.flatten(1).repeat(1, 2)
+        top = ub.max(1, keepdim=True).values
+        out = ~chosen & (width > 0)
+        assert (ub[out] < (dl.OPTIMISE_SHARE * top).expand_as(ub)[out]).all(), twin
+        cd = _row_bounds(crown_diff_bounds(pair, lo, hi).delta[-1])
+        assert seen[0][torch.arange(len(lo)), cd.argmax(1)].all(), twin
+        assert (top[:, 0] <= cd.max(1).values).all()
+        left_out += int(out.sum())
+        first = len(seen)
+        diff_linear_bounds(pair, lo, hi)
+        assert all(torch.equal(a, b) for a, b in zip(seen[:first], seen[first:2 * first])), twin
+        seen.clear()
+        diff_linear_bounds(pair, lo, hi, all_rows=True)
+        assert all(torch.equal(a, b) for a, b in zip(seen[:first], seen)), twin
+        assert torch.stack(seen).any(0).equal(width > 0), twin
+    assert left_out > 0   # the rule does leave rows out (the work shrinks)
+
+
+def test_batch_composition_moves_bounds_only_by_search_rounding():
+    """Each (region, row) is searched as its own one-row region that stops on its own, so a region's
+    bounds do not depend on which regions share its batch beyond float32 rounding of the search."""
+    rng = np.random.default_rng(5)
+    pair = random_pair(rng, 4, (14, 10), 4, twin="prune")
+    boxes = [random_box(rng, 4, 0.1, 0.9) for _ in range(4)]
+    lo, hi = np.stack([b[0] for b in boxes]), np.stack([b[1] for b in boxes])
+    batched = alpha_crown_diff_bounds(pair, lo, hi).max_abs_logit_deviation()
+    single = torch.cat([alpha_crown_diff_bounds(pair, l, h).max_abs_logit_deviation() for l, h in boxes])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-9)

@@ -289,20 +289,19 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     `optimize`: `alpha_crown_diff_bounds` with the same `iterations`) and `diff_interval_bounds`, so it
     is never looser than either, neuron by neuron. `time_limit`:
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
-    stay) and `info["truncated"]` says so per region. `all_rows`: optimise every logit row, not only
-    those that can carry the region's largest |Delta| bound (the LP/MILP start from every logit's bounds).
+    stay) and `info["truncated"]` says so per region. `all_rows`: both slope searches optimise every
+    logit row, not only those that can carry the region's largest |Delta| bound (the LP/MILP start
+    from every logit's bounds).
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
     deadline = _deadline(time_limit, region.batch)
     ops = _op_pairs(pair)
     # (alpha-)CROWN on f - g first (the cheaper pass; it also bounds the agreement margins): its a^f, a^g
-    # bounds and its logit Delta are reused below
-    # every logit row's f and g slopes are optimised, as alpha_crown_diff_bounds does, so the result is
-    # never looser than that method per neuron (a subset of rows would not do: Adam's early steps
-    # amplify the rounding differences of differently shaped batches, so a row's optimum depends on
-    # which rows it is optimised with)
-    crown = _run(pair, region, False, deadline, ops=ops, diff_iterations=iterations if optimize else 0)
+    # bounds and its logit Delta are reused below. It is alpha_crown_diff_bounds's very pass (the same
+    # rows optimised in the same searches), so the result is never looser than that method per neuron
+    crown = _run(pair, region, False, deadline, ops=ops, diff_iterations=iterations if optimize else 0,
+                 all_rows=all_rows)
     optimize = optimize and iterations > 0
     costly = not _all_cheap(pair)
     # on nets with costly layers, a first Delta pass without relaxation rows or optimisation says
@@ -384,7 +383,8 @@ def crown_diff_bounds(pair: Pair, region: RegionBatch, time_limit: float | None 
 def alpha_crown_diff_bounds(pair: Pair, region: RegionBatch, iterations: int = 20,
                             time_limit: float | None = None) -> PairBounds:
     """alpha-CROWN on the merged difference network: `crown_diff_bounds`, then the f and g lower slopes
-    of the logits' paired rows tuned for `iterations` projected Adam steps (`alpha_diff.py`); per row
+    of the logits' paired rows tuned for `iterations` projected Adam steps (`alpha_diff.py`) on the
+    rows that can carry the region's max |Delta_k| (`_optimise_where_it_matters`); per row
     the better of the tuned and the default bound, so never looser than crown-diff. Hidden layers are
     crown-diff's. `time_limit` as for `diff_linear_bounds` (it also ends the slope search).
     """
@@ -410,7 +410,8 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
     taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
-    slopes (alpha-CROWN on f - g). `relax_rows` False: no relaxation rows on costly layers (a cheap
+    slopes (alpha-CROWN on f - g); both searches optimise the rows `_optimise_where_it_matters` chooses
+    (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
     first Delta pass)."""
     ops = ops or _op_pairs(pair)
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows)
@@ -465,10 +466,11 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     info: MethodInfo = {"optimized": False, "diff_optimized": False}
     top = pair.n_layers - 1
     if diff_iterations > 0 and pair.n_layers > 1 and not st.stop():
-        # every row (see diff_linear_bounds): the search is batched over regions, 2n rows each
-        opt, cut = optimise_diff_rows(st.f, st.g, top, region, diff_iterations, deadline)
-        d_b[-1] = _refine(f_b[-1], g_b[-1], meet(d_b[-1], opt))[2]
-        st.truncated |= cut
+        def diff_rows(rows: torch.Tensor) -> Bounds:
+            opt, cut = optimise_diff_rows(st.f, st.g, top, region, diff_iterations, deadline, rows=rows)
+            st.truncated |= cut
+            return opt
+        d_b[-1] = _optimise_where_it_matters(d_b[-1], f_b[-1], g_b[-1], all_rows, diff_rows, st.stop)
         info["diff_optimized"] = True
     if optimize and pair.n_layers > 1 and not st.stop():
         def delta_rows(rows: torch.Tensor) -> Bounds:
@@ -485,13 +487,17 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
 def _optimise_where_it_matters(d: Bounds, af: Bounds, ag: Bounds, all_rows: bool,
                                optimise: Callable[[torch.Tensor], Bounds], stop: Callable[[], bool]) -> Bounds:
     """The logits' Delta bounds `d` met with `optimise(rows)` (bounds of the chosen rows) on the rows
-    that can carry the region's largest |Delta| (`_rows_that_matter`; every row with `all_rows`).
-    Optimising lowers that largest bound, which can bring rows not yet optimised within OPTIMISE_SHARE
-    of it: they are optimised in turn, until none is left. So every row that is not optimised ends
-    below OPTIMISE_SHARE x the reported maximum."""
+    that can carry the region's largest |Delta| (`_rows_that_matter`). Optimising lowers that largest
+    bound, which can bring rows not yet optimised within OPTIMISE_SHARE of it: they are optimised in
+    turn, until none is left. So every row that is not optimised ends below OPTIMISE_SHARE x the
+    reported maximum. With `all_rows`, every remaining row is optimised after that (the same searches
+    first, so the rows the maximum needs get the very bounds they get without `all_rows`). Both
+    slope searches (f - g's and Delta's) choose their rows here."""
     done = torch.zeros(d.upper.shape[0], 2 * d.upper[0].numel(), dtype=torch.bool)
     while not stop():
-        want = _rows_that_matter(d, 0.0 if all_rows else OPTIMISE_SHARE) & ~done
+        want = _rows_that_matter(d) & ~done
+        if all_rows and not bool(want.any()):
+            want = _rows_that_matter(d, 0.0) & ~done
         if not bool(want.any()):
             break
         d = _refine(af, ag, meet(d, optimise(want)))[2]
