@@ -130,6 +130,18 @@ class OpCtx:
         return 2 * (t + math.prod(self.op.out_shape)) + 16
 
 
+def bias_dot(lay: Layout, lam: torch.Tensor, op: AffineOp) -> torch.Tensor:
+    """lam . b for op's bias b, (Bl, R). A conv's bias is one value per channel: on windows, each
+    channel's coefficients are summed first, then weighted (no per-neuron read); a zero bias (pooling)
+    adds nothing. Any order of summing the same products errs by at most gamma_n times the sum of
+    their absolute values, which the step's magnitude |lam| . (|A| m + |b|) contains."""
+    if isinstance(op, AvgPool2d) or (isinstance(op, Conv2d) and not bool(op._bias.any())):
+        return lam.new_zeros(lam.shape[:2])
+    if isinstance(op, Conv2d) and not lay.dense:
+        return lam.sum((3, 4)) @ op._bias.to(lam.dtype)
+    return lay.dot(lam, op.bias)
+
+
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b
@@ -177,7 +189,7 @@ class Engine:
             absf = lf.abs()
             fast = self.exact and self.fast and c.fast(c.op, absf)
             new_f, new_lay = lay.backward(c.op, lf, fast)
-            bias = self._acc(bias, lay.dot(lf, c.op.bias))
+            bias = self._acc(bias, bias_dot(lay, lf, c.op))
             if self.exact:
                 mag_f = lay.dot(absf, c.mag)
                 mag = mag + mag_f
@@ -190,7 +202,7 @@ class Engine:
             if c.dop is not None:
                 t, new_lay = lay.backward(c.dop, ld, fast_d)
                 new_f = _add(new_f, t)
-                bias = self._acc(bias, lay.dot(ld, c.dop.bias))
+                bias = self._acc(bias, bias_dot(lay, ld, c.dop))
             if not c.dx_zero:
                 assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
                 new_d, new_lay = lay.backward(c.opg, ld, fast_g)

@@ -196,8 +196,7 @@ class Patches:
         else:   # Flatten / Linear never see patches (their outputs are 1-D)
             raise TypeError(f"patches cannot go through a {op.kind} op")
         if fast:
-            new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0,
-                                     groups=groups).to(lam.dtype)
+            new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0, groups=groups)
         else:
             new = F.conv_transpose2d(flat, weight, None, op.stride, 0, groups=groups)
         corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
@@ -205,7 +204,8 @@ class Patches:
         size = (int(new.shape[2]), int(new.shape[3]))
         assert size == ((self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1])
         nxt = Patches(corner, size, op.in_shape)
-        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside()
+        # clearing the padding positions and (fast) the exact conversion back to lam's dtype: one pass
+        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(lam.dtype)
         if size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
                 size[0] * size[1] * 2 >= op.in_shape[1] * op.in_shape[2]:
             return nxt.to_dense(new), Dense()
