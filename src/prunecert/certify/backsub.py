@@ -118,9 +118,11 @@ class OpCtx:
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
                      self.dx_zero, None if self.xsum is None else self.xsum[idx])
 
-    def fast(self, op: AffineOp | None, lam_abs: torch.Tensor) -> bool:
-        """Whether op's transpose of coefficients `lam_abs` (their |.|) runs in float32 (`layout.fast_ok`)."""
-        return self.xsum is not None and op is not None and isinstance(op, (Conv2d, AvgPool2d)) and fast_ok(op, float(lam_abs.max()))
+    def fast(self, op: AffineOp | None, lam: torch.Tensor) -> bool:
+        """Whether op's transpose of coefficients `lam` runs in float32 (`layout.fast_ok`)."""
+        if self.xsum is None or op is None or not isinstance(op, (Conv2d, AvgPool2d)):
+            return False
+        return fast_ok(op, float(torch.linalg.vector_norm(lam, torch.inf)))
 
     @property
     def count(self) -> int:
@@ -186,19 +188,17 @@ class Engine:
         bias, mag = form.bias, torch.zeros_like(form.err)
         fast_mag, fast_n = torch.zeros_like(form.err), 0   # magnitudes of the float32 transposes, their count
         if lf is not None:
-            absf = lf.abs()
-            fast = self.exact and self.fast and c.fast(c.op, absf)
+            fast = self.exact and self.fast and c.fast(c.op, lf)
             new_f, new_lay = lay.backward(c.op, lf, fast)
             bias = self._acc(bias, bias_dot(lay, lf, c.op))
             if self.exact:
-                mag_f = lay.dot(absf, c.mag)
+                mag_f = lay.dot(lf.abs(), c.mag)
                 mag = mag + mag_f
                 if fast:
                     fast_mag, fast_n = fast_mag + mag_f, 1
         if ld is not None:
-            absd = ld.abs() if self.exact else ld
-            fast_d = self.exact and self.fast and c.fast(c.dop, absd)
-            fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, absd)
+            fast_d = self.exact and self.fast and c.fast(c.dop, ld)
+            fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, ld)
             if c.dop is not None:
                 t, new_lay = lay.backward(c.dop, ld, fast_d)
                 new_f = _add(new_f, t)
@@ -208,7 +208,7 @@ class Engine:
                 new_d, new_lay = lay.backward(c.opg, ld, fast_g)
             if self.exact:
                 assert c.dmag is not None   # so do its exact magnitudes
-                mag_d = lay.dot(absd, c.dmag)
+                mag_d = lay.dot(ld.abs(), c.dmag)
                 mag = mag + mag_d
                 if fast_d or fast_g:
                     fast_mag, fast_n = fast_mag + mag_d, fast_n + int(fast_d) + int(fast_g)
