@@ -30,6 +30,8 @@ LIVE_FRACTION = 0.875   # below this share of non-zero coefficient rows, multipl
 FAST_DTYPE = torch.float32   # conv transposes of float64 rows run in it (20x faster on CPU), see `fast_ok`
 FAST_RANGE = 2.0 ** 60       # coefficients this large or larger stay in float64 (no overflow in float32)
 FLOAT32_TINY = 2.0 ** -126   # smallest normal float32: the absolute error of one underflowing operation
+COLUMN_BUDGET = 2 ** 22      # float64 conv transposes of dense rows: rows per call so that the kernel's
+                             # unfolded buffer (rows x C_in kh kw x H_out W_out) stays this small (2x faster)
 
 
 def fast_ok(op: AffineOp, lam_absmax: float) -> bool:
@@ -122,6 +124,12 @@ def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch
             return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
     if fast:
         return op.backward(flat.to(FAST_DTYPE)).to(lam.dtype).reshape(b, r, *op.in_shape)
+    if isinstance(op, (Conv2d, AvgPool2d)):   # float64 transposes unfold every row at once: in pieces
+        k = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
+        per = max(1, COLUMN_BUDGET // (op.in_shape[0] * k[0] * k[1] * math.prod(op.out_shape[1:])))
+        if flat.shape[0] > per:
+            return torch.cat([op.backward(flat[i:i + per]) for i in range(0, flat.shape[0], per)]).reshape(
+                b, r, *op.in_shape)
     return op.backward(flat).reshape(b, r, *op.in_shape)
 
 
