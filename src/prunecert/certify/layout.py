@@ -125,8 +125,8 @@ def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch
     if fast:
         return op.backward(flat.to(FAST_DTYPE)).to(lam.dtype).reshape(b, r, *op.in_shape)
     if isinstance(op, (Conv2d, AvgPool2d)):   # float64 transposes unfold every row at once: in pieces
-        k = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
-        per = max(1, COLUMN_BUDGET // (op.in_shape[0] * k[0] * k[1] * math.prod(op.out_shape[1:])))
+        kernel = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
+        per = max(1, COLUMN_BUDGET // (op.in_shape[0] * math.prod(kernel) * math.prod(op.out_shape[1:])))
         if flat.shape[0] > per:
             return torch.cat([op.backward(flat[i:i + per]) for i in range(0, flat.shape[0], per)]).reshape(
                 b, r, *op.in_shape)
