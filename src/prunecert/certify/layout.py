@@ -79,6 +79,15 @@ def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, vb.unsqueeze(2)).squeeze(2)
 
 
+def abs_dot(lay: "Layout", lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, R): sum_i |lam_i| v_i per row for a per-neuron v >= 0 (a magnitude). On windows as the l1
+    norm of lam * v (|lam_i| v_i = |lam_i v_i| in floating point too): no |lam| tensor."""
+    if lay.dense:
+        return dot(lam.abs(), v)
+    out: torch.Tensor = torch.linalg.vector_norm((lam * lay.at(v).to(lam.dtype)).flatten(2), 1, dim=2)
+    return out
+
+
 class Dense:
     """Rows over a whole level: lam (Bl, R, *shape); per-neuron tensors broadcast over the rows."""
 
