@@ -72,6 +72,7 @@ class SideRelax:
     alpha: torch.Tensor      # default lower slope (forced to 1 / 0 where stable)
     unstable: torch.Tensor   # bool: where alpha is free
     amax: torch.Tensor       # max |a| over the bounds (for rounding margins)
+
     @staticmethod
     def of(b: Bounds) -> "SideRelax":
         s, t = upper_line(b.lower, b.upper)
@@ -225,14 +226,14 @@ def _default_lines(rel: DeltaRelax) -> list[torch.Tensor]:
     if rel._lines is None:
         f, g = rel.f, rel.g
         out = _lines(rel.theta_up, rel.theta_lo, g.alpha, f.alpha, f.s, f.t, g.s, g.t, rel.sd, rel.td, rel.sl,
-                     rel.tl, f.amax, rel.dmax)
+                     rel.tl, None, None)
         # any theta, alpha in [0, 1]: size_u <= max((s_f + 1) amax + Dmax + t_f, s_D Dmax + t_D), likewise lower
         one = torch.ones_like(f.s)
         worst = _lines(one, one, one, one, f.s, f.t, g.s, g.t, rel.sd, rel.td, rel.sl, rel.tl, f.amax, rel.dmax)
         zero = torch.zeros_like(f.s)
         chord = _lines(zero, zero, one, one, f.s, f.t, g.s, g.t, rel.sd, rel.td, rel.sl, rel.tl, f.amax, rel.dmax)
         size = torch.maximum(torch.maximum(worst[6], worst[7]), torch.maximum(chord[6], chord[7]))
-        rel._lines = out[:6] + [_row_max(size) * (1.0 + 8 * UNIT_ROUNDOFF)]
+        rel._lines = out + [_row_max(size) * (1.0 + 8 * UNIT_ROUNDOFF)]
     return rel._lines
 
 
