@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prunecert.certify.layout import DENSE, Layout, dense_backward, dot, fast_ok, fast_tiny
+from prunecert.certify.layout import DENSE, Layout, abs_dot, dense_backward, dot, fast_ok, fast_tiny
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, relax_delta, relax_side
 from prunecert.core.region_batch import RegionBatch
 from prunecert.core.rounding import UNIT_ROUNDOFF_32, gamma, margin
@@ -118,9 +118,12 @@ class OpCtx:
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
                      self.dx_zero, None if self.xsum is None else self.xsum[idx])
 
-    def fast(self, op: AffineOp | None, lam_abs: torch.Tensor) -> bool:
-        """Whether op's transpose of coefficients `lam_abs` (their |.|) runs in float32 (`layout.fast_ok`)."""
-        return self.xsum is not None and op is not None and isinstance(op, (Conv2d, AvgPool2d)) and fast_ok(op, float(lam_abs.max()))
+    def fast(self, op: AffineOp | None, lam: torch.Tensor) -> bool:
+        """Whether op's transpose of coefficients `lam` runs in float32 (`layout.fast_ok`)."""
+        if self.xsum is None or op is None or not isinstance(op, (Conv2d, AvgPool2d)):
+            return False
+        lo, hi = torch.aminmax(lam)    # one vectorised pass (an inf-norm is 10x slower); NaN stays NaN
+        return fast_ok(op, float(torch.maximum(-lo, hi)))
 
     @property
     def count(self) -> int:
@@ -128,6 +131,18 @@ class OpCtx:
         t = backward_terms(self.op) + (backward_terms(self.dop) if self.dop is not None else 0)
         t += backward_terms(self.opg) if self.opg is not None else 0
         return 2 * (t + math.prod(self.op.out_shape)) + 16
+
+
+def bias_dot(lay: Layout, lam: torch.Tensor, op: AffineOp) -> torch.Tensor:
+    """lam . b for op's bias b, (Bl, R). A conv's bias is one value per channel: on windows, each
+    channel's coefficients are summed first, then weighted (no per-neuron read); a zero bias (pooling)
+    adds nothing. Any order of summing the same products errs by at most gamma_n times the sum of
+    their absolute values, which the step's magnitude |lam| . (|A| m + |b|) contains."""
+    if isinstance(op, AvgPool2d) or (isinstance(op, Conv2d) and not bool(op._bias.any())):
+        return lam.new_zeros(lam.shape[:2])
+    if isinstance(op, Conv2d) and not lay.dense:
+        return lam.sum((3, 4)) @ op._bias.to(lam.dtype)
+    return lay.dot(lam, op.bias)
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -174,29 +189,27 @@ class Engine:
         bias, mag = form.bias, torch.zeros_like(form.err)
         fast_mag, fast_n = torch.zeros_like(form.err), 0   # magnitudes of the float32 transposes, their count
         if lf is not None:
-            absf = lf.abs()
-            fast = self.exact and self.fast and c.fast(c.op, absf)
+            fast = self.exact and self.fast and c.fast(c.op, lf)
             new_f, new_lay = lay.backward(c.op, lf, fast)
-            bias = self._acc(bias, lay.dot(lf, c.op.bias))
+            bias = self._acc(bias, bias_dot(lay, lf, c.op))
             if self.exact:
-                mag_f = lay.dot(absf, c.mag)
+                mag_f = abs_dot(lay, lf, c.mag)
                 mag = mag + mag_f
                 if fast:
                     fast_mag, fast_n = fast_mag + mag_f, 1
         if ld is not None:
-            absd = ld.abs() if self.exact else ld
-            fast_d = self.exact and self.fast and c.fast(c.dop, absd)
-            fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, absd)
+            fast_d = self.exact and self.fast and c.fast(c.dop, ld)
+            fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, ld)
             if c.dop is not None:
                 t, new_lay = lay.backward(c.dop, ld, fast_d)
                 new_f = _add(new_f, t)
-                bias = self._acc(bias, lay.dot(ld, c.dop.bias))
+                bias = self._acc(bias, bias_dot(lay, ld, c.dop))
             if not c.dx_zero:
                 assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
                 new_d, new_lay = lay.backward(c.opg, ld, fast_g)
             if self.exact:
                 assert c.dmag is not None   # so do its exact magnitudes
-                mag_d = lay.dot(absd, c.dmag)
+                mag_d = abs_dot(lay, ld, c.dmag)
                 mag = mag + mag_d
                 if fast_d or fast_g:
                     fast_mag, fast_n = fast_mag + mag_d, fast_n + int(fast_d) + int(fast_g)

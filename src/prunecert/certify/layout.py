@@ -30,6 +30,8 @@ LIVE_FRACTION = 0.875   # below this share of non-zero coefficient rows, multipl
 FAST_DTYPE = torch.float32   # conv transposes of float64 rows run in it (20x faster on CPU), see `fast_ok`
 FAST_RANGE = 2.0 ** 60       # coefficients this large or larger stay in float64 (no overflow in float32)
 FLOAT32_TINY = 2.0 ** -126   # smallest normal float32: the absolute error of one underflowing operation
+COLUMN_BUDGET = 2 ** 22      # float64 conv transposes of dense rows: rows per call so that the kernel's
+                             # unfolded buffer (rows x C_in kh kw x H_out W_out) stays this small (2x faster)
 
 
 def fast_ok(op: AffineOp, lam_absmax: float) -> bool:
@@ -77,6 +79,15 @@ def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.bmm(flat, vb.unsqueeze(2)).squeeze(2)
 
 
+def abs_dot(lay: "Layout", lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, R): sum_i |lam_i| v_i per row for a per-neuron v >= 0 (a magnitude). On windows as the l1
+    norm of lam * v (|lam_i| v_i = |lam_i v_i| in floating point too): no |lam| tensor."""
+    if lay.dense:
+        return dot(lam.abs(), v)
+    out: torch.Tensor = torch.linalg.vector_norm((lam * lay.at(v).to(lam.dtype)).flatten(2), 1, dim=2)
+    return out
+
+
 class Dense:
     """Rows over a whole level: lam (Bl, R, *shape); per-neuron tensors broadcast over the rows."""
 
@@ -122,6 +133,12 @@ def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch
             return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
     if fast:
         return op.backward(flat.to(FAST_DTYPE)).to(lam.dtype).reshape(b, r, *op.in_shape)
+    if isinstance(op, (Conv2d, AvgPool2d)):   # float64 transposes unfold every row at once: in pieces
+        kernel = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
+        per = max(1, COLUMN_BUDGET // (op.in_shape[0] * math.prod(kernel) * math.prod(op.out_shape[1:])))
+        if flat.shape[0] > per:
+            return torch.cat([op.backward(flat[i:i + per]) for i in range(0, flat.shape[0], per)]).reshape(
+                b, r, *op.in_shape)
     return op.backward(flat).reshape(b, r, *op.in_shape)
 
 
@@ -196,8 +213,7 @@ class Patches:
         else:   # Flatten / Linear never see patches (their outputs are 1-D)
             raise TypeError(f"patches cannot go through a {op.kind} op")
         if fast:
-            new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0,
-                                     groups=groups).to(lam.dtype)
+            new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0, groups=groups)
         else:
             new = F.conv_transpose2d(flat, weight, None, op.stride, 0, groups=groups)
         corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
@@ -205,7 +221,8 @@ class Patches:
         size = (int(new.shape[2]), int(new.shape[3]))
         assert size == ((self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1])
         nxt = Patches(corner, size, op.in_shape)
-        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside()
+        # clearing the padding positions and (fast) the exact conversion back to lam's dtype: one pass
+        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(lam.dtype)
         if size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
                 size[0] * size[1] * 2 >= op.in_shape[1] * op.in_shape[2]:
             return nxt.to_dense(new), Dense()

@@ -21,8 +21,7 @@ theta is kept on a 2^-30 grid so that 1 - theta is exact and the mix is a true c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -102,6 +101,7 @@ class DeltaRelax:
     theta_lo: torch.Tensor
     both_stable: torch.Tensor
     zero: bool = False       # Delta a is exactly 0 on the whole layer in every region: Delta h = 0
+    _lines: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)   # `_default_lines`
 
     @staticmethod
     def of(af: Bounds, ag: Bounds, d: Bounds, f: SideRelax | None = None, g: SideRelax | None = None
@@ -157,25 +157,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.squeeze(1) if x.shape[1] == 1 else x
 
 
-def _split(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """lam = pos + neg with pos >= 0 >= neg, exactly (one of the two is 0 in each entry)."""
-    pos = lam.clamp_min(0.0)
-    return pos, lam - pos
+def _row_max(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1): each region's largest entry of a per-neuron tensor (B, *shape) (0 if none)."""
+    return x.reshape(x.shape[0], -1).amax(1, keepdim=True).clamp_min(0.0)
+
+
+def _l1(lam: torch.Tensor) -> torch.Tensor:
+    """(Bl, R): sum_i |lam_i| per row, in one pass."""
+    out: torch.Tensor = torch.linalg.vector_norm(lam.flatten(2), 1, dim=2)
+    return out
 
 
 def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, exact: bool = True,
                lay: Layout = DENSE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Upper-bound lam . relu(a) by mu . a + bias: returns mu (B, R, *shape), bias (B, R), and (if
-    `exact`) the magnitude sum_i |lam_i| (|slope_i| amax_i + |intercept_i|) that bounds the rounding.
-    `lay`: how the rows are stored (per-neuron tensors are read through `lay.at`)."""
+    `exact`) a magnitude >= sum_i |lam_i| (|slope_i| amax_i + |intercept_i|) that bounds the rounding.
+    `lay`: how the rows are stored (per-neuron tensors are read through `lay.at`).
+
+    mu_i = lam_i s_i where lam_i >= 0, lam_i lower_i elsewhere: one product per entry, the value of
+    lam^+ s + lam^- lower (one of the two is 0). The magnitude is sum_i |mu_i| max(amax) + bias, at
+    least the sum above (slopes are >= 0, intercepts meet only lam^+), from two one-pass reductions."""
     at = lay.at
     lower = at(side.alpha) if alpha is None else torch.where(at(side.unstable), alpha.clamp(0.0, 1.0), at(side.alpha))
-    pos, neg = _split(lam)
-    mu = pos * at(side.s) + neg * lower
-    bias = lay.dot(pos, side.t)
+    mu = lam * torch.where(lam >= 0, at(side.s), lower)
+    bias = lay.dot(lam.clamp_min(0.0), side.t)
     mag = None
     if exact:
-        mag = lay.dot(pos, side.s * side.amax + side.t) - dot(neg, _rows(lower * at(side.amax)))
+        mag = _l1(mu) * _row_max(side.amax).to(mu.dtype) + bias
     return mu, bias, mag
 
 
@@ -185,29 +193,66 @@ def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool,
 
     Upper line (where lam >= 0): th (U_f(a^f) - alpha_g a^g) + (1 - th) (sd Delta + td);
     lower line (lam < 0): th (alpha_f a^f - U_g(a^g)) + (1 - th) (sl Delta - tl); a^g = a^f - Delta.
+    With the default parameters the lines' coefficients are computed per neuron once per layer
+    (`_default_lines`), else per row; either way the same floats. The magnitude: sum_i |lam_i| times
+    the region's largest line size (`_lines`), at least sum_i |lam_i| size_i.
     """
     f, g = rel.f, rel.g
     at = lay.at
-    th_u = at(rel.theta_up) if p.theta_up is None else _theta(rel, p.theta_up, exact, at)
-    th_l = at(rel.theta_lo) if p.theta_lo is None else _theta(rel, p.theta_lo, exact, at)
-    ag = at(g.alpha) if p.alpha_g_up is None else torch.where(at(g.unstable), p.alpha_g_up.clamp(0, 1), at(g.alpha))
-    af = at(f.alpha) if p.alpha_f_lo is None else torch.where(at(f.unstable), p.alpha_f_lo.clamp(0, 1), at(f.alpha))
-    fs, ft, gs, gt = at(f.s), at(f.t), at(g.s), at(g.t)
-    wu, wl = 1.0 - th_u, 1.0 - th_l   # exact: theta sits on a 2^-30 grid
-    pos, neg = _split(lam)
-    mu_f = pos * (th_u * (fs - ag)) + neg * (th_l * (af - gs))
-    mu_d = pos * (th_u * ag + wu * at(rel.sd)) + neg * (th_l * gs + wl * at(rel.sl))
-    bias = dot(pos, _rows(th_u * ft + wu * at(rel.td))) - dot(neg, _rows(th_l * gt + wl * at(rel.tl)))
+    if p.theta_up is None and p.theta_lo is None and p.alpha_g_up is None and p.alpha_f_lo is None:
+        lines = [at(x) for x in _default_lines(rel)[:6]]
+    else:
+        th_u = at(rel.theta_up) if p.theta_up is None else _theta(at(rel.both_stable), p.theta_up, exact)
+        th_l = at(rel.theta_lo) if p.theta_lo is None else _theta(at(rel.both_stable), p.theta_lo, exact)
+        ag = at(g.alpha) if p.alpha_g_up is None else torch.where(at(g.unstable), p.alpha_g_up.clamp(0, 1), at(g.alpha))
+        af = at(f.alpha) if p.alpha_f_lo is None else torch.where(at(f.unstable), p.alpha_f_lo.clamp(0, 1), at(f.alpha))
+        lines = _lines(th_u, th_l, ag, af, at(f.s), at(f.t), at(g.s), at(g.t), at(rel.sd), at(rel.td), at(rel.sl),
+                       at(rel.tl), None, None)
+    a_up, a_lo, d_up, d_lo, b_up, b_lo = lines[:6]
+    pos = lam >= 0
+    mu_f = lam * torch.where(pos, a_up, a_lo)
+    mu_d = lam * torch.where(pos, d_up, d_lo)
+    # lam^+ b_up - lam^- b_lo: the terms of two dot products summed as one (the same error bound)
+    bias = dot(lam, torch.where(pos, b_up, -b_lo))
     mag = None
-    if exact:
-        amax, dmax = at(f.amax), at(rel.dmax)
-        size_u = th_u * ((fs + ag) * amax + ag * dmax + ft) + wu * (at(rel.sd) * dmax + at(rel.td))
-        size_l = th_l * ((af + gs) * amax + gs * dmax + gt) + wl * (at(rel.sl) * dmax + at(rel.tl))
-        mag = dot(pos, _rows(size_u)) - dot(neg, _rows(size_l))
+    if exact:   # sizes from the per-neuron maxima: upper bounds of the (parameter-dependent) sizes
+        mag = _l1(lam) * _default_lines(rel)[6].to(lam.dtype)
     return mu_f, mu_d, bias, mag
 
 
-def _theta(rel: DeltaRelax, theta: torch.Tensor, exact: bool,
-           at: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def _default_lines(rel: DeltaRelax) -> list[torch.Tensor]:
+    """The default relaxation's line coefficients per neuron (`_lines`, B, *shape), and (B, 1) the
+    region's largest size any parameters in [0, 1] can give; computed once per layer."""
+    if rel._lines is None:
+        f, g = rel.f, rel.g
+        out = _lines(rel.theta_up, rel.theta_lo, g.alpha, f.alpha, f.s, f.t, g.s, g.t, rel.sd, rel.td, rel.sl,
+                     rel.tl, None, None)
+        # any theta, alpha in [0, 1]: size_u <= max((s_f + 1) amax + Dmax + t_f, s_D Dmax + t_D), likewise lower
+        one = torch.ones_like(f.s)
+        worst = _lines(one, one, one, one, f.s, f.t, g.s, g.t, rel.sd, rel.td, rel.sl, rel.tl, f.amax, rel.dmax)
+        zero = torch.zeros_like(f.s)
+        chord = _lines(zero, zero, one, one, f.s, f.t, g.s, g.t, rel.sd, rel.td, rel.sl, rel.tl, f.amax, rel.dmax)
+        size = torch.maximum(torch.maximum(worst[6], worst[7]), torch.maximum(chord[6], chord[7]))
+        rel._lines = out + [_row_max(size) * (1.0 + 8 * UNIT_ROUNDOFF)]
+    return rel._lines
+
+
+def _lines(th_u: torch.Tensor, th_l: torch.Tensor, ag: torch.Tensor, af: torch.Tensor, fs: torch.Tensor,
+           ft: torch.Tensor, gs: torch.Tensor, gt: torch.Tensor, sd: torch.Tensor, td: torch.Tensor, sl: torch.Tensor,
+           tl: torch.Tensor, amax: torch.Tensor | None, dmax: torch.Tensor | None) -> list[torch.Tensor]:
+    """The Delta lines' coefficients of a^f, of Delta a and intercepts (upper, lower), elementwise; with
+    amax, Dmax also their rounding sizes th ((s_f + alpha_g) amax + alpha_g Dmax + t_f) +
+    (1 - th) (s_D Dmax + t_D) (likewise lower)."""
+    wu, wl = 1.0 - th_u, 1.0 - th_l   # exact: theta sits on a 2^-30 grid
+    out = [th_u * (fs - ag), th_l * (af - gs), th_u * ag + wu * sd, th_l * gs + wl * sl, th_u * ft + wu * td,
+           th_l * gt + wl * tl]
+    if amax is not None and dmax is not None:
+        out += [th_u * ((fs + ag) * amax + ag * dmax + ft) + wu * (sd * dmax + td),
+                th_l * ((af + gs) * amax + gs * dmax + gt) + wl * (sl * dmax + tl)]
+    return out
+
+
+def _theta(both_stable: torch.Tensor, theta: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Free weights theta (quantised when `exact`), 1 where both sides are stable."""
     theta = quantise_theta(theta) if exact else theta.clamp(0.0, 1.0)
-    return torch.where((at or _r)(rel.both_stable), torch.ones_like(theta), theta)
+    return torch.where(both_stable, torch.ones_like(theta), theta)
