@@ -39,6 +39,7 @@ DUAL_TOL = 1e-9
 INTEGRALITY_TOL = 1e-9
 # HiGHS random seeds whose MILP runs cross-examine each other (see HighsModel.maximize_milp)
 OPINION_SEEDS = (0, 1)
+MIN_SOLVE = 1e-3            # seconds: the least time limit a solve is given (an expired deadline still ends at once)
 UNCONFIRMED = "unconfirmed"  # optimal in the runs there was time for, but not in all of OPINION_SEEDS
 
 
@@ -188,9 +189,11 @@ class HighsModel:
         self.highs.changeColsCost(len(c), idx, np.asarray(c, dtype=np.float64))
 
     # ------------------------------------------------------------------ solves
-    def maximize_lp(self, c: Array) -> LPSolution:
-        """max c.v over the LP relaxation, with a sound bound (see module docstring)."""
+    def maximize_lp(self, c: Array, time_limit: float | None = None) -> LPSolution:
+        """max c.v over the LP relaxation, with a sound bound (see module docstring). A solve stopped by
+        `time_limit` (seconds; None: none) gives the box bound, as any non-optimal status does."""
         self.set_objective(c)
+        self.highs.setOptionValue("time_limit", INF if time_limit is None else max(float(time_limit), MIN_SOLVE))
         self.highs.run()
         status = self.highs.getModelStatus()
         if status == highspy.HighsModelStatus.kOptimal:
