@@ -21,6 +21,7 @@ window, not by the number of items: a caller that writes each result as it comes
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import shutil
@@ -124,15 +125,30 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def release_memory() -> None:
+    """Hand the heap that freed tensors left behind back to the system (glibc keeps it otherwise:
+    an idle vgg-small worker stayed at its largest chunk's 1.0 GB while the other one peaked; the
+    audit's main process kept 85 MB of its pass over the test data). Nothing happens where glibc's
+    malloc_trim is missing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _run_shared(fn: Task[T, R], path: str, item: T) -> R:
-    """In a worker: load the shared object of `path` once (our own file, written by `share`), run fn."""
+    """In a worker: load the shared object of `path` once (our own file, written by `share`), run fn,
+    then release the heap the item freed."""
     obj = _WORKER_CACHE.get(path)
     if obj is None:
         _WORKER_CACHE.clear()  # one shared object at a time: a worker does not hoard old models
         with open(path, "rb") as fh:
             obj = pickle.load(fh)
         _WORKER_CACHE[path] = obj
-    return fn(obj, item)
+    try:
+        return fn(obj, item)
+    finally:
+        release_memory()
 
 
 class LocalProcessExecutor(Executor):
