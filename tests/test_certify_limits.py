@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import highspy
 import jsonschema
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ from prunecert.certify import diff_linear
 from prunecert.certify.chunks import MAX_BATCH, certify_batch_size
 from prunecert.certify.classprop import ClassProperty, open_classes
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
-from prunecert.certify.lp import initial_bounds
+from prunecert.certify.formulation import RegionBounds, build_encoding
+from prunecert.certify.highs import HighsModel
+from prunecert.certify.lp import initial_bounds, unit
 from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import load_schema
 from prunecert.core.pair import Pair
@@ -140,3 +143,31 @@ def test_certify_chunks_follow_the_memory_budget():
     assert certify_batch_size(small, budget=1) == 1   # a region always fits, alone
     vgg = Pair(*(network_from_module(small_vgg((1, 28, 28), 10), (1, 28, 28)) for _ in range(2)))
     assert certify_batch_size(vgg) == 2               # its slope searches: ~0.12 GB per region
+
+
+def test_an_lp_stopped_by_its_time_limit_gives_the_box_bound_with_side_rows():
+    """relu-bab's LPs now get a time limit; a stopped one falls back to the box bound (y = 0), whose
+    multipliers must cover the side rows added to the model (sized by the encoding, it crashed)."""
+    pair = random_pair(np.random.default_rng(1), 3, (6, 5), 3, "perturb")
+    lo, hi = np.zeros(3), np.ones(3)
+    bounds = initial_bounds(pair, RegionBatch(torch.as_tensor(lo)[None], torch.as_tensor(hi)[None]))
+    enc = build_encoding(pair, lo, hi, RegionBounds.from_pair_bounds(bounds, 0))
+    model = HighsModel(enc)
+    last = pair.n_layers - 1
+    model.add_side_row(np.array([enc.af[last][0], enc.af[last][1]]), np.array([1.0, -1.0]), 0.0, np.inf)
+    c = unit(enc, enc.ag[last][1], enc.ag[last][0])
+    solved = model.maximize_lp(c)
+
+    class Stopped:     # HiGHS as it answers when the time limit ends a solve
+        def __init__(self, highs):
+            self.highs = highs
+
+        def __getattr__(self, name):
+            return getattr(self.highs, name)
+
+        def getModelStatus(self):
+            return highspy.HighsModelStatus.kTimeLimit
+
+    model.highs = Stopped(model.highs)
+    cut = model.maximize_lp(c, time_limit=1e-9)
+    assert cut.v is None and cut.bound >= solved.bound

@@ -204,8 +204,9 @@ class HighsModel:
             return LPSolution(bound, float(self.highs.getInfo().objective_function_value), v, "optimal")
         if status == highspy.HighsModelStatus.kInfeasible and self.proves_infeasible():
             return LPSolution(-np.inf, np.nan, None, "infeasible")
-        # anything else: the box bound (y = 0) is always valid
-        return LPSolution(self.safe_bound(c, np.zeros(self.enc.n_rows)), np.nan, None, str(status))
+        # anything else (a time limit too): the box bound (y = 0) is always valid; y has one entry per
+        # row of the model, side rows included (the encoding's count missed them)
+        return LPSolution(self.safe_bound(c, np.zeros(len(self.row_lo))), np.nan, None, str(status))
 
     def safe_bound(self, c: Array, y: Array) -> float:
         """Sound upper bound on c.v over {row_lo <= A v <= row_hi, col_lo <= v <= col_hi} from any y."""
