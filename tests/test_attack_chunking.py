@@ -16,7 +16,7 @@ import torch
 from pairs import random_conv_pair, random_pair
 from prunecert.adversarial import attack_many, get_attack
 from prunecert.adversarial import api, batching
-from prunecert.adversarial.batching import MAX_CHUNK, activations_per_element, attack_chunk_size, evaluation_batch
+from prunecert.adversarial.batching import MAX_CHUNK, attack_chunk_size, evaluation_batch
 from prunecert.audit import measure_data
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Box, Domain, L2Ball
@@ -62,7 +62,7 @@ def test_a_tiny_memory_budget_splits_the_chunks_and_keeps_the_results(monkeypatc
         sizes.append(size)
         return real_chunk_slices(n, size)
 
-    per_region = 2 * 8 * activations_per_element(pair) * batching.BYTES_PER_ACTIVATION  # restarts x 2 logits x 4
+    per_region = 2 * 8 * pair.activations_per_input() * batching.BYTES_PER_ACTIVATION  # restarts x 2 logits x 4
     monkeypatch.setattr(batching, "MEMORY_BUDGET", per_region * 2)
     monkeypatch.setattr(api, "chunk_slices", spy)
     assert _run(pair, regions, None, "apgd", "max-logit-deviation") == reference
@@ -74,7 +74,7 @@ def test_chunk_size_follows_the_activations():
     expected = math.prod(pair.input_shape) + sum(
         sum(math.prod(op.out_shape) for op in layer.ops) + (math.prod(layer.out_shape) if layer.relu else 0)
         for layers in (pair.layers_f, pair.layers_g) for layer in layers)
-    assert activations_per_element(pair) == expected
+    assert pair.activations_per_input() == expected
     apgd = get_attack("apgd")
     per_region = 5 * 6 * expected * batching.BYTES_PER_ACTIVATION
     assert attack_chunk_size(pair, apgd, 5, 6, budget=per_region * 3 + 1) == 3
@@ -90,9 +90,9 @@ def test_vgg_sized_attacks_get_small_chunks():
     torch.manual_seed(0)
     net = network_from_module(small_vgg((1, 28, 28), 10), (1, 28, 28))
     pair = Pair(net, net)
-    assert 130_000 < activations_per_element(pair) < 150_000
-    assert attack_chunk_size(pair, get_attack("apgd"), 5, 20) == 2
-    assert attack_chunk_size(pair, get_attack("auto"), 3, 20) == 4
+    assert 130_000 < pair.activations_per_input() < 150_000
+    assert attack_chunk_size(pair, get_attack("apgd"), 5, 20) == 1
+    assert attack_chunk_size(pair, get_attack("auto"), 3, 20) == 2
     assert attack_chunk_size(pair, get_attack("auto"), 3, 1) == MAX_CHUNK  # a neuron objective: 3 elements
 
 
@@ -109,4 +109,4 @@ def test_the_audit_test_set_pass_does_not_depend_on_its_batch():
             assert np.array_equal(got[k], v), k
     assert evaluation_batch(pair) == 512  # a small pair: the cap
     big = Pair(*(network_from_module(small_vgg((1, 28, 28), 10), (1, 28, 28)) for _ in range(2)))
-    assert 200 < evaluation_batch(big) < 300  # vgg-small: ~2.2 MB per point within 512 MB
+    assert 100 < evaluation_batch(big) < 150  # vgg-small: ~2.2 MB per point within 256 MB

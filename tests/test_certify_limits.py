@@ -1,21 +1,37 @@
-"""Limits: time limits cut diff-linear / crown-diff short soundly and the result says so (JSON, schema);
+"""Limits: time limits cut diff-linear / crown-diff short soundly and the result says so (JSON, schema),
+and no piece of work starts that would end past them; certify chunks fit a memory budget;
 methods that encode the pair as one LP refuse oversized pairs before any work, with advice that fits;
 `attack --method auto` keeps its gradient results when the LP walk cannot run."""
 
 from __future__ import annotations
 
+import time
+
+import highspy
 import jsonschema
 import numpy as np
 import pytest
-from pairs import assert_contains, random_box, random_conv_pair, sample_deltas
+import torch
+from pairs import assert_contains, random_box, random_conv_pair, random_pair, sample_deltas
 
 import prunecert.adversarial.api as attack_api
 import prunecert.certify.formulation as formulation
 from prunecert.adversarial import attack
 from prunecert.certify import Box, certify
+from prunecert.certify import diff_linear
+from prunecert.certify.chunks import MAX_BATCH, certify_batch_size
+from prunecert.certify.classprop import ClassProperty, open_classes
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
+from prunecert.certify.formulation import RegionBounds, build_encoding
+from prunecert.certify.highs import HighsModel
+from prunecert.certify.lp import initial_bounds, unit
+from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import load_schema
+from prunecert.core.pair import Pair
+from prunecert.core.region_batch import RegionBatch
 from prunecert.errors import ConfigError
+from prunecert.io.torch_io import network_from_module
+from prunecert.train import small_vgg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,3 +107,67 @@ def test_solver_methods_cut_short_say_so_in_the_json(method):
     assert cut["truncated"] is True and cut["truncated_regions"] == [0]
     full = certify(pair, None, boxes, method=method, time_limit=30, progress=False, samples=16).to_json()
     assert full["truncated"] is False and full["truncated_regions"] == []
+
+
+def test_a_walk_that_would_end_past_the_limit_is_not_started(monkeypatch):
+    """diff-linear's stop: past the deadline, or when the next piece of work, taking as long as the
+    last one (the time since the previous check), would end past it (a chunk of CNN rows ran 1.7 s
+    past its check)."""
+    clock = iter([0.0, 4.0, 8.5])
+    monkeypatch.setattr(diff_linear.time, "perf_counter", lambda: next(clock))
+    pair = random_conv_pair(np.random.default_rng(3), in_shape=(1, 6, 6))
+    lo, hi = random_box(np.random.default_rng(4), (1, 6, 6), 0.2, 0.4)
+    region = RegionBatch(torch.as_tensor(lo)[None], torch.as_tensor(hi)[None])
+    st = diff_linear._Bounder(pair, region, [], deadline=10.0)
+    assert not st.stop()                  # t = 0: nothing measured yet
+    assert not st.stop()                  # t = 4: the last piece took 4 s; 4 + 4 <= 10
+    assert st.stop() and st.truncated     # t = 8.5, before the deadline, but 8.5 + 4.5 > 10
+    assert st.stop()                      # stopped for good (the clock is not read again)
+
+
+def test_relu_settle_out_of_time_solves_nothing():
+    """Past its deadline the ReLU branch and bound returns unknown before any LP (a CNN pair's root
+    LPs ran with no limit and overran a 5 s budget several times)."""
+    pair = random_pair(np.random.default_rng(1), 3, (6, 5), 3, "perturb")
+    lo, hi = np.zeros(3), np.ones(3)
+    bounds = initial_bounds(pair, RegionBatch(torch.as_tensor(lo)[None], torch.as_tensor(hi)[None]))
+    s = relu_settle(pair, lo, hi, ClassProperty.agreement(), time.perf_counter() - 1.0, bounds)
+    assert open_classes(bounds, ClassProperty.agreement()).any()   # the bounds leave the question open
+    assert (s.verdict, s.stage) == ("unknown", "time") and s.details["nodes"] == 0
+    assert s.details["gap"] is None
+
+
+def test_certify_chunks_follow_the_memory_budget():
+    small = random_pair(np.random.default_rng(2), 4, (8, 6), 3, "prune")
+    assert certify_batch_size(small) == MAX_BATCH
+    assert certify_batch_size(small, budget=1) == 1   # a region always fits, alone
+    vgg = Pair(*(network_from_module(small_vgg((1, 28, 28), 10), (1, 28, 28)) for _ in range(2)))
+    assert certify_batch_size(vgg) == 2               # its slope searches: ~0.12 GB per region
+
+
+def test_an_lp_stopped_by_its_time_limit_gives_the_box_bound_with_side_rows():
+    """relu-bab's LPs now get a time limit; a stopped one falls back to the box bound (y = 0), whose
+    multipliers must cover the side rows added to the model (sized by the encoding, it crashed)."""
+    pair = random_pair(np.random.default_rng(1), 3, (6, 5), 3, "perturb")
+    lo, hi = np.zeros(3), np.ones(3)
+    bounds = initial_bounds(pair, RegionBatch(torch.as_tensor(lo)[None], torch.as_tensor(hi)[None]))
+    enc = build_encoding(pair, lo, hi, RegionBounds.from_pair_bounds(bounds, 0))
+    model = HighsModel(enc)
+    last = pair.n_layers - 1
+    model.add_side_row(np.array([enc.af[last][0], enc.af[last][1]]), np.array([1.0, -1.0]), 0.0, np.inf)
+    c = unit(enc, enc.ag[last][1], enc.ag[last][0])
+    solved = model.maximize_lp(c)
+
+    class Stopped:     # HiGHS as it answers when the time limit ends a solve
+        def __init__(self, highs):
+            self.highs = highs
+
+        def __getattr__(self, name):
+            return getattr(self.highs, name)
+
+        def getModelStatus(self):
+            return highspy.HighsModelStatus.kTimeLimit
+
+    model.highs = Stopped(model.highs)
+    cut = model.maximize_lp(c, time_limit=1e-9)
+    assert cut.v is None and cut.bound >= solved.bound

@@ -10,6 +10,7 @@ import pytest
 import torch
 from pairs import random_pair
 from typer.testing import CliRunner
+from wallclock import DECIDE_SECONDS
 
 from prunecert.certify import certify
 from prunecert.certify.classprop import ClassProperty, violations
@@ -43,7 +44,7 @@ def test_logits_restrict_the_tolerance_verdict(pair):
 
 def test_complete_verdicts_replay_and_match_the_schema(pair):
     regions = [Box(np.full(3, 0.2), np.full(3, 0.6), np.zeros(3), np.ones(3)), Domain(np.zeros(3), np.ones(3))]
-    res = certify(pair, None, regions, progress=False, delta=0.6, complete=5.0)
+    res = certify(pair, None, regions, progress=False, delta=0.6, complete=DECIDE_SECONDS)
     jsonschema.validate(res.to_json(), load_schema())
     for verdicts, prop in ((res.agreement, ClassProperty.agreement()), (res.delta_top1, ClassProperty.delta_top1(0.6))):
         for v in verdicts:

@@ -39,6 +39,7 @@ from prunecert.adversarial import attack_many
 from prunecert.adversarial.batching import evaluation_batch
 from prunecert.adversarial.witness import certify_searches
 from prunecert.certify import certify, get_method, make_pair
+from prunecert.certify.chunks import MAX_BATCH
 from prunecert.certify.result import CertifyResult
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Array, Box, Domain, Region
@@ -54,7 +55,7 @@ from prunecert.reports import Audit, check_writable, write_report
 from prunecert.reports.build import (AttackPoints, DataMeasures, Findings, Found, PointMeasures,
                                      build_audit)
 from prunecert.reports.model import Stage
-from prunecert.scale import Executor, open_executor
+from prunecert.scale import Executor, open_executor, release_memory
 from prunecert.stage_budgets import AUDIT_ATTACK_SECONDS, AUDIT_CERTIFY_SECONDS, AUDIT_COMPLETE_SECONDS, CERTIFY_SAMPLES
 
 P = ParamSpec("P")
@@ -385,12 +386,13 @@ def run_audit(plan: AuditPlan) -> tuple[Audit, Network]:
     pair = make_pair(plan.original, pruned)
     regions = _regions(plan, pair)
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
+    release_memory()   # the pass's batches, before the workers start beside this process
     name = f"certify {len(regions)} regions ({plan.certify_method}"
     name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
     with contextlib.ExitStack() as stack:
-        # small audits (one certify chunk) stay in this process: spawning workers would only cost
+        # small audits (at most MAX_BATCH regions) stay in this process: spawning workers would only cost
         executor = stack.enter_context(open_executor(plan.workers, plan.scheduler, plan.threads,
-                                                     n_items=math.ceil(len(regions) / 32)))
+                                                     n_items=math.ceil(len(regions) / MAX_BATCH)))
         cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
                           seed=plan.seed, samples=plan.samples, complete=plan.complete,
                           time_limit=plan.certify_budget,

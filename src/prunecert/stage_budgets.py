@@ -28,6 +28,10 @@ SETTLE_SEARCH_SHARE: Final = 0.1  # a refutation is found quickly or not at all;
 AUTO_GRADIENT_SHARE: Final = 0.4  # APGD finds basins fast; the exact LP walks climbing them are slower (all if no walk)
 AUTO_WALKS: Final = 6             # from the best distinct APGD points: fewer miss basins, more starve the last walks
 
+# certify --method milp (certify/milp.py): the default when no --time-limit is given
+MILP_SECONDS: Final = 60.0        # per region (and per PairMILP solve): room to close the small nets MILP is for;
+                                  # an objective it leaves open keeps its sound dual bound and is reported truncated
+
 # certify's MILP checks every optimum with an attack (adversarial/witness.py)
 WITNESS_SECONDS: Final = 2.0      # per objective: a second opinion on the solver's point, not a search of its own
 

@@ -58,8 +58,6 @@ from prunecert.scale import (
 from prunecert.stage_budgets import ATTACK_SECONDS, AUTO_GRADIENT_SHARE, AUTO_WALKS
 from prunecert.threads import one_torch_thread
 
-RANDOM_SAMPLES = 20_000
-
 
 def attack(original: Network | Pair, pruned: Network | None, region: Region,
            objective: str | Objective = "max-logit-deviation", method: str = "auto", budget_seconds: float = ATTACK_SECONDS, seed: int = 0, restarts: int | None = None,
@@ -192,7 +190,7 @@ def _attack_regions(setup: AttackSetup, regions: Sequence[Region], gens: list[to
     fields = RunFields(method=method, seed=setup.seed)
     m = get_attack(method)
     if m.sampling:
-        state = random_search(pair, objectives, space, RANDOM_SAMPLES, gens, deadline)
+        state = random_search(pair, objectives, space, gens, deadline)
         log.stage("random", state, start)
         return _finish(pair, objectives, space, state, None, start, fields)
     if m.exact:

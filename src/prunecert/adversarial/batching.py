@@ -11,26 +11,14 @@ its own generator and no batch operation mixes elements (tests/test_attack_chunk
 
 from __future__ import annotations
 
-import math
-
 from prunecert.adversarial.methods import AttackMethod
 from prunecert.core.pair import Pair
 
-MEMORY_BUDGET = 512 * 2**20  # bytes for one chunk's gradient batch (forward values and their gradients)
+MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk's gradient batch (forward values and their gradients); per
+                             # worker, and an audit runs 2 of them beside its main process: at 512 MB its
+                             # attack stage peaked at 2.4 GB on vgg-small (2 workers at 0.93 GB)
 MAX_CHUNK = 16               # regions per chunk at most: also the unit of work an executor maps
 BYTES_PER_ACTIVATION = 16    # float64 value + its gradient; measured 12.8 on vgg-small (1.77 MB / element)
-
-
-def activations_per_element(pair: Pair) -> int:
-    """Values one batch element keeps for the backward pass: the input and every op's output (and ReLU
-    output) of f and of g."""
-    n = math.prod(pair.input_shape)
-    for layers in (pair.layers_f, pair.layers_g):
-        for layer in layers:
-            n += sum(math.prod(op.out_shape) for op in layer.ops)
-            if layer.relu:
-                n += math.prod(layer.out_shape)
-    return n
 
 
 def attack_chunk_size(pair: Pair, method: AttackMethod, restarts: int, n_sub: int, budget: int | None = None) -> int:
@@ -40,7 +28,7 @@ def attack_chunk_size(pair: Pair, method: AttackMethod, restarts: int, n_sub: in
     if method.gradient is None:
         return MAX_CHUNK
     budget = MEMORY_BUDGET if budget is None else budget
-    per_region = max(1, restarts * n_sub) * activations_per_element(pair) * BYTES_PER_ACTIVATION
+    per_region = max(1, restarts * n_sub) * pair.activations_per_input() * BYTES_PER_ACTIVATION
     return max(1, min(MAX_CHUNK, budget // per_region))
 
 
@@ -48,4 +36,4 @@ def evaluation_batch(pair: Pair, cap: int = 512, budget: int | None = None) -> i
     """Points per batch when every layer of f and g is evaluated (and kept) at once, e.g. an audit's pass
     over the test set: as many as fit `budget` (default MEMORY_BUDGET), at most `cap`, at least 1."""
     budget = MEMORY_BUDGET if budget is None else budget
-    return max(1, min(cap, budget // (activations_per_element(pair) * BYTES_PER_ACTIVATION)))
+    return max(1, min(cap, budget // (pair.activations_per_input() * BYTES_PER_ACTIVATION)))

@@ -25,6 +25,12 @@ from prunecert.adversarial.objectives import BatchObjective, Objective
 from prunecert.adversarial.space import SearchSpace
 from prunecert.core.pair import Pair
 
+# `attack --method random` (`random_search`): uniform points per region. The method is the floor every
+# other attack must beat, so it draws a fixed count (the same points whatever the machine's speed)
+# rather than sampling until the budget ends; on a net too large for that count within the budget the
+# deadline still stops it early, and the result says truncated
+RANDOM_SAMPLES = 20_000
+
 
 @dataclass
 class SearchState:
@@ -53,8 +59,8 @@ class SearchState:
         """Indices of the k best elements of each group, skipping repeats of the same point (ascents
         often end at the same corner of the box)."""
         out = []
-        for g in range(n_groups):
-            idx = (self.groups == g).nonzero().flatten()
+        for region_id in range(n_groups):
+            idx = (self.groups == region_id).nonzero().flatten()
             order = idx[torch.argsort(self.value[idx], descending=True, stable=True)].tolist()
             picked: list[int] = []
             for i in order:
@@ -85,10 +91,10 @@ def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, res
     xs, vs, gs, ss = [], [], [], []
     n_evals = []
     m = max(oversample * restarts - 1, 0)
-    for g, objective in enumerate(objectives):
-        cand = space.project(space.center(g)[None], torch.tensor([g]))
+    for region_id, objective in enumerate(objectives):
+        cand = space.project(space.center(region_id)[None], torch.tensor([region_id]))
         if m:
-            counts = [m if h == g else 0 for h in range(space.n_groups)]
+            counts = [m if other == region_id else 0 for other in range(space.n_groups)]
             cand = torch.cat([cand, space.sample(counts, generator)[0]])
         with torch.no_grad():
             sv = sub_values(pair, objective, cand)  # (M, S)
@@ -98,17 +104,18 @@ def seed_starts(pair: Pair, objectives: list[Objective], space: SearchSpace, res
         for s in range(sv.shape[1]):
             xs.append(cand[top[:, s]])
             vs.append(sv[top[:, s], s])
-            gs.append(torch.full((k,), g, dtype=torch.long))
+            gs.append(torch.full((k,), region_id, dtype=torch.long))
             ss.append(torch.full((k,), s, dtype=torch.long))
     return SearchState(torch.cat(xs), torch.cat(vs), torch.cat(gs), torch.cat(ss), evaluations=torch.tensor(n_evals, dtype=torch.long))
 
 
-def random_search(pair: Pair, objectives: list[Objective], space: SearchSpace, n_samples: int,
-                  generator: torch.Generator | Sequence[torch.Generator], deadline: float, batch: int = 1024
+def random_search(pair: Pair, objectives: list[Objective], space: SearchSpace,
+                  generator: torch.Generator | Sequence[torch.Generator], deadline: float,
+                  n_samples: int = RANDOM_SAMPLES, batch: int = 1024
                   ) -> SearchState:
     """`n_samples` uniform points per region; keeps the best per region. The floor every method must beat."""
     G = space.n_groups
-    state = SearchState(torch.stack([space.center(g) for g in range(G)]),
+    state = SearchState(torch.stack([space.center(region_id) for region_id in range(G)]),
                         torch.full((G,), -math.inf, dtype=torch.float64), torch.arange(G),
                         torch.zeros(G, dtype=torch.long))
     done = 0
@@ -116,12 +123,12 @@ def random_search(pair: Pair, objectives: list[Objective], space: SearchSpace, n
         n = min(batch, n_samples - done)
         x, groups = space.sample([n] * G, generator)
         with torch.no_grad():
-            for g, objective in enumerate(objectives):
-                idx = (groups == g).nonzero().flatten()
+            for region_id, objective in enumerate(objectives):
+                idx = (groups == region_id).nonzero().flatten()
                 v, sub = sub_values(pair, objective, x[idx]).max(1)
                 k = int(torch.argmax(v))
-                if v[k] > state.value[g]:
-                    state.x[g], state.value[g], state.sub[g] = x[idx[k]], v[k], sub[k]
+                if v[k] > state.value[region_id]:
+                    state.x[region_id], state.value[region_id], state.sub[region_id] = x[idx[k]], v[k], sub[k]
         state.count(groups, G)
         state.record(G)
         done += n

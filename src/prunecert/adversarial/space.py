@@ -34,28 +34,28 @@ class SearchSpace:
         self.hi = torch.stack([torch.as_tensor(np.asarray(b[1], dtype=np.float64)).reshape(self.input_shape)
                                for b in boxes])
         self.l2 = [is_l2(r) for r in self.regions]
-        for g, r in enumerate(self.regions):
+        for region_id, r in enumerate(self.regions):
             if isinstance(r, L2Ball):
                 if not float(r.radius) > 0:
                     raise RegionError(f"region {_name(r)}: radius {r.radius} gives a region of zero volume, "
                                       f"nothing to search")
-            elif getattr(r, "eps", None) == 0 or self._degenerate(g):
+            elif getattr(r, "eps", None) == 0 or self._degenerate(region_id):
                 raise RegionError(f"region {_name(r)}: the box has zero width (eps 0), a region of zero volume "
                                   f"has nothing to search")
 
-    def _degenerate(self, g: int) -> bool:
+    def _degenerate(self, region_id: int) -> bool:
         """Every coordinate's width is at most a few ulps (e.g. a zero-radius ball rounded outward)."""
-        lo, hi = self.lo[g].numpy(), self.hi[g].numpy()
+        lo, hi = self.lo[region_id].numpy(), self.hi[region_id].numpy()
         return bool((hi - lo <= 4 * np.spacing(np.maximum(np.abs(lo), np.abs(hi)))).all())
 
     @property
     def n_groups(self) -> int:
         return len(self.regions)
 
-    def center(self, g: int) -> torch.Tensor:
-        c = getattr(self.regions[g], "center", None)
+    def center(self, region_id: int) -> torch.Tensor:
+        c = getattr(self.regions[region_id], "center", None)
         if c is None:
-            return (self.lo[g] + self.hi[g]) / 2
+            return (self.lo[region_id] + self.hi[region_id]) / 2
         return torch.as_tensor(np.asarray(c, dtype=np.float64)).reshape(self.input_shape)
 
     # ------------------------------------------------------------------ batched geometry
@@ -64,9 +64,9 @@ class SearchSpace:
         x = torch.minimum(torch.maximum(x, self.lo[groups]), self.hi[groups])
         if any(self.l2):
             x = x.clone()
-            for g, r in enumerate(self.regions):
+            for region_id, r in enumerate(self.regions):
                 if isinstance(r, L2Ball):
-                    idx = (groups == g).nonzero().flatten()
+                    idx = (groups == region_id).nonzero().flatten()
                     if len(idx):
                         x[idx] = r.project(x[idx]).to(x.dtype)
         return x
@@ -88,31 +88,31 @@ class SearchSpace:
 
     def sample(self, counts: Sequence[int], generator: torch.Generator | Sequence[torch.Generator]
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """counts[g] uniform points of region g; returns (x, groups). `generator`: one for all regions,
+        """counts[i] uniform points of region i; returns (x, groups). `generator`: one for all regions,
         or one per region (then each region's points depend only on its own generator)."""
         xs, gs = [], []
-        for g, n in enumerate(counts):
+        for region_id, n in enumerate(counts):
             if n <= 0:
                 continue
-            r = self.regions[g]
-            gen = generator if isinstance(generator, torch.Generator) else generator[g]
+            r = self.regions[region_id]
+            gen = generator if isinstance(generator, torch.Generator) else generator[region_id]
             if isinstance(r, L2Ball):
                 x = torch.as_tensor(r.sample(n, gen), dtype=torch.float64).reshape(n, *self.input_shape)
             else:
                 u = torch.rand((n, *self.input_shape), generator=gen, dtype=torch.float64)
-                x = self.lo[g] + (self.hi[g] - self.lo[g]) * u
-            xs.append(self.project(x, torch.full((n,), g, dtype=torch.long)))
-            gs.append(torch.full((n,), g, dtype=torch.long))
+                x = self.lo[region_id] + (self.hi[region_id] - self.lo[region_id]) * u
+            xs.append(self.project(x, torch.full((n,), region_id, dtype=torch.long)))
+            gs.append(torch.full((n,), region_id, dtype=torch.long))
         return torch.cat(xs), torch.cat(gs)
 
     # ------------------------------------------------------------------ exact membership
-    def ensure_inside(self, x: torch.Tensor, g: int) -> torch.Tensor:
-        """A copy of the single point `x` that `regions[g].contains` accepts exactly."""
-        region = self.regions[g]
-        x = self.project(x[None].to(torch.float64), torch.tensor([g]))[0]
+    def ensure_inside(self, x: torch.Tensor, region_id: int) -> torch.Tensor:
+        """A copy of the single point `x` that `regions[region_id].contains` accepts exactly."""
+        region = self.regions[region_id]
+        x = self.project(x[None].to(torch.float64), torch.tensor([region_id]))[0]
         if _contains(region, x):
             return x
-        c = self.center(g)
+        c = self.center(region_id)
         if not _contains(region, c):
             raise RegionError(f"region {region.describe()}: its own centre is not inside it")
         lo_t, hi_t = 0.0, 1.0  # c + t (x - c) is inside for t = lo_t

@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from prunecert.certify.chunks import CertifySetup, RegionChunk, certify_chunk, concat_results, region_chunks
+from prunecert.certify.chunks import (
+    MAX_BATCH,
+    CertifySetup,
+    RegionChunk,
+    certify_batch_size,
+    certify_chunk,
+    concat_results,
+    region_chunks,
+)
 from prunecert.certify.classprop import ClassProperty
 from prunecert.certify.formulation import check_encodable
 from prunecert.certify.methods import METHODS, BoundMethod, get_method
@@ -101,7 +109,7 @@ def _check_logits(pair: Pair, logits: Sequence[int] | None) -> list[int] | None:
 def certify(original: Network | Pair | ModelPath, pruned: Network | ModelPath | None,
             regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
             time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = CERTIFY_SAMPLES,
-            batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
+            batch_size: int | None = None, search: Callable[..., SearchResult] | None = None,
             logits: Sequence[int] | None = None, delta: float | None = None, complete: float | None = None,
             class_search: ClassSearch | None = None, workers: int | None = 1, scheduler: str | None = None,
             threads: int | None = None, executor: Executor | None = None, **method_options: object) -> CertifyResult:
@@ -109,8 +117,8 @@ def certify(original: Network | Pair | ModelPath, pruned: Network | ModelPath | 
 
     `original`/`pruned` are Networks (a compact pruned one is completed onto the original) or model
     paths, or `original` is a ready `Pair` and `pruned` None. Regions are processed in chunks of
-    `batch_size` through the bound method; then `search` (default: `sample_search` with `samples`
-    points per region, each region seeded by `seed` and the region itself) looks for counterexamples.
+    `batch_size` (None: `chunks.certify_batch_size`, as many as fit a memory budget, at most 32)
+    through the bound method; then `search` (default: `sample_search` with `samples` points per region, each region seeded by `seed` and the region itself) looks for counterexamples.
     Extra keyword options go to the method (e.g. `iterations`; unknown ones are an error).
 
     Properties: the tolerance verdict is over the `logits` chosen (all by default); `delta` adds
@@ -136,7 +144,7 @@ def certify_stream(original: Network | Pair | ModelPath, pruned: Network | Model
                    regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
                    time_limit: float | None = None, progress: bool = True, seed: int = 0,
                    samples: int = CERTIFY_SAMPLES,
-                   batch_size: int = 32, search: Callable[..., SearchResult] | None = None,
+                   batch_size: int | None = None, search: Callable[..., SearchResult] | None = None,
                    logits: Sequence[int] | None = None, delta: float | None = None, complete: float | None = None,
                    class_search: ClassSearch | None = None, workers: int | None = 1,
                    scheduler: str | None = None, threads: int | None = None, executor: Executor | None = None,
@@ -154,6 +162,8 @@ def certify_stream(original: Network | Pair | ModelPath, pruned: Network | Model
         complete = float(time_limit) if time_limit is not None else BAB_SECONDS
     if complete is not None and not (math.isfinite(float(complete)) and float(complete) > 0):
         raise ConfigError(f"complete (seconds per region) must be a finite number > 0, got {complete!r}")
+    if batch_size is None:
+        batch_size = certify_batch_size(pair)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if int(samples) < 1:
@@ -164,7 +174,10 @@ def certify_stream(original: Network | Pair | ModelPath, pruned: Network | Model
     slices = region_chunks(regions, batch_size)
     with contextlib.ExitStack() as stack:
         if executor is None:
-            executor = stack.enter_context(open_executor(workers, scheduler, threads, n_items=len(slices)))
+            # runs of at most MAX_BATCH regions stay in this process, as when that was one chunk:
+            # spawning workers (~4 s each at load 4) costs more than a few chunks of work save
+            executor = stack.enter_context(open_executor(workers, scheduler, threads,
+                                                         n_items=math.ceil(len(regions) / MAX_BATCH)))
         in_process = isinstance(executor, InProcessExecutor)
         kwargs = registered.arguments({"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
                                        "progress": progress and in_process, "logits": checked_logits},

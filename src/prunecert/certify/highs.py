@@ -39,6 +39,7 @@ DUAL_TOL = 1e-9
 INTEGRALITY_TOL = 1e-9
 # HiGHS random seeds whose MILP runs cross-examine each other (see HighsModel.maximize_milp)
 OPINION_SEEDS = (0, 1)
+MIN_SOLVE = 1e-3            # seconds: the least time limit a solve is given (an expired deadline still ends at once)
 UNCONFIRMED = "unconfirmed"  # optimal in the runs there was time for, but not in all of OPINION_SEEDS
 
 
@@ -188,9 +189,11 @@ class HighsModel:
         self.highs.changeColsCost(len(c), idx, np.asarray(c, dtype=np.float64))
 
     # ------------------------------------------------------------------ solves
-    def maximize_lp(self, c: Array) -> LPSolution:
-        """max c.v over the LP relaxation, with a sound bound (see module docstring)."""
+    def maximize_lp(self, c: Array, time_limit: float | None = None) -> LPSolution:
+        """max c.v over the LP relaxation, with a sound bound (see module docstring). A solve stopped by
+        `time_limit` (seconds; None: none) gives the box bound, as any non-optimal status does."""
         self.set_objective(c)
+        self.highs.setOptionValue("time_limit", INF if time_limit is None else max(float(time_limit), MIN_SOLVE))
         self.highs.run()
         status = self.highs.getModelStatus()
         if status == highspy.HighsModelStatus.kOptimal:
@@ -201,8 +204,9 @@ class HighsModel:
             return LPSolution(bound, float(self.highs.getInfo().objective_function_value), v, "optimal")
         if status == highspy.HighsModelStatus.kInfeasible and self.proves_infeasible():
             return LPSolution(-np.inf, np.nan, None, "infeasible")
-        # anything else: the box bound (y = 0) is always valid
-        return LPSolution(self.safe_bound(c, np.zeros(self.enc.n_rows)), np.nan, None, str(status))
+        # anything else (a time limit too): the box bound (y = 0) is always valid; y has one entry per
+        # row of the model, side rows included (the encoding's count missed them)
+        return LPSolution(self.safe_bound(c, np.zeros(len(self.row_lo))), np.nan, None, str(status))
 
     def safe_bound(self, c: Array, y: Array) -> float:
         """Sound upper bound on c.v over {row_lo <= A v <= row_hi, col_lo <= v <= col_hi} from any y."""

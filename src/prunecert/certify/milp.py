@@ -46,6 +46,7 @@ from prunecert.core.rounding import TINY, gamma
 from prunecert.errors import ConfigError, RegionError
 from prunecert.network import Flatten
 from prunecert.progress import stage_line
+from prunecert.stage_budgets import MILP_SECONDS
 
 SAFETY = 10.0  # multiplies the tolerance margin (see PairMILP.tolerance_margin)
 
@@ -164,7 +165,7 @@ class PairMILP:
             out[cols_l] = c[cols_m]
         return out
 
-    def solve(self, objective: LinearObjective, time_limit: float = 60.0) -> MaxResult:
+    def solve(self, objective: LinearObjective, time_limit: float = MILP_SECONDS) -> MaxResult:
         """max of the objective over the box: reached value, sound upper bound, point, status."""
         start = time.perf_counter()
         c = self.objective_vector(objective)
@@ -194,7 +195,7 @@ class PairMILP:
         flat = np.asarray(v, dtype=np.float64).reshape(-1)
         return np.clip(flat, self.lo.reshape(-1), self.hi.reshape(-1)).reshape(self.pair.input_shape)
 
-    def maximize(self, objective: LinearObjective, time_limit: float = 60.0
+    def maximize(self, objective: LinearObjective, time_limit: float = MILP_SECONDS
                  ) -> tuple[float, Array | None, str, float]:
         """(value reached, x, status, gap = sound upper bound - value): the attack interface."""
         r = self.solve(objective, time_limit)
@@ -294,7 +295,7 @@ def _out_of_time(status: str) -> bool:
 
 
 @boxes_or_batch
-def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0,
+def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = MILP_SECONDS,
                 layers: Iterable[int] | None = None, local: bool = True,
                 max_abs_only: bool = False, tighten_time_limit: float | None = None,
                 progress: bool = False, witness: WitnessFactory | None = None) -> PairBounds:
@@ -307,7 +308,7 @@ def milp_bounds(pair: Pair, region: RegionBatch, time_limit: float = 60.0,
     checks every optimum (see `PairMILP`); without it only the solver's own point does.
     """
     if time_limit is None:
-        time_limit = 60.0
+        time_limit = MILP_SECONDS
     if time_limit <= 0:
         raise ConfigError(f"milp: time_limit must be > 0 seconds, got {time_limit}")
     check_encodable(pair, "milp", "use diff-linear or crown-diff (they scale to conv nets)")

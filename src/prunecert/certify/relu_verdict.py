@@ -46,6 +46,9 @@ def relu_settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, deadline:
     stats: dict[str, int] = {"nodes": 0, "unstable": len(enc.neurons)}
     gap = -np.inf
     for c in classes:
+        if time.perf_counter() >= deadline:
+            gap = np.inf     # a class not looked at is open
+            break
         rows = [model.add_side_row(np.array([enc.af[last][c], enc.af[last][j]]), np.array([1.0, -1.0]),
                                    prop.margin, np.inf) for j in range(n) if j != c]
         try:
@@ -57,7 +60,8 @@ def relu_settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, deadline:
             return out
         gap = max(gap, out)
     if gap > 0:
-        return Settled("unknown", "time", details={**stats, "gap": float(gap)})
+        # gap: the largest open bound (None: a class or root LP the time limit left unbounded)
+        return Settled("unknown", "time", details={**stats, "gap": float(gap) if np.isfinite(gap) else None})
     return Settled("proved", "relu-bab", details={**stats})
 
 
@@ -76,7 +80,7 @@ def _class_bab(pair: Pair, enc: Encoding, model: HighsModel, prop: ClassProperty
     def bound(j: int, splits: Splits) -> Settled | None:
         apply_splits(enc, model, splits)
         try:
-            sol = model.maximize_lp(unit(enc, enc.ag[last][j], enc.ag[last][c]))
+            sol = model.maximize_lp(unit(enc, enc.ag[last][j], enc.ag[last][c]), deadline - time.perf_counter())
         finally:
             apply_splits(enc, model, splits, undo=True)
         stats["nodes"] += 1
@@ -95,6 +99,8 @@ def _class_bab(pair: Pair, enc: Encoding, model: HighsModel, prop: ClassProperty
         return None
 
     for j in range(n):
+        if time.perf_counter() >= deadline:
+            return np.inf    # out of time before every root was bounded (a large net's LPs)
         if j != c and (found := bound(j, ())) is not None:
             return found
     while heap:

@@ -61,7 +61,8 @@ class CertifyOptions(Options):
              "so.")] = None
     samples: Annotated[int, typer.Option(
         help="Points sampled per region by the counterexample search.")] = CERTIFY_SAMPLES
-    batch_size: Annotated[int, typer.Option(help="Regions bounded at once (one chunk of work).")] = 32
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Regions bounded at once (one chunk of work; default: as many as fit a memory budget, at most 32).")] = None
     seed: Seed = 0
     input_domain: InputDomain = None
     logits: Annotated[Optional[str], typer.Option(

@@ -9,6 +9,8 @@ so pruning, quantisation and fine-tuning are all "how far can g drift from f?".
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +94,18 @@ class Pair:
 
     def layer_pairs(self) -> list[tuple[Layer, Layer]]:
         return list(zip(self.layers_f, self.layers_g))
+
+    def activations_per_input(self) -> int:
+        """Values one input point carries through the pair when every value is kept (autograd, bound
+        state): the input and every op's output (and ReLU output) of f and of g. Memory budgets
+        (attack chunks, certify chunks, evaluation batches) are counted in these."""
+        n = math.prod(self.input_shape)
+        for layers in (self.layers_f, self.layers_g):
+            for layer in layers:
+                n += sum(math.prod(op.out_shape) for op in layer.ops)
+                if layer.relu:
+                    n += math.prod(layer.out_shape)
+        return n
 
     # ------------------------------------------------------------------ concrete evaluation
     def forward_layers(self, x: TensorLike, dtype: torch.dtype = torch.float64

@@ -12,8 +12,9 @@ from prunecert.scale.executor import (
            LocalProcessExecutor,
            WorkerError,
            open_executor,
+           release_memory,
 )
 from prunecert.scale.seeds import chunk_slices, region_generator, region_seed
 
 __all__ = ["Executor", "InProcessExecutor", "LocalProcessExecutor", "WorkerError", "chunk_slices", "open_executor",
-           "region_generator", "region_seed"]
+           "region_generator", "release_memory", "region_seed"]

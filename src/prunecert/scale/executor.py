@@ -21,6 +21,7 @@ window, not by the number of items: a caller that writes each result as it comes
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import shutil
@@ -122,6 +123,18 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
+
+
+def release_memory() -> None:
+    """Hand the heap that freed tensors left behind back to the system (glibc keeps it otherwise: the
+    audit's main process kept 85 MB of its pass over the test data). Once per stage, not per chunk:
+    trimming after every chunk in the workers lowered the vgg-small audit's peak by 0.17 GB (2.04 ->
+    1.87 GB) but cost 14 % more worker CPU (the next chunk faults the pages back in). Nothing happens
+    where glibc's malloc_trim is missing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_shared(fn: Task[T, R], path: str, item: T) -> R:
