@@ -38,7 +38,7 @@ from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.layout import Layout
 from prunecert.certify.relax import DeltaRelax, SideRelax
 from prunecert.certify.rows import (FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, Walk, bound_rows, bound_rows_pair,
-                                    bound_widest, walk_width)
+                                    bound_top_rows, bound_widest, walk_width)
 from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
@@ -154,9 +154,10 @@ class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
     def __init__(self, pair: Pair, region: RegionBatch, ops: list[list[_OpPair]], delta_walks: bool = True,
-                 deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True):
+                 deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True,
+                 all_rows: bool = False):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
-        self.relax_rows = relax_rows
+        self.relax_rows, self.all_rows = relax_rows, all_rows
         self.deadline, self.truncated = deadline, False
         self._checked: float | None = None   # when `stop` last looked at the clock
         self.zero: list[torch.Tensor | None] = []    # per layer: where Delta a_l is structurally 0
@@ -212,6 +213,13 @@ class _Bounder:
         return bound_widest(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
                             self.stop)
 
+    def _top(self, l: int, walk: Walk, prior: Bounds, mask: torch.Tensor) -> Bounds:
+        """`prior` with the bounds that can carry layer l's reported maximum walked (`rows.bound_top_rows`)."""
+        if self.stop() or not bool(mask.any()):
+            return prior
+        return bound_top_rows(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
+                              self.stop)
+
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
         """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
@@ -252,6 +260,9 @@ class _Bounder:
                     still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
                     dd = _meet(dd, self._bounds(l, walk_d, mask & still.reshape(b, n)))
                 dd = self._widest(l, walk_d, dd, mask)    # the layer's reported maximum
+            elif not hidden and not full and not self.relax_rows and not self.all_rows:
+                # a first pass's logits: the reported maximum, which decides the full pass
+                dd = self._top(l, walk_d, _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2], mask)
             else:
                 dd = self._bounds(l, walk_d, mask)
         if local_ctx is not None:
@@ -263,7 +274,7 @@ class _Bounder:
                 return ef.below(form, l)
             assert loc is not None   # `_run` bounds the local deviation whenever it passes local_ctx
             mask = (loc.upper > loc.lower).reshape(b, n)
-            lb = self._bounds(l, walk_local, mask) if full else self._widest(l, walk_local, loc, mask)
+            lb = self._bounds(l, walk_local, mask) if full else self._top(l, walk_local, loc, mask)
         return [f, g, _meet_opt(cd, dd), lb]
 
 
@@ -434,7 +445,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
     first Delta pass)."""
     ops = ops or _op_pairs(pair)
-    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows)
+    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows, all_rows)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b: list[Bounds] = []
