@@ -347,7 +347,7 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
             for i, cut in zip(idx.tolist(), sub.info["truncated"]):
                 truncated[i] = truncated[i] or cut
             optimized = optimized or sub.info.get("optimized", False)
-            out = _overlay(out, idx, sub)
+            out = out.intersect(sub, idx)
     out = out.intersect(floor)
     for l, same in enumerate(crown.info["local_is_delta"]):
         if same:    # two bounds of one quantity
@@ -370,24 +370,6 @@ def _gain(out: PairBounds, crown: PairBounds) -> torch.Tensor:
     """(B,) relative gain of `out` over `crown` on the max |Delta logit| of each region."""
     a, c = out.max_abs_logit_deviation(), crown.max_abs_logit_deviation()
     return torch.where(c > 0, (c - a) / c, torch.zeros_like(c))
-
-
-def _overlay(base: PairBounds, idx: torch.Tensor, part: PairBounds) -> PairBounds:
-    """`base` with the regions `idx` intersected with `part` (bounds of those regions only)."""
-    def put(bs: list[Bounds], ps: list[Bounds]) -> list[Bounds]:
-        out = []
-        for b, p in zip(bs, ps):
-            lo, up = b.lower.clone(), b.upper.clone()
-            lo[idx], up[idx] = torch.maximum(lo[idx], p.lower), torch.minimum(up[idx], p.upper)
-            out.append(Bounds(lo, up))
-        return out
-    margin = base.margin_lower
-    if margin is not None and part.margin_lower is not None:
-        margin = margin.clone()
-        margin[idx] = torch.maximum(margin[idx], part.margin_lower)
-    return PairBounds(put(base.f, part.f), put(base.g, part.g), put(base.delta, part.delta),
-                      put(base.local, part.local), margin, base.info.copy())
-
 
 
 @boxes_or_batch
