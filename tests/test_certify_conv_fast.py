@@ -15,7 +15,7 @@ import prunecert.certify.diff_linear as dl
 from prunecert.certify.backsub import Engine, Form, OpCtx
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.layout import unit_patches
-from prunecert.certify.rows import Selection, bound_rows, bound_top_rows, bound_widest
+from prunecert.certify.rows import Selection, bound_rows, bound_top_rows, bound_widest, walk_width
 from prunecert.core.interval import Bounds
 from prunecert.core.region_batch import RegionBatch
 from prunecert.network import Conv2d
@@ -123,20 +123,24 @@ def _every_row(walk, prior, cand, shape, region, chunk, first, stop=lambda: Fals
 
 
 @settings(max_examples=4, **SLOW)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(["perturb", "prune"]))
-def test_top_rows_report_the_maxima_of_every_row(seed, twin):
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["perturb", "prune"]), st.sampled_from([0, 2000]))
+def test_top_rows_report_the_maxima_of_every_row(seed, twin, full_cost):
     """diff-linear on the wide-layer paths: walking only the bounds that can carry a layer's maximum
     reports the same per-layer max |Delta| and max |local deviation| as walking every row (float64
-    hidden transposes: float32 ones depend on which rows share a walk, within their margin)."""
+    hidden transposes: float32 ones depend on which rows share a walk, within their margin).
+    full_cost 2000: the hidden layers are costly, the logits cheap (as on vgg-small)."""
     rng = np.random.default_rng(seed)
     pair = random_conv_pair(rng, twin=twin, in_shape=(1, 12, 12))
+    logit_cost = 3 * walk_width([op for lf, _ in reversed(pair.layer_pairs()) for op in reversed(lf.ops)])
+    assert 0 < logit_cost <= 2000
     boxes = [random_box(rng, (1, 12, 12)) for _ in range(3)]
     lo, hi = np.stack([b[0] for b in boxes]), np.stack([b[1] for b in boxes])
     amax = lambda b: torch.maximum(b.lower.abs(), b.upper.abs()).flatten(1).max(1).values  # noqa: E731
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dl, "FULL_COST", 0)
+        m.setattr(dl, "FULL_COST", full_cost)
         m.setattr(dl, "TOP_ROWS", 1)
         m.setattr(dl, "FAST_HIDDEN", False)
+        assert not dl._all_cheap(pair)
         top = diff_linear_bounds(pair, lo, hi)
         m.setattr(dl, "bound_top_rows", _every_row)
         every = diff_linear_bounds(pair, lo, hi)

@@ -251,18 +251,21 @@ class _Bounder:
         if not self.delta_walks:
             return [f, g, cd, None]
         full = n * walk_width(self._down(l)) <= FULL_COST
+        # a costly net's first pass: bounds that settle only a reported maximum walk the rows that can carry it
+        frugal = not self.relax_rows and not self.all_rows
         walk_d = lambda lam, lay, idx: self.engines(idx)[2].from_layer(l, Form.rows_of(None, lam, lay))  # noqa: E731
         if not delta_exact:
             mask = (d.upper > d.lower).reshape(b, n)
+            met = _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2]    # what a Delta walk is met with
             if hidden and not full:
-                dd = _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2]
+                dd = met
                 if self.relax_rows:    # a Delta bound feeds the relaxation where f or g is still unstable
                     still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
                     dd = _meet(dd, self._bounds(l, walk_d, mask & still.reshape(b, n)))
-                dd = self._widest(l, walk_d, dd, mask)    # the layer's reported maximum
-            elif not hidden and not full and not self.relax_rows and not self.all_rows:
-                # a first pass's logits: the reported maximum, which decides the full pass
-                dd = self._top(l, walk_d, _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2], mask)
+                # the layer's reported maximum; neuron by neuron: both sides of a wide Delta feed the relaxation
+                dd = self._widest(l, walk_d, dd, mask)
+            elif not hidden and frugal:   # a first pass's logits: the reported maximum, which decides the full pass
+                dd = self._top(l, walk_d, met, mask)
             else:
                 dd = self._bounds(l, walk_d, mask)
         if local_ctx is not None:
@@ -274,7 +277,7 @@ class _Bounder:
                 return ef.below(form, l)
             assert loc is not None   # `_run` bounds the local deviation whenever it passes local_ctx
             mask = (loc.upper > loc.lower).reshape(b, n)
-            lb = self._bounds(l, walk_local, mask) if full else self._top(l, walk_local, loc, mask)
+            lb = self._bounds(l, walk_local, mask) if full and not frugal else self._top(l, walk_local, loc, mask)
         return [f, g, _meet_opt(cd, dd), lb]
 
 

@@ -216,6 +216,8 @@ def bound_top_rows(walk: Walk, prior: Bounds, cand: torch.Tensor, shape: Sequenc
         act = torch.nonzero(active).flatten()
         take = order[act, done:done + k]
         ok = ranked[act, done:done + k] > amax[act].unsqueeze(1)   # a row at or below the maximum cannot raise it
+        width = int(ok.sum(1).max())     # ok is a prefix of each region's rows (ranked descending)
+        take, ok = take[:, :width], ok[:, :width]
         sign = torch.where(take < n, 1.0, -1.0).to(torch.float64) * ok
         idx = None if len(act) == b else act
         res = _walk_signed(walk, take % n, sign, shape, region if idx is None else region.select(act), idx,
