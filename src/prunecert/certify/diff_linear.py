@@ -14,8 +14,9 @@ Then, for the logits: alpha-CROWN-style optimisation of the Delta rows' relaxati
 network for the class c predicted at each region's centre. The result is finally intersected with
 an independent `diff_interval_bounds` run, so it is never looser than diff-interval (or naive).
 On nets with costly layers (conv nets) a first Delta pass leaves out the relaxation rows of (3) and
-the optimisation; only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and
-hidden layers' conv transposes run in float32 with their own margin (`layout.fast_ok`).
+the optimisation, and walks only the bounds that can carry a layer's reported maximum (`rows.py`);
+only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and hidden layers' conv
+transposes run in float32 with their own margin (`layout.fast_ok`).
 Derivations and the rounding argument: docs/theory.md, "Differential linear bounds".
 """
 
@@ -155,9 +156,9 @@ class _Bounder:
 
     def __init__(self, pair: Pair, region: RegionBatch, ops: list[list[_OpPair]], delta_walks: bool = True,
                  deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True,
-                 all_rows: bool = False):
+                 all_rows: bool = False, logits: Sequence[int] | None = None):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
-        self.relax_rows, self.all_rows = relax_rows, all_rows
+        self.relax_rows, self.all_rows, self.logits = relax_rows, all_rows, logits
         self.deadline, self.truncated = deadline, False
         self._checked: float | None = None   # when `stop` last looked at the clock
         self.zero: list[torch.Tensor | None] = []    # per layer: where Delta a_l is structurally 0
@@ -265,6 +266,8 @@ class _Bounder:
                 # the layer's reported maximum; neuron by neuron: both sides of a wide Delta feed the relaxation
                 dd = self._widest(l, walk_d, dd, mask)
             elif not hidden and frugal:   # a first pass's logits: the reported maximum, which decides the full pass
+                if self.logits is not None:
+                    mask = mask & torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.tensor(self.logits), True)
                 dd = self._top(l, walk_d, met, mask)
             else:
                 dd = self._bounds(l, walk_d, mask)
@@ -300,7 +303,8 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
 
 @boxes_or_batch
 def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, iterations: int = 20,
-                       time_limit: float | None = None, all_rows: bool = False) -> PairBounds:
+                       time_limit: float | None = None, all_rows: bool = False,
+                       logits: Sequence[int] | None = None) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
     `region`: the boxes, each intersected with its L2 ball when the batch has balls. `optimize`: tune
@@ -311,10 +315,14 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
     stay) and `info["truncated"]` says so per region. `all_rows`: both slope searches optimise every
     logit row, not only those that can carry the region's largest |Delta| bound (the LP/MILP start
-    from every logit's bounds).
+    from every logit's bounds). `logits`: the logits whose largest |Delta| is reported (certify's
+    tolerance verdict; None: all): on nets with costly layers the first Delta pass walks only the
+    logit bounds that can carry it (the others keep the CROWN pass's), and the full pass is decided on it.
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
+    if logits is not None and not (logits and all(0 <= k < pair.n_classes for k in logits)):
+        raise ConfigError(f"logits must be a non-empty list of indices in 0..{pair.n_classes - 1}, got {list(logits)}")
     deadline = _deadline(time_limit, region.batch)
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact; it
     # runs first so that a time limit counts it, and the walks stop as long again before the limit: a
@@ -338,12 +346,12 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
         out, truncated = crown, [True] * region.batch
     else:
         out = _run(pair, region, True, deadline, optimize=optimize and not costly, iterations=iterations,
-                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly)
+                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly, logits=logits)
         truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
         out = out.intersect(crown)
     optimized = out.info.get("optimized", False)
     if costly:
-        idx = torch.nonzero(_gain(out, crown) > DELTA_GAIN).flatten()
+        idx = torch.nonzero(_gain(out, crown, logits) > DELTA_GAIN).flatten()
         if len(idx) and not _past(deadline):
             sub = _run(pair, region.select(idx), True, deadline, optimize=optimize, iterations=iterations,
                        prior=crown.select(idx), ops=ops, all_rows=all_rows)
@@ -369,9 +377,9 @@ def _all_cheap(pair: Pair) -> bool:
     return True
 
 
-def _gain(out: PairBounds, crown: PairBounds) -> torch.Tensor:
-    """(B,) relative gain of `out` over `crown` on the max |Delta logit| of each region."""
-    a, c = out.max_abs_logit_deviation(), crown.max_abs_logit_deviation()
+def _gain(out: PairBounds, crown: PairBounds, logits: Sequence[int] | None) -> torch.Tensor:
+    """(B,) relative gain of `out` over `crown` on the max |Delta logit| (over `logits`) of each region."""
+    a, c = out.max_abs_logit_deviation(logits), crown.max_abs_logit_deviation(logits)
     return torch.where(c > 0, (c - a) / c, torch.zeros_like(c))
 
 
@@ -422,15 +430,15 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
          iterations: int = 0, prior: PairBounds | None = None, ops: list[list[_OpPair]] | None = None, all_rows: bool = False,
-         diff_iterations: int = 0, relax_rows: bool = True) -> PairBounds:
+         diff_iterations: int = 0, relax_rows: bool = True, logits: Sequence[int] | None = None) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
     taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
     slopes (alpha-CROWN on f - g); both searches optimise the rows `_optimise_where_it_matters` chooses
     (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
-    first Delta pass)."""
+    first Delta pass; its logits' Delta walked where it can carry the max |Delta| over `logits`)."""
     ops = ops or _op_pairs(pair)
-    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows, all_rows)
+    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows, all_rows, logits)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b: list[Bounds] = []

@@ -9,6 +9,8 @@ Back-substitution costs a walk per row, so the bounders start rows only where th
   widest first until no neuron left could raise it (`bound_widest`: the same maximum as walking every
   neuron), plus -- only where diff-linear's first pass found the Delta walk worth it -- the Delta
   rows of neurons still unstable in f or g (a both-stable neuron's Delta relaxation is exact);
+  bounds that feed nothing but that maximum (local deviations; on a costly net's first pass also
+  the logits' Delta, cheap layer or not) one side at a time (`bound_top_rows`);
 - CROWN on f - g comes for free from the f and g walks of the same rows: the f-walk of +e_i plus
   the g-walk of -e_i, added at the network input where the two halves' terms cancel.
 Neurons left out keep their (sound) interval bounds. Regions selecting different numbers of rows
