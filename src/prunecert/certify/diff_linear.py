@@ -221,6 +221,18 @@ class _Bounder:
         return bound_top_rows(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
                               self.stop)
 
+    def _top_of(self, l: int, walk: Walk, prior: Bounds, mask: torch.Tensor) -> Bounds:
+        """`_top` for the maximum over `self.logits` only: the other logits enter as [0, 0] (they
+        cannot raise that maximum) and keep `prior`."""
+        assert self.logits is not None
+        b = self.region.batch
+        keep = torch.zeros(math.prod(prior.lower.shape[1:]), dtype=torch.bool)
+        keep[list(self.logits)] = True
+        lo, up = prior.lower.reshape(b, -1), prior.upper.reshape(b, -1)
+        sub = self._top(l, walk, Bounds(lo.masked_fill(~keep, 0.0), up.masked_fill(~keep, 0.0)), mask & keep)
+        return Bounds(torch.where(keep, sub.lower.reshape(b, -1), lo).reshape(prior.lower.shape),
+                      torch.where(keep, sub.upper.reshape(b, -1), up).reshape(prior.upper.shape))
+
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
         """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
@@ -266,9 +278,7 @@ class _Bounder:
                 # the layer's reported maximum; neuron by neuron: both sides of a wide Delta feed the relaxation
                 dd = self._widest(l, walk_d, dd, mask)
             elif not hidden and frugal:   # a first pass's logits: the reported maximum, which decides the full pass
-                if self.logits is not None:
-                    mask = mask & torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.tensor(self.logits), True)
-                dd = self._top(l, walk_d, met, mask)
+                dd = self._top(l, walk_d, met, mask) if self.logits is None else self._top_of(l, walk_d, met, mask)
             else:
                 dd = self._bounds(l, walk_d, mask)
         if local_ctx is not None:
