@@ -15,7 +15,7 @@ import prunecert.certify.diff_linear as dl
 from prunecert.certify.backsub import Engine, Form, OpCtx
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.layout import unit_patches
-from prunecert.certify.rows import Selection, bound_rows, bound_widest
+from prunecert.certify.rows import Selection, bound_rows, bound_top_rows, bound_widest, walk_width
 from prunecert.core.interval import Bounds
 from prunecert.core.region_batch import RegionBatch
 from prunecert.network import Conv2d
@@ -72,9 +72,12 @@ def _table_walk(lower: torch.Tensor, upper: torch.Tensor, calls: list):
     return walk
 
 
+@pytest.mark.parametrize("widest", [bound_widest, bound_top_rows])
 @settings(max_examples=30, **SLOW)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(1, 8))
-def test_widest_first_settles_the_maximum_of_every_row(seed, batch, first):
+def test_widest_first_settles_the_maximum_of_every_row(widest, seed, batch, first):
+    """Neuron by neuron (`bound_widest`) or bound by bound (`bound_top_rows`): each region's maximum
+    |bound| is that of walking every candidate row, no bound is loosened, no row walked twice."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(5, 60))
     centre = torch.as_tensor(rng.normal(size=(batch, n)))
@@ -85,13 +88,68 @@ def test_widest_first_settles_the_maximum_of_every_row(seed, batch, first):
     cand = torch.as_tensor(rng.random((batch, n)) < 0.8)
     region = RegionBatch(torch.zeros(batch, 1, dtype=torch.float64), torch.ones(batch, 1, dtype=torch.float64))
     calls: list = []
-    got = bound_widest(_table_walk(walked.lower, walked.upper, calls), prior, cand, (n,), region, 7, first)
+    got = widest(_table_walk(walked.lower, walked.upper, calls), prior, cand, (n,), region, 7, first)
     every = Bounds(torch.where(cand, torch.maximum(prior.lower, walked.lower), prior.lower),
                    torch.where(cand, torch.minimum(prior.upper, walked.upper), prior.upper))
     amax = lambda b: torch.maximum(b.lower.abs(), b.upper.abs()).max(1).values  # noqa: E731
     torch.testing.assert_close(amax(got), amax(every), rtol=1e-12, atol=0)   # concretise rounds up an ulp
     assert (got.lower >= prior.lower).all() and (got.upper <= prior.upper).all()
     assert sum(calls) <= 2 * int(cand.sum())
+
+
+def test_top_rows_walk_only_the_bounds_that_carry_the_maximum():
+    """One dominant bound per region (its walk keeps it the largest): one row walked per region."""
+    n = 12
+    lower = -torch.arange(1.0, n + 1, dtype=torch.float64).repeat(2, 1)   # |lower| up to 12 ...
+    upper = torch.full((2, n), 0.5, dtype=torch.float64)
+    upper[1, 3] = 20.0                                                     # ... region 1: an upper bound of 20
+    calls: list = []
+    region = RegionBatch(torch.zeros(2, 1, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64))
+    got = bound_top_rows(_table_walk(lower * 0.99, upper * 0.99, calls), Bounds(lower, upper),
+                         torch.ones(2, n, dtype=torch.bool), (n,), region, 7, 1)
+    assert calls == [2]     # one round: row -e_11 of region 0, +e_3 of region 1
+    assert float(got.lower[0, -1]) == pytest.approx(-11.88) and float(got.upper[1, 3]) == pytest.approx(19.8)
+    assert torch.equal(got.upper[0], upper[0]) and torch.equal(got.lower[1], lower[1])
+
+
+def _every_row(walk, prior, cand, shape, region, chunk, first, stop=lambda: False):
+    """`bound_top_rows`' stand-in walking every candidate row."""
+    b, n = cand.shape
+    sel = Selection.of(cand, n)
+    res = bound_rows(walk, sel, shape, region, chunk, stop)
+    lo = torch.maximum(prior.lower.reshape(b, n), sel.spread(res.lower, -torch.inf, b))
+    up = torch.minimum(prior.upper.reshape(b, n), sel.spread(res.upper, torch.inf, b))
+    return Bounds(lo.reshape(b, *shape), up.reshape(b, *shape))
+
+
+@settings(max_examples=4, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["perturb", "prune"]), st.sampled_from([0, 2000]))
+def test_top_rows_report_the_maxima_of_every_row(seed, twin, full_cost):
+    """diff-linear on the wide-layer paths: walking only the bounds that can carry a layer's maximum
+    reports the same per-layer max |Delta| and max |local deviation| as walking every row (float64
+    hidden transposes: float32 ones depend on which rows share a walk, within their margin).
+    full_cost 2000: the hidden layers are costly, the logits cheap (as on vgg-small)."""
+    rng = np.random.default_rng(seed)
+    pair = random_conv_pair(rng, twin=twin, in_shape=(1, 12, 12))
+    logit_cost = 3 * walk_width([op for lf, _ in reversed(pair.layer_pairs()) for op in reversed(lf.ops)])
+    assert 0 < logit_cost <= 2000
+    boxes = [random_box(rng, (1, 12, 12)) for _ in range(3)]
+    lo, hi = np.stack([b[0] for b in boxes]), np.stack([b[1] for b in boxes])
+    amax = lambda b: torch.maximum(b.lower.abs(), b.upper.abs()).flatten(1).max(1).values  # noqa: E731
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dl, "FULL_COST", full_cost)
+        m.setattr(dl, "TOP_ROWS", 1)
+        m.setattr(dl, "FAST_HIDDEN", False)
+        assert not dl._all_cheap(pair)
+        top, top0 = diff_linear_bounds(pair, lo, hi), diff_linear_bounds(pair, lo, hi, logits=[0])
+        m.setattr(dl, "bound_top_rows", _every_row)
+        every, every0 = diff_linear_bounds(pair, lo, hi), diff_linear_bounds(pair, lo, hi, logits=[0])
+    # a subset of the logits (certify's tolerance verdict over --logits): its maximum, as every row gives
+    # (the full pass is decided on that maximum, so both sides take the subset)
+    torch.testing.assert_close(top0.max_abs_logit_deviation([0]), every0.max_abs_logit_deviation([0]), rtol=1e-12, atol=0)
+    for l in range(pair.n_layers):
+        torch.testing.assert_close(amax(top.delta[l]), amax(every.delta[l]), rtol=1e-12, atol=0)
+        torch.testing.assert_close(amax(top.local[l]), amax(every.local[l]), rtol=1e-12, atol=0)
 
 
 def test_region_groups_walk_what_each_region_selects():

@@ -273,6 +273,9 @@ def test_bad_inputs_raise_one_line_errors():
         diff_linear_bounds(pair, lo, hi, l2=(torch.zeros(1, 3), torch.tensor([-1.0])))
     with pytest.raises(RegionError, match="centres"):
         diff_linear_bounds(pair, lo, hi, l2=(torch.zeros(1, 5), torch.tensor([0.1])))
+    for bad in ([2], [], [-1]):
+        with pytest.raises(ConfigError, match="logits must be"):
+            diff_linear_bounds(pair, lo, hi, logits=bad)
 
 
 # ----------------------------------------------------------------------------- the relaxations

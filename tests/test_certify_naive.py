@@ -137,3 +137,11 @@ def test_pair_bounds_intersect_select_and_concat():
         assert torch.equal(joined.delta[l].upper, db.delta[l].upper) and torch.equal(joined.f[l].lower, db.f[l].lower)
     mag = torch.maximum(db.delta[-1].upper, -db.delta[-1].lower).max(dim=1).values
     assert torch.equal(db.max_abs_logit_deviation(), mag)
+    idx = torch.tensor([1, 3])      # intersecting with bounds of some regions only
+    part = nb.intersect(db.select(idx), idx)
+    for r in range(4):
+        want = db if r in (1, 3) else nb
+        for got, ref in ((part.delta, want.delta), (part.local, want.local), (part.f, want.f), (part.g, want.g)):
+            for l in range(pair.n_layers):
+                assert torch.equal(got[l].lower[r], ref[l].lower[r]) and torch.equal(got[l].upper[r], ref[l].upper[r])
+        assert torch.equal(part.margin_lower[r], both.margin_lower[r] if r in (1, 3) else nb.margin_lower[r])

@@ -14,8 +14,9 @@ Then, for the logits: alpha-CROWN-style optimisation of the Delta rows' relaxati
 network for the class c predicted at each region's centre. The result is finally intersected with
 an independent `diff_interval_bounds` run, so it is never looser than diff-interval (or naive).
 On nets with costly layers (conv nets) a first Delta pass leaves out the relaxation rows of (3) and
-the optimisation; only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and
-hidden layers' conv transposes run in float32 with their own margin (`layout.fast_ok`).
+the optimisation, and walks only the bounds that can carry a layer's reported maximum (`rows.py`);
+only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and hidden layers' conv
+transposes run in float32 with their own margin (`layout.fast_ok`).
 Derivations and the rounding argument: docs/theory.md, "Differential linear bounds".
 """
 
@@ -38,7 +39,7 @@ from prunecert.core.region_batch import RegionBatch, boxes_or_batch
 from prunecert.certify.layout import Layout
 from prunecert.certify.relax import DeltaRelax, SideRelax
 from prunecert.certify.rows import (FULL_COST, ROW_BUDGET, TOP_ROWS, Selection, Walk, bound_rows, bound_rows_pair,
-                                    bound_widest, walk_width)
+                                    bound_top_rows, bound_widest, walk_width)
 from prunecert.certify.result import MethodInfo, PairBounds, meet, sub_bounds
 from prunecert.errors import ConfigError
 from prunecert.network import AffineOp, Conv2d, Flatten, Linear, Scale
@@ -154,9 +155,10 @@ class _Bounder:
     """Per-call state: the engines over the layers processed so far, the regions."""
 
     def __init__(self, pair: Pair, region: RegionBatch, ops: list[list[_OpPair]], delta_walks: bool = True,
-                 deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True):
+                 deadline: float | None = None, prior: PairBounds | None = None, relax_rows: bool = True,
+                 all_rows: bool = False, logits: Sequence[int] | None = None):
         self.pair, self.region, self.ops, self.delta_walks, self.prior = pair, region, ops, delta_walks, prior
-        self.relax_rows = relax_rows
+        self.relax_rows, self.all_rows, self.logits = relax_rows, all_rows, logits
         self.deadline, self.truncated = deadline, False
         self._checked: float | None = None   # when `stop` last looked at the clock
         self.zero: list[torch.Tensor | None] = []    # per layer: where Delta a_l is structurally 0
@@ -212,6 +214,25 @@ class _Bounder:
         return bound_widest(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
                             self.stop)
 
+    def _top(self, l: int, walk: Walk, prior: Bounds, mask: torch.Tensor) -> Bounds:
+        """`prior` with the bounds that can carry layer l's reported maximum walked (`rows.bound_top_rows`)."""
+        if self.stop() or not bool(mask.any()):
+            return prior
+        return bound_top_rows(walk, prior, mask, self.pair.layers_f[l].out_shape, self.region, self.chunk(l), TOP_ROWS,
+                              self.stop)
+
+    def _top_of(self, l: int, walk: Walk, prior: Bounds, mask: torch.Tensor) -> Bounds:
+        """`_top` for the maximum over `self.logits` only: the other logits enter as [0, 0] (they
+        cannot raise that maximum) and keep `prior`."""
+        assert self.logits is not None
+        b = self.region.batch
+        keep = torch.zeros(math.prod(prior.lower.shape[1:]), dtype=torch.bool)
+        keep[list(self.logits)] = True
+        lo, up = prior.lower.reshape(b, -1), prior.upper.reshape(b, -1)
+        sub = self._top(l, walk, Bounds(lo.masked_fill(~keep, 0.0), up.masked_fill(~keep, 0.0)), mask & keep)
+        return Bounds(torch.where(keep, sub.lower.reshape(b, -1), lo).reshape(prior.lower.shape),
+                      torch.where(keep, sub.upper.reshape(b, -1), up).reshape(prior.upper.shape))
+
     def layer(self, l: int, local_ctx: list[OpCtx] | None, cheap: tuple[Bounds, Bounds, Bounds, Bounds | None],
               hidden: bool) -> list[Bounds | None]:
         """Back-substituted bounds of layer l (`rows.py` says which neurons): a^f, a^g, CROWN on
@@ -243,15 +264,21 @@ class _Bounder:
         if not self.delta_walks:
             return [f, g, cd, None]
         full = n * walk_width(self._down(l)) <= FULL_COST
+        # a costly net's first pass: bounds that settle only a reported maximum walk the rows that can carry it
+        frugal = not self.relax_rows and not self.all_rows
         walk_d = lambda lam, lay, idx: self.engines(idx)[2].from_layer(l, Form.rows_of(None, lam, lay))  # noqa: E731
         if not delta_exact:
             mask = (d.upper > d.lower).reshape(b, n)
+            met = _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2]    # what a Delta walk is met with
             if hidden and not full:
-                dd = _refine(_meet(af, f), _meet(ag, g), _meet(d, cd))[2]
+                dd = met
                 if self.relax_rows:    # a Delta bound feeds the relaxation where f or g is still unstable
                     still = _unstable(_meet(af, f)) | _unstable(_meet(ag, g))
                     dd = _meet(dd, self._bounds(l, walk_d, mask & still.reshape(b, n)))
-                dd = self._widest(l, walk_d, dd, mask)    # the layer's reported maximum
+                # the layer's reported maximum; neuron by neuron: both sides of a wide Delta feed the relaxation
+                dd = self._widest(l, walk_d, dd, mask)
+            elif not hidden and frugal:   # a first pass's logits: the reported maximum, which decides the full pass
+                dd = self._top(l, walk_d, met, mask) if self.logits is None else self._top_of(l, walk_d, met, mask)
             else:
                 dd = self._bounds(l, walk_d, mask)
         if local_ctx is not None:
@@ -263,7 +290,7 @@ class _Bounder:
                 return ef.below(form, l)
             assert loc is not None   # `_run` bounds the local deviation whenever it passes local_ctx
             mask = (loc.upper > loc.lower).reshape(b, n)
-            lb = self._bounds(l, walk_local, mask) if full else self._widest(l, walk_local, loc, mask)
+            lb = self._bounds(l, walk_local, mask) if full and not frugal else self._top(l, walk_local, loc, mask)
         return [f, g, _meet_opt(cd, dd), lb]
 
 
@@ -286,7 +313,8 @@ def _meet(a: Bounds, b: Bounds | None) -> Bounds:
 
 @boxes_or_batch
 def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, iterations: int = 20,
-                       time_limit: float | None = None, all_rows: bool = False) -> PairBounds:
+                       time_limit: float | None = None, all_rows: bool = False,
+                       logits: Sequence[int] | None = None) -> PairBounds:
     """Differential linear bounds on every layer's Delta (and local deviation) over a batch of regions.
 
     `region`: the boxes, each intersected with its L2 ball when the batch has balls. `optimize`: tune
@@ -297,10 +325,14 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     seconds per region; past it the remaining back-substitutions are left out (sound interval bounds
     stay) and `info["truncated"]` says so per region. `all_rows`: both slope searches optimise every
     logit row, not only those that can carry the region's largest |Delta| bound (the LP/MILP start
-    from every logit's bounds).
+    from every logit's bounds). `logits`: the logits whose largest |Delta| is reported (certify's
+    tolerance verdict; None: all): on nets with costly layers the first Delta pass walks only the
+    logit bounds that can carry it (the others keep the CROWN pass's), and the full pass is decided on it.
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
+    if logits is not None and not (logits and all(0 <= k < pair.n_classes for k in logits)):
+        raise ConfigError(f"logits must be a non-empty list of indices in 0..{pair.n_classes - 1}, got {list(logits)}")
     deadline = _deadline(time_limit, region.batch)
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact; it
     # runs first so that a time limit counts it, and the walks stop as long again before the limit: a
@@ -324,19 +356,19 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
         out, truncated = crown, [True] * region.batch
     else:
         out = _run(pair, region, True, deadline, optimize=optimize and not costly, iterations=iterations,
-                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly)
+                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly, logits=logits)
         truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
         out = out.intersect(crown)
     optimized = out.info.get("optimized", False)
     if costly:
-        idx = torch.nonzero(_gain(out, crown) > DELTA_GAIN).flatten()
+        idx = torch.nonzero(_gain(out, crown, logits) > DELTA_GAIN).flatten()
         if len(idx) and not _past(deadline):
             sub = _run(pair, region.select(idx), True, deadline, optimize=optimize, iterations=iterations,
                        prior=crown.select(idx), ops=ops, all_rows=all_rows)
             for i, cut in zip(idx.tolist(), sub.info["truncated"]):
                 truncated[i] = truncated[i] or cut
             optimized = optimized or sub.info.get("optimized", False)
-            out = _overlay(out, idx, sub)
+            out = out.intersect(sub, idx)
     out = out.intersect(floor)
     for l, same in enumerate(crown.info["local_is_delta"]):
         if same:    # two bounds of one quantity
@@ -355,28 +387,10 @@ def _all_cheap(pair: Pair) -> bool:
     return True
 
 
-def _gain(out: PairBounds, crown: PairBounds) -> torch.Tensor:
-    """(B,) relative gain of `out` over `crown` on the max |Delta logit| of each region."""
-    a, c = out.max_abs_logit_deviation(), crown.max_abs_logit_deviation()
+def _gain(out: PairBounds, crown: PairBounds, logits: Sequence[int] | None) -> torch.Tensor:
+    """(B,) relative gain of `out` over `crown` on the max |Delta logit| (over `logits`) of each region."""
+    a, c = out.max_abs_logit_deviation(logits), crown.max_abs_logit_deviation(logits)
     return torch.where(c > 0, (c - a) / c, torch.zeros_like(c))
-
-
-def _overlay(base: PairBounds, idx: torch.Tensor, part: PairBounds) -> PairBounds:
-    """`base` with the regions `idx` intersected with `part` (bounds of those regions only)."""
-    def put(bs: list[Bounds], ps: list[Bounds]) -> list[Bounds]:
-        out = []
-        for b, p in zip(bs, ps):
-            lo, up = b.lower.clone(), b.upper.clone()
-            lo[idx], up[idx] = torch.maximum(lo[idx], p.lower), torch.minimum(up[idx], p.upper)
-            out.append(Bounds(lo, up))
-        return out
-    margin = base.margin_lower
-    if margin is not None and part.margin_lower is not None:
-        margin = margin.clone()
-        margin[idx] = torch.maximum(margin[idx], part.margin_lower)
-    return PairBounds(put(base.f, part.f), put(base.g, part.g), put(base.delta, part.delta),
-                      put(base.local, part.local), margin, base.info.copy())
-
 
 
 @boxes_or_batch
@@ -426,15 +440,15 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
          iterations: int = 0, prior: PairBounds | None = None, ops: list[list[_OpPair]] | None = None, all_rows: bool = False,
-         diff_iterations: int = 0, relax_rows: bool = True) -> PairBounds:
+         diff_iterations: int = 0, relax_rows: bool = True, logits: Sequence[int] | None = None) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
     taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
     slopes (alpha-CROWN on f - g); both searches optimise the rows `_optimise_where_it_matters` chooses
     (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
-    first Delta pass)."""
+    first Delta pass; its logits' Delta walked where it can carry the max |Delta| over `logits`)."""
     ops = ops or _op_pairs(pair)
-    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows)
+    st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows, all_rows, logits)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
     f_b: list[Bounds] = []

@@ -104,8 +104,11 @@ class PairBounds:
     def batch(self) -> int:
         return int(self.delta[-1].lower.shape[0])
 
-    def intersect(self, other: PairBounds) -> PairBounds:
-        """Element-wise intersection with another sound result for the same pair and regions."""
+    def intersect(self, other: PairBounds, index: torch.Tensor | None = None) -> PairBounds:
+        """Element-wise intersection with another sound result for the same pair and regions; with
+        `index`, `other` bounds only those regions of this batch (the others keep this result's bounds)."""
+        if index is not None:
+            other = self._placed(other, index)
         if self.margin_lower is None or other.margin_lower is None:
             margin = self.margin_lower if other.margin_lower is None else other.margin_lower
         else:
@@ -115,6 +118,25 @@ class PairBounds:
                           [meet(a, b) for a, b in zip(self.delta, other.delta)],
                           [meet(a, b) for a, b in zip(self.local, other.local)],
                           margin, {**other.info, **self.info})
+
+    def _placed(self, part: PairBounds, index: torch.Tensor) -> PairBounds:
+        """`part` (bounds of the regions `index` of this batch) spread over the batch: infinite bounds
+        elsewhere, and there this result's own agreement margins."""
+        b = self.batch
+
+        def put(ps: list[Bounds]) -> list[Bounds]:
+            out = []
+            for p in ps:
+                lo = p.lower.new_full((b, *p.lower.shape[1:]), -torch.inf)
+                up = p.upper.new_full((b, *p.upper.shape[1:]), torch.inf)
+                lo[index], up[index] = p.lower, p.upper
+                out.append(Bounds(lo, up))
+            return out
+        margin = None
+        if part.margin_lower is not None:
+            margin = self.agreement_margins().clone()
+            margin[index] = part.margin_lower
+        return PairBounds(put(part.f), put(part.g), put(part.delta), put(part.local), margin, part.info.copy())
 
     def select(self, index: slice | torch.Tensor) -> PairBounds:
         """The bounds of a subset of the batch (a slice or an index tensor)."""

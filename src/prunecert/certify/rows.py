@@ -9,6 +9,8 @@ Back-substitution costs a walk per row, so the bounders start rows only where th
   widest first until no neuron left could raise it (`bound_widest`: the same maximum as walking every
   neuron), plus -- only where diff-linear's first pass found the Delta walk worth it -- the Delta
   rows of neurons still unstable in f or g (a both-stable neuron's Delta relaxation is exact);
+  bounds that feed nothing but that maximum (local deviations; on a costly net's first pass also
+  the logits' Delta, cheap layer or not) one side at a time (`bound_top_rows`);
 - CROWN on f - g comes for free from the f and g walks of the same rows: the f-walk of +e_i plus
   the g-walk of -e_i, added at the network input where the two halves' terms cancel.
 Neurons left out keep their (sound) interval bounds. Regions selecting different numbers of rows
@@ -68,9 +70,14 @@ class Selection:
 def unit_rows(idx: torch.Tensor, valid: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, Layout]:
     """Rows [+e_idx; -e_idx] per region ((Ba, k) each): (Ba, 2k, *shape) dense, or 1x1 windows on a
     (C, H, W) level."""
-    neuron = torch.cat([idx, idx], dim=1)
     sign = torch.cat([valid, valid], dim=1).to(torch.float64)
     sign[:, idx.shape[1]:] *= -1
+    return signed_rows(torch.cat([idx, idx], dim=1), sign, shape)
+
+
+def signed_rows(neuron: torch.Tensor, sign: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, Layout]:
+    """Rows sign * e_neuron per region (neuron, sign: (Ba, R); sign 0: a padding row): (Ba, R, *shape)
+    dense, or 1x1 windows on a (C, H, W) level."""
     if len(shape) == 3:
         return unit_patches(neuron, sign, shape)
     rows = torch.zeros(*neuron.shape, math.prod(shape), dtype=torch.float64)
@@ -183,6 +190,59 @@ def bound_widest(walk: Walk, prior: Bounds, cand: torch.Tensor, shape: Sequence[
         walked |= mask
         done, k = done + k, 2 * k
     return Bounds(lo.reshape(b, *shape), up.reshape(b, *shape))
+
+
+def bound_top_rows(walk: Walk, prior: Bounds, cand: torch.Tensor, shape: Sequence[int], region: RegionBatch,
+                   chunk: int, first: int, stop: Callable[[], bool] = lambda: False) -> Bounds:
+    """`bound_widest` one bound at a time, for bounds that feed nothing but the layer's reported
+    maximum: the rows +e_i (neuron i's upper bound) and -e_i (its lower bound) of the candidates are
+    walked in decreasing order of the bound each would tighten, max(upper, -lower) being the neuron's
+    |bound|, in rounds of `first`, 2 `first`, ... rows per region, until no row left could raise the
+    region's maximum. The maximum equals the every-row walk's; typically one side of a few neurons is
+    walked (the other side of a neuron keeps its prior when it cannot carry the maximum)."""
+    b = region.batch
+    lo, up = prior.lower.reshape(b, -1).clone(), prior.upper.reshape(b, -1).clone()
+    n = lo.shape[1]
+    cand2 = torch.cat([cand, cand], dim=1)                  # rows: +e_i (i < n), -e_i (n + i)
+    key = torch.where(cand2, torch.cat([up, -lo], dim=1), torch.full((b, 2 * n), -torch.inf, dtype=lo.dtype))
+    order = key.argsort(dim=1, descending=True, stable=True)
+    ranked = key.gather(1, order)
+    walked = ~cand2                         # rows whose bound is final (not candidates, walked, or no match for it)
+    done, k = 0, max(1, first)
+    while done < 2 * n and not stop():
+        value = torch.cat([up, -lo], dim=1)
+        amax = torch.where(walked, value, torch.zeros_like(value)).max(1).values
+        active = ranked[:, done] > amax
+        if not bool(active.any()):
+            break
+        act = torch.nonzero(active).flatten()
+        take = order[act, done:done + k]
+        ok = ranked[act, done:done + k] > amax[act].unsqueeze(1)   # a row at or below the maximum cannot raise it
+        width = int(ok.sum(1).max())     # ok is a prefix of each region's rows (ranked descending)
+        take, ok = take[:, :width], ok[:, :width]
+        sign = torch.where(take < n, 1.0, -1.0).to(torch.float64) * ok
+        idx = None if len(act) == b else act
+        res = _walk_signed(walk, take % n, sign, shape, region if idx is None else region.select(act), idx,
+                           max(1, 2 * chunk * b // len(act)), stop)
+        got = torch.full((len(act), 2 * n), torch.inf, dtype=torch.float64).scatter_(
+            1, take, torch.where(ok, res, torch.full_like(res, torch.inf)))
+        up[act], lo[act] = torch.minimum(up[act], got[:, :n]), torch.maximum(lo[act], -got[:, n:])
+        walked[act] = walked[act].scatter(1, take, True)
+        done, k = done + k, 2 * k
+    return Bounds(lo.reshape(b, *shape), up.reshape(b, *shape))
+
+
+def _walk_signed(walk: Walk, neuron: torch.Tensor, sign: torch.Tensor, shape: Sequence[int], region: RegionBatch,
+                 idx: torch.Tensor | None, chunk: int, stop: Callable[[], bool]) -> torch.Tensor:
+    """(Ba, R) upper bounds of the rows sign * e_neuron over the regions `idx` (None: all), `chunk` rows
+    at a time; rows not walked once `stop()` says so get +inf."""
+    out = torch.full(neuron.shape, torch.inf, dtype=torch.float64)
+    for a in range(0, neuron.shape[1], chunk):
+        if stop():
+            break
+        lam, lay = signed_rows(neuron[:, a:a + chunk], sign[:, a:a + chunk], shape)
+        out[:, a:a + chunk] = concretise(walk(lam, lay, idx), region)
+    return out
 
 
 def bound_rows_pair(walk_f: Walk, walk_g: Walk, sel: Selection, shape: Sequence[int], region: RegionBatch, chunk: int
