@@ -97,15 +97,6 @@ def _check_tolerance(tolerance: float | None) -> float | None:
     return t
 
 
-def _check_logits(pair: Pair, logits: Sequence[int] | None) -> list[int] | None:
-    if logits is None:
-        return None
-    out = sorted({int(k) for k in logits})
-    if not out or out[0] < 0 or out[-1] >= pair.n_classes:
-        raise ConfigError(f"logits must be indices in 0..{pair.n_classes - 1}, got {list(logits)}")
-    return out
-
-
 def certify(original: Network | Pair | ModelPath, pruned: Network | ModelPath | None,
             regions: Region | Sequence[Region], method: str = "diff-linear", tolerance: float | None = None,
             time_limit: float | None = None, progress: bool = True, seed: int = 0, samples: int = CERTIFY_SAMPLES,
@@ -156,7 +147,7 @@ def certify_stream(original: Network | Pair | ModelPath, pruned: Network | Model
     tolerance = _check_tolerance(tolerance)
     if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
         raise ConfigError(f"time limit must be a finite number of seconds > 0, got {time_limit!r}")
-    checked_logits = _check_logits(pair, logits)
+    checked_logits = pair.checked_logits(logits)
     prop_delta = ClassProperty.delta_top1(delta) if delta is not None else None
     if method == "bab" and complete is None:
         complete = float(time_limit) if time_limit is not None else BAB_SECONDS

@@ -331,8 +331,7 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     """
     if iterations < 0:
         raise ConfigError(f"iterations must be >= 0, got {iterations}")
-    if logits is not None and not (logits and all(0 <= k < pair.n_classes for k in logits)):
-        raise ConfigError(f"logits must be a non-empty list of indices in 0..{pair.n_classes - 1}, got {list(logits)}")
+    logits = pair.checked_logits(logits)
     deadline = _deadline(time_limit, region.batch)
     # the independent ReluDiff pass costs little and makes "never looser than diff-interval" exact; it
     # runs first so that a time limit counts it, and the walks stop as long again before the limit: a

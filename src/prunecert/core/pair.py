@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from prunecert.errors import PairingError
+from prunecert.errors import ConfigError, PairingError
 from prunecert.network import Layer, Network, Op, TensorLike
 
 # attributes (besides kind and shapes) that must agree for two ops to be the same operator
@@ -94,6 +95,16 @@ class Pair:
 
     def layer_pairs(self) -> list[tuple[Layer, Layer]]:
         return list(zip(self.layers_f, self.layers_g))
+
+    def checked_logits(self, logits: Sequence[int] | None) -> list[int] | None:
+        """The chosen logits (certify's --logits, a method's `logits`) sorted without repeats, or None
+        for all; a ConfigError names an empty choice or an index outside 0..n_classes - 1."""
+        if logits is None:
+            return None
+        out = sorted({int(k) for k in logits})
+        if not out or out[0] < 0 or out[-1] >= self.n_classes:
+            raise ConfigError(f"logits must be indices in 0..{self.n_classes - 1}, got {list(logits)}")
+        return out
 
     def activations_per_input(self) -> int:
         """Values one input point carries through the pair when every value is kept (autograd, bound
