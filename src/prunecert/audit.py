@@ -39,7 +39,7 @@ from prunecert.adversarial import attack_many
 from prunecert.adversarial.batching import evaluation_batch
 from prunecert.adversarial.witness import certify_searches
 from prunecert.certify import certify, get_method, make_pair
-from prunecert.certify.chunks import MAX_BATCH
+from prunecert.certify.chunks import executor_items
 from prunecert.certify.result import CertifyResult
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Array, Box, Domain, Region
@@ -390,9 +390,9 @@ def run_audit(plan: AuditPlan) -> tuple[Audit, Network]:
     name = f"certify {len(regions)} regions ({plan.certify_method}"
     name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
     with contextlib.ExitStack() as stack:
-        # small audits (at most MAX_BATCH regions) stay in this process: spawning workers would only cost
+        # small audits stay in this process (`executor_items`): spawning workers would only cost
         executor = stack.enter_context(open_executor(plan.workers, plan.scheduler, plan.threads,
-                                                     n_items=math.ceil(len(regions) / MAX_BATCH)))
+                                                     n_items=executor_items(len(regions))))
         cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
                           seed=plan.seed, samples=plan.samples, complete=plan.complete,
                           time_limit=plan.certify_budget,

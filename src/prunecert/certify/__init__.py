@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from prunecert.certify.chunks import (
-    MAX_BATCH,
     CertifySetup,
     RegionChunk,
     certify_batch_size,
     certify_chunk,
     concat_results,
+    executor_items,
     region_chunks,
 )
 from prunecert.certify.classprop import ClassProperty
@@ -165,10 +165,8 @@ def certify_stream(original: Network | Pair | ModelPath, pruned: Network | Model
     slices = region_chunks(regions, batch_size)
     with contextlib.ExitStack() as stack:
         if executor is None:
-            # runs of at most MAX_BATCH regions stay in this process, as when that was one chunk:
-            # spawning workers (~4 s each at load 4) costs more than a few chunks of work save
             executor = stack.enter_context(open_executor(workers, scheduler, threads,
-                                                         n_items=math.ceil(len(regions) / MAX_BATCH)))
+                                                         n_items=executor_items(len(regions))))
         in_process = isinstance(executor, InProcessExecutor)
         kwargs = registered.arguments({"time_limit": time_limit, "tolerance": tolerance, "seed": seed,
                                        "progress": progress and in_process, "logits": checked_logits},

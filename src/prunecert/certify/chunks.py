@@ -11,6 +11,7 @@ results do not depend on which executor ran them or how many workers it had.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,13 @@ def certify_batch_size(pair: Pair, budget: int = CHUNK_MEMORY) -> int:
     chunks also spread a run over the workers more evenly (41 audit regions were 32 + 9)."""
     per_region = 2 * pair.n_classes * pair.activations_per_input() * BYTES_PER_ROW_VALUE
     return max(1, min(MAX_BATCH, budget // per_region))
+
+
+def executor_items(n_regions: int) -> int:
+    """Work items to open an executor for, for a run of `n_regions` regions: runs of at most MAX_BATCH
+    regions count as one item and so stay in the calling process (spawning workers, ~4 s each at
+    load 4, costs more than a few chunks of work save), whatever the chunk size."""
+    return math.ceil(n_regions / MAX_BATCH)
 
 
 def region_chunks(regions: Sequence[Region], batch_size: int) -> list[slice]:
