@@ -183,7 +183,7 @@ def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, e
     if alpha is not None:
         lower = torch.where(at(side.unstable), lay.split(alpha).clamp(0.0, 1.0), lower)
     pos, neg = rows.clamp_min(0.0), rows.clamp_max(0.0)
-    mu = lay.join(torch.addcmul(pos * at(side.s), neg, lower))
+    mu = lay.join((pos * at(side.s)).addcmul_(neg, lower))    # in place: one fresh row tensor fewer
     bias = lay.dot(lay.join(pos), side.t)
     mag = None
     if exact:
@@ -218,10 +218,10 @@ def relax_delta(rel: DeltaRelax, lam: torch.Tensor, p: DeltaParams, exact: bool,
     # lam^+ x_up + lam^- x_lo, one term exactly 0: the product lam x_up or lam x_lo, one rounding
     rows = sp(lam)
     pos, neg = rows.clamp_min(0.0), rows.clamp_max(0.0)
-    mu_f = lay.join(torch.addcmul(pos * a_up, neg, a_lo))
-    mu_d = lay.join(torch.addcmul(pos * d_up, neg, d_lo))
+    mu_f = lay.join((pos * a_up).addcmul_(neg, a_lo))
+    mu_d = lay.join((pos * d_up).addcmul_(neg, d_lo))
     # lam^+ b_up - lam^- b_lo: the terms of two dot products summed as one (the same error bound)
-    bias = lay.join(torch.addcmul(pos * b_up, neg, b_lo, value=-1.0)).flatten(2).sum(-1)
+    bias = lay.join((pos * b_up).addcmul_(neg, b_lo, value=-1.0)).flatten(2).sum(-1)
     mag = None
     if exact:   # sizes from the per-neuron maxima: upper bounds of the (parameter-dependent) sizes
         mag = _l1(lam) * _default_lines(rel)[6].to(lam.dtype)
