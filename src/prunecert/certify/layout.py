@@ -80,12 +80,11 @@ def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def abs_dot(lay: "Layout", lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, R): sum_i |lam_i| v_i per row for a per-neuron v >= 0 (a magnitude). On windows as the l1
-    norm of lam * v (|lam_i| v_i = |lam_i v_i| in floating point too): no |lam| tensor."""
+    """(B, R): sum_i |lam_i| v_i per row for a per-neuron v >= 0 (a magnitude). On windows as the sum
+    of |lam * v|, taken in place (|lam_i| v_i = |lam_i v_i| in floating point too): no |lam| tensor."""
     if lay.dense:
         return dot(lam.abs(), v)
-    out: torch.Tensor = torch.linalg.vector_norm(lay.split(lam) * lay.read(v).to(lam.dtype), 1, dim=(-3, -2, -1))
-    return out.reshape(out.shape[0], -1)
+    return window_sum((lay.split(lam) * lay.read(v).to(lam.dtype)).abs_())
 
 
 def window_sum(t: torch.Tensor) -> torch.Tensor:

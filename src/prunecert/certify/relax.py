@@ -163,9 +163,9 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def _l1(lam: torch.Tensor) -> torch.Tensor:
-    """(Bl, R): sum_i |lam_i| per row, in one pass."""
-    out: torch.Tensor = torch.linalg.vector_norm(lam.flatten(2), 1, dim=2)
-    return out
+    """(Bl, R): sum_i |lam_i| per row (|.| then a sum: twice as fast as torch's l1 norm, which sums
+    in another order; the margin's slack covers either's rounding)."""
+    return lam.flatten(2).abs().sum(2)
 
 
 def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, exact: bool = True,
@@ -177,7 +177,7 @@ def relax_side(side: SideRelax, lam: torch.Tensor, alpha: torch.Tensor | None, e
     mu_i = lam_i s_i where lam_i >= 0, lam_i lower_i elsewhere: lam^+ s + lam^- lower, one of the two
     terms exactly 0, so one rounding per entry (fused multiply-add or not); on paired windows each
     per-neuron tensor is read once per pair (`Patches.read`). The magnitude is sum_i |mu_i| max(amax) + bias, at
-    least the sum above (slopes are >= 0, intercepts meet only lam^+), from two one-pass reductions."""
+    least the sum above (slopes are >= 0, intercepts meet only lam^+), from two sums."""
     at, rows = lay.read, lay.split(lam)
     lower = at(side.alpha)
     if alpha is not None:
