@@ -80,12 +80,17 @@ def dot(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def abs_dot(lay: "Layout", lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, R): sum_i |lam_i| v_i per row for a per-neuron v >= 0 (a magnitude). On windows as the l1
-    norm of lam * v (|lam_i| v_i = |lam_i v_i| in floating point too): no |lam| tensor."""
+    """(B, R): sum_i |lam_i| v_i per row for a per-neuron v >= 0 (a magnitude). On windows as the sum
+    of |lam * v|, taken in place (|lam_i| v_i = |lam_i v_i| in floating point too): no |lam| tensor."""
     if lay.dense:
         return dot(lam.abs(), v)
-    out: torch.Tensor = torch.linalg.vector_norm((lam * lay.at(v).to(lam.dtype)).flatten(2), 1, dim=2)
-    return out
+    return window_sum((lay.split(lam) * lay.read(v).to(lam.dtype)).abs_())
+
+
+def window_sum(t: torch.Tensor) -> torch.Tensor:
+    """(Bl, R): the sum over each row's window of a tensor shaped like rows on windows, as they are
+    or `split` ((Bl, 2, R/2, C, kh, kw): the pairs' halves in order)."""
+    return t.sum((-3, -2, -1)).reshape(t.shape[0], -1)
 
 
 class Dense:
@@ -109,6 +114,18 @@ class Dense:
 
     def take(self, rows: torch.Tensor) -> "Dense":
         return self
+
+    def split(self, lam: torch.Tensor) -> torch.Tensor:
+        """Rows as `read` broadcasts against them (dense: as they are)."""
+        return lam
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-neuron tensor to combine with `split` rows (dense: `at`)."""
+        return self.at(x)
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        """`split` rows back to (Bl, R, ...)."""
+        return t
 
 
 def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch.Tensor:
@@ -152,6 +169,40 @@ class Patches:
         self.corner, self.size, self.shape = corner, size, tuple(int(s) for s in shape)
         self._idx: torch.Tensor | None = None
         self._pad = 0
+        self._paired: bool | None = None     # `paired`, once known
+        self._half: Patches | None = None    # the first half of the rows (`read` when paired)
+
+    # ------------------------------------------------------------------ rows in pairs
+    def paired(self) -> bool:
+        """Whether rows come as two halves on the same windows: row i and row R/2 + i share a corner
+        (rows [+e_j; -e_j] and everything walked from them), so a per-neuron tensor is read once per pair."""
+        if self._paired is None:
+            r = int(self.corner.shape[1])
+            self._paired = r >= 2 and r % 2 == 0 and torch.equal(self.corner[:, :r // 2], self.corner[:, r // 2:])
+        return self._paired
+
+    def split(self, lam: torch.Tensor) -> torch.Tensor:
+        """Rows (Bl, R, C, kh, kw) as `read` broadcasts against them: (Bl, 2, R/2, C, kh, kw) when
+        paired (a view), else as they are."""
+        if not self.paired():
+            return lam
+        return lam.reshape(lam.shape[0], 2, lam.shape[1] // 2, *lam.shape[2:])
+
+    def read(self, x: torch.Tensor) -> torch.Tensor:
+        """`at` for rows as `split` gives them: when paired, each pair's window read once, (B|1, 1, R/2,
+        C, kh, kw) -- the same values as `at`, at half its cost."""
+        if not self.paired():
+            return self.at(x)
+        if self._half is None:
+            self._half = Patches(self.corner[:, :self.corner.shape[1] // 2], self.size, self.shape)
+        return self._half.at(x).unsqueeze(1)
+
+    def join(self, t: torch.Tensor) -> torch.Tensor:
+        """`split` rows (or any tensor shaped like them, e.g. their products with `read`) back to
+        (Bl, R, C, kh, kw)."""
+        if not self.paired():
+            return t
+        return t.reshape(t.shape[0], -1, *t.shape[3:])
 
     # ------------------------------------------------------------------ reading per-neuron tensors
     def _index(self) -> tuple[torch.Tensor, int]:
@@ -187,7 +238,7 @@ class Patches:
     def dot(self, lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if v.dim() == lam.dim():      # already per row
             return dot(lam, v)
-        return dot(lam, self.at(v))
+        return window_sum(self.split(lam) * self.read(v).to(lam.dtype))
 
     def width(self, shape: Sequence[int]) -> int:
         return shape[0] * self.size[0] * self.size[1]
@@ -203,7 +254,7 @@ class Patches:
         flat = lam.reshape(b * r, *lam.shape[2:])
         k: Sequence[int]   # the kernel's (kh, kw): a torch.Size for a conv, a tuple for pooling
         if isinstance(op, Scale):
-            return lam * self.at(op.scale.to(lam.dtype)), self
+            return self.join(self.split(lam) * self.read(op.scale.to(lam.dtype))), self
         if isinstance(op, Conv2d):
             weight, groups = op.weight.to(lam.dtype), 1
             k = op.weight.shape[2:]
@@ -221,6 +272,7 @@ class Patches:
         size = (int(new.shape[2]), int(new.shape[3]))
         assert size == ((self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1])
         nxt = Patches(corner, size, op.in_shape)
+        nxt._paired = self._paired    # corners map row by row: pairs stay pairs
         # clearing the padding positions and (fast) the exact conversion back to lam's dtype: one pass
         new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(lam.dtype)
         if size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
