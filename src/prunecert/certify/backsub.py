@@ -237,11 +237,13 @@ class Engine:
         return Form(new_f, new_d, bias, err, new_lay)
 
     def _may_run_fast(self, c: OpCtx) -> bool:
-        """Whether the op's transposes may run in float32 (`OpCtx.fast`). Those keep three transposes:
+        """Whether the op's transposes may run in float32: a slope search's walk (`exact` False), or
+        `OpCtx.fast`. Those keep three transposes (a search merged in float32 chose other slopes:
+        LeNet logit bounds up to 9e-6 of their width looser). Float32 steps of exact walks:
         float32 errs relative to the magnitudes, and the two-transpose magnitude |A^f| |lam_f + lam_d|
         + |A^g| |lam_d| is several times |A^f| |lam_f| + |D| |lam_d| where lam_d is large and D small
         (measured on the vgg pair: layer 3's max |Delta| 5e-4 looser, up to 2 % of a bound's width)."""
-        return self.exact and self.fast and c.xsum is not None and isinstance(c.op, (Conv2d, AvgPool2d))
+        return not self.exact or (self.fast and c.xsum is not None and isinstance(c.op, (Conv2d, AvgPool2d)))
 
     def _through_merged(self, c: OpCtx, form: Form) -> Form:
         """`through_op` with two transposes instead of three: A^fT lam_f + D^T lam_d is computed as
