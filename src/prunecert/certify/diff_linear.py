@@ -16,8 +16,7 @@ an independent `diff_interval_bounds` run, so it is never looser than diff-inter
 On nets with costly layers (conv nets) a first Delta pass leaves out the relaxation rows of (3) and
 the optimisation, and walks only the bounds that can carry a layer's reported maximum (`rows.py`);
 only regions where it beats CROWN on f - g by DELTA_GAIN get the full pass, and hidden layers' conv
-transposes run in float32 with their own margin (`layout.fast_ok`). The Delta pass takes the CROWN
-pass's interval steps for the layers whose inputs it left unchanged (`_Chains`).
+transposes run in float32 with their own margin (`layout.fast_ok`).
 Derivations and the rounding argument: docs/theory.md, "Differential linear bounds".
 """
 
