@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pairs import assert_contains, extremes, random_box, random_conv_pair, random_mlp_weights
+from pairs import assert_contains, extremes, random_box, random_mlp_weights
 
 import prunecert.certify.diff_linear as dl
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
@@ -167,38 +167,6 @@ def test_delta_search_leaves_out_rows_its_default_walk_leaves_far_above(monkeypa
     scale = 1e-6 * (1 + runs[float("inf")].upper.abs().max())
     assert (runs[dl.SEARCH_GAP].upper <= runs[0.0].upper + scale).all()
     assert (runs[float("inf")].upper <= runs[dl.SEARCH_GAP].upper + scale).all()
-
-
-@pytest.mark.parametrize("conv", [False, True])
-def test_delta_pass_reuses_unchanged_interval_steps_bit_for_bit(monkeypatch, conv):
-    """diff-linear's Delta pass takes the CROWN pass's interval chain, contexts and local chain for the
-    layers whose inputs are bit-for-bit unchanged (`_Chains`): it does on these pairs, and every bound
-    and margin equals the one computed without reuse."""
-    rng = np.random.default_rng(4)
-    if conv:
-        pair = random_conv_pair(rng, "perturb")
-        lo, hi = (torch.as_tensor(np.stack(x)) for x in zip(*[random_box(rng, pair.input_shape) for _ in range(2)]))
-    else:
-        pair, _ = completed_pair(rng, 4, [12, 10, 8], 4)
-        lo, hi = (torch.as_tensor(np.stack(x)) for x in zip(*[random_box(rng, 4) for _ in range(3)]))
-    used: list[int] = []
-    find = dl._Chains.find_main
-
-    def spy(self, l, key):
-        got = find(self, l, key)
-        if got is not None:
-            used.append(l)
-        return got
-    monkeypatch.setattr(dl._Chains, "find_main", spy)
-    reused = diff_linear_bounds(pair, lo, hi)
-    assert used and 0 in used
-    monkeypatch.setattr(dl._Chains, "find_main", lambda self, l, key: None)
-    monkeypatch.setattr(dl._Chains, "find_local", lambda self, l, hf: None)
-    fresh = diff_linear_bounds(pair, lo, hi)
-    for k in ("f", "g", "delta", "local"):
-        for a, b in zip(getattr(reused, k), getattr(fresh, k)):
-            assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), k
-    assert torch.equal(reused.margin_lower, fresh.margin_lower)
 
 
 def test_dense_backward_skips_zero_rows_with_the_same_products():

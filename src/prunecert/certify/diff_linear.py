@@ -53,36 +53,6 @@ _OpPair = tuple[AffineOp, AffineOp, AffineOp | None]    # f's op, g's op, their 
 _OpInputs = tuple[Bounds, Bounds, Bounds | None]        # bounds on x^f, x^g, Delta x (None: exactly 0)
 
 
-_MainStep = tuple[list[_OpInputs], tuple[Bounds, Bounds, Bounds], "torch.Tensor | None", list[OpCtx], list[OpCtx]]
-_LocalStep = tuple["Bounds | None", "list[OpCtx] | None"]
-
-
-class _Chains:
-    """One pass's interval steps per layer, for a later pass over the same regions (`_run`'s `chains`):
-    a layer whose inputs are bit-for-bit the recorded ones takes the recorded chain, contexts and
-    local-deviation chain instead of computing them again (the Delta pass after the CROWN pass: its
-    inputs differ only above the first layer whose Delta bounds the walks tightened)."""
-
-    def __init__(self) -> None:
-        self.main: list[tuple[tuple[Bounds, Bounds, Bounds | None], _MainStep]] = []
-        self.local: list[tuple[Bounds, _LocalStep] | None] = []
-
-    @staticmethod
-    def _same(a: Bounds | None, b: Bounds | None) -> bool:
-        if a is None or b is None:
-            return a is b
-        return torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
-
-    def find_main(self, l: int, key: tuple[Bounds, Bounds, Bounds | None]) -> _MainStep | None:
-        if l >= len(self.main) or not all(self._same(a, b) for a, b in zip(self.main[l][0], key)):
-            return None
-        return self.main[l][1]
-
-    def find_local(self, l: int, hf: Bounds) -> _LocalStep | None:
-        got = self.local[l] if l < len(self.local) else None
-        return None if got is None or not self._same(got[0], hf) else got[1]
-
-
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
     """The difference op, or None when f's and g's ops are bit-for-bit identical (Delta y = A Delta x)."""
     dop = difference_op(opf, opg)
@@ -379,9 +349,8 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     # (alpha-)CROWN on f - g first (the cheaper pass; it also bounds the agreement margins): its a^f, a^g
     # bounds and its logit Delta are reused below. It is alpha_crown_diff_bounds's very pass (the same
     # rows optimised in the same searches), so the result is never looser than that method per neuron
-    chains = _Chains()
     crown = _run(pair, region, False, deadline, ops=ops, diff_iterations=iterations if optimize else 0,
-                 all_rows=all_rows, chains=chains)
+                 all_rows=all_rows)
     optimize = optimize and iterations > 0
     costly = not _all_cheap(pair)
     # on nets with costly layers, a first Delta pass without relaxation rows or optimisation says
@@ -390,7 +359,7 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
         out, truncated = crown, [True] * region.batch
     else:
         out = _run(pair, region, True, deadline, optimize=optimize and not costly, iterations=iterations,
-                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly, logits=logits, chains=chains)
+                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly, logits=logits)
         truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
         out = out.intersect(crown)
     optimized = out.info.get("optimized", False)
@@ -474,16 +443,13 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
          iterations: int = 0, prior: PairBounds | None = None, ops: list[list[_OpPair]] | None = None, all_rows: bool = False,
-         diff_iterations: int = 0, relax_rows: bool = True, logits: Sequence[int] | None = None,
-         chains: _Chains | None = None) -> PairBounds:
+         diff_iterations: int = 0, relax_rows: bool = True, logits: Sequence[int] | None = None) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
     taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
     slopes (alpha-CROWN on f - g); both searches optimise the rows `_optimise_where_it_matters` chooses
     (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
-    first Delta pass; its logits' Delta walked where it can carry the max |Delta| over `logits`).
-    `chains`: an empty `_Chains` is filled with this pass's interval steps, a filled one (from a pass
-    over the same regions) supplies those whose inputs are unchanged."""
+    first Delta pass; its logits' Delta walked where it can carry the max |Delta| over `logits`)."""
     ops = ops or _op_pairs(pair)
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows, all_rows, logits)
     hf = hg = Bounds(region.lo, region.hi)
@@ -497,20 +463,12 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     local_ctx: list[OpCtx] | None
     loc: Bounds | None
     zero: torch.Tensor | None = None
-    record = chains is not None and not chains.main    # an empty record is filled, a filled one reused
     for l in range(pair.n_layers):
-        key = (hf, hg, dh)
-        found = None if chains is None or record else chains.find_main(l, key)
-        if found is None:
-            inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
-            zero = _zero_delta(ops[l], zero)
-            d = _zero_out(d, zero)
-            cf, cg = _contexts(ops[l], inputs)
-            if chains is not None and record:
-                chains.main.append((key, (inputs, (af, ag, d), zero, cf, cg)))
-        else:
-            inputs, (af, ag, d), zero, cf, cg = found
+        inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
+        zero = _zero_delta(ops[l], zero)
         st.zero.append(zero)
+        d = _zero_out(d, zero)
+        cf, cg = _contexts(ops[l], inputs)
         st.ctx_f.append(cf)
         st.ctx_g.append(cg)
         local_ctx, loc = None, None
@@ -518,15 +476,9 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         # with f's input is g's layer l, so the local deviation is Delta itself (one walk serves both)
         same = l == 0 or (zero_prev := st.zero[l - 1]) is None or bool(zero_prev.all())
         if not same:
-            got = None if chains is None or record else chains.find_local(l, hf)
-            if got is None:
-                linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
-                loc = _zero_out(loc, _zero_delta(ops[l], None))
-                local_ctx = _contexts(ops[l], linputs)[0]
-            else:
-                loc, local_ctx = got
-        if chains is not None and record:
-            chains.local.append(None if same else (hf, (loc, local_ctx)))
+            linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
+            loc = _zero_out(loc, _zero_delta(ops[l], None))
+            local_ctx = _contexts(ops[l], linputs)[0]
         hidden = l < pair.n_layers - 1
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
         af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))
