@@ -129,6 +129,46 @@ def test_alpha_on_chosen_rows_only():
     assert out.upper.shape == (3, n)
 
 
+def test_delta_search_leaves_out_rows_its_default_walk_leaves_far_above(monkeypatch):
+    """The Delta slope search starts from the default-slope walk, so it skips the logit rows whose walk
+    is above the current bound by more than SEARCH_GAP x the region's maximum (`_hopeless`): never
+    searched, exactly those rows (gap 0: every row the walk does not tighten; gap inf: none); the
+    bounds stay sound and within the every-row search's by float32 search rounding only."""
+    rng = np.random.default_rng(7)
+    pair, _ = completed_pair(rng, 4, [12, 10, 8], 5)
+    lo, hi = (torch.as_tensor(np.stack(x)) for x in zip(*[random_box(rng, 4) for _ in range(4)]))
+    found = [extremes(pair, lo[i], hi[i], 200, seed=i, layers=[-1])[-1] for i in range(4)]
+    seen: dict[str, torch.Tensor] = {}
+    searched: list[torch.Tensor] = []
+    hopeless, search = dl._hopeless, dl.optimise_rows
+
+    def spy_hopeless(walk, d):
+        seen["walk"], seen["d"], seen["out"] = walk, d, hopeless(walk, d)
+        return seen["out"]
+    monkeypatch.setattr(dl, "_hopeless", spy_hopeless)
+    monkeypatch.setattr(dl, "optimise_rows", lambda *a: searched.append(a[-1].clone()) or search(*a))
+    runs = {}
+    for gap in (0.0, dl.SEARCH_GAP, float("inf")):
+        searched.clear()
+        monkeypatch.setattr(dl, "SEARCH_GAP", gap)
+        runs[gap] = diff_linear_bounds(pair, lo, hi).delta[-1]
+        walk, d, skip = seen["walk"], seen["d"], seen["out"]
+        ub_walk = torch.cat([walk.upper, -walk.lower], 1)
+        ub = torch.cat([d.upper, -d.lower], 1)
+        top = ub.max(1, keepdim=True).values
+        assert skip.equal(ub_walk - ub > gap * top), gap
+        assert not (torch.stack(searched).any(0) & skip).any() if searched else True, gap
+        for i in range(4):
+            assert_contains(runs[gap].lower[i], runs[gap].upper[i], found[i], f"gap {gap}, region {i}")
+        if gap == 0.0:
+            assert skip.any() and (~skip).any()    # the walk is above the CROWN pass's bound on some rows only
+        if gap == float("inf"):
+            assert not skip.any() and searched
+    scale = 1e-6 * (1 + runs[float("inf")].upper.abs().max())
+    assert (runs[dl.SEARCH_GAP].upper <= runs[0.0].upper + scale).all()
+    assert (runs[float("inf")].upper <= runs[dl.SEARCH_GAP].upper + scale).all()
+
+
 def test_dense_backward_skips_zero_rows_with_the_same_products():
     rng = np.random.default_rng(0)
     op = Linear(rng.normal(size=(30, 50)), rng.normal(size=30))

@@ -5,6 +5,8 @@ in pieces are bit-for-bit the one-call result. Rows on windows (`layout.Patches`
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -12,11 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prunecert.certify.layout as layout
-from prunecert.certify.backsub import bias_dot
-from prunecert.certify.layout import DENSE, Layout, Patches, dense_backward, dot
+from prunecert.certify.backsub import Engine, Form, bias_dot
+from prunecert.certify.diff_interval import difference_op
+from prunecert.certify.diff_linear import _contexts
+from prunecert.certify.layout import DENSE, Layout, Patches, abs_dot, dense_backward, dot
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, quantise_theta, relax_delta, relax_side
 from prunecert.core.interval import Bounds
-from prunecert.network import AvgPool2d, Conv2d
+from prunecert.network import AffineOp, AvgPool2d, Conv2d, Linear
 
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -155,3 +159,81 @@ def test_float64_conv_transposes_in_pieces_are_bit_for_bit(monkeypatch):
     whole = dense_backward(op, lam)
     monkeypatch.setattr(layout, "COLUMN_BUDGET", 4 * 9 * 81 * 2)   # two rows per call
     assert torch.equal(dense_backward(op, lam), whole)
+
+
+
+def _op_pair(rng: np.random.Generator, conv: bool, near: bool) -> tuple[AffineOp, AffineOp]:
+    """f's and g's op: g = f plus a perturbation, tiny when `near` (a distilled twin)."""
+    scale = 1e-6 if near else 0.5
+    if conv:
+        w, b, shape = rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4), (3, 6, 6)
+        return Conv2d(w, b, shape, 1, 1), Conv2d(w + scale * rng.normal(size=w.shape), b + scale * rng.normal(size=4),
+                                                 shape, 1, 1)
+    w, b = rng.normal(size=(7, 9)), rng.normal(size=7)
+    return Linear(w, b), Linear(w + scale * rng.normal(size=w.shape), b + scale * rng.normal(size=7))
+
+
+def _pair_step(rng: np.random.Generator, conv: bool, near: bool, windows: bool):
+    """A pair form over a differing op's output (one region), the op's input magnitudes m_f, m_D, its
+    context (`diff_linear._contexts`), and the form after the step with two and with three transposes."""
+    opf, opg = _op_pair(rng, conv, near)
+    m_f = torch.as_tensor(rng.uniform(0, 2, size=(1, *opf.in_shape)))
+    m_d = torch.as_tensor(rng.uniform(0, 0.1, size=(1, *opf.in_shape)))
+    xf, dx = Bounds(-m_f, m_f), Bounds(-m_d, m_d)
+    ctx = _contexts([(opf, opg, difference_op(opf, opg))], [(xf, xf, dx)])[0][0]
+    lam_f, lay = _rows(rng, opf.out_shape, 1, 3, windows and conv)
+    lam_d = torch.as_tensor(rng.normal(size=lam_f.shape)) * (lam_f != 0)
+    form = Form(lam_f, lam_d, torch.as_tensor(rng.normal(size=(1, 3))), torch.zeros(1, 3, dtype=torch.float64), lay)
+    out = {}
+    for merge in (True, False):
+        engine = Engine([[ctx]], [])
+        engine.merge = merge
+        out[merge] = engine.through_op(ctx, form)
+    return (opf, opg), (m_f, m_d), ctx, form, out
+
+
+def _fractions(t: torch.Tensor) -> np.ndarray:
+    return np.vectorize(Fraction)(t.numpy())
+
+
+@settings(max_examples=25, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_two_transpose_pair_step_is_sound_in_exact_arithmetic(seed, near):
+    """A^fT (lam_f + lam_d) - A^gT lam_d (`Engine._through_merged`, a dense op): for every x^f, Delta x
+    within the op's input magnitudes, the exact old form exceeds the new one (its computed
+    coefficients and bias, evaluated exactly) by at most the error the step added (rational
+    arithmetic; the worst point is a box vertex); and the magnitude it is derived with is covered:
+    gmag >= |A^g| (m_f + m_D) + |b^g| entrywise."""
+    rng = np.random.default_rng(seed)
+    (opf, opg), (m_f, m_d), ctx, form, out = _pair_step(rng, False, near, False)
+    new = out[True]
+    assert not torch.equal(new.lam_f, out[False].lam_f) or near   # a different computation, not the old one
+    wf, wg, bf, bg = (_fractions(t) for t in (opf.weight, opg.weight, opf.bias, opg.bias))
+    lf, ld, mf, md = (_fractions(t) for t in (form.lam_f[0], form.lam_d[0], m_f[0], m_d[0]))
+    nf, nd = _fractions(new.lam_f[0]), _fractions(new.lam_d[0])
+    for r in range(3):
+        # old(x) = lf.(Wf x + bf) + ld.((Wf - Wg) x + Wg dx + bf - bg) + bias; new(x) = nf.x + nd.dx + bias'
+        cf = lf[r] @ wf + ld[r] @ (wf - wg) - nf[r]
+        cd = ld[r] @ wg - nd[r]
+        const = lf[r] @ bf + ld[r] @ (bf - bg) + Fraction(float(form.bias[0, r])) - Fraction(float(new.bias[0, r]))
+        worst = sum(abs(c) * m for c, m in zip(cf, mf)) + sum(abs(c) * m for c, m in zip(cd, md)) + const
+        assert worst <= Fraction(float(new.err[0, r])) - Fraction(float(form.err[0, r])), (seed, r)
+    exact_g = opg.abs_linear(m_f + m_d) + opg.bias.abs()
+    assert (ctx.gmag >= exact_g).all()
+
+
+@settings(max_examples=25, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans())
+def test_two_and_three_transpose_pair_steps_agree_within_their_errors(seed, conv, near, windows):
+    """The two-transpose step and the three-transpose one bound the same real form: at every point
+    their values differ by at most the sum of the errors they added (dense and windowed conv rows,
+    and dense ops); their margins differ by the magnitude terms of docs/theory.md only."""
+    rng = np.random.default_rng(seed)
+    _, (m_f, m_d), ctx, form, out = _pair_step(rng, conv, near, windows)
+    two, three = out[True], out[False]
+    assert two.layout.dense == three.layout.dense
+    lay = two.layout
+    gap = abs_dot(lay, two.lam_f - three.lam_f, m_f[0]) + abs_dot(lay, two.lam_d - three.lam_d, m_d[0])
+    slack = (two.err - form.err) + (three.err - form.err)
+    assert (gap + (two.bias - three.bias).abs() <= slack * (1 + 1e-9)).all()
+    assert torch.equal(two.lam_d, three.lam_d)    # the new lam_d is A^gT lam_d either way

@@ -8,7 +8,8 @@ the relaxations of `relax.py`. The pair recurrence is
 
     Delta y = (A^f - A^g) x^f + A^g Delta x + (b^f - b^g),   y^f = A^f x^f + b^f,
 
-so lam_f . y^f + lam_d . Delta y = (A^fT lam_f + D^T lam_d) . x^f + (A^gT lam_d) . Delta x + const.
+so lam_f . y^f + lam_d . Delta y = (A^fT lam_f + D^T lam_d) . x^f + (A^gT lam_d) . Delta x + const
+(in float64 steps with both terms, A^fT (lam_f + lam_d) - A^gT lam_d: two transposes, not three).
 At the network input Delta x = 0 exactly. `concretise` then maximises the final form over a box (and
 an L2 ball), so every row yields a sound *upper* bound; lower bounds are upper bounds of negated rows.
 
@@ -112,11 +113,22 @@ class OpCtx:
     dmag: torch.Tensor | None = None
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
     xsum: torch.Tensor | None = None   # (B,) >= sum |x|max + sum |Delta x|max; given: convs may run in float32
+    _gmag: torch.Tensor | None = None  # mag + dmag, computed when first needed (`gmag`)
+
+    @property
+    def gmag(self) -> torch.Tensor:
+        """A magnitude of g's op over both inputs: mag + dmag >= |A^g| (|x^f|max + |Delta x|max) + |b^g|
+        (|A^g| <= |A^f| + |D| and |b^g| <= |b^f| + |b^f - b^g| entrywise), rounded up."""
+        if self._gmag is None:
+            assert self.dmag is not None   # a pair op
+            self._gmag = up(self.mag + self.dmag)
+        return self._gmag
 
     def select(self, idx: slice | torch.Tensor) -> "OpCtx":
         """The same op context for a sub-batch of the regions."""
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
-                     self.dx_zero, None if self.xsum is None else self.xsum[idx])
+                     self.dx_zero, None if self.xsum is None else self.xsum[idx],
+                     None if self._gmag is None else self._gmag[idx])
 
     def fast(self, op: AffineOp | None, lam: torch.Tensor) -> bool:
         """Whether op's transpose of coefficients `lam` runs in float32 (`layout.fast_ok`)."""
@@ -160,6 +172,7 @@ class Engine:
     transposes may run in float32 (where the op context allows, `OpCtx.fast`), with their own margin."""
 
     fast = False
+    merge = True   # pair steps through a differing op take two transposes (`_through_merged`), not three
 
     def __init__(self, ctx: list[list[OpCtx]], side: list[SideRelax], delta: list[DeltaRelax] | None = None,
                  exact: bool = True):
@@ -169,7 +182,7 @@ class Engine:
         """The same walk restricted to a sub-batch of the regions (per-region tensors sliced)."""
         out = Engine([[c.select(idx) for c in layer] for layer in self.ctx], [s.select(idx) for s in self.side],
                      None if self.delta is None else [d.select(idx) for d in self.delta], self.exact)
-        out.fast = self.fast
+        out.fast, out.merge = self.fast, self.merge
         return out
 
     # ------------------------------------------------------------------ steps
@@ -181,6 +194,9 @@ class Engine:
 
     def through_op(self, c: OpCtx, form: Form) -> Form:
         lf, ld, lay = form.lam_f, form.lam_d, form.layout
+        if self.merge and lf is not None and ld is not None and c.dop is not None and not c.dx_zero \
+                and not self._may_run_fast(c):
+            return self._through_merged(c, form)
         if isinstance(c.op, Flatten) and c.dop is None:   # a reshape: exact, no bias
             return Form(None if lf is None else dense_backward(c.op, lf),
                         None if ld is None or c.dx_zero else dense_backward(c.op, ld), form.bias, form.err, lay)
@@ -219,6 +235,32 @@ class Engine:
             tiny = fast_n * max(fast_tiny(op) for op in (c.op, c.dop, c.opg) if op is not None) * c.xsum.unsqueeze(1)
             err = up(up(err + margin(fast_mag, backward_terms(c.op) + 2, UNIT_ROUNDOFF_32)) + tiny * (1 + 2.0 ** -40))
         return Form(new_f, new_d, bias, err, new_lay)
+
+    def _may_run_fast(self, c: OpCtx) -> bool:
+        """Whether the op's transposes may run in float32: a slope search's walk (`exact` False), or
+        `OpCtx.fast`. Those keep three transposes (a search merged in float32 chose other slopes:
+        LeNet logit bounds up to 9e-6 of their width looser). Float32 steps of exact walks:
+        float32 errs relative to the magnitudes, and the two-transpose magnitude |A^f| |lam_f + lam_d|
+        + |A^g| |lam_d| is several times |A^f| |lam_f| + |D| |lam_d| where lam_d is large and D small
+        (measured on the vgg pair: layer 3's max |Delta| 5e-4 looser, up to 2 % of a bound's width)."""
+        return not self.exact or (self.fast and c.xsum is not None and isinstance(c.op, (Conv2d, AvgPool2d)))
+
+    def _through_merged(self, c: OpCtx, form: Form) -> Form:
+        """`through_op` with two transposes instead of three: A^fT lam_f + D^T lam_d is computed as
+        A^fT (lam_f + lam_d) - A^gT lam_d, the second product being the new lam_d itself (the same
+        real number: D = A^f - A^g). The rounding magnitude becomes |lam_f + lam_d| . mag +
+        |lam_d| . gmag (docs/theory.md, "Rounding"); the bias lam_f . b^f + lam_d . (b^f - b^g)
+        likewise as (lam_f + lam_d) . b^f - lam_d . b^g."""
+        lf, ld, lay = form.lam_f, form.lam_d, form.layout
+        assert lf is not None and ld is not None and c.opg is not None
+        s = lf + ld
+        p, new_lay = lay.backward(c.op, s)
+        new_d, _ = lay.backward(c.opg, ld)
+        bias = self._acc(self._acc(form.bias, bias_dot(lay, s, c.op)), -bias_dot(lay, ld, c.opg))
+        err = form.err
+        if self.exact:
+            err = up(err + margin(abs_dot(lay, s, c.mag) + abs_dot(lay, ld, c.gmag), c.count))
+        return Form(p - new_d, new_d, bias, err, new_lay)
 
     def _acc(self, bias: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         """bias + term, rounded upward when exact (the term's own error is in the magnitudes)."""
