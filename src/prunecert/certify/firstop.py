@@ -203,6 +203,18 @@ def plus_terms(left: Sequence[Term], right: Sequence[Term], lay: Layout, err: to
     return tuple(out), err
 
 
+def _abs_dots(lay: Layout, lam: torch.Tensor, mag: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(B, R, 2): |lam| . mag and |lam| . a (dense rows: one pass over |lam|)."""
+    if not lay.dense:
+        return torch.stack([abs_dot(lay, lam, mag), abs_dot(lay, lam, a)], dim=-1)
+    flat = lam.abs().flatten(2)
+    both = torch.stack([mag.flatten(1), a.flatten(1)], dim=2).to(lam.dtype)     # (B, n, 2)
+    if flat.shape[0] == 1:
+        b, n, _ = both.shape
+        return (flat[0] @ both.permute(1, 0, 2).reshape(n, 2 * b)).reshape(-1, b, 2).permute(1, 0, 2)
+    return torch.bmm(flat, both)
+
+
 def _fits32(op: "Linear | Conv2d", lam: torch.Tensor) -> bool:
     """Whether op's transpose of `lam` stays far from float32 overflow (`_weights` checked the weights)."""
     lo, hi = torch.aminmax(lam)
@@ -246,13 +258,13 @@ def concretise_terms(terms: Sequence[Term], lay: Layout, bias: torch.Tensor, err
     floor = FLOAT32_TINY if fast else FLOAT64_TINY
     for p in parts:
         centre = centre + lay.dot(p.lam, p.s)
-        mc = mc + abs_dot(lay, p.lam, p.mag)
-        ma = ma + abs_dot(lay, p.lam, p.a)
+        sizes = _abs_dots(lay, p.lam, p.mag, p.a)
+        mc, ma = mc + sizes[..., 0], ma + sizes[..., 1]
         part, new_lay = lay.backward(p.op, p.lam.to(dtype))
         y = part if y is None else y + part
         # an entry sums at most k products, and only the row's non-zero coefficients give non-zero
         # ones (adding an exact zero is exact): the rounding count is min(k, non-zeros) + 2
-        nonzero = p.lam.ne(0).flatten(2).sum(-1).to(err.dtype)
+        nonzero = torch.count_nonzero(p.lam.flatten(2), dim=2).to(err.dtype)
         terms_row = torch.maximum(terms_row, nonzero.clamp_max(backward_terms(p.op)) + p.extra)
         fan = max(fan, p.op.fan_in + p.extra)
         tiny += floor * (2 * _weights(p.op)[1] + 4 * backward_terms(p.op) + 1)
