@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from prunecert.certify.backsub import OpCtx
 
 FAST_FIRST = True        # False: the first op is walked like the others (float64 transposes), for comparisons
-FAST_LOGITS = False      # the logits' rows (the reported bounds) take float64 transposes there too
+FAST_LOGITS = True       # the logits' rows (the reported bounds) too (False: float64 transposes there)
 FIRST_RANGE = 2.0 ** 60  # coefficients at least this large take float64 transposes (no float32 overflow)
 RADIUS_RANGE = 2.0 ** 40  # boxes this wide or wider keep the float64 walk
 FLOAT64_TINY = 2.0 ** -1022
