@@ -1,7 +1,8 @@
 """The network's first op in float32, its rounding error measured against the input box's radius.
 
 Every exact walk ends at the op y = A x + b that acts on the network input x (layer 0's first Linear
-or Conv2d, after reshapes). Over a box [c - r, c + r] a row's contribution splits as
+or Conv2d, after reshapes and input normalisation: x ranges over a box). Over a box [c - r, c + r]
+a row's contribution splits as
 
     lam . (A x + b) = lam . s + (A^T lam) . (x - c) <= lam . s + |A^T lam| . r,    s = A c + b,
 
@@ -125,14 +126,15 @@ def _centre_parts(op: "Linear | Conv2d", c: torch.Tensor, r: torch.Tensor) -> tu
 
 def attach_first(cf: "Sequence[OpCtx]", cg: "Sequence[OpCtx]", inputs: Sequence[Bounds]) -> None:
     """Give layer 0's op contexts (f's walk with the difference ops, g's walk) the per-region data of
-    the op acting on the network input, where the float32 split applies: the ops before it are
-    reshapes, it is a Linear or Conv2d whose (and g's, and the difference op's) weights float32
-    represents without flushing or overflow, and the box is not huge. `inputs`: the bounds on each
-    op's input (layer 0: the boxes, reshaped). Regions with L2 balls: the caller does not attach."""
+    the first Linear or Conv2d, where the float32 split applies: the ops before it are reshapes or
+    elementwise affine maps (input normalisation) the same in f and g, so its input ranges over a box
+    (their interval bounds, `inputs[i]`, which cover it) with Delta = 0; its (and g's, and the
+    difference op's) weights float32 represents without flushing or overflow; the box is not huge.
+    `inputs`: the bounds on each op's input. Regions with L2 balls: the caller does not attach."""
     if not FAST_FIRST:
         return
-    i = next((k for k, c in enumerate(cf) if not isinstance(c.op, Flatten)), None)
-    if i is None:
+    i = next((k for k, c in enumerate(cf) if not isinstance(c.op, (Flatten, Scale))), None)
+    if i is None or not cf[i].dx_zero:    # ops below it that differ in f and g: Delta of its input is not 0
         return
     f, g = cf[i], cg[i]
     ops = [f.op, g.op] + ([f.dop] if f.dop is not None else [])
