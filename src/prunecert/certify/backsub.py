@@ -11,6 +11,8 @@ the relaxations of `relax.py`. The pair recurrence is
 so lam_f . y^f + lam_d . Delta y = (A^fT lam_f + D^T lam_d) . x^f + (A^gT lam_d) . Delta x + const.
 At the network input Delta x = 0 exactly. `concretise` then maximises the final form over a box (and
 an L2 ball), so every row yields a sound *upper* bound; lower bounds are upper bounds of negated rows.
+Over boxes, exact walks stop above the first Linear/Conv2d on the input and `concretise` splits it
+into a float64 centre part and a float32 radius part (`firstop.py`).
 
 Rounding (docs/theory.md, "Differential linear bounds"): each computed coefficient differs from the
 exact transpose/relaxation of the previous (computed) one by at most gamma_k times a magnitude we
