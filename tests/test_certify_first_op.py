@@ -121,6 +121,28 @@ def test_split_bound_contains_the_exact_value(seed, conv, twin, windows, zeros):
     assert (got >= truth + slack).all()
 
 
+@settings(max_examples=40, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.5, 0.95]))
+def test_transposes_within_their_error_bound(seed, conv, twin, windows, zeros):
+    """sum_j |y*_j - y^_j| r_j of the float32 transposes (against long double) never exceeds
+    `firstop.transpose`'s bound, and exceeds what gamma^64 in its place would give on some rows."""
+    opf, dop, cf, box, lam_f, lam_d, lay = _setup(seed, conv, twin, windows and conv, zeros)
+    first = cf.first
+    parts = first.parts(lam_f, lam_d)
+    ma = sum(fo._abs_dots(lay, p.lam, p.mag, p.a)[..., 1] for p in parts)
+    y, new_lay, bound, _ = fo.transpose(parts, lay, ma, first.rsum, fast=True)
+    assert y.dtype == torch.float32
+    y = (y if new_lay.dense else new_lay.to_dense(y)).flatten(2).numpy().astype(np.longdouble)
+    exact = 0.0
+    for p in parts:
+        dense = p.lam if lay.dense else lay.to_dense(p.lam)
+        exact = exact + dense.flatten(2).numpy().astype(np.longdouble) @ _dense(p.op).astype(np.longdouble)
+    r = centre_radius(box)[1].flatten(1).numpy().astype(np.longdouble)
+    seen = torch.as_tensor(np.einsum("bri,bi->br", np.abs(exact - y), r).astype(np.float64)) * (1 + 1e-15)
+    assert (seen <= bound).all()
+    assert (seen[ma > 0] > 1e-12 * ma[ma > 0]).any() or not bool((ma > 1e-30).any())   # gamma^64_4000 < 1e-12
+
+
 def test_the_float32_error_is_real():
     """Rows whose float32 radius part, without its margin, falls below the exact value by more than a
     float64 margin could cover: the float32 margins (the transposes' and the radius sum's) are what

@@ -98,7 +98,7 @@ class FirstOp:
     def parts(self, lam_f: torch.Tensor | None, lam_d: torch.Tensor | None) -> list["_Part"]:
         """(op, lam, s, mag, a, extra roundings) for each op with coefficients; the difference op's
         weights fl(W^f - W^g) are one rounding off W^f - W^g (counted as two more terms)."""
-        out = []
+        out: list[_Part] = []
         if lam_f is not None:
             out.append(_Part(self.op, lam_f, self.s, self.mag, self.a, 0))
         if lam_d is not None and self.dop is not None:
@@ -240,6 +240,34 @@ def _radius_up(y: torch.Tensor, lay: Layout, r32: torch.Tensor) -> torch.Tensor:
     return _up(_up(total + n * 2.0 ** -125) * (1 + 2 * gamma(b + 2, UNIT_ROUNDOFF_32)))
 
 
+def transpose(parts: Sequence[_Part], lay: Layout, ma: torch.Tensor, rsum: torch.Tensor, fast: bool
+              ) -> tuple[torch.Tensor, Layout, torch.Tensor, int]:
+    """y^ = sum_p A_p^T lam_p (float32 transposes when `fast`, else float64), its layout, a (B, R) bound
+    e >= sum_j |y*_j - y^_j| r_j against the exact y* for any r <= r32 with sum r <= rsum (`ma` >=
+    sum_p |lam_p| . (|A_p| r)), and the largest rounding count K used."""
+    dtype = torch.float32 if fast else torch.float64
+    unit = UNIT_ROUNDOFF_32 if fast else UNIT_ROUNDOFF
+    floor = FLOAT32_TINY if fast else FLOAT64_TINY
+    y: torch.Tensor | None = None
+    new_lay: Layout = lay
+    terms_row = torch.zeros_like(ma)   # per row: most products in one entry of a transpose (+ extra roundings)
+    tiny = 0.0
+    for p in parts:
+        part, new_lay = lay.backward(p.op, p.lam.to(dtype))
+        y = part if y is None else y + part
+        # an entry sums at most k products, and only the row's non-zero coefficients give non-zero
+        # ones (adding an exact zero is exact): the rounding count is min(k, non-zeros) + 2
+        nonzero = torch.count_nonzero(p.lam.flatten(2), dim=2).to(ma.dtype)
+        terms_row = torch.maximum(terms_row, nonzero.clamp_max(backward_terms(p.op)) + p.extra)
+        tiny += floor * (2 * _weights(p.op)[1] + 4 * backward_terms(p.op) + 1)
+    assert y is not None
+    k_row = terms_row + 2 * len(parts) + 2    # lam and W rounded to float32, the parts' sums
+    # |A^T lam - y^| . r <= gamma_K |lam| . (|A| r) + tiny sum r (docs/theory.md)
+    nu = k_row * unit
+    err = _up(ma * (nu / (1 - nu)) * (1 + 8 * UNIT_ROUNDOFF) + tiny * rsum.unsqueeze(1) + TINY)
+    return y, new_lay, err, int(k_row.max())
+
+
 def concretise_terms(terms: Sequence[Term], lay: Layout, bias: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
     """(B, R) sound upper bounds over each box of sum_terms + bias (+ err): the centre parts
     lam . s in float64, the radius part |sum_i A_i^T lam_i| . r from float32 transposes (float64
@@ -249,38 +277,17 @@ def concretise_terms(terms: Sequence[Term], lay: Layout, bias: torch.Tensor, err
     if not parts:
         return _up(bias + err).expand(first.s.shape[0], bias.shape[1])
     fast = all(t.fast for t in terms) and all(_fits32(p.op, p.lam) for p in parts)
-    dtype = torch.float32 if fast else torch.float64
     centre = mc = ma = torch.zeros_like(err)
-    y: torch.Tensor | None = None
-    new_lay: Layout = lay
-    fan = 0
-    terms_row = torch.zeros_like(err)   # per row: most products in one entry of a transpose (+ extra roundings)
-    tiny = 0.0
-    unit = UNIT_ROUNDOFF_32 if fast else UNIT_ROUNDOFF
-    floor = FLOAT32_TINY if fast else FLOAT64_TINY
     for p in parts:
         centre = centre + lay.dot(p.lam, p.s)
         sizes = _abs_dots(lay, p.lam, p.mag, p.a)
         mc, ma = mc + sizes[..., 0], ma + sizes[..., 1]
-        part, new_lay = lay.backward(p.op, p.lam.to(dtype))
-        y = part if y is None else y + part
-        # an entry sums at most k products, and only the row's non-zero coefficients give non-zero
-        # ones (adding an exact zero is exact): the rounding count is min(k, non-zeros) + 2
-        nonzero = torch.count_nonzero(p.lam.flatten(2), dim=2).to(err.dtype)
-        terms_row = torch.maximum(terms_row, nonzero.clamp_max(backward_terms(p.op)) + p.extra)
-        fan = max(fan, p.op.fan_in + p.extra)
-        tiny += floor * (2 * _weights(p.op)[1] + 4 * backward_terms(p.op) + 1)
-    assert y is not None
-    k_row = terms_row + 2 * len(parts) + 2    # lam and W rounded to float32, the parts' sums
-    k = int(k_row.max())
+    y, new_lay, e32, k = transpose(parts, lay, ma, first.rsum, fast)
     radius = _radius_up(y, new_lay, first.r32)
-    # |A^T lam - y| . r <= gamma_{k} |lam| . (|A| r) + tiny sum r (docs/theory.md)
-    nu = k_row * unit
-    e32 = _up(ma * (nu / (1 - nu)) * (1 + 8 * UNIT_ROUNDOFF) + tiny * first.rsum.unsqueeze(1) + TINY)
     # the centre parts: s errs by gamma_{fan+1} (|A| |c| + |b|) <= gamma_{fan+1} mag, the dot products
     # by gamma_n, the sums by one rounding each: all within the final margin on mc
+    fan = max(p.op.fan_in + p.extra for p in parts)
     n = math.prod(parts[0].lam.shape[2:])
     out = centre + radius + e32 + bias + err
     size = mc + radius + e32 + bias.abs() + err
     return _up(out + margin(size, k + fan + n + 8))
-
