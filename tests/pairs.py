@@ -85,8 +85,9 @@ def random_pair(rng: np.random.Generator, n_in: int = 3, hidden: Sequence[int] =
     return Pair(_mlp(ws, bs, "f"), _mlp(w2, b2, f"g_{twin}"))
 
 
-def random_conv_pair(rng: np.random.Generator, twin: str = "perturb", in_shape=(1, 6, 6)) -> Pair:
-    """A small conv pair: Scale -> Conv(3x3,pad 1) -> ReLU -> AvgPool,Conv(3x3) -> ReLU -> Flatten,Linear."""
+def random_conv_pair(rng: np.random.Generator, twin: str = "perturb", in_shape=(1, 6, 6), norm: bool = True) -> Pair:
+    """A small conv pair: Scale -> Conv(3x3,pad 1) -> ReLU -> AvgPool,Conv(3x3) -> ReLU -> Flatten,Linear
+    (`norm` False: no Scale, the first conv acts on the input itself)."""
     c, h, w = in_shape
     c1, c2, n_out = 3, 2, 3
     k1 = rng.normal(0, 1 / np.sqrt(9 * c), size=(c1, c, 3, 3))
@@ -107,7 +108,7 @@ def random_conv_pair(rng: np.random.Generator, twin: str = "perturb", in_shape=(
         conv2 = Conv2d(ws[1], bs[1], pool.out_shape, name=f"{name}.conv2")
         flat = Flatten(conv2.out_shape)
         lin = Linear(ws[2], bs[2], name=f"{name}.fc")
-        ops = [s, conv1, ReLU(conv1.out_shape), pool, conv2, ReLU(conv2.out_shape), flat, lin]
+        ops = ([s] if norm else []) + [conv1, ReLU(conv1.out_shape), pool, conv2, ReLU(conv2.out_shape), flat, lin]
         return Network(ops, in_shape, 0.0, 1.0, name=name)
 
     return Pair(build(ws, bs, "f"), build(w2, b2, f"g_{twin}"))

@@ -12,6 +12,8 @@ so lam_f . y^f + lam_d . Delta y = (A^fT lam_f + D^T lam_d) . x^f + (A^gT lam_d)
 (in float64 steps with both terms, A^fT (lam_f + lam_d) - A^gT lam_d: two transposes, not three).
 At the network input Delta x = 0 exactly. `concretise` then maximises the final form over a box (and
 an L2 ball), so every row yields a sound *upper* bound; lower bounds are upper bounds of negated rows.
+Over boxes, exact walks stop above the first Linear/Conv2d on the input and `concretise` splits it
+into a float64 centre part and a float32 radius part (`firstop.py`).
 
 Rounding (docs/theory.md, "Differential linear bounds"): each computed coefficient differs from the
 exact transpose/relaxation of the previous (computed) one by at most gamma_k times a magnitude we
@@ -26,25 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from prunecert.certify import firstop
+from prunecert.certify.firstop import FirstOp, Term, backward_terms, concretise_terms, plus_terms
 from prunecert.certify.layout import DENSE, Layout, abs_dot, dense_backward, dot, fast_ok, fast_tiny
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, relax_delta, relax_side
 from prunecert.core.region_batch import RegionBatch
 from prunecert.core.rounding import UNIT_ROUNDOFF_32, gamma, margin
-from prunecert.errors import PairingError
-from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
-
-
-def backward_terms(op: AffineOp) -> int:
-    """Most products summed into one entry of `op.backward` (the transpose's fan-in)."""
-    if isinstance(op, Linear):
-        return int(op.weight.shape[0])
-    if isinstance(op, Conv2d):
-        return int(op.weight.shape[0] * op.weight.shape[2] * op.weight.shape[3])
-    if isinstance(op, AvgPool2d):
-        return op.kernel[0] * op.kernel[1]
-    if isinstance(op, (Flatten, Scale)):
-        return 1
-    raise PairingError(f"back-substitution does not support op kind {op.kind!r}")
+from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten
 
 
 _INF = {dt: torch.tensor(torch.inf, dtype=dt) for dt in (torch.float64, torch.float32)}
@@ -61,6 +51,8 @@ class Form:
 
     `bias` and `err` have shape (Bl, R); Bl is 1 until a per-region relaxation enters the form.
     `layout` says how the coefficients are stored (`layout.py`: dense, or conv-net windows).
+    `first`: a form at the network input whose walk stopped above the op acting on it (`firstop.py`):
+    its value is the terms' plus bias (lam_f, lam_d None).
     """
 
     lam_f: torch.Tensor | None    # (Bl, R, *shape) or (Bl, R, C, kh, kw) windows
@@ -68,6 +60,7 @@ class Form:
     bias: torch.Tensor
     err: torch.Tensor
     layout: Layout = DENSE
+    first: tuple[Term, ...] = ()
 
     @staticmethod
     def rows_of(lam_f: torch.Tensor | None, lam_d: torch.Tensor | None = None, layout: Layout = DENSE) -> "Form":
@@ -79,7 +72,12 @@ class Form:
     def plus(self, other: "Form", region: "RegionBatch") -> "Form":
         """The sum of two forms over the network input, rows stored alike (CROWN on f - g adds the
         f-walk of e_i and the g-walk of -e_i there). Each coefficient sum is one rounding: its error,
-        at most u (|lam| + |lam'|) . max|x| over the region, joins `err`."""
+        at most u (|lam| + |lam'|) . max|x| over the region, joins `err`. Forms stopped above the
+        first op add their terms (`firstop.plus_terms`)."""
+        if self.first or other.first:
+            assert self.first and other.first, "both forms stop above the first op, or neither"
+            terms, err = plus_terms(self.first, other.first, self.layout, up(self.err + other.err))
+            return Form(None, None, up(self.bias + other.bias), err, self.layout, terms)
         assert self.lam_d is None and other.lam_d is None
         assert self.lam_f is not None and other.lam_f is not None
         size = _abs_rc(self.lam_f.abs() + other.lam_f.abs(), self.layout, region)[..., 1]    # (B, R)
@@ -92,7 +90,7 @@ class Form:
             return None if t is None else t[:, rows]
 
         return Form(pick(self.lam_f), pick(self.lam_d), self.bias[:, rows], self.err[:, rows],
-                    self.layout.take(rows))
+                    self.layout.take(rows), tuple(t.take(rows) for t in self.first))
 
     @property
     def rows(self) -> int:
@@ -114,6 +112,7 @@ class OpCtx:
     dx_zero: bool = False    # Delta x = 0 exactly at this op's input (the walk drops lam_d there)
     xsum: torch.Tensor | None = None   # (B,) >= sum |x|max + sum |Delta x|max; given: convs may run in float32
     _gmag: torch.Tensor | None = None  # mag + dmag, computed when first needed (`gmag`)
+    first: FirstOp | None = None       # the op acts on the network input: walks stop above it (`firstop.py`)
 
     @property
     def gmag(self) -> torch.Tensor:
@@ -128,7 +127,8 @@ class OpCtx:
         """The same op context for a sub-batch of the regions."""
         return OpCtx(self.op, self.mag[idx], self.dop, self.opg, None if self.dmag is None else self.dmag[idx],
                      self.dx_zero, None if self.xsum is None else self.xsum[idx],
-                     None if self._gmag is None else self._gmag[idx])
+                     None if self._gmag is None else self._gmag[idx],
+                     None if self.first is None else self.first.select(idx))
 
     def fast(self, op: AffineOp | None, lam: torch.Tensor) -> bool:
         """Whether op's transpose of coefficients `lam` runs in float32 (`layout.fast_ok`)."""
@@ -187,8 +187,14 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
     def through_layer(self, l: int, form: Form, ctx: list[OpCtx] | None = None) -> Form:
-        """From the layer's pre-activation level to its input level, op by op."""
+        """From the layer's pre-activation level to its input level, op by op. An exact walk stops
+        above the op acting on the network input (its context has `first`; the ops below it are
+        reshapes): `concretise` takes that op's centre and radius parts (`firstop.py`)."""
         for c in reversed(ctx if ctx is not None else self.ctx[l]):
+            if c.first is not None and self.exact:
+                assert not form.first   # (Delta x = 0 at the network input: lam_d meets only the difference op)
+                term = Term(c.first, form.lam_f, form.lam_d if c.dop is not None else None, self.fast or firstop.FAST_LOGITS)
+                return Form(None, None, form.bias, form.err, form.layout, (term,))
             form = self.through_op(c, form)
         return form
 
@@ -327,6 +333,9 @@ def concretise(form: Form, region: RegionBatch, exact: bool = True) -> torch.Ten
     With `exact`, each is sound for the exact real value of every row at every point of the region.
     """
     lam, bias, err, lay = form.lam_f, form.bias, form.err, form.layout
+    if form.first:
+        assert exact and region.l2 is None, "only exact walks over boxes stop above the first op"
+        return concretise_terms(form.first, lay, bias, err)
     if lam is None:
         total = (bias + err).expand(region.batch, form.rows)
         return up(total) if exact else total

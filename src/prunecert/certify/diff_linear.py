@@ -31,6 +31,7 @@ import torch
 from prunecert.certify.alpha import optimise_rows
 from prunecert.certify.alpha_diff import optimise_diff_rows
 from prunecert.certify.backsub import Engine, Form, OpCtx, concretise
+from prunecert.certify.firstop import attach_first
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
 from prunecert.core.interval import Bounds
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, margins_from_inputs
@@ -469,6 +470,8 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         st.zero.append(zero)
         d = _zero_out(d, zero)
         cf, cg = _contexts(ops[l], inputs)
+        if l == 0 and region.l2 is None:   # exact walks stop above the op on the input (`firstop.py`)
+            attach_first(cf, cg, [xf for xf, _, _ in inputs])
         st.ctx_f.append(cf)
         st.ctx_g.append(cg)
         local_ctx, loc = None, None
