@@ -96,6 +96,11 @@ class _Memo:
         """`affine_interval(op, x)`."""
         return self.get("interval", op, (x.lower, x.upper), lambda: affine_interval(op, x.lower, x.upper))
 
+    def zero_delta(self, ops: Sequence[_OpPair], zero_in: torch.Tensor | None) -> torch.Tensor | None:
+        """`_zero_delta(ops, zero_in)`."""
+        args = () if zero_in is None else (zero_in,)
+        return self.get("zero" if zero_in is None else "zero-after", ops, args, lambda: _zero_delta(ops, zero_in))
+
     def abs_linear(self, op: AffineOp, x: torch.Tensor) -> torch.Tensor:
         """`op.abs_linear(x)` (|A| x, the magnitudes of the walks' rounding margins)."""
         return self.get("abs_linear", op, (x,), lambda: op.abs_linear(x))
@@ -118,7 +123,7 @@ def _chain(ops: Sequence[_OpPair], xf: Bounds, xg: Bounds, dx: Bounds | None, me
     return inputs, (xf, xg, dx)
 
 
-def _zero_delta(ops: Sequence[_OpPair], zero_in: torch.Tensor | None, memo: _Memo) -> torch.Tensor | None:
+def _zero_delta(ops: Sequence[_OpPair], zero_in: torch.Tensor | None) -> torch.Tensor | None:
     """Where Delta is exactly 0 at the output of a layer's op chain, for every input of the domain: a
     bool tensor of the output shape, or None when it is 0 everywhere. `zero_in`: the same at the
     chain's input (None: everywhere, e.g. the network input).
@@ -128,12 +133,7 @@ def _zero_delta(ops: Sequence[_OpPair], zero_in: torch.Tensor | None, memo: _Mem
     (relu(a) - relu(a) = 0). A completed pruned twin has such neurons: a removed neuron keeps f's
     incoming weights, so its Delta is 0 while its inputs' Deltas are. Tested with non-negative sums
     (|D| 1 + |b_D| and |A^g| [Delta x may be non-zero]), which are 0 in floating point only when every
-    term is. Computed once per call (`memo`)."""
-    args = () if zero_in is None else (zero_in,)
-    return memo.get("zero" if zero_in is None else "zero-after", ops, args, lambda: _zero_chain(ops, zero_in))
-
-
-def _zero_chain(ops: Sequence[_OpPair], zero_in: torch.Tensor | None) -> torch.Tensor | None:
+    term is."""
     z = zero_in
     for opf, opg, dop in ops:
         if z is None and dop is None:
@@ -192,7 +192,7 @@ def _local(ops: Sequence[_OpPair], hf: Bounds, memo: _Memo) -> tuple[Bounds, lis
     op contexts of its walk: functions of f's layer input alone, so computed once per call for each."""
     def compute() -> tuple[Bounds, list[OpCtx]]:
         inputs, (_, _, loc) = _chain(ops, hf, hf, None, memo)
-        return _zero_out(loc, _zero_delta(ops, None, memo)), _contexts(ops, inputs, memo)[0]
+        return _zero_out(loc, memo.zero_delta(ops, None)), _contexts(ops, inputs, memo)[0]
     return memo.get("local", ops, (hf.lower, hf.upper), compute)
 
 
@@ -509,7 +509,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     zero: torch.Tensor | None = None
     for l in range(pair.n_layers):
         inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh, memo)
-        zero = _zero_delta(ops[l], zero, memo)
+        zero = memo.zero_delta(ops[l], zero)
         st.zero.append(zero)
         d = _zero_out(d, zero)
         cf, cg = _contexts(ops[l], inputs, memo)
