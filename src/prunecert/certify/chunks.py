@@ -62,7 +62,7 @@ class RegionChunk:
 
 
 CHUNK_MEMORY = 256 * 2**20   # bytes of per-region bound state one chunk may hold (10 vgg-small regions)
-BYTES_PER_ACTIVATION = 192   # per region and activation of the pair: measured 120-170 on vgg-small
+BYTES_PER_ACTIVATION = 192   # per region and activation of the pair: measured 140-190 on vgg-small
 MAX_BATCH = 32               # regions per chunk at most: small nets batch this many (as before the budget)
 
 
