@@ -197,22 +197,22 @@ import resource, sys, torch
 if sys.argv[1] == "keep":
     from prunecert.scale import keep_freed_memory
     keep_freed_memory()
-for i in range(2):
-    if i == 1:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2 ** 23, dtype=torch.float64)     # 64 MB, written, then freed
+torch.ones(2 ** 23, dtype=torch.float64)             # 64 MB, written, then freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(6 * 2 ** 20, dtype=torch.float64)         # 48 MB
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
 def test_kept_heap_serves_the_next_large_tensor_without_fresh_pages():
-    """With `keep_freed_memory` a freed 64 MB tensor's heap serves the next one (no page faults);
-    with glibc's defaults each gets fresh mmap'd pages (16384 faults of 4 KB)."""
+    """With `keep_freed_memory` the heap a freed 64 MB tensor leaves serves the next, 48 MB one (no
+    page faults); with glibc's defaults it gets fresh mmap'd pages (12288 faults of 4 KB). (A block of
+    the very same size may not fit the freed one: torch's 64-byte alignment asks a little more.)"""
     def faults(variant: str) -> int:
         out = subprocess.run([sys.executable, "-c", _FAULTS, variant], capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
-    assert faults("keep") < 1000 < 8000 < faults("default")
+    assert faults("keep") < 1000 < 6000 < faults("default")
 
 
 def test_keep_freed_memory_is_harmless_without_glibc(monkeypatch):
