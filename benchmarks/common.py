@@ -6,10 +6,14 @@
     EPS                   the radii both benchmarks sweep
 
 Models are cached under benchmarks/.cache/ (git-ignored): built once, then loaded (sha256 checked).
+Importing this module sets the process's allocator up as the `prunecert` command does
+(`prunecert.scale.keep_freed_memory`), so benchmarks measure what users run; PRUNECERT_BENCH_MALLOC=default
+in the environment leaves glibc's defaults (`memory.py` measures both).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +22,10 @@ import torch
 
 from prunecert.io import load_model, save_model, weights_sha256
 from prunecert.network import Network
+from prunecert.scale import keep_freed_memory
+
+if os.environ.get("PRUNECERT_BENCH_MALLOC", "keep") != "default":
+    keep_freed_memory()
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -257,3 +257,19 @@ def test_demo_trains_once_then_uses_the_cache(tmp_path, monkeypatch):
     assert a["reproducibility"]["command"].replace(str(tmp_path / "a"), "OUT") == \
         b["reproducibility"]["command"].replace(str(tmp_path / "b"), "OUT")
     assert "--demo" in a["reproducibility"]["command"] and (tmp_path / "a" / "report.html").is_file()
+
+
+def test_complete_stage_off_where_the_lp_is_too_large(models, tmp_path, monkeypatch):
+    """On a pair whose LP the complete stage cannot branch on (here: a limit of 10 columns), the audit
+    runs its certify stage without it (before, relu-bab built the CNN's whole LP per open region)."""
+    import prunecert.audit
+    import prunecert.certify.formulation as formulation
+    from prunecert.audit import audit
+
+    seen = []
+    real = prunecert.audit.certify
+    monkeypatch.setattr(prunecert.audit, "certify", lambda *a, **k: seen.append(k["complete"]) or real(*a, **k))
+    monkeypatch.setattr(formulation, "MAX_COLUMNS", 10)
+    audit(models["f"], models["g"], out=tmp_path, tolerance=50.0, data="digits", points=1, eps=(0.02,),
+          domain=False, attack_budget=0.05, samples=16, progress=False, complete=5.0)
+    assert seen == [None]

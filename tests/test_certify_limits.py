@@ -15,7 +15,9 @@ import torch
 from pairs import assert_contains, random_box, random_conv_pair, random_pair, sample_deltas
 
 import prunecert.adversarial.api as attack_api
+import prunecert.certify as certify_api
 import prunecert.certify.formulation as formulation
+import prunecert.certify.settle as settle_mod
 from prunecert.adversarial import attack
 from prunecert.certify import Box, certify
 from prunecert.certify import diff_linear
@@ -27,6 +29,7 @@ from prunecert.certify.highs import HighsModel
 from prunecert.certify.lp import initial_bounds, unit
 from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import load_schema
+from prunecert.certify.settle import complete_fits, settle
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch
 from prunecert.errors import ConfigError
@@ -79,6 +82,25 @@ def test_encoded_methods_refuse_oversized_pairs_up_front(conv_case, monkeypatch)
             certify(pair, None, Box(lo, hi), method=method, progress=False)
     with pytest.raises(ConfigError, match="attack --method lp-walk.*apgd"):
         attack(pair, None, Box(lo, hi), method="lp-walk", budget_seconds=1, progress=False)
+
+
+def test_complete_stage_refuses_oversized_pairs_up_front(conv_case, monkeypatch):
+    """The complete stage branches on ReLUs on nets with many inputs; on a pair whose LP is too large
+    (the CNN's 60588 columns) it built that LP for every open region until its budget ran out. Now
+    certify refuses --complete before any chunk is bounded, settle refuses ReLU splits before any
+    sampling, and the audit turns the stage off (`complete_fits`)."""
+    pair, lo, hi = conv_case    # 128 inputs: ReLU splits
+    assert complete_fits(pair)
+    monkeypatch.setattr(formulation, "MAX_COLUMNS", 100)
+    assert not complete_fits(pair)
+    monkeypatch.setattr(certify_api, "certify_chunk", lambda *a: pytest.fail("a chunk was bounded"))
+    with pytest.raises(ConfigError, match="--complete.*columns.*limit 100.*leave out --complete"):
+        certify(pair, None, Box(lo, hi), method="diff-linear", complete=5, progress=False)
+    monkeypatch.setattr(settle_mod, "_sampled", lambda *a: pytest.fail("settle sampled"))
+    with pytest.raises(ConfigError, match="ReLU branch and bound.*columns"):
+        settle(pair, lo, hi, ClassProperty.agreement(), 5.0)
+    few = random_pair(np.random.default_rng(1), 3, (6, 5), 3, "perturb")   # input splits need no LP
+    assert complete_fits(few)
 
 
 def test_auto_attack_keeps_gradient_results_without_lp(conv_case, monkeypatch):
@@ -142,7 +164,7 @@ def test_certify_chunks_follow_the_memory_budget():
     assert certify_batch_size(small) == MAX_BATCH
     assert certify_batch_size(small, budget=1) == 1   # a region always fits, alone
     vgg = Pair(*(network_from_module(small_vgg((1, 28, 28), 10), (1, 28, 28)) for _ in range(2)))
-    assert certify_batch_size(vgg) == 2               # its slope searches: ~0.12 GB per region
+    assert certify_batch_size(vgg) == 10              # its bound state: ~27 MB per region
 
 
 def test_an_lp_stopped_by_its_time_limit_gives_the_box_bound_with_side_rows():

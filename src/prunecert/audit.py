@@ -41,6 +41,7 @@ from prunecert.adversarial.witness import certify_searches
 from prunecert.certify import certify, get_method, make_pair
 from prunecert.certify.chunks import executor_items
 from prunecert.certify.result import CertifyResult
+from prunecert.certify.settle import complete_fits
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Array, Box, Domain, Region
 from prunecert.data import Dataset, load_dataset
@@ -144,7 +145,8 @@ def plan_audit(original: Network | str | os.PathLike[str], pruned: Network | str
     `fine_tune` epochs on the data set's training split, which voids the provable bounds).
     `input_domain` (lo, hi) replaces both models' input box (see `prunecert.io.with_input_domain`).
     `complete`: seconds per region for the final stage that settles the top-1 verdicts the bounds
-    leave open (attack, then branch and bound); None or 0 turns it off.
+    leave open (attack, then branch and bound); None or 0 turns it off, and so does a pair whose LP is
+    too large to branch on (`settle.complete_fits`: a CNN; the stage line says so).
     `centers` (e.g. ["mnist5k:test:0-499"]) names the test points instead of a seeded choice of
     `points`, so one audit can be sharded into several and merged (`prunecert merge`). `workers`,
     `scheduler` and `threads` choose where the certify/attack chunks run (see `prunecert.scale`).
@@ -387,14 +389,20 @@ def run_audit(plan: AuditPlan) -> tuple[Audit, Network]:
     regions = _regions(plan, pair)
     data = stages.run("measure on test data", measure_data, pair, plan.dataset.x_test, plan.dataset.y_test)
     release_memory()   # the pass's batches, before the workers start beside this process
+    # a pair too large for the complete stage's branch and bound (a CNN's LP) keeps the bounds' verdicts,
+    # settled further by the attack stage's disagreement search
+    complete = plan.complete if plan.complete and complete_fits(pair) else None
     name = f"certify {len(regions)} regions ({plan.certify_method}"
-    name += f", then complete verdicts <= {plan.complete:g} s per open region)" if plan.complete else ")"
+    if complete:
+        name += f", then complete verdicts <= {complete:g} s per open region)"
+    else:
+        name += ")" if not plan.complete else "; no complete verdicts: the pair's LP is too large to branch on)"
     with contextlib.ExitStack() as stack:
         # small audits stay in this process (`executor_items`): spawning workers would only cost
         executor = stack.enter_context(open_executor(plan.workers, plan.scheduler, plan.threads,
                                                      n_items=executor_items(len(regions))))
         cert = stages.run(name, certify, pair, None, regions, method=plan.certify_method, progress=plan.progress,
-                          seed=plan.seed, samples=plan.samples, complete=plan.complete,
+                          seed=plan.seed, samples=plan.samples, complete=complete,
                           time_limit=plan.certify_budget,
                           executor=executor, **certify_searches(plan.certify_method, pair, plan.seed))
         found = stages.run(f"attack {len(regions)} regions ({plan.attack_method})", _attack_stage, plan, pair,

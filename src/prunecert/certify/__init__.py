@@ -36,7 +36,7 @@ from prunecert.certify.formulation import check_encodable
 from prunecert.certify.methods import METHODS, BoundMethod, get_method
 from prunecert.certify.refute import SearchResult
 from prunecert.certify.result import CertifyResult, PairBounds
-from prunecert.certify.settle import ClassSearch
+from prunecert.certify.settle import ClassSearch, check_complete
 from prunecert.core.completion import make_pair
 from prunecert.core.pair import Pair
 from prunecert.core.regions import Box, Domain, L2Ball, Region
@@ -115,7 +115,8 @@ def certify(original: Network | Pair | ModelPath, pruned: Network | ModelPath | 
     Properties: the tolerance verdict is over the `logits` chosen (all by default); `delta` adds
     delta-top-1 equivalence verdicts (softmax_c(f) > delta implies argmax g = c). `complete`:
     seconds per region to settle the class verdicts still unknown after the bounds (`settle.py`:
-    search, then branch and bound); `method="bab"` implies it (`time_limit`, default BAB_SECONDS).
+    search, then branch and bound); `method="bab"` implies it (`time_limit`, default BAB_SECONDS). A
+    pair the branch and bound cannot encode (`settle.complete_fits`) is refused up front.
     `class_search` is the counterexample search settle runs first (e.g.
     `prunecert.adversarial.witness.class_search(pair)`); pass `witness=milp_witness(pair)` for milp
     and `reach=reach_search(pair)` for bab the same way (`adversarial.witness.certify_searches` builds all three).
@@ -162,6 +163,9 @@ def certify_stream(original: Network | Pair | ModelPath, pruned: Network | Model
     registered = get_method(method)
     if registered.encodes_pair:
         check_encodable(pair, f"--method {method}", "use --method diff-linear or crown-diff (they scale to conv nets)")
+    if complete is not None:
+        check_complete(pair, "--complete", "leave out --complete on this network: its top-1 verdicts then rest on the "
+                       "bounds and certify's sampled search (`prunecert attack --objective disagreement` searches further)")
     slices = region_chunks(regions, batch_size)
     with contextlib.ExitStack() as stack:
         if executor is None:

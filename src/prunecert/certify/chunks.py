@@ -61,19 +61,21 @@ class RegionChunk:
         return cls(first, regions, RegionBatch.of_regions(regions, input_shape))
 
 
-CHUNK_MEMORY = 256 * 2**20   # bytes of per-region bound state one chunk may hold (2 vgg-small regions)
-BYTES_PER_ROW_VALUE = 48     # per logit row (2 x classes of them) and activation: measured 43 on vgg-small
+CHUNK_MEMORY = 256 * 2**20   # bytes of per-region bound state one chunk may hold (10 vgg-small regions)
+BYTES_PER_ACTIVATION = 192   # per region and activation of the pair: measured 140-190 on vgg-small
 MAX_BATCH = 32               # regions per chunk at most: small nets batch this many (as before the budget)
 
 
 def certify_batch_size(pair: Pair, budget: int = CHUNK_MEMORY) -> int:
     """Regions per certify chunk: as many as keep the per-region state of the bound method within
-    `budget` bytes, at most MAX_BATCH, at least 1. The slope searches of the logits' rows (alpha-CROWN
-    on f - g, in groups of regions) keep an autograd graph over every activation of f and g for each
-    of the 2 x classes rows: on vgg-small diff-linear peaked at 514 MB for one region, 635 MB for 2,
-    943 MB for 8 (measured in one process, base 373 MB), at the same CPU time per region. Smaller
-    chunks also spread a run over the workers more evenly (41 audit regions were 32 + 9)."""
-    per_region = 2 * pair.n_classes * pair.activations_per_input() * BYTES_PER_ROW_VALUE
+    `budget` bytes, at most MAX_BATCH, at least 1. That state is the bounds, relaxations and op
+    magnitudes of every activation of f and g; the slope searches and the walks hold their own
+    working sets in groups of a fixed size (`alpha.REGION_BUDGET`, `rows.ROW_BUDGET`), whatever the
+    chunk. On vgg-small diff-linear (one process, 10 boxes, interleaved runs) peaked at 619-627 MB in
+    chunks of 2 and 778-829 MB in chunks of 10, at 4-10 % less CPU per region (medians;
+    benchmarks/results/memory-batch.md). Before the searches optimised only the rows that can carry the reported maximum, they held
+    all 2 x classes logit rows per region (48 bytes per row and activation; 2 regions per chunk)."""
+    per_region = pair.activations_per_input() * BYTES_PER_ACTIVATION
     return max(1, min(MAX_BATCH, budget // per_region))
 
 

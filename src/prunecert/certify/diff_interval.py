@@ -15,7 +15,7 @@ than `naive_bounds`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -55,11 +55,13 @@ def difference_op(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
     raise PairingError(f"differential bounds do not support op kind {opf.kind!r}")
 
 
-def diff_step(opf: AffineOp, opg: AffineOp, dop: AffineOp | None, xf: Bounds, xg: Bounds, dx: Bounds | None
-              ) -> tuple[Bounds, Bounds, Bounds]:
-    """Bounds on (y^f, y^g, Delta y) for one op pair; `dx` None means Delta x = 0 exactly."""
-    yf = affine_interval(opf, xf.lower, xf.upper)
-    yg = affine_interval(opg, xg.lower, xg.upper)
+def diff_step(opf: AffineOp, opg: AffineOp, dop: AffineOp | None, xf: Bounds, xg: Bounds, dx: Bounds | None,
+              interval: Callable[[AffineOp, Bounds], Bounds] | None = None) -> tuple[Bounds, Bounds, Bounds]:
+    """Bounds on (y^f, y^g, Delta y) for one op pair; `dx` None means Delta x = 0 exactly. `interval`:
+    each network's own interval step (default `affine_interval`; diff-linear's passes share results)."""
+    interval = interval or _interval
+    yf = interval(opf, xf)
+    yg = interval(opg, xg)
     parts: list[Part] = []
     fan_in = 0
     if dop is not None:
@@ -79,6 +81,10 @@ def diff_step(opf: AffineOp, opg: AffineOp, dop: AffineOp | None, xf: Bounds, xg
     yg = meet(yg, sub_bounds(yf, dy))      # a^g = a^f - Delta
     yf = meet(yf, _add(yg, dy))            # a^f = a^g + Delta
     return yf, yg, dy
+
+
+def _interval(op: AffineOp, x: Bounds) -> Bounds:
+    return affine_interval(op, x.lower, x.upper)
 
 
 def relu_delta(af: Bounds, ag: Bounds, d: Bounds) -> Bounds:

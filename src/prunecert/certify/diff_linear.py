@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 import time
+from typing import TypeVar, cast
 
 import torch
 
@@ -33,7 +34,7 @@ from prunecert.certify.alpha_diff import optimise_diff_rows
 from prunecert.certify.backsub import Engine, Form, OpCtx, concretise
 from prunecert.certify.firstop import attach_first
 from prunecert.certify.diff_interval import diff_interval_bounds, difference_op, diff_step, relu_delta
-from prunecert.core.interval import Bounds
+from prunecert.core.interval import Bounds, affine_interval
 from prunecert.certify.naive import MAX_MARGIN_CLASSES, margins_from_inputs
 from prunecert.core.pair import Pair
 from prunecert.core.region_batch import RegionBatch, boxes_or_batch
@@ -52,6 +53,7 @@ SEARCH_GAP = 0.01   # the Delta slope search skips logit rows whose default walk
 
 _OpPair = tuple[AffineOp, AffineOp, AffineOp | None]    # f's op, g's op, their difference op (None: identical)
 _OpInputs = tuple[Bounds, Bounds, Bounds | None]        # bounds on x^f, x^g, Delta x (None: exactly 0)
+T = TypeVar("T")
 
 
 def _difference(opf: AffineOp, opg: AffineOp) -> AffineOp | None:
@@ -72,7 +74,41 @@ def _amax(b: Bounds | None) -> torch.Tensor | None:
     return None if b is None else torch.maximum(b.lower.abs(), b.upper.abs())
 
 
-def _chain(ops: Sequence[_OpPair], xf: Bounds, xg: Bounds, dx: Bounds | None
+class _Memo:
+    """Results one diff_linear_bounds call would otherwise compute again: its passes (CROWN on f - g,
+    the Delta passes) and each layer's local chain apply the same ops to bit-for-bit the same bounds
+    (a^f, a^g entering a layer usually are; Delta's differ), so each network's interval step, the
+    op magnitudes of the walks and the structural zeros of Delta are looked up by op and inputs (equal
+    tensors, `torch.equal`) before they are computed. Held for one call: a few tensors per op."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, int], list[tuple[tuple[torch.Tensor, ...], object]]] = {}
+
+    def get(self, kind: str, op: object, args: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
+        """compute(), or what it returned before for `op` and equal `args` (the caller keeps `op` alive)."""
+        seen = self._seen.setdefault((kind, id(op)), [])
+        for old, value in seen:
+            if all(a is b or (a.shape == b.shape and torch.equal(a, b)) for a, b in zip(old, args)):
+                return cast(T, value)
+        value = compute()
+        seen.append((args, value))
+        return value
+
+    def interval(self, op: AffineOp, x: Bounds) -> Bounds:
+        """`affine_interval(op, x)`."""
+        return self.get("interval", op, (x.lower, x.upper), lambda: affine_interval(op, x.lower, x.upper))
+
+    def zero_delta(self, ops: Sequence[_OpPair], zero_in: torch.Tensor | None) -> torch.Tensor | None:
+        """`_zero_delta(ops, zero_in)`."""
+        args = () if zero_in is None else (zero_in,)
+        return self.get("zero" if zero_in is None else "zero-after", ops, args, lambda: _zero_delta(ops, zero_in))
+
+    def abs_linear(self, op: AffineOp, x: torch.Tensor) -> torch.Tensor:
+        """`op.abs_linear(x)` (|A| x, the magnitudes of the walks' rounding margins)."""
+        return self.get("abs_linear", op, (x,), lambda: op.abs_linear(x))
+
+
+def _chain(ops: Sequence[_OpPair], xf: Bounds, xg: Bounds, dx: Bounds | None, memo: _Memo
            ) -> tuple[list[_OpInputs], tuple[Bounds, Bounds, Bounds]]:
     """Interval (ReluDiff) pass through a layer's op pairs: the bounds entering each op, and the outputs.
 
@@ -82,7 +118,7 @@ def _chain(ops: Sequence[_OpPair], xf: Bounds, xg: Bounds, dx: Bounds | None
     for opf, opg, dop in ops:
         inputs.append((xf, xg, dx))
         zero = dx is None and dop is None
-        xf, xg, dx = diff_step(opf, opg, dop, xf, xg, dx)
+        xf, xg, dx = diff_step(opf, opg, dop, xf, xg, dx, memo.interval)
         dx = None if zero else dx
     if dx is None:
         dx = Bounds(torch.zeros_like(xf.lower), torch.zeros_like(xf.lower))
@@ -132,25 +168,34 @@ def _box_exact(ops: Sequence[_OpPair], region: RegionBatch) -> tuple[bool, bool]
     return nets, nets and all(dop is None for _, _, dop in head)
 
 
-def _contexts(ops: Sequence[_OpPair], inputs: Sequence[_OpInputs]) -> tuple[list[OpCtx], list[OpCtx]]:
+def _contexts(ops: Sequence[_OpPair], inputs: Sequence[_OpInputs], memo: _Memo) -> tuple[list[OpCtx], list[OpCtx]]:
     """Op contexts for walking f (paired with g and the difference ops) and for walking g alone."""
     cf, cg = [], []
     for (opf, opg, dop), (xf, xg, dx) in zip(ops, inputs):
         mf, mg, md = _amax(xf), _amax(xg), _amax(dx)
         assert mf is not None and mg is not None   # xf, xg are bounds (only dx may be None)
-        dmag = opf.bias.new_zeros(()) if dop is None else dop.abs_linear(mf) + dop.bias.abs()
+        dmag = opf.bias.new_zeros(()) if dop is None else memo.abs_linear(dop, mf) + dop.bias.abs()
         if md is not None:
-            dmag = dmag + opg.abs_linear(md)
+            dmag = dmag + memo.abs_linear(opg, md)
         xsum_f = _up_sum(mf) if md is None else _up_sum(mf) + _up_sum(md)
-        cf.append(OpCtx(opf, opf.abs_linear(mf) + opf.bias.abs(), dop, opg, dmag.expand(mf.shape[0], *opf.out_shape),
-                        dx_zero=dx is None, xsum=xsum_f))
-        cg.append(OpCtx(opg, opg.abs_linear(mg) + opg.bias.abs(), xsum=_up_sum(mg)))
+        cf.append(OpCtx(opf, memo.abs_linear(opf, mf) + opf.bias.abs(), dop, opg,
+                        dmag.expand(mf.shape[0], *opf.out_shape), dx_zero=dx is None, xsum=xsum_f))
+        cg.append(OpCtx(opg, memo.abs_linear(opg, mg) + opg.bias.abs(), xsum=_up_sum(mg)))
     return cf, cg
 
 
 def _up_sum(x: torch.Tensor) -> torch.Tensor:
     """(B,) an upper bound on the sum of each region's (non-negative) entries (`OpCtx.xsum`)."""
     return x.flatten(1).sum(1) * (1 + 2.0 ** -30)
+
+
+def _local(ops: Sequence[_OpPair], hf: Bounds, memo: _Memo) -> tuple[Bounds, list[OpCtx]]:
+    """Interval bounds on a layer's local deviation (g's ops fed with f's input, Delta x := 0) and the
+    op contexts of its walk: functions of f's layer input alone, so computed once per call for each."""
+    def compute() -> tuple[Bounds, list[OpCtx]]:
+        inputs, (_, _, loc) = _chain(ops, hf, hf, None, memo)
+        return _zero_out(loc, memo.zero_delta(ops, None)), _contexts(ops, inputs, memo)[0]
+    return memo.get("local", ops, (hf.lower, hf.upper), compute)
 
 
 class _Bounder:
@@ -350,8 +395,9 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
     # (alpha-)CROWN on f - g first (the cheaper pass; it also bounds the agreement margins): its a^f, a^g
     # bounds and its logit Delta are reused below. It is alpha_crown_diff_bounds's very pass (the same
     # rows optimised in the same searches), so the result is never looser than that method per neuron
+    memo = _Memo()   # what the passes below would compute again
     crown = _run(pair, region, False, deadline, ops=ops, diff_iterations=iterations if optimize else 0,
-                 all_rows=all_rows)
+                 all_rows=all_rows, memo=memo)
     optimize = optimize and iterations > 0
     costly = not _all_cheap(pair)
     # on nets with costly layers, a first Delta pass without relaxation rows or optimisation says
@@ -360,7 +406,7 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
         out, truncated = crown, [True] * region.batch
     else:
         out = _run(pair, region, True, deadline, optimize=optimize and not costly, iterations=iterations,
-                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly, logits=logits)
+                   prior=crown, ops=ops, all_rows=all_rows, relax_rows=not costly, logits=logits, memo=memo)
         truncated = [a or b for a, b in zip(out.info["truncated"], crown.info["truncated"])]
         out = out.intersect(crown)
     optimized = out.info.get("optimized", False)
@@ -368,7 +414,7 @@ def diff_linear_bounds(pair: Pair, region: RegionBatch, optimize: bool = True, i
         idx = torch.nonzero(_gain(out, crown, logits) > DELTA_GAIN).flatten()
         if len(idx) and not _past(deadline):
             sub = _run(pair, region.select(idx), True, deadline, optimize=optimize, iterations=iterations,
-                       prior=crown.select(idx), ops=ops, all_rows=all_rows)
+                       prior=crown.select(idx), ops=ops, all_rows=all_rows, memo=memo)
             for i, cut in zip(idx.tolist(), sub.info["truncated"]):
                 truncated[i] = truncated[i] or cut
             optimized = optimized or sub.info.get("optimized", False)
@@ -444,7 +490,8 @@ def _deadline(time_limit: float | None, batch: int) -> float | None:
 
 def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | None = None, optimize: bool = False,
          iterations: int = 0, prior: PairBounds | None = None, ops: list[list[_OpPair]] | None = None, all_rows: bool = False,
-         diff_iterations: int = 0, relax_rows: bool = True, logits: Sequence[int] | None = None) -> PairBounds:
+         diff_iterations: int = 0, relax_rows: bool = True, logits: Sequence[int] | None = None,
+         memo: _Memo | None = None) -> PairBounds:
     """The layer-by-layer pass; `delta_walks` False leaves out the differential walks (CROWN on f - g).
     `prior`: bounds of an earlier pass (CROWN on f - g) whose a^f, a^g, logit Delta and margins are
     taken instead of walking again. `diff_iterations` > 0: the logits' f - g rows also get optimised
@@ -452,6 +499,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     (every row with `all_rows`). `relax_rows` False: no relaxation rows on costly layers (a cheap
     first Delta pass; its logits' Delta walked where it can carry the max |Delta| over `logits`)."""
     ops = ops or _op_pairs(pair)
+    memo = memo or _Memo()
     st = _Bounder(pair, region, ops, delta_walks, deadline, prior, relax_rows, all_rows, logits)
     hf = hg = Bounds(region.lo, region.hi)
     dh: Bounds | None = None
@@ -465,11 +513,11 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
     loc: Bounds | None
     zero: torch.Tensor | None = None
     for l in range(pair.n_layers):
-        inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh)
-        zero = _zero_delta(ops[l], zero)
+        inputs, (af, ag, d) = _chain(ops[l], hf, hg, dh, memo)
+        zero = memo.zero_delta(ops[l], zero)
         st.zero.append(zero)
         d = _zero_out(d, zero)
-        cf, cg = _contexts(ops[l], inputs)
+        cf, cg = _contexts(ops[l], inputs, memo)
         if l == 0 and region.l2 is None:   # exact walks stop above the op on the input (`firstop.py`)
             attach_first(cf, cg, [xf for xf, _, _ in inputs])
         st.ctx_f.append(cf)
@@ -479,9 +527,7 @@ def _run(pair: Pair, region: RegionBatch, delta_walks: bool, deadline: float | N
         # with f's input is g's layer l, so the local deviation is Delta itself (one walk serves both)
         same = l == 0 or (zero_prev := st.zero[l - 1]) is None or bool(zero_prev.all())
         if not same:
-            linputs, (_, _, loc) = _chain(ops[l], hf, hf, None)
-            loc = _zero_out(loc, _zero_delta(ops[l], None))
-            local_ctx = _contexts(ops[l], linputs)[0]
+            loc, local_ctx = _local(ops[l], hf, memo)
         hidden = l < pair.n_layers - 1
         cf_, cg_, cd_, cloc = st.layer(l, local_ctx, (af, ag, d, loc), hidden)
         af, ag, d = _refine(_meet(af, cf_), _meet(ag, cg_), _meet(d, cd_))

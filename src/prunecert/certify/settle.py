@@ -31,7 +31,7 @@ from prunecert.certify.classprop import (
     replay,
     violations,
 )
-from prunecert.certify.formulation import Array
+from prunecert.certify.formulation import Array, check_encodable, encodable
 from prunecert.certify.lp import initial_bounds
 from prunecert.certify.relu_verdict import relu_settle
 from prunecert.certify.result import PairBounds
@@ -50,6 +50,20 @@ SAMPLE_BATCH = 256     # of them per forward pass; the deadline is checked betwe
 ClassSearch = Callable[[Array, Array, ClassProperty, float], "Array | None"]
 
 
+def complete_fits(pair: Pair) -> bool:
+    """Whether the complete stage can branch on this pair: input splits (few inputs), or ReLU splits
+    on an LP of at most `formulation.MAX_COLUMNS` columns (the CNN pair's 60588 were built for every
+    open region, and the budget ran out in the LP)."""
+    return pair.f.n_inputs <= INPUT_SPLIT_MAX or encodable(pair)
+
+
+def check_complete(pair: Pair, what: str, advice: str) -> None:
+    """Refuse, before any work, a complete stage that `complete_fits` rules out (a ConfigError naming
+    `what`, the columns and the limit, then `advice`)."""
+    if not complete_fits(pair):
+        check_encodable(pair, what, advice)
+
+
 def _refuted(pair: Pair, x: Array, prop: ClassProperty, stage: str, start: float, **details: int
              ) -> Settled | None:
     classes = replay(pair, x, prop)
@@ -65,10 +79,16 @@ def settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, budget: float,
     """Decide `prop` on the box [lo, hi] within `budget` seconds (see the module docstring).
 
     `bounds`: sound bounds of this one region (batch 1) to start from; computed when None.
-    `branching`: "input", "relu" or "auto" (input on networks with <= INPUT_SPLIT_MAX inputs).
+    `branching`: "input", "relu" or "auto" (input on networks with <= INPUT_SPLIT_MAX inputs); ReLU
+    splits on a pair whose LP exceeds `formulation.MAX_COLUMNS` are refused (ConfigError) before any work.
     `samples`: uniform points checked before the search (default SAMPLES; 16x that on networks with
     <= INPUT_SPLIT_MAX inputs, where a forward pass costs little and the space is small).
     """
+    if branching == "auto":
+        branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
+    if branching == "relu":
+        check_encodable(pair, "complete verdicts (ReLU branch and bound)", "decide this property by its bounds and "
+                        "a counterexample search only")
     start = time.perf_counter()
     deadline = start + float(budget)
     lo = np.asarray(lo, dtype=np.float64).reshape(pair.input_shape)
@@ -91,8 +111,6 @@ def settle(pair: Pair, lo: Array, hi: Array, prop: ClassProperty, budget: float,
         found = None if x is None else _refuted(pair, x, prop, "search", start)
         if found is not None:
             return found
-    if branching == "auto":
-        branching = "input" if pair.f.n_inputs <= INPUT_SPLIT_MAX else "relu"
     if branching == "input":
         with one_torch_thread():
             out = _input_bab(pair, lo, hi, prop, deadline, start)

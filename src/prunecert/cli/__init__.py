@@ -21,6 +21,7 @@ else:
         from click.exceptions import NoArgsIsHelpError, UsageError
 
 from prunecert.errors import PrunecertError
+from prunecert.scale import keep_freed_memory
 from prunecert.solvers import silence_highs_banner
 
 ERROR_EXIT = 3
@@ -86,7 +87,9 @@ def one_line(exc: BaseException | str) -> str:
 
 
 def main() -> None:
-    """Console entry point (`prunecert`): see `run`."""
+    """Console entry point (`prunecert`): see `run`. Sets the process's allocator up first
+    (`scale.keep_freed_memory`)."""
+    keep_freed_memory()
     sys.exit(run())
 
 

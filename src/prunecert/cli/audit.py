@@ -94,7 +94,7 @@ class AuditOptions(Options):
         help="Points certify samples per region (its own counterexample search).")] = CERTIFY_SAMPLES
     complete: Annotated[float, typer.Option(
         help="Seconds per region to settle top-1 verdicts the bounds leave open (attack + branch and bound); 0 "
-             "turns the stage off.")] = AUDIT_COMPLETE_SECONDS
+             "turns the stage off (so does a net whose LP is too large, e.g. a CNN).")] = AUDIT_COMPLETE_SECONDS
     seed: Seed = 0
     out: Annotated[Optional[Path], typer.Option(
         help="Report folder (default audit/, or reports/demo with --demo).")] = None

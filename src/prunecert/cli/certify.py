@@ -73,7 +73,7 @@ class CertifyOptions(Options):
              "g predicts c.")] = None
     complete: Annotated[Optional[float], typer.Option(
         help="Seconds per region to settle open top-1 / delta-top-1 verdicts by attack + branch and bound (on with "
-             "--method bab).")] = None
+             "--method bab; refused on nets whose LP is too large, e.g. CNNs).")] = None
     workers: Workers = None
     scheduler: Scheduler = None
     threads: Threads = None

@@ -11,10 +11,11 @@ from prunecert.scale.executor import (
            InProcessExecutor,
            LocalProcessExecutor,
            WorkerError,
+           keep_freed_memory,
            open_executor,
            release_memory,
 )
 from prunecert.scale.seeds import chunk_slices, region_generator, region_seed
 
-__all__ = ["Executor", "InProcessExecutor", "LocalProcessExecutor", "WorkerError", "chunk_slices", "open_executor",
-           "region_generator", "release_memory", "region_seed"]
+__all__ = ["Executor", "InProcessExecutor", "LocalProcessExecutor", "WorkerError", "chunk_slices",
+           "keep_freed_memory", "open_executor", "region_generator", "release_memory", "region_seed"]

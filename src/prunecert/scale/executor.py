@@ -113,6 +113,7 @@ _WORKER_CACHE: dict[str, Any] = {}
 
 
 def _worker_start(threads: int, parent: int) -> None:
+    keep_freed_memory()
     import torch
     torch.set_num_threads(threads)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
@@ -123,6 +124,27 @@ def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
+
+
+MALLOC_KEEP = 2 ** 30     # bytes: blocks below this come from glibc's heap, and this much freed heap is kept
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (glibc malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """Let glibc serve tensors below MALLOC_KEEP from its heap and keep the heap they free for the next
+    ones (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD). By default a block over 32 MB gets fresh
+    mmap'd pages, which the kernel zeroes and faults in on first touch, on each of the bound methods'
+    thousands of calls: on the vgg-small pair (diff-linear, 8 boxes, one process; interleaved runs)
+    this cut minor page faults 270k -> 40k and CPU per region ~10 %, at the same peak RSS
+    (benchmarks/results/malloc.md). Process-wide, so called once at process start: the `prunecert`
+    command, worker processes, benchmarks; library users may call it too. Nothing happens where
+    glibc's mallopt is missing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_KEEP)
+        libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_KEEP)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_memory() -> None:
