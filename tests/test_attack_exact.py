@@ -89,6 +89,9 @@ def test_milp_attack_does_not_claim_exactness_for_a_refuted_dual_bound(monkeypat
             self.highs.setOptionValue("presolve", "off")
     monkeypatch.setattr(highs.HighsModel, "__init__", presolve_off)
     monkeypatch.setattr(highs, "OPINION_SEEDS", (0,))   # only the wrong opinion (the second corrects it)
+    # the constants of the first op walked in float64, as in test_certify_milp._wrong_optimum_milp
+    import prunecert.certify.firstop as firstop
+    monkeypatch.setattr(firstop, "FAST_FIRST", False)
     # the big-M constants of test_certify_milp._wrong_optimum_milp (diff-linear's, not LP-tightened), on
     # which HiGHS errs; the assertion on "closed" below fails if it no longer does
     import prunecert.certify.milp as milp_module

@@ -163,8 +163,15 @@ def _wrong_optimum_milp(pair, lo, hi, **kwargs) -> PairMILP:
     """The MILP of `_presolve_off_case` on which HiGHS 1.16 (presolve off, seed 0) errs. Whether it errs
     depends on the big-M constants, so they come from diff-linear's bounds *without* the LP tightening
     (which moved them when diff-linear got tighter); the first assert of each test below says so if a
-    later bound engine or HiGHS no longer reproduces the solver's mistake."""
-    pre = RegionBounds.from_pair_bounds(diff_linear_bounds(pair, lo, hi), 0)
+    later bound engine or HiGHS no longer reproduces the solver's mistake. The constants are those of
+    the first op walked in float64 (`firstop.FAST_FIRST` off): its float32 radius part moves them by
+    ~1e-6 relative, which was enough for HiGHS not to err."""
+    import prunecert.certify.firstop as firstop
+    fast, firstop.FAST_FIRST = firstop.FAST_FIRST, False
+    try:
+        pre = RegionBounds.from_pair_bounds(diff_linear_bounds(pair, lo, hi), 0)
+    finally:
+        firstop.FAST_FIRST = fast
     milp = PairMILP(pair, pre_bounds=pre, lo=lo, hi=hi, tighten=False, **kwargs)
     milp.model.highs.setOptionValue("presolve", "off")
     return milp
