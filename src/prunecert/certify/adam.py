@@ -86,10 +86,16 @@ class Search:
     cut: bool
 
 
-def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[torch.Tensor], iterations: int,
+Grads = Callable[[], Sequence[torch.Tensor | None]]
+Objective = Callable[[list[torch.Tensor]], "torch.Tensor | tuple[torch.Tensor, Grads]"]
+
+
+def minimise(upper: Objective, leaves: list[torch.Tensor], iterations: int,
              stop: Stop, deadline: float | None = None, dim: int = 0) -> Search:
     """Projected Adam on K rows' upper bounds `upper(leaves)` (shape (K,)); dimension `dim` of every
-    leaf indexes the rows. Each row keeps the best leaves it has seen and stops as `stop` says; the search ends when every row has stopped, after
+    leaf indexes the rows. `upper` returns the bounds (differentiated by autograd: leaves that
+    require grad), or the bounds and a function computing the gradient of their sum per leaf
+    (called only when a step follows: a hand-written backward, `alpha_diff.py`). Each row keeps the best leaves it has seen and stops as `stop` says; the search ends when every row has stopped, after
     `iterations` evaluations, or when the next one might not fit before `deadline` (perf_counter): a
     step starts only if twice the last one's time (the step and the callers' final float64
     evaluation) fits. The last evaluation takes no gradient (no step follows it)."""
@@ -104,7 +110,8 @@ def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[t
             cut = True
             break
         steps += 1
-        ub = upper(leaves)
+        out = upper(leaves)
+        ub, grads = out if isinstance(out, tuple) else (out, _autograd(out, leaves))
         with torch.no_grad():
             if best is None:
                 best = torch.full_like(ub, torch.inf)
@@ -119,9 +126,13 @@ def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[t
             active = stalled < stop.patience
         if i == iterations - 1 or not bool(active.any()):
             break
-        adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True), active, dim)
+        adam.step(grads(), active, dim)
         spent = time.perf_counter() - start
     return Search(best_leaves, steps, cut)
+
+
+def _autograd(ub: torch.Tensor, leaves: list[torch.Tensor]) -> Grads:
+    return lambda: torch.autograd.grad(ub.sum(), leaves, allow_unused=True)
 
 
 def unit_rows(row: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
