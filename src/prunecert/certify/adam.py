@@ -60,16 +60,20 @@ class ProjectedAdam:
         self.t += 1
         b1, b2 = self.betas
         lr = self.lr * DECAY ** (self.t - 1) * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        # rows not active step by -0 x m: exactly their value (and in [0, 1], so the clamp keeps it);
+        # active rows by (-lr m) / denominator, the float addcdiv(m, ., value=-lr) computes
+        scale = None if active is None else torch.where(active, -lr, 0.0).to(self.leaves[0].dtype)
         for x, g, m, v in zip(self.leaves, grads, self.m, self.v):
             if g is None:       # a parameter the bound does not depend on
                 continue
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            stepped = x.addcdiv(m, v.sqrt().add_(self.eps), value=-lr).clamp_(0.0, 1.0)
-            if active is None:
-                x.copy_(stepped)
+            denom = v.sqrt().add_(self.eps)
+            if scale is None:
+                x.addcdiv_(m, denom, value=-lr)
             else:
-                x.copy_(torch.where(_along(active, dim, x.dim()), stepped, x))
+                x.addcdiv_(m * _along(scale, dim, x.dim()), denom)
+            x.clamp_(0.0, 1.0)
 
 
 def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
@@ -118,8 +122,12 @@ def minimise(upper: Objective, leaves: list[torch.Tensor], iterations: int,
                 stalled = torch.zeros(ub.shape, dtype=torch.int64)
             assert stalled is not None
             better = ub < best
+            rows = better.nonzero().squeeze(1)
             for leaf, keep in zip(leaves, best_leaves):
-                keep.copy_(torch.where(_along(better, dim, leaf.dim()), leaf, keep))
+                if len(rows) == len(better):
+                    keep.copy_(leaf)
+                elif len(rows):    # (an index copy costs a third of a masked `where` over every row)
+                    keep.index_copy_(dim, rows, leaf.index_select(dim, rows))
             gain = best - torch.where(better, ub, best)    # the first step: inf (or nan), never a stall
             best = torch.where(better, ub, best)
             stalled = torch.where(gain <= stop.min_gain * best.abs(), stalled + 1, 0)
