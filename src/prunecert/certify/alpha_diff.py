@@ -182,8 +182,9 @@ def _optimise(engine_f: Engine, engine_g: Engine, top: int, region: RegionBatch,
     if region.l2 is None:
         start = torch.cat([t.detach().flatten(1) for t in _slopes(engine_f, top) + _slopes(engine_g, top)], 1)
         with torch.no_grad():
+            free = torch.cat([s.unstable.flatten(1) for s in engine_f.side[:top] + engine_g.side[:top]], 1)
             found = minimise(_hand_upper(search_f, search_g, top, rows.to(SEARCH_DTYPE), region32),
-                             [start.unsqueeze(1)], iterations, SLOPE_STOP, deadline)
+                             [start.unsqueeze(1)], iterations, SLOPE_STOP, deadline, free=[free.unsqueeze(1)])
         best = _split(found.best[0], engine_f, top, _offsets(engine_f, top))
     else:   # the L2 ball's bound (a minimum of two) differentiated by autograd
         upper = _search_upper(search_f, search_g, top, rows.to(SEARCH_DTYPE), region32)
