@@ -51,3 +51,39 @@ def test_each_row_scatters_the_chosen_rows():
     assert b.upper.tolist() == [[0.0, torch.inf], [torch.inf, torch.inf], [torch.inf, 21.0]]
     assert b.lower.tolist() == [[-torch.inf, -3.0], [-torch.inf, -torch.inf], [-22.0, -torch.inf]]
     assert unit_rows(torch.tensor([0, 3]), (2,)).flatten(1).tolist() == [[1.0, 0.0], [0.0, -1.0]]
+
+
+def test_a_hand_written_gradient_takes_autograd_s_place():
+    """An objective returning (bounds, gradient function) is searched exactly as the autograd one."""
+    target = torch.tensor([[0.2, 0.9, 0.5], [1.7, -0.3, 0.4]])
+    start = torch.full((2, 3), 0.5)
+    calls = []
+
+    def hand(leaves: list[torch.Tensor]):
+        def grads():
+            calls.append(1)
+            return [2 * (leaves[0] - target)]
+        return ((leaves[0] - target) ** 2).sum(1), grads
+    with torch.no_grad():
+        by_hand = minimise(hand, [start.clone()], 20, SLOPE_STOP)
+    auto = minimise(_bowl(target), [start.clone().requires_grad_(True)], 20, SLOPE_STOP)
+    assert torch.allclose(by_hand.best[0], auto.best[0], atol=1e-6) and by_hand.steps == auto.steps
+    assert len(calls) == by_hand.steps - 1   # no gradient after the last evaluation
+
+
+def test_free_masks_change_nothing_but_the_work():
+    """Moments kept only for the entries that can move (`free`) give bit-identical searches, rows on
+    dimension 1 stopping at different steps included; entries outside the mask never move."""
+    gen = torch.Generator().manual_seed(3)
+    target = torch.rand(2, 4, 6, generator=gen) * 1.4 - 0.2
+    free = torch.rand(1, 4, 6, generator=gen) < 0.4
+    free[:, 2] = False      # a row with nothing free: stalls at once
+
+    def upper(leaves: list[torch.Tensor]) -> torch.Tensor:
+        return (torch.where(free, leaves[0] - target, 0.0) ** 2).sum((0, 2))
+    start = torch.full((2, 4, 6), 0.5)
+    plain = minimise(upper, [start.clone().requires_grad_(True)], 20, SLOPE_STOP, dim=1)
+    packed = minimise(upper, [start.clone().requires_grad_(True)], 20, SLOPE_STOP, dim=1, free=[free])
+    assert torch.equal(plain.best[0], packed.best[0]) and plain.steps == packed.steps
+    assert torch.equal(packed.best[0][:, ~free[0]], start[:, ~free[0]])
+    assert not torch.equal(packed.best[0], start)

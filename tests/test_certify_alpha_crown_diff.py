@@ -4,6 +4,8 @@ by neuron; the slope search really tightens, honours its deadline and handles L2
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,11 @@ from hypothesis import strategies as st
 from pairs import assert_contains, extremes, pairs_and_boxes, random_box, random_conv_pair, random_pair, sample_deltas
 
 import prunecert.certify.adam as adam
+import prunecert.certify.alpha_diff as alpha_diff
 import prunecert.certify.diff_linear as dl
 from prunecert.certify import Box, certify, get_method
+from prunecert.certify.adam import unit_rows
+from prunecert.certify.backsub import Engine
 from prunecert.certify.diff_linear import alpha_crown_diff_bounds, crown_diff_bounds, diff_linear_bounds
 from prunecert.certify.result import load_schema
 from prunecert.errors import ConfigError
@@ -223,3 +228,52 @@ def test_batch_composition_moves_bounds_only_by_search_rounding():
     batched = alpha_crown_diff_bounds(pair, lo, hi).max_abs_logit_deviation()
     single = torch.cat([alpha_crown_diff_bounds(pair, l, h).max_abs_logit_deviation() for l, h in boxes])
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-9)
+
+
+def _search_args(monkeypatch, pair, lo, hi) -> tuple:
+    """The engines, top layer and regions the f - g slope search of alpha-crown-diff is given."""
+    seen: list[tuple] = []
+    search = dl.optimise_diff_rows
+    monkeypatch.setattr(dl, "optimise_diff_rows", lambda *a, **k: seen.append(a) or search(*a, **k))
+    alpha_crown_diff_bounds(pair, lo, hi)
+    return seen[0][:4]
+
+
+@pytest.mark.parametrize("kind", ["prune", "perturb", "conv-prune", "conv-perturb"])
+def test_hand_written_search_gradient_equals_autograd(monkeypatch, kind):
+    """The f - g search's objective with its gradient written out (`alpha_diff._hand_upper`) gives the
+    very floats of the autograd objective (`_search_upper`) and the same gradient (float32 rounding
+    apart), at CROWN's slopes and at random ones, with layer 0's forms merged (prune twins) or not."""
+    rng = np.random.default_rng(5)
+    twin = kind.split("-")[-1]
+    if kind.startswith("conv"):
+        pair, shape = random_conv_pair(rng, twin=twin, in_shape=(2, 8, 8)), (2, 8, 8)
+    else:
+        pair, shape = random_pair(rng, 4, (12, 10), 3, twin=twin), 4
+    lo, hi = random_box(rng, shape, 0.2, 0.8)
+    engine_f, engine_g, top, region = _search_args(monkeypatch, pair, lo, hi)
+    assert all(c.dop is None for c in engine_f.ctx[0]) == (twin == "prune")
+    n = math.prod(engine_f.ctx[top][-1].op.out_shape)
+    row = torch.arange(2 * n).repeat(region.batch)[: 2 * n * region.batch]
+    idx = torch.arange(region.batch).repeat_interleave(2 * n)
+    ef, eg = engine_f.select(idx), engine_g.select(idx)
+    sf, sg = (Engine(e.ctx, [s.to(torch.float32) for s in e.side], exact=False) for e in (ef, eg))
+    rows = unit_rows(row, engine_f.ctx[top][-1].op.out_shape).to(torch.float32)
+    reg = region.select(idx).to(torch.float32)
+    auto = alpha_diff._search_upper(sf, sg, top, rows, reg)
+    hand = alpha_diff._hand_upper(sf, sg, top, rows, reg)
+    cuts = alpha_diff._offsets(ef, top)
+    start = torch.cat([t.detach().flatten(1) for t in alpha_diff._slopes(ef, top) + alpha_diff._slopes(eg, top)], 1)
+    free = torch.cat([s.unstable.flatten(1) for s in ef.side[:top] + eg.side[:top]], 1)
+    for flat in (start, torch.where(free, torch.rand(start.shape, generator=torch.Generator().manual_seed(1)), start)):
+        leaf = flat.unsqueeze(1)
+        leaves = [t.clone().requires_grad_(True) for t in alpha_diff._split(leaf, ef, top, cuts)]
+        ub = auto(leaves)
+        want = torch.cat([g.flatten(1) for g in torch.autograd.grad(ub.sum(), leaves)], 1)
+        with torch.no_grad():
+            got, grads = hand([leaf])
+            got_grad = grads()[0][:, 0]
+        assert torch.equal(got, ub.detach())
+        scale = want.abs().amax(1, keepdim=True) + 1e-6
+        assert ((got_grad - want).abs() <= 1e-4 * scale).all()
+        assert bool((want != 0).any())   # the rows do depend on free slopes

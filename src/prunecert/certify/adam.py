@@ -48,10 +48,18 @@ class ProjectedAdam:
     """
 
     def __init__(self, leaves: list[torch.Tensor], lr: float = LEARNING_RATE, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, free: Sequence[torch.Tensor | None] | None = None):
+        """`free`: optional bool masks (broadcastable to each leaf) of the entries whose gradient may be
+        non-zero; the others never move (a zero gradient steps by exactly 0), so the moments and the
+        step are kept for the free entries only (on LeNet 5-15 % of the slopes, unstable neurons)."""
         self.leaves, self.lr, self.betas, self.eps, self.t = leaves, lr, betas, eps, 0
-        self.m = [torch.zeros_like(x) for x in leaves]
-        self.v = [torch.zeros_like(x) for x in leaves]
+        masks = list(free) if free is not None else [None] * len(leaves)
+        self.index = [None if f is None or not x.is_contiguous() else f.expand_as(x).reshape(-1).nonzero().squeeze(1)
+                      for x, f in zip(leaves, masks)]
+        self.packed = [x if i is None else x.reshape(-1)[i] for x, i in zip(leaves, self.index)]
+        self.m = [torch.zeros_like(x) for x in self.packed]
+        self.rows: dict[int, torch.Tensor] = {}    # each packed entry's row (by its leaf's index tensor)
+        self.v = [torch.zeros_like(x) for x in self.packed]
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor | None], active: torch.Tensor | None = None, dim: int = 0) -> None:
@@ -60,16 +68,28 @@ class ProjectedAdam:
         self.t += 1
         b1, b2 = self.betas
         lr = self.lr * DECAY ** (self.t - 1) * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        for x, g, m, v in zip(self.leaves, grads, self.m, self.v):
+        # rows not active step by -0 x m: exactly their value (and in [0, 1], so the clamp keeps it);
+        # active rows by (-lr m) / denominator, the float addcdiv(m, ., value=-lr) computes
+        scale = None if active is None else torch.where(active, -lr, 0.0).to(self.leaves[0].dtype)
+        for leaf, idx, x, g, m, v in zip(self.leaves, self.index, self.packed, grads, self.m, self.v):
             if g is None:       # a parameter the bound does not depend on
                 continue
+            if idx is not None:
+                g = g.reshape(-1)[idx]
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            stepped = x.addcdiv(m, v.sqrt().add_(self.eps), value=-lr).clamp_(0.0, 1.0)
-            if active is None:
-                x.copy_(stepped)
-            else:
-                x.copy_(torch.where(_along(active, dim, x.dim()), stepped, x))
+            denom = v.sqrt().add_(self.eps)
+            if scale is None:
+                x.addcdiv_(m, denom, value=-lr)
+            elif idx is None:
+                x.addcdiv_(m * _along(scale, dim, x.dim()), denom)
+            else:   # each packed entry's row: its flat index over the leaf's trailing size, modulo the rows
+                if self.rows.get(id(idx)) is None:
+                    self.rows[id(idx)] = idx.div(math.prod(leaf.shape[dim + 1:]), rounding_mode="floor") % leaf.shape[dim]
+                x.addcdiv_(m * scale[self.rows[id(idx)]], denom)
+            x.clamp_(0.0, 1.0)
+            if idx is not None:
+                leaf.view(-1).index_copy_(0, idx, x)
 
 
 def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
@@ -86,15 +106,23 @@ class Search:
     cut: bool
 
 
-def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[torch.Tensor], iterations: int,
-             stop: Stop, deadline: float | None = None, dim: int = 0) -> Search:
+Grads = Callable[[], Sequence[torch.Tensor | None]]
+Objective = Callable[[list[torch.Tensor]], "torch.Tensor | tuple[torch.Tensor, Grads]"]
+
+
+def minimise(upper: Objective, leaves: list[torch.Tensor], iterations: int,
+             stop: Stop, deadline: float | None = None, dim: int = 0,
+             free: Sequence[torch.Tensor | None] | None = None) -> Search:
     """Projected Adam on K rows' upper bounds `upper(leaves)` (shape (K,)); dimension `dim` of every
-    leaf indexes the rows. Each row keeps the best leaves it has seen and stops as `stop` says; the search ends when every row has stopped, after
+    leaf indexes the rows. `upper` returns the bounds (differentiated by autograd: leaves that
+    require grad), or the bounds and a function computing the gradient of their sum per leaf
+    (called only when a step follows: a hand-written backward, `alpha_diff.py`). `free`: the
+    entries that may move (`ProjectedAdam`). Each row keeps the best leaves it has seen and stops as `stop` says; the search ends when every row has stopped, after
     `iterations` evaluations, or when the next one might not fit before `deadline` (perf_counter): a
     step starts only if twice the last one's time (the step and the callers' final float64
     evaluation) fits. The last evaluation takes no gradient (no step follows it)."""
     best_leaves = [x.detach().clone() for x in leaves]
-    adam = ProjectedAdam(leaves, LEARNING_RATE)
+    adam = ProjectedAdam(leaves, LEARNING_RATE, free=free)
     best: torch.Tensor | None = None
     stalled: torch.Tensor | None = None
     cut, steps, spent = False, 0, 0.0
@@ -104,24 +132,33 @@ def minimise(upper: Callable[[list[torch.Tensor]], torch.Tensor], leaves: list[t
             cut = True
             break
         steps += 1
-        ub = upper(leaves)
+        out = upper(leaves)
+        ub, grads = out if isinstance(out, tuple) else (out, _autograd(out, leaves))
         with torch.no_grad():
             if best is None:
                 best = torch.full_like(ub, torch.inf)
                 stalled = torch.zeros(ub.shape, dtype=torch.int64)
             assert stalled is not None
             better = ub < best
+            rows = better.nonzero().squeeze(1)
             for leaf, keep in zip(leaves, best_leaves):
-                keep.copy_(torch.where(_along(better, dim, leaf.dim()), leaf, keep))
+                if len(rows) == len(better):
+                    keep.copy_(leaf)
+                elif len(rows):    # (an index copy costs a third of a masked `where` over every row)
+                    keep.index_copy_(dim, rows, leaf.index_select(dim, rows))
             gain = best - torch.where(better, ub, best)    # the first step: inf (or nan), never a stall
             best = torch.where(better, ub, best)
             stalled = torch.where(gain <= stop.min_gain * best.abs(), stalled + 1, 0)
             active = stalled < stop.patience
         if i == iterations - 1 or not bool(active.any()):
             break
-        adam.step(torch.autograd.grad(ub.sum(), leaves, allow_unused=True), active, dim)
+        adam.step(grads(), active, dim)
         spent = time.perf_counter() - start
     return Search(best_leaves, steps, cut)
+
+
+def _autograd(ub: torch.Tensor, leaves: list[torch.Tensor]) -> Grads:
+    return lambda: torch.autograd.grad(ub.sum(), leaves, allow_unused=True)
 
 
 def unit_rows(row: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

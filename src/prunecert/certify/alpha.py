@@ -36,6 +36,19 @@ def _initial_params(engine: Engine, top: int) -> list[torch.Tensor]:
     return out
 
 
+def _free(engine: Engine, top: int) -> list[torch.Tensor]:
+    """Per leaf of `_initial_params`, where a parameter can move the bound: the lower slopes on unstable
+    neurons, the mixing weights where not both sides are stable (elsewhere `relax.py` uses the
+    defaults: the gradient is exactly 0 there)."""
+    assert engine.delta is not None
+    out = []
+    for k in range(top):
+        side, rel = engine.side[k], engine.delta[k]
+        mixed = ~rel.both_stable
+        out.append(torch.stack((side.unstable, mixed, rel.g.unstable, mixed, rel.f.unstable)).unsqueeze(2))
+    return out
+
+
 def _params(leaves: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[DeltaParams]:
     return [DeltaParams(*(leaf if dtype is None else leaf.to(dtype)).unbind(0)) for leaf in leaves]
 
@@ -77,7 +90,8 @@ def _optimise(engine: Engine, top: int, region: RegionBatch, iterations: int, de
         return concretise(search.below(start, top, _params(leaves)), region32, exact=False)[:, 0]
 
     # leaves (5, K, ...): dimension 1 indexes the rows, each stopping on its own
-    found = minimise(upper, _initial_params(engine, top), iterations, DELTA_STOP, deadline, dim=1)
+    found = minimise(upper, _initial_params(engine, top), iterations, DELTA_STOP, deadline, dim=1,
+                     free=_free(engine, top))
     if found.steps == 0:   # no time for any step: infinite bounds (the caller's default bound stands)
         return torch.full((len(row),), torch.inf, dtype=torch.float64)
     final = _params(found.best, torch.float64)
