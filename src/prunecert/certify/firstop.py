@@ -39,6 +39,7 @@ FAST_FIRST = True        # False: the first op is walked like the others (float6
 FAST_LOGITS = True       # the logits' rows (the reported bounds) too (False: float64 transposes there)
 FIRST_RANGE = 2.0 ** 60  # coefficients at least this large take float64 transposes (no float32 overflow)
 RADIUS_RANGE = 2.0 ** 40  # boxes this wide or wider keep the float64 walk
+COUNT_WIDTH = 4          # rows this many times wider than the transpose's fan-in take K = fan-in uncounted
 FLOAT64_TINY = 2.0 ** -1022
 
 
@@ -218,6 +219,15 @@ def _abs_dots(lay: Layout, lam: torch.Tensor, mag: torch.Tensor, a: torch.Tensor
     return torch.bmm(flat, both)
 
 
+def _l1_times_max(lam: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """(B, R) >= |lam| . mag for rows (Bl, R, ...) and per-neuron mag (B, ...) >= 0: each row's l1
+    norm (float64, rounded up by 2 gamma_n) times the region's largest mag (rounded up)."""
+    n = lam[0, 0].numel()
+    l1 = torch.linalg.vector_norm(lam.flatten(2), 1, dim=2)
+    top = mag.flatten(1).amax(1).to(lam.dtype)
+    return _up(_up(l1 * (1 + 2 * gamma(n + 2))) * top.unsqueeze(1))
+
+
 def _fits32(op: "Linear | Conv2d", lam: torch.Tensor) -> bool:
     """Whether op's transpose of `lam` stays far from float32 overflow (`_weights` checked the weights)."""
     lo, hi = torch.aminmax(lam)
@@ -308,9 +318,15 @@ def transpose(parts: Sequence[_Part], lay: Layout, ma: torch.Tensor, rsum: torch
         # an entry sums at most k products, and only the row's non-zero coefficients give non-zero
         # ones (adding an exact zero is exact, a zero product too, in any summation order): the
         # rounding count is min(k, non-zeros) + 2 (zeros counted after the rounding to `dtype`: a
-        # coefficient that underflows to 0 errs by its 2^-126 term and gives an exact zero product)
-        nonzero = torch.count_nonzero(lam, dim=tuple(range(1, lam.dim()))).view(p.lam.shape[:2]).to(ma.dtype)
-        terms_row = torch.maximum(terms_row, nonzero.clamp_max(backward_terms(p.op)) + p.extra)
+        # coefficient that underflows to 0 errs by its 2^-126 term and gives an exact zero product).
+        # Rows COUNT_WIDTH times wider than k are not counted (k itself: sparser rows' margins grow,
+        # at most to gamma_k |lam| . (|A| r), measured < 1e-5 of a bound's width)
+        k = backward_terms(p.op)
+        if lam[0].numel() < COUNT_WIDTH * k:
+            nonzero = torch.count_nonzero(lam, dim=tuple(range(1, lam.dim()))).view(p.lam.shape[:2]).to(ma.dtype)
+            terms_row = torch.maximum(terms_row, nonzero.clamp_max(k) + p.extra)
+        else:
+            terms_row = terms_row.clamp_min(k + p.extra)
         tiny += floor * (2 * _weights(p.op)[1] + 4 * backward_terms(p.op) + 1)
     assert y is not None
     k_row = terms_row + 2 * len(parts) + 2    # lam and W rounded to float32, the parts' sums
@@ -332,8 +348,11 @@ def concretise_terms(terms: Sequence[Term], lay: Layout, bias: torch.Tensor, err
     centre = mc = ma = torch.zeros_like(err)
     for p in parts:
         centre = centre + lay.dot(p.lam, p.s)
-        sizes = _abs_dots(lay, p.lam, p.mag, p.a)
-        mc, ma = mc + sizes[..., 0], ma + sizes[..., 1]
+        if lay.dense:
+            sizes = _abs_dots(lay, p.lam, p.mag, p.a)
+            mc, ma = mc + sizes[..., 0], ma + sizes[..., 1]
+        else:   # |lam| . mag only feeds the float64 margin: ||lam||_1 max(mag) reads no windows
+            mc, ma = mc + _l1_times_max(p.lam, p.mag), ma + abs_dot(lay, p.lam, p.a)
     y, new_lay, e32, k = transpose(parts, lay, ma, first.rsum, fast)
     radius = _radius_up(y, new_lay, first.r32)
     # the centre parts: s errs by gamma_{fan+1} (|A| |c| + |b|) <= gamma_{fan+1} mag, the dot products
