@@ -251,3 +251,17 @@ def test_faster_float32_transposes_match_the_conv_transpose(seed, windows, zeros
     assert ((got.to(torch.float64) - exact).abs() <= mag * nu / (1 - nu) + 1e-30).all()
     same, _, _ = fo._backward(lay, op, lam, torch.float64)
     assert torch.equal(same, exact)
+
+
+@extended
+def test_l1_times_max_bounds_the_centre_magnitude():
+    """`_l1_times_max` (the windows' |lam| . mag, which only feeds the float64 margin) is >= the exact
+    |lam| . mag in long double, for coefficients and magnitudes spanning many orders."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        lam = torch.as_tensor(rng.normal(size=(2, 9, 3, 4, 4)) * 10.0 ** rng.uniform(-30, 30, size=(2, 9, 3, 4, 4)))
+        mag = torch.as_tensor(rng.uniform(0, 1, size=(2, 3, 4, 4)) * 10.0 ** rng.uniform(-5, 5))
+        got = fo._l1_times_max(lam, mag)
+        ld = np.longdouble
+        exact = np.abs(lam.flatten(2).numpy().astype(ld)) @ mag.flatten(1).numpy().astype(ld)[:, :, None]
+        assert (got.numpy().astype(ld) >= exact[..., 0]).all()
