@@ -286,8 +286,7 @@ def _backward(lay: Layout, op: "Linear | Conv2d", lam: torch.Tensor, dtype: torc
     (`_window_matrix`), dense rows as a conv2d with the flipped kernel on channels-last rows
     (`_flipped`; ~2-3x faster than conv_transpose2d for 16 -> 1 channel on 28 x 28)."""
     b, r = lam.shape[:2]
-    kernel = _flipped(op) if isinstance(op, Conv2d) and dtype == torch.float32 and lay.dense else None
-    if kernel is not None:
+    if isinstance(op, Conv2d) and dtype == torch.float32 and lay.dense and (kernel := _flipped(op)) is not None:
         rows = lam.reshape(b * r, *lam.shape[2:]).to(dtype, memory_format=torch.channels_last)
         pad = (kernel.shape[2] - 1 - op.padding[0], kernel.shape[3] - 1 - op.padding[1])
         return F.conv2d(rows, kernel, None, 1, pad).reshape(b, r, *op.in_shape), lay, rows
