@@ -18,7 +18,7 @@ import prunecert.certify.firstop as fo
 from prunecert.certify.backsub import Engine, Form, OpCtx, concretise
 from prunecert.certify.diff_interval import difference_op
 from prunecert.certify.diff_linear import crown_diff_bounds, diff_linear_bounds
-from prunecert.certify.layout import unit_patches
+from prunecert.certify.layout import Patches, unit_patches
 from prunecert.core.interval import Bounds, centre_radius
 from prunecert.core.region_batch import RegionBatch
 from prunecert.network import Conv2d, Linear
@@ -213,3 +213,55 @@ def test_pairs_sound_with_the_first_op_in_float32(seed, twin, conv):
     # slopes, so the reported maximum is compared with room for that, not for a lost term
     amax = lambda b: torch.maximum(b.lower.abs(), b.upper.abs()).flatten(1).max(1).values  # noqa: E731
     assert (amax(dl.delta[-1]) <= 1.05 * amax(ref.delta[-1]) + 1e-9).all()
+
+
+@settings(max_examples=25, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.sampled_from([0.0, 0.6]))
+def test_faster_float32_transposes_match_the_conv_transpose(seed, windows, zeros):
+    """`firstop._backward`'s float32 conv transposes (windows: one matrix product; dense rows with
+    stride 1: a conv2d with the flipped kernel on channels-last rows) land on the layout
+    `Layout.backward` gives, and both lie within the float32 error bound of the exact (float64, here
+    exact: 2-5 products of short float32 values) transpose; float64 rows take `Layout.backward` itself."""
+    rng = np.random.default_rng(seed)
+    c_in, c_out, h = int(rng.integers(1, 4)), int(rng.integers(1, 6)), int(rng.integers(6, 12))
+    k, stride, pad = int(rng.integers(2, 4)), int(rng.integers(1, 3)), int(rng.integers(0, 2))
+    w = torch.as_tensor(rng.normal(size=(c_out, c_in, k, k))).to(torch.float32).to(torch.float64)
+    op = Conv2d(w, torch.zeros(c_out, dtype=torch.float64), (c_in, h, h), stride=stride, padding=pad)
+    batch, rows = 2, 5
+    if windows:
+        size = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        corner = torch.stack([torch.as_tensor(rng.integers(-1, op.out_shape[d + 1] - size[d] + 2, size=(batch, rows)))
+                              for d in range(2)], dim=-1)
+        lay = Patches(corner, size, op.out_shape)
+        shape = (batch, rows, c_out, *size)
+    else:
+        lay, shape = bs.DENSE, (batch, rows, *op.out_shape)
+    lam = torch.as_tensor(rng.normal(size=shape)).to(torch.float32).to(torch.float64)
+    lam[torch.as_tensor(rng.random(shape) < zeros)] = 0.0
+    exact, lay64 = lay.backward(op, lam)                 # float64: every product and partial sum exact here
+    got, lay32, rows32 = fo._backward(lay, op, lam, torch.float32)
+    assert got.dtype == torch.float32 and rows32.dtype == torch.float32
+    assert lay32.dense == lay64.dense and got.shape == exact.shape
+    if not lay32.dense:
+        assert torch.equal(lay32.corner, lay64.corner) and lay32.size == lay64.size
+    assert (fo._flipped(op) is not None) == (stride == 1)
+    mag, _ = lay.backward(op.__class__(w.abs(), op.bias, op.in_shape, op.stride, op.padding), lam.abs())
+    kk = fo.backward_terms(op) + 2
+    nu = kk * 2.0 ** -24
+    assert ((got.to(torch.float64) - exact).abs() <= mag * nu / (1 - nu) + 1e-30).all()
+    same, _, _ = fo._backward(lay, op, lam, torch.float64)
+    assert torch.equal(same, exact)
+
+
+@extended
+def test_l1_times_max_bounds_the_centre_magnitude():
+    """`_l1_times_max` (the windows' |lam| . mag, which only feeds the float64 margin) is >= the exact
+    |lam| . mag in long double, for coefficients and magnitudes spanning many orders."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        lam = torch.as_tensor(rng.normal(size=(2, 9, 3, 4, 4)) * 10.0 ** rng.uniform(-30, 30, size=(2, 9, 3, 4, 4)))
+        mag = torch.as_tensor(rng.uniform(0, 1, size=(2, 3, 4, 4)) * 10.0 ** rng.uniform(-5, 5))
+        got = fo._l1_times_max(lam, mag)
+        ld = np.longdouble
+        exact = np.abs(lam.flatten(2).numpy().astype(ld)) @ mag.flatten(1).numpy().astype(ld)[:, :, None]
+        assert (got.numpy().astype(ld) >= exact[..., 0]).all()

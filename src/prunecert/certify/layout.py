@@ -280,6 +280,28 @@ class Patches:
             return nxt.to_dense(new), Dense()
         return new, nxt
 
+    def landing_size(self, op: "Conv2d | AvgPool2d") -> tuple[int, int]:
+        """The size of the windows that op's transpose (padding 0) makes of these."""
+        k = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
+        return (self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1]
+
+    def land(self, op: "Conv2d | AvgPool2d", new: torch.Tensor, b: int, r: int
+             ) -> tuple[torch.Tensor, "Dense | Patches"]:
+        """Windows `new` (b r, C_in, *landing_size) that a transpose of op made of these rows (e.g.
+        `firstop`'s matrix product), placed on op's input level as `backward` places its own (padding
+        positions cleared; dense once they cover the level)."""
+        corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
+                              self.corner[..., 1] * op.stride[1] - op.padding[1]], dim=-1)
+        size = self.landing_size(op)
+        assert tuple(new.shape[2:]) == size
+        nxt = Patches(corner, size, op.in_shape)
+        nxt._paired = self._paired
+        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(new.dtype)
+        if size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
+                size[0] * size[1] * 2 >= op.in_shape[1] * op.in_shape[2]:
+            return nxt.to_dense(new), Dense()
+        return new, nxt
+
     def inside(self) -> torch.Tensor:
         """(Ba, R, 1, kh, kw) mask of window positions on the level (not on the padding)."""
         _, h, w = self.shape
