@@ -222,13 +222,19 @@ class Engine:
         if ld is not None:
             fast_d = self.exact and self.fast and c.fast(c.dop, ld)
             fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, ld)
-            if c.dop is not None:
-                t, new_lay = lay.backward(c.dop, ld, fast_d)
+            if c.dop is not None and not c.dx_zero and fast_d == fast_g:   # one stacked transpose (`stackable`)
+                assert c.opg is not None
+                t, new_d, new_lay = lay.backward2(c.dop, c.opg, ld, fast_d)
                 new_f = _add(new_f, t)
                 bias = self._acc(bias, bias_dot(lay, ld, c.dop))
-            if not c.dx_zero:
-                assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
-                new_d, new_lay = lay.backward(c.opg, ld, fast_g)
+            else:
+                if c.dop is not None:
+                    t, new_lay = lay.backward(c.dop, ld, fast_d)
+                    new_f = _add(new_f, t)
+                    bias = self._acc(bias, bias_dot(lay, ld, c.dop))
+                if not c.dx_zero:
+                    assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
+                    new_d, new_lay = lay.backward(c.opg, ld, fast_g)
             if self.exact:
                 assert c.dmag is not None   # so do its exact magnitudes
                 mag_d = abs_dot(lay, ld, c.dmag)
