@@ -5,7 +5,8 @@ same products; the kernels may add them in another order (measured: about a thir
 differ in the last bits), so the halves must agree with the separate transposes within twice the
 rounding bound of one transpose (gamma_{k+2} |W|^T |lam|, which holds for any order: the walks'
 margins stay valid), on dense rows and on windows, in float32 (`fast`) and float64; whole
-diff-linear walks stay sound and move by rounding amounts only."""
+diff-linear walks stay sound and move by rounding amounts only. A tiling average pool's transpose
+(`layout.pool_tiles`, one product per entry) is bit for bit the transposed conv's."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pairs import assert_contains, random_box, random_conv_pair, sample_deltas
 
 import prunecert.certify.diff_linear as dl
 import prunecert.certify.layout as layout
-from prunecert.certify.layout import DENSE, Dense, Patches, stackable
+from prunecert.certify.layout import DENSE, Dense, Patches, stackable, tiles
 from prunecert.network import AvgPool2d, Conv2d
 
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -115,3 +116,28 @@ def test_diff_linear_walks_within_rounding_of_separate_transposes(seed, twin):
         e2e = sample_deltas(pair, lo[r], hi[r], 300, seed=r)
         for l in range(pair.n_layers):
             assert_contains(new.delta[l].lower[r], new.delta[l].upper[r], e2e[l], f"Delta {l}, box {r}")
+
+
+@settings(max_examples=40, **SLOW)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.sampled_from(["fast", "float64", "float32"]))
+def test_tiling_pool_transposes_are_the_transposed_convs_bit_for_bit(seed, windows, kind):
+    """Odd levels (a last row/column no window covers), subnormal and signed-zero coefficients included."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 4))
+    c, h, w = int(rng.integers(1, 4)), int(rng.integers(k, 12)), int(rng.integers(k, 12))
+    op = AvgPool2d(k, (c, h, w))
+    assert tiles(op, torch.zeros(1)) and not tiles(op, torch.zeros(1, requires_grad=True))
+    dtype = torch.float32 if kind == "float32" else torch.float64
+    fake = Conv2d(np.zeros((c, c, 1, 1)), None, op.in_shape)   # only for `_rows`' level shape
+    fake.out_shape = op.out_shape
+    lam, lay = _rows(rng, fake, windows, dtype)
+    lam = lam * torch.as_tensor(rng.random(lam.shape) < 0.8)
+    lam.view(-1)[0] = -0.0
+    lam.view(-1)[-1] = 1e-310 if dtype == torch.float64 else 1e-40
+    fast = kind == "fast"
+    got, lay2 = lay.backward(op, lam, fast)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(layout, "tiles", lambda op, lam: False)
+        want, lay0 = lay.backward(op, lam, fast)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert type(lay2) is type(lay0)

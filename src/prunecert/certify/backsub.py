@@ -237,7 +237,9 @@ class Engine:
             fast_d = fast_g = False
             if self.exact and self.fast:
                 fast_d, fast_g = c.fast_ops((c.dop, None if c.dx_zero else c.opg), ld)
-            if c.dop is not None and not c.dx_zero and fast_d == fast_g:   # one stacked transpose (`stackable`)
+            # one stacked transpose (`stackable`) in exact walks; a slope search's walks keep them apart (its
+            # optimiser would follow the last bits of a stacked transpose's other summation order elsewhere)
+            if self.exact and c.dop is not None and not c.dx_zero and fast_d == fast_g:
                 assert c.opg is not None
                 t, new_d, new_lay = lay.backward2(c.dop, c.opg, ld, fast_d)
                 new_f = _add(new_f, t, fresh=not isinstance(c.op, Flatten))   # (a reshape's rows are lf's)
