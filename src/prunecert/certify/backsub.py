@@ -132,10 +132,20 @@ class OpCtx:
 
     def fast(self, op: AffineOp | None, lam: torch.Tensor) -> bool:
         """Whether op's transpose of coefficients `lam` runs in float32 (`layout.fast_ok`)."""
-        if self.xsum is None or op is None or not isinstance(op, (Conv2d, AvgPool2d)):
-            return False
-        lo, hi = torch.aminmax(lam)    # one vectorised pass (an inf-norm is 10x slower); NaN stays NaN
-        return fast_ok(op, float(torch.maximum(-lo, hi)))
+        return self.fast_ops((op,), lam)[0]
+
+    def fast_ops(self, ops: tuple[AffineOp | None, ...], lam: torch.Tensor) -> list[bool]:
+        """`fast` for several ops' transposes of the same rows: lam's largest |entry| taken once."""
+        out = [False] * len(ops)
+        absmax: float | None = None
+        for i, op in enumerate(ops):
+            if self.xsum is None or op is None or not isinstance(op, (Conv2d, AvgPool2d)):
+                continue
+            if absmax is None:
+                lo, hi = torch.aminmax(lam)    # one vectorised pass (an inf-norm is 10x slower); NaN stays NaN
+                absmax = float(torch.maximum(-lo, hi))
+            out[i] = fast_ok(op, absmax)
+        return out
 
     @property
     def count(self) -> int:
@@ -157,11 +167,15 @@ def bias_dot(lay: Layout, lam: torch.Tensor, op: AffineOp) -> torch.Tensor:
     return lay.dot(lam, op.bias)
 
 
-def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+def _add(a: torch.Tensor | None, b: torch.Tensor | None, fresh: bool = False) -> torch.Tensor | None:
+    """a + b (None: no term); `fresh`: a is a new tensor of this step, added into in place where the
+    shapes allow (the same sums, one row tensor fewer)."""
     if a is None:
         return b
     if b is None:
         return a
+    if fresh and a.shape == b.shape and a.dtype == torch.promote_types(a.dtype, b.dtype):
+        return a.add_(b)
     return a + b
 
 
@@ -220,15 +234,24 @@ class Engine:
                 if fast:
                     fast_mag, fast_n = fast_mag + mag_f, 1
         if ld is not None:
-            fast_d = self.exact and self.fast and c.fast(c.dop, ld)
-            fast_g = self.exact and self.fast and not c.dx_zero and c.fast(c.opg, ld)
-            if c.dop is not None:
-                t, new_lay = lay.backward(c.dop, ld, fast_d)
-                new_f = _add(new_f, t)
+            fast_d = fast_g = False
+            if self.exact and self.fast:
+                fast_d, fast_g = c.fast_ops((c.dop, None if c.dx_zero else c.opg), ld)
+            # one stacked transpose (`stackable`) in exact walks; a slope search's walks keep them apart (its
+            # optimiser would follow the last bits of a stacked transpose's other summation order elsewhere)
+            if self.exact and c.dop is not None and not c.dx_zero and fast_d == fast_g:
+                assert c.opg is not None
+                t, new_d, new_lay = lay.backward2(c.dop, c.opg, ld, fast_d)
+                new_f = _add(new_f, t, fresh=not isinstance(c.op, Flatten))   # (a reshape's rows are lf's)
                 bias = self._acc(bias, bias_dot(lay, ld, c.dop))
-            if not c.dx_zero:
-                assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
-                new_d, new_lay = lay.backward(c.opg, ld, fast_g)
+            else:
+                if c.dop is not None:
+                    t, new_lay = lay.backward(c.dop, ld, fast_d)
+                    new_f = _add(new_f, t, fresh=not isinstance(c.op, Flatten))
+                    bias = self._acc(bias, bias_dot(lay, ld, c.dop))
+                if not c.dx_zero:
+                    assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
+                    new_d, new_lay = lay.backward(c.opg, ld, fast_g)
             if self.exact:
                 assert c.dmag is not None   # so do its exact magnitudes
                 mag_d = abs_dot(lay, ld, c.dmag)
@@ -266,7 +289,7 @@ class Engine:
         err = form.err
         if self.exact:
             err = up(err + margin(abs_dot(lay, s, c.mag) + abs_dot(lay, ld, c.gmag), c.count))
-        return Form(p - new_d, new_d, bias, err, new_lay)
+        return Form(p.sub_(new_d) if p.shape == new_d.shape else p - new_d, new_d, bias, err, new_lay)
 
     def _acc(self, bias: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         """bias + term, rounded upward when exact (the term's own error is in the magnitudes)."""
@@ -287,7 +310,7 @@ class Engine:
         elif ld is not None:
             assert self.delta is not None
             m_f, mu_d, b, m = relax_delta(self.delta[l], ld, p, self.exact, form.layout)
-            mu_f = _add(mu_f, m_f)
+            mu_f = _add(mu_f, m_f, fresh=True)   # (relax_side's mu is new)
             bias = self._acc(bias, b)
             mag = mag if m is None else mag + m
         err = form.err
