@@ -6,7 +6,7 @@ differ in the last bits), so the halves must agree with the separate transposes 
 rounding bound of one transpose (gamma_{k+2} |W|^T |lam|, which holds for any order: the walks'
 margins stay valid), on dense rows and on windows, in float32 (`fast`) and float64; whole
 diff-linear walks stay sound and move by rounding amounts only. A tiling average pool's transpose
-(`layout.pool_tiles`, one product per entry) is bit for bit the transposed conv's."""
+(`AvgPool2d.repeat_backward`, one product per entry) is bit for bit the transposed conv's."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pairs import assert_contains, random_box, random_conv_pair, sample_deltas
 
 import prunecert.certify.diff_linear as dl
 import prunecert.certify.layout as layout
-from prunecert.certify.layout import DENSE, Dense, Patches, stackable, tiles
+from prunecert.certify.layout import DENSE, Dense, Patches, stackable
 from prunecert.network import AvgPool2d, Conv2d
 
 SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -126,9 +126,7 @@ def test_tiling_pool_transposes_are_the_transposed_convs_bit_for_bit(seed, windo
     k = int(rng.integers(1, 4))
     c, h, w = int(rng.integers(1, 4)), int(rng.integers(k, 12)), int(rng.integers(k, 12))
     op = AvgPool2d(k, (c, h, w))
-    x = torch.zeros(1, dtype=torch.float64)
-    assert tiles(op, x, False) and not tiles(op, x, True) and not tiles(op, x.float(), False)
-    assert not tiles(op, x.requires_grad_(), False)
+    assert op.tiles
     dtype = torch.float32 if kind == "float32" else torch.float64
     fake = Conv2d(np.zeros((c, c, 1, 1)), None, op.in_shape)   # only for `_rows`' level shape
     fake.out_shape = op.out_shape
@@ -139,7 +137,7 @@ def test_tiling_pool_transposes_are_the_transposed_convs_bit_for_bit(seed, windo
     fast = kind == "fast"
     got, lay2 = lay.backward(op, lam, fast)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(layout, "tiles", lambda op, lam, fast: False)
+        m.setattr(AvgPool2d, "tiles", False)
         want, lay0 = lay.backward(op, lam, fast)
     assert got.dtype == want.dtype and torch.equal(got, want)
     assert type(lay2) is type(lay0)

@@ -231,15 +231,24 @@ class AvgPool2d(AffineOp):
     def fan_in(self) -> int:
         return self.kernel[0] * self.kernel[1]
 
+    @property
+    def tiles(self) -> bool:
+        """Whether the windows are disjoint (stride = kernel, no padding): `repeat_backward` applies."""
+        return self.stride == self.kernel and self.padding == (0, 0)
+
+    def repeat_backward(self, a: torch.Tensor) -> torch.Tensor:
+        """The transpose of a tiling pool on (N, C, h, w), without the rows/columns no window covers:
+        (N, C, h kh, w kw), each entry the one product a * (1 / (kh kw)) conv_transpose2d computes (the
+        same float), by repeating instead (float64: 3-4x faster on CPU, which has no vectorised
+        float64 conv; float32's conv is as fast, so `backward` keeps it there)."""
+        (kh, kw), (n, c, h, w) = self.kernel, a.shape
+        scaled = a * self._kernel[0, 0, 0, 0].to(a.dtype)
+        return scaled.reshape(n, c, h, 1, w, 1).expand(n, c, h, kh, w, kw).reshape(n, c, h * kh, w * kw)
+
     def backward(self, a: torch.Tensor) -> torch.Tensor:
-        if a.dtype == torch.float64 and self.stride == self.kernel and self.padding == (0, 0):
-            # disjoint windows: each input entry receives one product a * (1 / (kh kw)), the very value
-            # conv_transpose2d computes, by repeating instead (in float64 3-4x faster on CPU, which has
-            # no vectorised float64 conv; float32's conv is as fast); entries no window covers get 0
-            (kh, kw), (n, c, h, w) = self.kernel, a.shape
-            scaled = a * self._kernel[0, 0, 0, 0].to(a.dtype)
-            up = scaled.reshape(n, c, h, 1, w, 1).expand(n, c, h, kh, w, kw).reshape(n, c, h * kh, w * kw)
-            pad_h, pad_w = self.in_shape[1] - h * kh, self.in_shape[2] - w * kw
+        if a.dtype == torch.float64 and self.tiles:
+            up = self.repeat_backward(a)
+            pad_h, pad_w = self.in_shape[1] - up.shape[2], self.in_shape[2] - up.shape[3]
             return F.pad(up, (0, pad_w, 0, pad_h)) if pad_h or pad_w else up
         oph = self.in_shape[1] - ((self.out_shape[1] - 1) * self.stride[0] - 2 * self.padding[0] + self.kernel[0])
         opw = self.in_shape[2] - ((self.out_shape[2] - 1) * self.stride[1] - 2 * self.padding[1] + self.kernel[1])

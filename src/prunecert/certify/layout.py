@@ -154,11 +154,6 @@ def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch
         k = int(used.sum())
         if k < SPARSE_FRACTION * flat.shape[1]:
             return (flat[:, used] @ op.weight[used].to(lam.dtype)).reshape(b, r, *op.in_shape)
-    if isinstance(op, AvgPool2d) and tiles(op, flat, fast):
-        t = pool_tiles(op, flat)
-        _, h, w = op.in_shape
-        t = F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2])) if t.shape[-2:] != (h, w) else t
-        return t.to(lam.dtype).reshape(b, r, *op.in_shape)
     if fast:
         return op.backward(flat.to(FAST_DTYPE)).to(lam.dtype).reshape(b, r, *op.in_shape)
     if isinstance(op, (Conv2d, AvgPool2d)):   # float64 transposes unfold every row at once: in pieces
@@ -168,26 +163,6 @@ def dense_backward(op: AffineOp, lam: torch.Tensor, fast: bool = False) -> torch
             return torch.cat([op.backward(flat[i:i + per]) for i in range(0, flat.shape[0], per)]).reshape(
                 b, r, *op.in_shape)
     return op.backward(flat).reshape(b, r, *op.in_shape)
-
-
-def tiles(op: AvgPool2d, lam: torch.Tensor, fast: bool) -> bool:
-    """Whether `pool_tiles` applies: the pool's windows tile its input (stride = kernel, no padding), the
-    transpose runs in float64 (in float32 the conv is faster: 1.8 vs 3.0 ms for 100 rows of the vgg
-    pair's first pool), and no gradient flows through lam (a slope search's: its gradient would sum
-    the tiles in another order than the conv's, and the search follow those last bits elsewhere)."""
-    return op.stride == op.kernel and op.padding == (0, 0) and not lam.requires_grad and not fast \
-        and lam.dtype == torch.float64
-
-
-def pool_tiles(op: AvgPool2d, flat: torch.Tensor) -> torch.Tensor:
-    """The transpose of a tiling average pool on rows (N, C, h, w): every input entry under one window,
-    lam * 1/(kh kw) repeated over it, (N, C, h kh, w kw). Each entry of the transposed conv is that one
-    product (the same float: a one-term sum), here without a depthwise conv's kernel (float64: 2.5-3.5x
-    faster on the vgg pair's pools)."""
-    kh, kw = op.kernel
-    n, c, h, w = flat.shape
-    scaled = flat * op._kernel.reshape(-1)[0].to(flat.dtype)
-    return scaled.reshape(n, c, h, 1, w, 1).expand(n, c, h, kh, w, kw).reshape(n, c, h * kh, w * kw)
 
 
 def stackable(op: AffineOp, op2: AffineOp) -> bool:
@@ -316,8 +291,8 @@ class Patches:
             weight, groups = op._kernel.to(lam.dtype), op.in_shape[0]
         else:   # Flatten / Linear never see patches (their outputs are 1-D)
             raise TypeError(f"patches cannot go through a {op.kind} op")
-        if isinstance(op, AvgPool2d) and tiles(op, flat, fast):
-            new = pool_tiles(op, flat)
+        if isinstance(op, AvgPool2d) and op.tiles and not fast and flat.dtype == torch.float64:
+            new = op.repeat_backward(flat)    # the same floats as the conv below (`AvgPool2d.repeat_backward`)
         elif fast:
             new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0, groups=groups)
         else:
