@@ -297,12 +297,8 @@ class Patches:
             new = F.conv_transpose2d(flat.to(FAST_DTYPE), weight.to(FAST_DTYPE), None, op.stride, 0, groups=groups)
         else:
             new = F.conv_transpose2d(flat, weight, None, op.stride, 0, groups=groups)
-        nxt, dense = self._below(op, new.shape[2:])
-        # clearing the padding positions and (fast) the exact conversion back to lam's dtype: one pass
-        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(lam.dtype)
-        if dense:
-            return nxt.to_dense(new), Dense()
-        return new, nxt
+        # (fast) the exact conversion back to lam's dtype joins the clearing of the padding positions
+        return self.land(op, new, b, r, lam.dtype)
 
     def backward2(self, op: AffineOp, op2: AffineOp, lam: torch.Tensor, fast: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, "Dense | Patches"]:
@@ -317,46 +313,40 @@ class Patches:
         flat = lam.reshape(b * r, *lam.shape[2:])
         dt = FAST_DTYPE if fast else lam.dtype
         both = F.conv_transpose2d(flat.to(dt), stacked_weight(op, op2, dt), None, op.stride, 0)
-        nxt, dense = self._below(op, both.shape[2:])
+        assert tuple(both.shape[2:]) == self.landing_size(op)
+        nxt, dense = self._below(op)
         keep = nxt.inside().to(lam.dtype)
         halves = [both[:, i * c:(i + 1) * c].reshape(b, r, c, *both.shape[2:]) * keep for i in (0, 1)]
         if dense:
             return nxt.to_dense(halves[0]), nxt.to_dense(halves[1]), Dense()
         return halves[0], halves[1], nxt
 
-    def _below(self, op: "Conv2d | AvgPool2d", size2: Sequence[int]) -> tuple["Patches", bool]:
-        """The windows on op's input level after a transpose giving windows of size `size2`, and whether
-        they turn dense (cover the level, or most of it)."""
-        k: Sequence[int] = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
+    def landing_size(self, op: "Conv2d | AvgPool2d") -> tuple[int, int]:
+        """The size of the windows that op's transpose (padding 0) makes of these."""
+        k = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
+        return (self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1]
+
+    def _below(self, op: "Conv2d | AvgPool2d") -> tuple["Patches", bool]:
+        """The windows on op's input level after op's transpose, and whether they turn dense (cover the
+        level, or most of it)."""
         corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
                               self.corner[..., 1] * op.stride[1] - op.padding[1]], dim=-1)
-        size = (int(size2[0]), int(size2[1]))
-        assert size == ((self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1])
+        size = self.landing_size(op)
         nxt = Patches(corner, size, op.in_shape)
         nxt._paired = self._paired    # corners map row by row: pairs stay pairs
         dense = size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
             size[0] * size[1] * 2 >= op.in_shape[1] * op.in_shape[2]
         return nxt, dense
 
-    def landing_size(self, op: "Conv2d | AvgPool2d") -> tuple[int, int]:
-        """The size of the windows that op's transpose (padding 0) makes of these."""
-        k = op.weight.shape[2:] if isinstance(op, Conv2d) else op.kernel
-        return (self.size[0] - 1) * op.stride[0] + k[0], (self.size[1] - 1) * op.stride[1] + k[1]
-
-    def land(self, op: "Conv2d | AvgPool2d", new: torch.Tensor, b: int, r: int
+    def land(self, op: "Conv2d | AvgPool2d", new: torch.Tensor, b: int, r: int, dtype: torch.dtype | None = None
              ) -> tuple[torch.Tensor, "Dense | Patches"]:
-        """Windows `new` (b r, C_in, *landing_size) that a transpose of op made of these rows (e.g.
-        `firstop`'s matrix product), placed on op's input level as `backward` places its own (padding
-        positions cleared; dense once they cover the level)."""
-        corner = torch.stack([self.corner[..., 0] * op.stride[0] - op.padding[0],
-                              self.corner[..., 1] * op.stride[1] - op.padding[1]], dim=-1)
-        size = self.landing_size(op)
-        assert tuple(new.shape[2:]) == size
-        nxt = Patches(corner, size, op.in_shape)
-        nxt._paired = self._paired
-        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(new.dtype)
-        if size[0] >= op.in_shape[1] or size[1] >= op.in_shape[2] or \
-                size[0] * size[1] * 2 >= op.in_shape[1] * op.in_shape[2]:
+        """Windows `new` (b r, C_in, *landing_size) that a transpose of op made of these rows (`backward`'s,
+        or e.g. `firstop`'s matrix product), placed on op's input level: padding positions cleared (in
+        one pass with the conversion to `dtype`, default new's), dense once they cover the level."""
+        assert tuple(new.shape[2:]) == self.landing_size(op)
+        nxt, dense = self._below(op)
+        new = new.reshape(b, r, *new.shape[1:]) * nxt.inside().to(dtype or new.dtype)
+        if dense:
             return nxt.to_dense(new), Dense()
         return new, nxt
 
