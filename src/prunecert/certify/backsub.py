@@ -239,19 +239,19 @@ class Engine:
                 fast_d, fast_g = c.fast_ops((c.dop, None if c.dx_zero else c.opg), ld)
             # one stacked transpose (`stackable`) in exact walks; a slope search's walks keep them apart (its
             # optimiser would follow the last bits of a stacked transpose's other summation order elsewhere)
+            t: torch.Tensor | None = None    # D^T lam_d
             if self.exact and c.dop is not None and not c.dx_zero and fast_d == fast_g:
                 assert c.opg is not None
                 t, new_d, new_lay = lay.backward2(c.dop, c.opg, ld, fast_d)
-                new_f = _add(new_f, t, fresh=not isinstance(c.op, Flatten))   # (a reshape's rows are lf's)
-                bias = self._acc(bias, bias_dot(lay, ld, c.dop))
             else:
                 if c.dop is not None:
                     t, new_lay = lay.backward(c.dop, ld, fast_d)
-                    new_f = _add(new_f, t, fresh=not isinstance(c.op, Flatten))
-                    bias = self._acc(bias, bias_dot(lay, ld, c.dop))
                 if not c.dx_zero:
                     assert c.opg is not None   # a pair walk (lam_d set) has g's op beside f's
                     new_d, new_lay = lay.backward(c.opg, ld, fast_g)
+            if c.dop is not None:
+                new_f = _add(new_f, t, fresh=not isinstance(c.op, Flatten))   # (a reshape's rows are lf's)
+                bias = self._acc(bias, bias_dot(lay, ld, c.dop))
             if self.exact:
                 assert c.dmag is not None   # so do its exact magnitudes
                 mag_d = abs_dot(lay, ld, c.dmag)
