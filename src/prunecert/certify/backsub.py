@@ -33,16 +33,8 @@ from prunecert.certify.firstop import FirstOp, Term, backward_terms, concretise_
 from prunecert.certify.layout import DENSE, Layout, abs_dot, dense_backward, dot, fast_ok, fast_tiny
 from prunecert.certify.relax import DeltaParams, DeltaRelax, SideRelax, relax_delta, relax_side
 from prunecert.core.region_batch import RegionBatch
-from prunecert.core.rounding import UNIT_ROUNDOFF_32, gamma, margin
+from prunecert.core.rounding import UNIT_ROUNDOFF_32, gamma, margin, up
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten
-
-
-_INF = {dt: torch.tensor(torch.inf, dtype=dt) for dt in (torch.float64, torch.float32)}
-
-
-def up(x: torch.Tensor) -> torch.Tensor:
-    """One ulp toward +inf: covers the rounding of the operation that produced `x`."""
-    return torch.nextafter(x, _INF[x.dtype])
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from prunecert.certify.layout import FLOAT32_TINY, Layout, Patches, abs_dot
 from prunecert.core.interval import Bounds, centre_radius
-from prunecert.core.rounding import TINY, UNIT_ROUNDOFF, UNIT_ROUNDOFF_32, gamma, margin
+from prunecert.core.rounding import TINY, UNIT_ROUNDOFF, UNIT_ROUNDOFF_32, gamma, margin, up
 from prunecert.errors import PairingError
 from prunecert.network import AffineOp, AvgPool2d, Conv2d, Flatten, Linear, Scale
 
@@ -68,10 +68,6 @@ def _weights(op: "Linear | Conv2d") -> tuple[bool, float]:
         cols = a.sum(0) if isinstance(op, Linear) else a.sum(dim=(0, 2, 3))
         _WEIGHTS[op] = (ok, float(cols.max()) * (1 + 2.0 ** -40))
     return _WEIGHTS[op]
-
-
-def _up(x: torch.Tensor) -> torch.Tensor:
-    return torch.nextafter(x, torch.full_like(x, torch.inf))
 
 
 @dataclass
@@ -123,7 +119,7 @@ def _centre_parts(op: "Linear | Conv2d", c: torch.Tensor, r: torch.Tensor) -> tu
     underflow covered)."""
     s = op.linear(c) + op.bias
     a = op.abs_linear(r)
-    return s, _up(a * (1 + 2 * gamma(op.fan_in + 2)) + TINY)
+    return s, up(a * (1 + 2 * gamma(op.fan_in + 2)) + TINY)
 
 
 def attach_first(cf: "Sequence[OpCtx]", cg: "Sequence[OpCtx]", inputs: Sequence[Bounds]) -> None:
@@ -146,7 +142,7 @@ def attach_first(cf: "Sequence[OpCtx]", cg: "Sequence[OpCtx]", inputs: Sequence[
     if not bool((r < RADIUS_RANGE).all()):
         return
     r32 = r.to(torch.float32)
-    r32 = torch.where(r32.to(torch.float64) < r, _up(r32), r32)
+    r32 = torch.where(r32.to(torch.float64) < r, up(r32), r32)
     rsum = r32.to(torch.float64).flatten(1).sum(1) * (1 + 2.0 ** -30)
     opf, opg = f.op, g.op
     assert isinstance(opf, (Linear, Conv2d)) and isinstance(opg, (Linear, Conv2d))
@@ -199,7 +195,7 @@ def plus_terms(left: Sequence[Term], right: Sequence[Term], lay: Layout, err: to
                     if mine is not None and theirs is not None:
                         assert mag is not None
                         size = size + abs_dot(lay, mine.abs() + theirs.abs(), mag)
-                err = _up(err + margin(size, 1))
+                err = up(err + margin(size, 1))
                 out[i] = Term(u.first, _add(u.lam_f, t.lam_f), _add(u.lam_d, t.lam_d), u.fast and t.fast)
                 break
         else:
@@ -225,7 +221,7 @@ def _l1_times_max(lam: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
     n = lam[0, 0].numel()
     l1 = torch.linalg.vector_norm(lam.flatten(2), 1, dim=2)
     top = mag.flatten(1).amax(1).to(lam.dtype)
-    return _up(_up(l1 * (1 + 2 * gamma(n + 2))) * top.unsqueeze(1))
+    return up(up(l1 * (1 + 2 * gamma(n + 2))) * top.unsqueeze(1))
 
 
 def _fits32(op: "Linear | Conv2d", lam: torch.Tensor) -> bool:
@@ -235,7 +231,7 @@ def _fits32(op: "Linear | Conv2d", lam: torch.Tensor) -> bool:
     return amax < FIRST_RANGE and amax * _weights(op)[1] < 2.0 ** 100
 
 
-def _radius_up(y: torch.Tensor, lay: Layout, r32: torch.Tensor) -> torch.Tensor:
+def _radiusup(y: torch.Tensor, lay: Layout, r32: torch.Tensor) -> torch.Tensor:
     """(B, R) an upper bound on |y| . r for y (Bl, R, ...) in float32 or float64 and r <= r32: the
     products in y's dtype, summed in blocks of <= 16 in it, the block sums in float64."""
     rr = r32.to(y.dtype)
@@ -246,9 +242,9 @@ def _radius_up(y: torch.Tensor, lay: Layout, r32: torch.Tensor) -> torch.Tensor:
     blocks = z.view(*z.shape[:2], n // b, b).sum(-1)
     total = blocks.to(torch.float64).sum(-1)
     if y.dtype == torch.float64:   # one float64 sum of n products
-        return _up(total * (1 + 2 * gamma(n + 2)) + n * TINY)
+        return up(total * (1 + 2 * gamma(n + 2)) + n * TINY)
     # each product u32-relative (+ 2^-126 when it underflows), b - 1 float32 additions, the float64 sum
-    return _up(_up(total + n * 2.0 ** -125) * (1 + 2 * gamma(b + 2, UNIT_ROUNDOFF_32)))
+    return up(up(total + n * 2.0 ** -125) * (1 + 2 * gamma(b + 2, UNIT_ROUNDOFF_32)))
 
 
 _WINDOW_MATRICES: "weakref.WeakKeyDictionary[AffineOp, dict[tuple[int, int], torch.Tensor]]" = \
@@ -331,7 +327,7 @@ def transpose(parts: Sequence[_Part], lay: Layout, ma: torch.Tensor, rsum: torch
     k_row = terms_row + 2 * len(parts) + 2    # lam and W rounded to float32, the parts' sums
     # |A^T lam - y^| . r <= gamma_K |lam| . (|A| r) + tiny sum r (docs/theory.md)
     nu = k_row * unit
-    err = _up(ma * (nu / (1 - nu)) * (1 + 8 * UNIT_ROUNDOFF) + tiny * rsum.unsqueeze(1) + TINY)
+    err = up(ma * (nu / (1 - nu)) * (1 + 8 * UNIT_ROUNDOFF) + tiny * rsum.unsqueeze(1) + TINY)
     return y, new_lay, err, int(k_row.max())
 
 
@@ -342,7 +338,7 @@ def concretise_terms(terms: Sequence[Term], lay: Layout, bias: torch.Tensor, err
     parts = [p for t in terms for p in t.first.parts(t.lam_f, t.lam_d)]
     first = terms[0].first
     if not parts:
-        return _up(bias + err).expand(first.s.shape[0], bias.shape[1])
+        return up(bias + err).expand(first.s.shape[0], bias.shape[1])
     fast = all(t.fast for t in terms) and all(_fits32(p.op, p.lam) for p in parts)
     centre = mc = ma = torch.zeros_like(err)
     for p in parts:
@@ -353,11 +349,11 @@ def concretise_terms(terms: Sequence[Term], lay: Layout, bias: torch.Tensor, err
         else:   # |lam| . mag only feeds the float64 margin: ||lam||_1 max(mag) reads no windows
             mc, ma = mc + _l1_times_max(p.lam, p.mag), ma + abs_dot(lay, p.lam, p.a)
     y, new_lay, e32, k = transpose(parts, lay, ma, first.rsum, fast)
-    radius = _radius_up(y, new_lay, first.r32)
+    radius = _radiusup(y, new_lay, first.r32)
     # the centre parts: s errs by gamma_{fan+1} (|A| |c| + |b|) <= gamma_{fan+1} mag, the dot products
     # by gamma_n, the sums by one rounding each: all within the final margin on mc
     fan = max(p.op.fan_in + p.extra for p in parts)
     n = math.prod(parts[0].lam.shape[2:])
     out = centre + radius + e32 + bias + err
     size = mc + radius + e32 + bias.abs() + err
-    return _up(out + margin(size, k + fan + n + 8))
+    return up(out + margin(size, k + fan + n + 8))

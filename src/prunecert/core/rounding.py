@@ -30,6 +30,14 @@ def margin(magnitude: torch.Tensor, fan_in: int, unit: float = UNIT_ROUNDOFF) ->
     return magnitude * (gamma(fan_in + 4, unit) * (1.0 + 4 * UNIT_ROUNDOFF)) + TINY
 
 
+_INF = {dt: torch.tensor(torch.inf, dtype=dt) for dt in (torch.float64, torch.float32)}
+
+
+def up(x: torch.Tensor) -> torch.Tensor:
+    """One ulp toward +inf: covers the rounding of the operation that produced `x`."""
+    return torch.nextafter(x, _INF[x.dtype])
+
+
 def widen(lower: torch.Tensor, upper: torch.Tensor, err: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
     """Subtract/add `err` and step one ulp outward, so the final subtraction's rounding is covered too."""
     lo = torch.nextafter(lower - err, torch.full_like(lower, -torch.inf))
