@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from prunecert.certify.layout import FLOAT32_TINY, Layout, Patches, abs_dot
+from prunecert.certify.layout import FLOAT32_TINY, Layout, Patches, abs_dot, float32_weights
 from prunecert.core.interval import Bounds, centre_radius
 from prunecert.core.rounding import TINY, UNIT_ROUNDOFF, UNIT_ROUNDOFF_32, gamma, margin, up
 from prunecert.errors import PairingError
@@ -54,20 +54,6 @@ def backward_terms(op: AffineOp) -> int:
     if isinstance(op, (Flatten, Scale)):
         return 1
     raise PairingError(f"back-substitution does not support op kind {op.kind!r}")
-
-
-_WEIGHTS: "weakref.WeakKeyDictionary[AffineOp, tuple[bool, float]]" = weakref.WeakKeyDictionary()
-
-
-def _weights(op: "Linear | Conv2d") -> tuple[bool, float]:
-    """(every non-zero |W| in [2^-100, 2^60): float32 neither flushes nor overflows it, the largest
-    column sum max_j sum_i |W_ij| of the transpose), per op."""
-    if op not in _WEIGHTS:
-        a = op.weight.abs()
-        ok = bool(((a == 0) | ((a >= 2.0 ** -100) & (a < 2.0 ** 60))).all())
-        cols = a.sum(0) if isinstance(op, Linear) else a.sum(dim=(0, 2, 3))
-        _WEIGHTS[op] = (ok, float(cols.max()) * (1 + 2.0 ** -40))
-    return _WEIGHTS[op]
 
 
 @dataclass
@@ -136,7 +122,7 @@ def attach_first(cf: "Sequence[OpCtx]", cg: "Sequence[OpCtx]", inputs: Sequence[
         return
     f, g = cf[i], cg[i]
     ops = [f.op, g.op] + ([f.dop] if f.dop is not None else [])
-    if not all(isinstance(op, (Linear, Conv2d)) and _weights(op)[0] for op in ops):
+    if not all(isinstance(op, (Linear, Conv2d)) and float32_weights(op)[0] for op in ops):
         return
     c, r = centre_radius(inputs[i])
     if not bool((r < RADIUS_RANGE).all()):
@@ -225,10 +211,10 @@ def _l1_times_max(lam: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
 
 
 def _fits32(op: "Linear | Conv2d", lam: torch.Tensor) -> bool:
-    """Whether op's transpose of `lam` stays far from float32 overflow (`_weights` checked the weights)."""
+    """Whether op's transpose of `lam` stays far from float32 overflow (`float32_weights` checked the weights)."""
     lo, hi = torch.aminmax(lam)
     amax = float(torch.maximum(-lo, hi))
-    return amax < FIRST_RANGE and amax * _weights(op)[1] < 2.0 ** 100
+    return amax < FIRST_RANGE and amax * float32_weights(op)[1] < 2.0 ** 100
 
 
 def _radiusup(y: torch.Tensor, lay: Layout, r32: torch.Tensor) -> torch.Tensor:
@@ -322,7 +308,7 @@ def transpose(parts: Sequence[_Part], lay: Layout, ma: torch.Tensor, rsum: torch
             terms_row = torch.maximum(terms_row, nonzero.clamp_max(k) + p.extra)
         else:
             terms_row = terms_row.clamp_min(k + p.extra)
-        tiny += floor * (2 * _weights(p.op)[1] + 4 * backward_terms(p.op) + 1)
+        tiny += floor * (2 * float32_weights(p.op)[1] + 4 * backward_terms(p.op) + 1)
     assert y is not None
     k_row = terms_row + 2 * len(parts) + 2    # lam and W rounded to float32, the parts' sums
     # |A^T lam - y^| . r <= gamma_K |lam| . (|A| r) + tiny sum r (docs/theory.md)

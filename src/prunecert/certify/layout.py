@@ -41,25 +41,29 @@ def fast_ok(op: AffineOp, lam_absmax: float) -> bool:
     `fast_tiny` per entry (docs/theory.md, "Conv transposes in float32")."""
     if not isinstance(op, (Conv2d, AvgPool2d)) or not lam_absmax < FAST_RANGE:
         return False
-    return _weights32(op)[0]
+    return float32_weights(op)[0]
 
 
 def fast_tiny(op: AffineOp) -> float:
     """FLOAT32_TINY (2 max_j colsum_j + 4 k): the underflow part of `fast_ok`'s error bound, per
     entry, for either network's op (k: the transpose's fan-in, bounded by C_out kh kw)."""
-    return _weights32(op)[1] if isinstance(op, (Conv2d, AvgPool2d)) else 0.0
+    if not isinstance(op, (Conv2d, AvgPool2d)):
+        return 0.0
+    w = op.weight if isinstance(op, Conv2d) else op._kernel
+    return FLOAT32_TINY * (2.0 * float32_weights(op)[1] + 4 * int(w.shape[0] * w.shape[2] * w.shape[3]))
 
 
 _WEIGHTS32: "weakref.WeakKeyDictionary[AffineOp, tuple[bool, float]]" = weakref.WeakKeyDictionary()
 
 
-def _weights32(op: "Conv2d | AvgPool2d") -> tuple[bool, float]:
-    """(no weight subnormal or huge in float32, the underflow constant of `fast_tiny`), per op."""
+def float32_weights(op: "Linear | Conv2d | AvgPool2d") -> tuple[bool, float]:
+    """(every non-zero |W| in [2^-100, 2^60): float32 neither flushes nor overflows it, an upper bound
+    on the largest column sum max_j sum_i |W_ij| of the transpose), per op (cached)."""
     if op not in _WEIGHTS32:
-        a = (op.weight if isinstance(op, Conv2d) else op._kernel).abs()
+        a = (op._kernel if isinstance(op, AvgPool2d) else op.weight).abs()
         ok = bool(((a == 0) | ((a >= 2.0 ** -100) & (a < 2.0 ** 60))).all())
-        k = int(a.shape[0] * a.shape[2] * a.shape[3])
-        _WEIGHTS32[op] = (ok, FLOAT32_TINY * (2.0 * float(a.sum(dim=(0, 2, 3)).max()) * (1 + 2.0 ** -40) + 4 * k))
+        cols = a.sum(0) if isinstance(op, Linear) else a.sum(dim=(0, 2, 3))
+        _WEIGHTS32[op] = (ok, float(cols.max()) * (1 + 2.0 ** -40))
     return _WEIGHTS32[op]
 
 
